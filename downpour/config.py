@@ -1,0 +1,460 @@
+"""One validated, typed configuration object that flows through every stage.
+
+YAML in ``conf/`` -> ``${ENV}`` interpolation -> ``--set dotted.key=value`` overrides -> pydantic
+validation. Every error names the offending key path, and nothing runs before validation passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from downpour.errors import ConfigError
+
+SPARK_TYPES = {
+    "string", "int", "integer", "long", "bigint", "double", "float", "boolean", "timestamp", "date",
+}
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputConfig(_Strict):
+    path: str
+    format: Literal["csv", "json", "parquet"] = "csv"
+    options: dict[str, Any] = Field(default_factory=dict)
+    allow_extra_columns: bool = False
+
+
+class LabelConfig(_Strict):
+    column: str
+    positive: Any = 1
+
+
+class PiiConfig(_Strict):
+    drop: list[str] = Field(default_factory=list)
+    hash: list[str] = Field(default_factory=list)
+    salt_env: str = "DOWNPOUR_PII_SALT"
+
+
+class SplitConfig(_Strict):
+    method: Literal["hash", "time"] = "hash"
+    key: str | None = None
+    column: str | None = None
+    fractions: dict[Literal["train", "val", "test"], float] = Field(
+        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1}
+    )
+    boundaries: dict[Literal["val", "test"], str] | None = None
+    seed: int = 42
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: dict[str, float]) -> dict[str, float]:
+        if set(v) != {"train", "val", "test"}:
+            raise ValueError("needs exactly train, val and test")
+        if any(f < 0 or f > 1 for f in v.values()):
+            raise ValueError("each fraction must be within [0, 1]")
+        if v["train"] <= 0:
+            raise ValueError("train fraction must be > 0")
+        if abs(sum(v.values()) - 1.0) > 1e-6:
+            raise ValueError(f"fractions must sum to 1, got {sum(v.values()):.6g}")
+        return v
+
+
+class NullPolicy(_Strict):
+    """What to do with a null in one column: reject the row, impute, or keep it (features flag it)."""
+
+    action: Literal["reject", "impute", "keep"] = "keep"
+    value: Any = None
+    statistic: Literal["mean", "median", "mode"] | None = None
+    flag: bool = False
+
+    @model_validator(mode="after")
+    def _impute_needs_value(self) -> NullPolicy:
+        if self.action == "impute" and self.value is None and self.statistic is None:
+            raise ValueError("action 'impute' needs 'value' or 'statistic'")
+        return self
+
+
+class RangeRule(_Strict):
+    min: float | str | None = None
+    max: float | str | None = None
+
+
+class CleaningConfig(_Strict):
+    trim: bool = True
+    lowercase_categoricals: bool = False
+    blank_as_null: bool = True
+    nulls: dict[str, NullPolicy] = Field(default_factory=dict)
+    ranges: dict[str, RangeRule] = Field(default_factory=dict)
+    domains: dict[str, list[Any]] = Field(default_factory=dict)
+    dedup: bool = True
+
+
+class NumericSpec(_Strict):
+    column: str
+    transform: Literal["standardize", "log1p", "none"] = "standardize"
+    clip_quantiles: tuple[float, float] | None = (0.001, 0.999)
+    missing_flag: bool = True
+
+    @field_validator("clip_quantiles")
+    @classmethod
+    def _q(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not (0 <= v[0] < v[1] <= 1):
+            raise ValueError("must be two quantiles 0 <= low < high <= 1")
+        return v
+
+
+class CategoricalSpec(_Strict):
+    column: str
+    encoding: Literal["vocab", "hash"] = "vocab"
+    top_k: int = Field(1000, ge=1)
+    min_count: int = Field(1, ge=1)
+    buckets: int = Field(1000, ge=2)
+    embedding_dim: int | None = Field(None, ge=1)
+
+
+class VelocityConfig(_Strict):
+    """Fraud velocity features: per-entity counts/sums over trailing event-time windows."""
+
+    enabled: bool = False
+    entities: list[str] = Field(default_factory=list)
+    amount_column: str | None = None
+    windows: list[str] = Field(default_factory=lambda: ["1h", "24h", "7d"])
+    device_column: str | None = None
+    country_column: str | None = None
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, v: list[str]) -> list[str]:
+        for w in v:
+            parse_duration(w)
+        return v
+
+
+class RfmConfig(_Strict):
+    """CRM recency/frequency/monetary features over trailing windows per customer."""
+
+    enabled: bool = False
+    entity: str | None = None
+    amount_column: str | None = None
+    windows: list[str] = Field(default_factory=lambda: ["30d", "90d"])
+    signup_column: str | None = None
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, v: list[str]) -> list[str]:
+        for w in v:
+            parse_duration(w)
+        return v
+
+
+class FeaturesConfig(_Strict):
+    numeric: list[str | NumericSpec] = Field(default_factory=list)
+    categorical: list[str | CategoricalSpec] = Field(default_factory=list)
+    timestamp: list[str] = Field(default_factory=list)
+    crosses: list[list[str]] = Field(default_factory=list)
+    weight_column: str | None = None
+    velocity: VelocityConfig = Field(default_factory=VelocityConfig)
+    rfm: RfmConfig = Field(default_factory=RfmConfig)
+
+    def numeric_specs(self) -> list[NumericSpec]:
+        return [NumericSpec(column=n) if isinstance(n, str) else n for n in self.numeric]
+
+    def categorical_specs(self) -> list[CategoricalSpec]:
+        return [CategoricalSpec(column=c) if isinstance(c, str) else c for c in self.categorical]
+
+
+class ShardsConfig(_Strict):
+    row_group_rows: int = Field(65536, ge=16)
+    min_row_groups_per_worker: int = Field(4, ge=1)
+    compression: Literal["snappy", "zstd", "gzip", "none"] = "snappy"
+
+
+class TrainingConfig(_Strict):
+    workers: int = Field(2, ge=1)
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(1024, ge=1)
+    learning_rate: float = Field(0.001, gt=0)
+    warmup_epochs: int = Field(1, ge=0)
+    devices_per_worker: int = Field(1, ge=1)
+    placement: dict[str, str | int] = Field(default_factory=dict)
+    hidden_units: list[int] = Field(default_factory=lambda: [128, 64])
+    dropout: float = Field(0.1, ge=0, lt=1)
+    imbalance: Literal["none", "class_weight", "downsample"] = "none"
+    downsample_negatives: float = Field(1.0, gt=0, le=1)
+    early_stopping_patience: int = Field(3, ge=0)
+    early_stopping_metric: str = "val_auc"
+    shuffle_window_row_groups: int = Field(4, ge=1)
+    threads_per_worker: int | None = Field(None, ge=1)
+    seed: int = 42
+    timeout_s: int = Field(3600, ge=10)
+
+
+class GateConfig(_Strict):
+    metric: Literal["roc_auc", "pr_auc"] = "roc_auc"
+    tolerance: float = Field(0.005, ge=0)
+
+
+class EvaluationConfig(_Strict):
+    registry: str | None = None
+    gate: GateConfig = Field(default_factory=GateConfig)
+    baseline: bool = True
+    precision_at_k: list[int] = Field(default_factory=lambda: [100, 1000])
+    fpr_points: list[float] = Field(default_factory=lambda: [0.001, 0.01])
+    score_batch_rows: int = Field(10000, ge=1)
+
+
+class SparkConfig(_Strict):
+    master: str | None = None
+    app_name: str = "downpour"
+    conf: dict[str, Any] = Field(default_factory=dict)
+
+
+class OutputConfig(_Strict):
+    path: str
+
+
+class TrackingConfig(_Strict):
+    mlflow_uri: str | None = None
+
+
+class Config(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    input: InputConfig
+    schema_: dict[str, str] = Field(alias="schema")
+    id_column: str | None = None
+    timestamp_column: str | None = None
+    label: LabelConfig
+    pii: PiiConfig = Field(default_factory=PiiConfig)
+    cleaning: CleaningConfig = Field(default_factory=CleaningConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    shards: ShardsConfig = Field(default_factory=ShardsConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    output: OutputConfig
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("schema_")
+    @classmethod
+    def _schema_types(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("must declare at least one column")
+        for col, typ in v.items():
+            base = typ.strip().lower()
+            if base not in SPARK_TYPES and not re.fullmatch(r"decimal\(\d+,\s*\d+\)", base):
+                raise ValueError(f"column {col!r}: unknown type {typ!r} (one of {sorted(SPARK_TYPES)})")
+        return {k: t.strip().lower() for k, t in v.items()}
+
+    @model_validator(mode="after")
+    def _columns_exist(self) -> Config:
+        cols = set(self.schema_)
+        refs: list[tuple[str, str | None]] = [
+            ("label.column", self.label.column),
+            ("id_column", self.id_column),
+            ("timestamp_column", self.timestamp_column),
+            ("split.key", self.split.key),
+            ("split.column", self.split.column),
+            ("features.weight_column", self.features.weight_column),
+            ("features.velocity.amount_column", self.features.velocity.amount_column),
+            ("features.velocity.device_column", self.features.velocity.device_column),
+            ("features.velocity.country_column", self.features.velocity.country_column),
+            ("features.rfm.entity", self.features.rfm.entity),
+            ("features.rfm.amount_column", self.features.rfm.amount_column),
+            ("features.rfm.signup_column", self.features.rfm.signup_column),
+        ]
+        refs += [(f"pii.drop[{i}]", c) for i, c in enumerate(self.pii.drop)]
+        refs += [(f"pii.hash[{i}]", c) for i, c in enumerate(self.pii.hash)]
+        refs += [(f"features.numeric[{i}]", s.column) for i, s in enumerate(self.features.numeric_specs())]
+        refs += [
+            (f"features.categorical[{i}]", s.column) for i, s in enumerate(self.features.categorical_specs())
+        ]
+        refs += [(f"features.timestamp[{i}]", c) for i, c in enumerate(self.features.timestamp)]
+        refs += [(f"features.velocity.entities[{i}]", c) for i, c in enumerate(self.features.velocity.entities)]
+        refs += [(f"cleaning.nulls.{c}", c) for c in self.cleaning.nulls]
+        refs += [(f"cleaning.ranges.{c}", c) for c in self.cleaning.ranges]
+        refs += [(f"cleaning.domains.{c}", c) for c in self.cleaning.domains]
+        for i, cross in enumerate(self.features.crosses):
+            refs += [(f"features.crosses[{i}][{j}]", c) for j, c in enumerate(cross)]
+        for path, col in refs:
+            if col is not None and col not in cols:
+                raise _KeyError(path, f"column {col!r} is not in the schema")
+        feature_cols = {s.column for s in self.features.numeric_specs()} | {
+            s.column for s in self.features.categorical_specs()
+        } | set(self.features.timestamp)
+        for c in self.pii.drop + self.pii.hash:
+            if c in feature_cols:
+                raise _KeyError("pii", f"PII column {c!r} cannot also be a model feature")
+        if self.label.column in feature_cols:
+            raise _KeyError("features", f"the label column {self.label.column!r} cannot be a feature")
+        if self.split.method == "time":
+            if not (self.split.column or self.timestamp_column):
+                raise _KeyError("split.column", "a time split needs split.column or timestamp_column")
+        if (self.features.velocity.enabled or self.features.rfm.enabled) and not self.timestamp_column:
+            raise _KeyError("timestamp_column", "window features need an event-time column")
+        if self.features.velocity.enabled and not self.features.velocity.entities:
+            raise _KeyError("features.velocity.entities", "velocity features need at least one entity column")
+        if self.features.rfm.enabled and not self.features.rfm.entity:
+            raise _KeyError("features.rfm.entity", "RFM features need an entity column")
+        if not (self.features.numeric or self.features.categorical or self.features.timestamp
+                or self.features.velocity.enabled or self.features.rfm.enabled):
+            raise _KeyError("features", "no features configured")
+        for part, dev in self.training.placement.items():
+            if part not in PLACEABLE_PARTS:
+                raise _KeyError(f"training.placement.{part}", f"unknown model part (one of {PLACEABLE_PARTS})")
+            if isinstance(dev, int) and not 0 <= dev < self.training.devices_per_worker:
+                raise _KeyError(
+                    f"training.placement.{part}",
+                    f"device {dev} out of range for devices_per_worker={self.training.devices_per_worker}",
+                )
+            if isinstance(dev, str) and dev != "sharded":
+                raise _KeyError(f"training.placement.{part}", "expected a device index or 'sharded'")
+        return self
+
+    # ---- derived values -------------------------------------------------------------------------
+    @property
+    def split_key(self) -> str | None:
+        """The entity whose rows must stay in one split (defaults to the id column)."""
+        return self.split.key or self.id_column
+
+    @property
+    def split_time_column(self) -> str | None:
+        return self.split.column or self.timestamp_column
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the prepared data (training settings excluded)."""
+        relevant = self.model_dump(
+            mode="json", by_alias=True, exclude={"training", "evaluation", "spark", "tracking"}
+        )
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_public_dict(self) -> dict[str, Any]:
+        """The config as recorded in model cards: no secrets (only env var *names* are ever kept)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+PLACEABLE_PARTS = ("embeddings", "wide", "deep_tower", "head")
+
+
+class _KeyError(ValueError):
+    """A validation error that knows its key path (raised from model validators)."""
+
+    def __init__(self, path: str, msg: str) -> None:
+        super().__init__(f"{path}: {msg}")
+        self.path = path
+        self.msg = msg
+
+
+_DURATION = re.compile(r"^(\d+)\s*([smhdw])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> int:
+    """'1h' -> 3600 seconds. Used by window features."""
+    m = _DURATION.match(str(text).strip())
+    if not m:
+        raise ValueError(f"bad duration {text!r}: expected e.g. 30m, 1h, 24h, 7d")
+    return int(m.group(1)) * _UNIT_S[m.group(2)]
+
+
+# ---- loading ---------------------------------------------------------------------------------------
+def interpolate_env(value: Any, path: str = "") -> Any:
+    """Replace ${VAR} / ${VAR:-default} in every string; a missing variable names its key path."""
+    if isinstance(value, dict):
+        return {k: interpolate_env(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate_env(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+        def repl(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{path}: environment variable ${{{name}}} is not set")
+
+        return _ENV.sub(repl, value)
+    return value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides; values are parsed as YAML (``--set a.b=[1,2]``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"--set {item!r}: empty key")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: value is not valid YAML ({exc.__class__.__name__})") from None
+        node = raw
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a mapping")
+            node = nxt
+        node[parts[-1]] = value
+    return raw
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in e["loc"]).replace(".[", "[")
+        loc = loc.replace("schema_", "schema")
+        ctx_err = (e.get("ctx") or {}).get("error")
+        if isinstance(ctx_err, _KeyError):
+            lines.append(f"{ctx_err.path}: {ctx_err.msg}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"{loc or '<root>'}: {msg}")
+    return "; ".join(lines)
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Config:
+    """Load, interpolate, override and validate a config file. Raises ConfigError (exit code 2)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--conf: no such config file: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--conf {p}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--conf {p}: the top level must be a mapping of keys")
+    return config_from_dict(raw, overrides, base_dir=p.parent)
+
+
+def config_from_dict(
+    raw: dict[str, Any], overrides: list[str] | None = None, base_dir: Path | None = None
+) -> Config:
+    raw = apply_overrides(json.loads(json.dumps(raw, default=str)), overrides or [])
+    raw = interpolate_env(raw)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+    return cfg

@@ -1,0 +1,41 @@
+"""The SparkSession: reuse the one a notebook or spark-submit gives us, else build a local one."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from pyspark.sql import SparkSession
+
+from downpour.config import Config
+
+
+def get_spark(cfg: Config | None = None, master: str | None = None) -> SparkSession:
+    """Return the active session if there is one (Databricks, spark-submit), else create one.
+
+    The master comes from, in order: ``master``, ``cfg.spark.master``, ``DOWNPOUR_SPARK_MASTER``,
+    then ``local[*]``. Settings in ``cfg.spark.conf`` are applied either way where Spark allows.
+    """
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    master = master or (cfg.spark.master if cfg else None) or os.environ.get("DOWNPOUR_SPARK_MASTER")
+    builder = SparkSession.builder.appName(cfg.spark.app_name if cfg else "downpour")
+    # Under spark-submit the JVM launched us (PYSPARK_GATEWAY_PORT is set) and owns the master.
+    if master or not os.environ.get("PYSPARK_GATEWAY_PORT"):
+        builder = builder.master(master or "local[*]")
+    defaults = {
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.shuffle.partitions": "8",
+        "spark.sql.adaptive.enabled": "true",
+        "spark.ui.showConsoleProgress": "true",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.driver.memory": os.environ.get("DOWNPOUR_DRIVER_MEMORY", "4g"),
+    }
+    for k, v in {**defaults, **(cfg.spark.conf if cfg else {})}.items():
+        builder = builder.config(k, str(v))
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(os.environ.get("DOWNPOUR_SPARK_LOG_LEVEL", "WARN"))
+    return spark
