@@ -132,6 +132,10 @@ class VelocityConfig(_Strict):
     windows: list[str] = Field(default_factory=lambda: ["1h", "24h", "7d"])
     device_column: str | None = None
     country_column: str | None = None
+    # Skew (see DEVELOPERS.md "Window features and hot keys"): an entity with more rows than this has
+    # its history split into time buckets of `hot_key_bucket` (default: the largest window).
+    hot_key_rows: int | None = Field(2_000_000, ge=1)
+    hot_key_bucket: str | None = None
 
     @field_validator("windows")
     @classmethod
@@ -139,6 +143,11 @@ class VelocityConfig(_Strict):
         for w in v:
             parse_duration(w)
         return v
+
+    @model_validator(mode="after")
+    def _bucket(self) -> VelocityConfig:
+        _check_hot_key_bucket(self.windows, self.hot_key_bucket)
+        return self
 
 
 class RfmConfig(_Strict):
@@ -149,6 +158,9 @@ class RfmConfig(_Strict):
     amount_column: str | None = None
     windows: list[str] = Field(default_factory=lambda: ["30d", "90d"])
     signup_column: str | None = None
+    frequency_column: str | None = None  # e.g. sessions; frequency = its sum (else the row count)
+    hot_key_rows: int | None = Field(2_000_000, ge=1)
+    hot_key_bucket: str | None = None
 
     @field_validator("windows")
     @classmethod
@@ -157,6 +169,24 @@ class RfmConfig(_Strict):
             parse_duration(w)
         return v
 
+    @model_validator(mode="after")
+    def _bucket(self) -> RfmConfig:
+        _check_hot_key_bucket(self.windows, self.hot_key_bucket)
+        return self
+
+
+def _check_hot_key_bucket(windows: list[str], bucket: str | None) -> None:
+    """Window features need >= 1 window, and hot-key time buckets at least as long as the largest."""
+    if not windows:
+        raise ValueError("windows: needs at least one window, e.g. [1h, 24h, 7d]")
+    if bucket is not None:
+        try:
+            seconds = parse_duration(bucket)
+        except ValueError as exc:
+            raise ValueError(f"hot_key_bucket: {exc}") from None
+        if seconds < max(parse_duration(w) for w in windows):
+            raise ValueError("hot_key_bucket: must be at least as long as the largest window")
+
 
 class FeaturesConfig(_Strict):
     numeric: list[str | NumericSpec] = Field(default_factory=list)
@@ -164,6 +194,8 @@ class FeaturesConfig(_Strict):
     timestamp: list[str] = Field(default_factory=list)
     crosses: list[list[str]] = Field(default_factory=list)
     weight_column: str | None = None
+    cross_buckets: int = Field(10000, ge=2)  # a cross wider than this is hashed into this many buckets
+    quantile_error: float = Field(0.001, gt=0, lt=1)  # relative error of the fitted medians/clip quantiles
     velocity: VelocityConfig = Field(default_factory=VelocityConfig)
     rfm: RfmConfig = Field(default_factory=RfmConfig)
 
@@ -198,6 +230,18 @@ class TrainingConfig(_Strict):
     threads_per_worker: int | None = Field(None, ge=1)
     seed: int = 42
     timeout_s: int = Field(3600, ge=10)
+    # --- training stage (training/train.py, training/input.py; see DEVELOPERS.md "Training") ---
+    positive_weight: float | None = Field(None, gt=0)  # imbalance=class_weight; None: negatives/positives
+    reader_workers: int = Field(2, ge=1)  # petastorm reader threads per worker
+    deterministic: bool = False  # bit-reproducible runs for a seed: 1 reader thread, deterministic TF ops
+
+    @field_validator("early_stopping_metric")
+    @classmethod
+    def _es_metric(cls, v: str) -> str:
+        allowed = [f"{p}{m}" for p in ("val_", "") for m in ("auc", "pr_auc", "loss")]
+        if v not in allowed:
+            raise ValueError(f"unknown metric {v!r} (one of {allowed})")
+        return v
 
 
 class GateConfig(_Strict):
@@ -212,6 +256,10 @@ class EvaluationConfig(_Strict):
     precision_at_k: list[int] = Field(default_factory=lambda: [100, 1000])
     fpr_points: list[float] = Field(default_factory=lambda: [0.001, 0.01])
     score_batch_rows: int = Field(10000, ge=1)
+    # the logistic-regression baseline is fitted on at most this many (sampled) train rows
+    baseline_max_train_rows: int = Field(1_000_000, ge=100)
+    # score buckets per unit of logit for the one-pass metrics (see training/metrics.py "Precision")
+    metric_resolution: int = Field(10_000, ge=10, le=1_000_000)
 
 
 class SparkConfig(_Strict):
@@ -275,6 +323,7 @@ class Config(_Strict):
             ("features.rfm.entity", self.features.rfm.entity),
             ("features.rfm.amount_column", self.features.rfm.amount_column),
             ("features.rfm.signup_column", self.features.rfm.signup_column),
+            ("features.rfm.frequency_column", self.features.rfm.frequency_column),
         ]
         refs += [(f"pii.drop[{i}]", c) for i, c in enumerate(self.pii.drop)]
         refs += [(f"pii.hash[{i}]", c) for i, c in enumerate(self.pii.hash)]
@@ -322,6 +371,8 @@ class Config(_Strict):
                 )
             if isinstance(dev, str) and dev != "sharded":
                 raise _KeyError(f"training.placement.{part}", "expected a device index or 'sharded'")
+            if dev == "sharded" and part not in ("embeddings", "wide"):
+                raise _KeyError(f"training.placement.{part}", "only embeddings and wide can be 'sharded'")
         return self
 
     # ---- derived values -------------------------------------------------------------------------

@@ -39,6 +39,7 @@ def test_overrides_and_env(conf_dir, monkeypatch):
         (["schema.tenure=int64x"], "schema"),
         (["features.numeric=[nope]"], "features.numeric[0]"),
         (["training.placement.head=3"], "training.placement.head"),
+        (["training.placement.head=sharded"], "training.placement.head"),
         (["training.placement.bogus=0"], "training.placement.bogus"),
         (["input.format=xml"], "input.format"),
         (["cleaning.nulls.TotalCharges.action=impute", "cleaning.nulls.TotalCharges.value=null"],
