@@ -1,0 +1,364 @@
+"""Clean by policy: null handling, range and domain rules, required columns, de-duplication.
+
+Input is the frame from ``ingest.parse_columns``. ``tag_rows`` returns every input row exactly once
+with ``_dp_status`` in {``clean``, ``quarantined``, ``duplicate``} and, for quarantined rows, the
+first ``reason`` that applied (``malformed``, ``cast_failed:<col>``, ``null:<col>``,
+``out_of_range:<col>``, ``not_in_domain:<col>``) and its ``stage``. Tagging instead of filtering is
+what makes ``input == clean + quarantined + duplicates`` checkable with a single aggregation
+(``outcome_counts``), and what lets the clean rows and the quarantine be written from one cached frame.
+
+Duplicates (same id, or the same raw row when there is no id column) keep the latest row by event
+time, ties broken by the raw-row hash so the survivor is the same on every run; they are counted, not
+quarantined. Rows whose label, id, event time (time split, window features) or weight is null after
+the null policy are quarantined as ``null:<col>``: no stage downstream could use them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import pandas as pd
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from downpour.config import Config
+from downpour.errors import ConfigError, DataContractError
+from pipelines.ingest import BLANK_PREFIX, CORRUPT, RAW, REASON, ROW_HASH, SOURCE, STAGE, lowercase_columns
+
+STATUS = "_dp_status"
+DUP = "_dp_dup"
+IMPUTED_PREFIX = "_dp_imputed__"
+FLAG_SUFFIX = "__missing"
+NUMERIC = {"int", "integer", "long", "bigint", "double", "float"}
+QUARANTINE_META = ("raw_record", "reason", "stage", "source_file", "data_version")
+
+
+# ---- configuration checks (before any Spark work) ----------------------------------------------------
+def resolve_salt(cfg: Config) -> str | None:
+    """The PII salt from ``$<pii.salt_env>``; a ConfigError naming the variable if hashing needs it."""
+    if not cfg.pii.hash:
+        return os.environ.get(cfg.pii.salt_env) or None
+    salt = os.environ.get(cfg.pii.salt_env)
+    if not salt:
+        raise ConfigError(
+            f"pii.salt_env: environment variable {cfg.pii.salt_env} is not set (or empty); it holds the "
+            f"salt for hashing the PII columns {cfg.pii.hash}"
+        )
+    return salt
+
+
+def check_policies(cfg: Config) -> None:
+    """Cross-checks the config model cannot do alone: values castable to column types, PII roles."""
+    roles = {
+        "id_column": cfg.id_column, "split.key": cfg.split_key, "label.column": cfg.label.column,
+        "timestamp_column": cfg.timestamp_column, "split.column": cfg.split.column,
+        "features.weight_column": cfg.features.weight_column, "features.rfm.entity": cfg.features.rfm.entity,
+    }
+    roles.update({f"features.velocity.entities[{i}]": c for i, c in enumerate(cfg.features.velocity.entities)})
+    for path, col in roles.items():
+        if col is None:
+            continue
+        if col in cfg.pii.drop:
+            raise ConfigError(f"pii.drop: column {col!r} is needed as {path}; hash it (pii.hash) instead")
+        typed_role = path in ("label.column", "timestamp_column", "split.column", "features.weight_column")
+        if col in cfg.pii.hash and typed_role:
+            raise ConfigError(f"pii.hash: column {col!r} is needed as {path} and cannot be hashed")
+    schema = cfg.schema_
+    _python_value(cfg.label.positive, schema[cfg.label.column], "label.positive")
+    pii = set(cfg.pii.hash) | set(cfg.pii.drop)
+    for col, pol in cfg.cleaning.nulls.items():
+        path = f"cleaning.nulls.{col}"
+        if col in pii and pol.action == "impute":
+            raise ConfigError(f"{path}: {col!r} is a PII column; it can be rejected or kept, not imputed")
+        if pol.action == "impute" and pol.statistic is None:
+            _python_value(pol.value, schema[col], f"{path}.value")
+        if pol.statistic in ("mean", "median") and schema[col] not in NUMERIC:
+            raise ConfigError(f"{path}.statistic: {pol.statistic} needs a numeric column, {col!r} is {schema[col]}")
+    for col, rule in cfg.cleaning.ranges.items():
+        if col in pii:
+            raise ConfigError(f"cleaning.ranges.{col}: {col!r} is a PII column (hashed or dropped)")
+        if schema[col] == "boolean":
+            raise ConfigError(f"cleaning.ranges.{col}: ranges do not apply to boolean columns")
+        for bound in ("min", "max"):
+            v = getattr(rule, bound)
+            if v is not None:
+                _python_value(v, schema[col], f"cleaning.ranges.{col}.{bound}")
+    for col, values in cfg.cleaning.domains.items():
+        if col in pii:
+            raise ConfigError(f"cleaning.domains.{col}: {col!r} is a PII column (hashed or dropped)")
+        if not values:
+            raise ConfigError(f"cleaning.domains.{col}: the list of allowed values is empty")
+        for i, v in enumerate(values):
+            _python_value(v, schema[col], f"cleaning.domains.{col}[{i}]")
+    if cfg.split.method == "time" and cfg.split.boundaries:
+        col = cfg.split_time_column
+        assert col is not None  # the config model guarantees it for time splits
+        b = {k: _python_value(v, schema[col], f"split.boundaries.{k}") for k, v in cfg.split.boundaries.items()}
+        if set(b) != {"val", "test"}:
+            raise ConfigError("split.boundaries: needs both val and test")
+        if b["val"] > b["test"]:
+            raise ConfigError("split.boundaries: val must not be later than test")
+
+
+def _python_value(value: Any, typ: str, path: str) -> Any:
+    """``value`` as the Python value of Spark type ``typ``; ConfigError naming ``path`` if impossible."""
+    try:
+        if value is None:
+            raise ValueError("no value")
+        if typ in ("int", "integer", "long", "bigint"):
+            f = float(value)
+            if not f.is_integer():
+                raise ValueError("not an integer")
+            return int(f)
+        if typ in ("double", "float") or typ.startswith("decimal"):
+            f = float(value)
+            if math.isnan(f):
+                raise ValueError("NaN")
+            return f
+        if typ == "boolean":
+            text = str(value).strip().lower()
+            if text not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError("not a boolean")
+            return text in ("true", "1", "yes")
+        if typ in ("timestamp", "date"):
+            ts = pd.Timestamp(str(value))
+            if ts is pd.NaT:
+                raise ValueError("not a timestamp")
+            return ts
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: {value!r} is not a valid {typ} ({exc})") from None
+
+
+def literal(value: Any, typ: str) -> Column:
+    """A Spark literal of type ``typ`` (timestamps as text, parsed in the session time zone)."""
+    v = _python_value(value, typ, "value")
+    if typ in ("timestamp", "date"):
+        return F.lit(str(value)).cast(typ)
+    if typ.startswith("decimal"):
+        return F.lit(str(value)).cast(typ)
+    return F.lit(v).cast(typ)
+
+
+def required_columns(cfg: Config) -> list[str]:
+    """Columns a usable row must have: label, id, event time (when used), weight."""
+    out = [cfg.label.column, cfg.id_column, cfg.features.weight_column]
+    if cfg.split.method == "time":
+        out.append(cfg.split_time_column)
+    if cfg.features.velocity.enabled or cfg.features.rfm.enabled:
+        out.append(cfg.timestamp_column)
+    return list(dict.fromkeys(c for c in out if c))
+
+
+def flag_columns(cfg: Config, names: dict[str, str]) -> dict[str, str]:
+    """Raw column -> its missing-flag column (``<safe>__missing``, int 0/1) where ``flag: true``."""
+    return {c: f"{names[c]}{FLAG_SUFFIX}" for c, p in cfg.cleaning.nulls.items()
+            if p.flag and p.action != "reject" and c not in cfg.pii.drop}
+
+
+# ---- statistics for imputation (one pass) -----------------------------------------------------------
+def null_statistics(df: DataFrame, cfg: Config, names: dict[str, str]) -> dict[str, Any]:
+    """Mean / median / mode of every column whose null policy imputes a statistic, over parseable rows.
+
+    Means and medians come from one ``agg``; modes from one grouped count over the stacked columns
+    (ties go to the larger value, so the result never depends on partitioning). Floats are rounded
+    to 12 significant digits so summation order cannot change a published value.
+    """
+    wanted = {c: p.statistic for c, p in cfg.cleaning.nulls.items() if p.action == "impute" and p.statistic}
+    if not wanted:
+        return {}
+    ok = df.where(F.col(REASON).isNull())
+    stats: dict[str, Any] = {}
+    numeric = {c: s for c, s in wanted.items() if s in ("mean", "median")}
+    if numeric:
+        aggs = [(F.avg(names[c]) if s == "mean" else F.percentile_approx(names[c], 0.5, 100000)).alias(names[c])
+                for c, s in numeric.items()]
+        row = ok.agg(*aggs).first()
+        for c in numeric:
+            stats[c] = row[names[c]]
+    modes = [c for c, s in wanted.items() if s == "mode"]
+    if modes:
+        stacked = ok.select(F.explode(F.array(*[
+            F.struct(F.lit(c).alias("k"), F.col(names[c]).cast("string").alias("v")) for c in modes
+        ])).alias("kv")).select("kv.k", "kv.v").where(F.col("v").isNotNull())
+        counted = stacked.groupBy("k", "v").count()
+        best = counted.groupBy("k").agg(F.max_by("v", F.struct("count", "v")).alias("v")).collect()
+        stats.update({r["k"]: r["v"] for r in best})
+    for c, s in wanted.items():
+        v = stats.get(c)
+        if v is None:
+            raise DataContractError(
+                f"column {c!r} in {cfg.input.path}: cannot impute the {s}: the column has no values"
+            )
+        if isinstance(v, float):
+            v = float(f"{v:.12g}")
+            if cfg.schema_[c] in ("int", "integer", "long", "bigint"):
+                v = int(round(v))
+        stats[c] = v
+    return stats
+
+
+# ---- tagging ----------------------------------------------------------------------------------------
+def apply_policies(df: DataFrame, cfg: Config, names: dict[str, str], stats: dict[str, Any]) -> DataFrame:
+    """Null policy (impute / flag / reject), required columns, ranges and domains -> first reason."""
+    out = df
+    reason = F.col(REASON)
+    new_reason: Column | None = None
+
+    def add(cond: Column, why: str) -> None:
+        nonlocal new_reason
+        new_reason = (F.when(cond, F.lit(why)) if new_reason is None else new_reason.when(cond, F.lit(why)))
+
+    flags = flag_columns(cfg, names)
+    for col, pol in cfg.cleaning.nulls.items():
+        if col in cfg.pii.drop:
+            continue
+        s, typ = names[col], cfg.schema_[col]
+        if col in flags:
+            out = out.withColumn(flags[col], F.col(s).isNull().cast("int"))
+        if pol.action == "reject":
+            add(F.col(s).isNull(), f"null:{col}")
+        elif pol.action == "impute":
+            value = stats[col] if pol.statistic else pol.value
+            if col in lowercase_columns(cfg) and isinstance(value, str):
+                value = value.lower()
+            out = out.withColumn(f"{IMPUTED_PREFIX}{s}", F.col(s).isNull())
+            out = out.withColumn(s, F.coalesce(F.col(s), literal(value, typ)))
+    for col in required_columns(cfg):
+        add(F.col(names[col]).isNull(), f"null:{col}")
+    for col, rule in cfg.cleaning.ranges.items():
+        s, typ = names[col], cfg.schema_[col]
+        if rule.min is not None:
+            add(F.col(s) < literal(rule.min, typ), f"out_of_range:{col}")
+        if rule.max is not None:
+            add(F.col(s) > literal(rule.max, typ), f"out_of_range:{col}")
+    lowered = lowercase_columns(cfg)
+    for col, values in cfg.cleaning.domains.items():
+        s, typ = names[col], cfg.schema_[col]
+        vals = [v.lower() if col in lowered and isinstance(v, str) else v for v in values]
+        add(~F.col(s).isin(*[literal(v, typ) for v in vals]), f"not_in_domain:{col}")
+    if new_reason is None:
+        return out
+    # A null comparison is not a violation (nulls are the null policy's business): coalesce to no reason.
+    return out.withColumn(STAGE, F.when(reason.isNull() & new_reason.isNotNull(), F.lit("clean"))
+                          .otherwise(F.col(STAGE))) \
+              .withColumn(REASON, F.coalesce(reason, new_reason))
+
+
+def deduplicate(df: DataFrame, cfg: Config, names: dict[str, str]) -> DataFrame:
+    """Mark all but the latest row (by event time) per id -- per raw row without an id -- as duplicates."""
+    if not cfg.cleaning.dedup:
+        return df.withColumn(DUP, F.lit(False))
+    key = F.col(names[cfg.id_column]) if cfg.id_column else F.col(ROW_HASH)
+    order = ([F.col(names[cfg.timestamp_column]).desc_nulls_last()] if cfg.timestamp_column else []) \
+        + [F.col(ROW_HASH).asc()]
+    ok = F.col(REASON).isNull()
+    w = Window.partitionBy(key, ok).orderBy(*order)
+    return df.withColumn(DUP, ok & (F.row_number().over(w) > 1))
+
+
+def derive_columns(df: DataFrame, cfg: Config, names: dict[str, str]) -> DataFrame:
+    """``label`` (1.0/0.0), ``row_id``, ``weight`` and ``_dp_status``."""
+    lab, typ = cfg.label.column, cfg.schema_[cfg.label.column]
+    positive = cfg.label.positive
+    if lab in lowercase_columns(cfg) and isinstance(positive, str):
+        positive = positive.lower()
+    out = df.withColumn("label", F.when(F.col(names[lab]) == literal(positive, typ), 1.0).otherwise(0.0))
+    if cfg.id_column:
+        row_id = F.col(names[cfg.id_column]).cast("string")
+    elif cfg.cleaning.dedup:
+        row_id = F.col(ROW_HASH)  # exact duplicates are removed, so the raw-row hash is unique
+    else:
+        n = F.row_number().over(Window.partitionBy(ROW_HASH).orderBy(ROW_HASH))
+        row_id = F.when(n == 1, F.col(ROW_HASH)).otherwise(F.concat_ws("-", F.col(ROW_HASH), n.cast("string")))
+    out = out.withColumn("row_id", row_id)
+    if cfg.features.weight_column:
+        out = out.withColumn("weight", F.col(names[cfg.features.weight_column]).cast("double"))
+    status = (F.when(F.col(REASON).isNotNull(), F.lit("quarantined"))
+              .when(F.col(DUP), F.lit("duplicate")).otherwise(F.lit("clean")))
+    return out.withColumn(STATUS, status)
+
+
+def tag_rows(df: DataFrame, cfg: Config, names: dict[str, str], stats: dict[str, Any]) -> DataFrame:
+    """Policies -> de-duplication -> derived columns: every input row once, with its status."""
+    return derive_columns(deduplicate(apply_policies(df, cfg, names, stats), cfg, names), cfg, names)
+
+
+# ---- counting (one action) --------------------------------------------------------------------------
+def outcome_counts(tagged: DataFrame, cfg: Config, names: dict[str, str]) -> dict[str, Any]:
+    """Counts, quarantine reasons, imputations, blanks and positives from a single aggregation."""
+    imputed = [c for c in tagged.columns if c.startswith(IMPUTED_PREFIX)]
+    blanks = [c for c in tagged.columns if c.startswith(BLANK_PREFIX)]
+    rows = tagged.groupBy(STATUS, REASON, STAGE).agg(
+        F.count(F.lit(1)).alias("_n"), F.sum("label").alias("_pos"),
+        *[F.sum(F.col(c).cast("long")).alias(c) for c in imputed + blanks],
+    ).collect()
+    by_safe = {s: raw for raw, s in names.items()}
+    counts = {"input": 0, "clean": 0, "quarantined": 0, "duplicates": 0}
+    reasons: dict[str, int] = {}
+    stages: dict[str, int] = {}
+    imputed_n = {by_safe[c[len(IMPUTED_PREFIX):]]: 0 for c in imputed}
+    blank_n = {by_safe[c[len(BLANK_PREFIX):]]: 0 for c in blanks}
+    positives = 0
+    for r in rows:
+        n = int(r["_n"])
+        counts["input"] += n
+        status = r[STATUS]
+        if status == "clean":
+            counts["clean"] += n
+            positives += int(r["_pos"] or 0)
+            for c in imputed:
+                imputed_n[by_safe[c[len(IMPUTED_PREFIX):]]] += int(r[c] or 0)
+        elif status == "duplicate":
+            counts["duplicates"] += n
+        else:
+            counts["quarantined"] += n
+            reasons[r[REASON]] = reasons.get(r[REASON], 0) + n
+            stages[r[STAGE]] = stages.get(r[STAGE], 0) + n
+        for c in blanks:
+            blank_n[by_safe[c[len(BLANK_PREFIX):]]] += int(r[c] or 0)
+    return {
+        "counts": counts,
+        "quarantine_reasons": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "quarantine_stages": stages,
+        "imputed": {c: n for c, n in imputed_n.items()},
+        "blank_to_null": {c: n for c, n in blank_n.items() if n},
+        "positives": positives,
+    }
+
+
+def check_invariant(counts: dict[str, int]) -> dict[str, Any]:
+    """``input == clean + quarantined + duplicates``, or the run fails."""
+    total = counts["clean"] + counts["quarantined"] + counts["duplicates"]
+    if total != counts["input"]:
+        raise RuntimeError(f"row accounting broken: input {counts['input']} != clean + quarantined + "
+                           f"duplicates {total} ({counts})")
+    return {"input": counts["input"], "clean_plus_quarantined_plus_duplicates": total, "holds": True}
+
+
+# ---- outputs of the stage ---------------------------------------------------------------------------
+def clean_frame(tagged: DataFrame, cfg: Config, names: dict[str, str]) -> DataFrame:
+    """The clean rows: typed safe-named columns (PII hashed, dropped ones gone), flags, label, row_id,
+    weight -- what window features and FeatureState get."""
+    kept = [names[c] for c in cfg.schema_ if c not in cfg.pii.drop]
+    extra = list(flag_columns(cfg, names).values()) + ["label", "row_id"]
+    if cfg.features.weight_column:
+        extra.append("weight")
+    return tagged.where(F.col(STATUS) == "clean").select(*kept, *extra)
+
+
+def quarantine_frame(tagged: DataFrame, cfg: Config, names: dict[str, str], data_version: str) -> DataFrame:
+    """Rejected rows: raw text of every kept column (PII policy applied), the malformed line (only
+    without a PII policy), ``reason``, ``stage``, ``source_file`` and ``data_version``."""
+    kept = [names[c] for c in cfg.schema_ if c not in cfg.pii.drop]
+    cols = [F.col(f"{RAW}.{s}").alias(f"{s}_value" if s in QUARANTINE_META else s) for s in kept]
+    return tagged.where(F.col(STATUS) == "quarantined").select(
+        *cols,
+        F.col(CORRUPT).alias("raw_record"),
+        F.col(REASON).alias("reason"),
+        F.col(STAGE).alias("stage"),
+        F.col(SOURCE).alias("source_file"),
+        F.lit(data_version).alias("data_version"),
+    )

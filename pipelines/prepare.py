@@ -1,0 +1,239 @@
+"""``downpour prepare``: ingest -> clean / dedup / PII -> split -> window features -> fit on train ->
+transform -> shards -> publish, with ``manifest.json`` written last.
+
+I/O and configuration live here; the stages are DataFrame-in / DataFrame-out functions. The raw input
+is read once: the tagged frame (every input row with its status) is persisted and feeds the counts,
+the quarantine and the clean branch; the clean rows with window features and split are persisted
+and feed the split counts, the feature fit and the three shard writes. (When a null policy imputes a
+statistic, the parsed input is cached too, so that the statistic's pass does not re-read the files.)
+
+Idempotent: ``data_version`` is a hash of the input fingerprint (path, size, mtime of every input
+file), ``cfg.fingerprint()``, the PII salt (hashed ids change with it) and the format version; if the
+published manifest already has it, the run is a no-op unless ``force``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from downpour.config import Config
+from downpour.errors import DataContractError
+from downpour.logs import LOG, timed
+from pipelines import clean, shards
+from pipelines.ingest import (
+    column_names,
+    contract_errors,
+    input_fingerprint,
+    list_input_files,
+    parse_columns,
+    read_raw,
+)
+from pipelines.publish import MANIFEST, FileInfo, Publisher, Staging, join
+from pipelines.split import SPLITS, assign_split, split_counts
+
+FORMAT_VERSION = 1
+_MAX_LISTED_FILES = 1000
+
+
+def compute_data_version(files: list[FileInfo], cfg: Config, salt: str | None) -> str:
+    """Same input files + same config + same salt -> same data version (and nothing else does)."""
+    salt_digest = hashlib.sha256(f"downpour-salt:{salt or ''}".encode()).hexdigest()
+    payload = json.dumps({"format": FORMAT_VERSION, "input": input_fingerprint(files),
+                          "config": cfg.fingerprint(), "salt": salt_digest}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def run_prepare(spark: SparkSession, cfg: Config, force: bool = False) -> dict[str, Any]:
+    """Build and publish the prepared data set; returns its manifest (the published one if unchanged)."""
+    clean.check_policies(cfg)
+    salt = clean.resolve_salt(cfg)  # ConfigError naming the variable, before any Spark work
+    names = column_names(cfg)
+    timings: dict[str, float] = {}
+    publisher = Publisher(spark, cfg.output.path)
+    with _step("list input files", timings, "list_inputs"):
+        files = list_input_files(spark, cfg.input.path)
+    data_version = compute_data_version(files, cfg, salt)
+    current = publisher.current_manifest()
+    if current and current.get("data_version") == data_version and not force:
+        LOG.info("prepare: data version %s is already published at %s; nothing to do (--force rebuilds)",
+                 data_version, publisher.prepared)
+        return current
+    LOG.info("prepare: building data version %s from %d input file(s)", data_version, len(files))
+    staging = publisher.stage(data_version)
+    try:
+        manifest = _build(spark, cfg, names, salt, files, data_version, publisher, staging, timings)
+        with _step("publish", timings, "publish"):
+            publisher.commit(staging, manifest)
+    except BaseException:
+        publisher.abort(staging)
+        raise
+    LOG.info("prepare: %s", json.dumps({"data_version": data_version, **manifest["counts"]}))
+    return manifest
+
+
+@contextmanager
+def _step(what: str, timings: dict[str, float], key: str) -> Iterator[None]:
+    with timed(f"prepare: {what}") as t:
+        yield
+    timings[key] = round(t["seconds"], 3)
+
+
+def ingest_and_tag(spark: SparkSession, cfg: Config, files: list[FileInfo], salt: str | None,
+                   names: dict[str, str] | None = None
+                   ) -> tuple[DataFrame, DataFrame | None, dict[str, Any]]:
+    """Read, parse and tag every input row (lazy, except the imputation statistics' pass).
+
+    Returns the tagged frame, the cached parsed frame when statistics were needed (unpersist it once
+    the tagged frame is materialised) and the imputation statistics.
+    """
+    names = names or column_names(cfg)
+    parsed = parse_columns(read_raw(spark, cfg, files), cfg, names, salt)
+    cached = None
+    stats: dict[str, Any] = {}
+    if any(p.action == "impute" and p.statistic for p in cfg.cleaning.nulls.values()):
+        cached = parsed.persist(StorageLevel.MEMORY_AND_DISK)
+        stats = clean.null_statistics(cached, cfg, names)
+    return clean.tag_rows(parsed, cfg, names, stats), cached, stats
+
+
+def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | None,
+           files: list[FileInfo], data_version: str, publisher: Publisher, staging: Staging,
+           timings: dict[str, float]) -> dict[str, Any]:
+    final = publisher.final_url(staging)
+    with contract_errors(cfg):
+        with _step("ingest, clean, count", timings, "ingest_clean"):
+            tagged, parsed, stats = ingest_and_tag(spark, cfg, files, salt, names)
+            tagged = tagged.persist(StorageLevel.MEMORY_AND_DISK)
+            outcome = clean.outcome_counts(tagged, cfg, names)  # the one pass over the raw input
+            if parsed is not None:
+                parsed.unpersist()
+        counts = outcome["counts"]
+        if counts["input"] == 0:
+            raise DataContractError(f"input {cfg.input.path}: no data rows in {len(files)} file(s)")
+        invariant = clean.check_invariant(counts)
+        LOG.info("prepare: rows %s; quarantine reasons %s", counts, outcome["quarantine_reasons"])
+        if counts["clean"] == 0:
+            top = ", ".join(f"{r}: {n}" for r, n in list(outcome["quarantine_reasons"].items())[:3])
+            raise DataContractError(f"input {cfg.input.path}: no clean rows; all {counts['input']} rows were "
+                                    f"rejected or duplicates (top reasons: {top or 'duplicates'})")
+
+        with _step("write quarantine", timings, "quarantine"):
+            q = clean.quarantine_frame(tagged, cfg, names, data_version)
+            q_files = max(1, -(-counts["quarantined"] // 1_000_000))
+            q_url = join(staging.url, "quarantine")
+            q.coalesce(q_files).write.option("compression", shards._CODECS[cfg.shards.compression]) \
+                .option("mapreduce.fileoutputcommitter.marksuccessfuljobs", "false").parquet(q_url)
+            q_written = sum(f["rows"] for f in shards.inspect_shards(spark, q_url))
+        if q_written != counts["quarantined"]:
+            raise RuntimeError(f"quarantine: {q_written} rows written, {counts['quarantined']} counted")
+
+        with _step("split", timings, "split"):
+            split_df, split_info = assign_split(clean.clean_frame(tagged, cfg, names), cfg, names)
+
+        with _step("window features", timings, "window_features"):
+            from features.windows import add_window_features
+
+            windowed = add_window_features(split_df, cfg, names).persist(StorageLevel.MEMORY_AND_DISK)
+            per_split = split_counts(windowed)
+            tagged.unpersist()
+        split_rows = sum(s["rows"] for s in per_split.values())
+        if split_rows != counts["clean"]:
+            raise RuntimeError(f"row accounting broken after window features: {split_rows} rows in the "
+                               f"splits, {counts['clean']} clean rows")
+        if per_split["train"]["rows"] == 0:
+            raise DataContractError(f"input {cfg.input.path}: the train split is empty "
+                                    f"({counts['clean']} clean rows, split {split_info})")
+
+        with _step("fit feature state on train", timings, "fit_features"):
+            from features.state import FeatureState
+
+            state = FeatureState.fit(windowed.where(F.col("split") == "train"), cfg, names)
+
+        splits: dict[str, Any] = {}
+        with _step("shards", timings, "shards"):
+            frames = {s: state.transform(windowed.where(F.col("split") == s)) for s in SPLITS}
+            for model_df in frames.values():
+                _assert_no_pii(model_df, cfg, names)
+            written = shards.write_shards(frames, staging.url, cfg, cfg.split.seed)
+        for s, (plan, described) in written.items():
+            url = join(staging.url, s)
+            ratio = shards.check_balance(described, plan, f"{s} ({url})")
+            summary = shards.summarize(described)
+            if summary["shard_rows"] != per_split[s]["rows"]:
+                raise RuntimeError(f"shards {s}: {summary['shard_rows']} rows written, {per_split[s]['rows']} "
+                                   "in the split")
+            splits[s] = {**per_split[s], **summary, "row_group_rows_target": plan.rows_per_group,
+                         "balance_ratio": round(ratio, 4), "path": join(final, s)}
+            LOG.info("prepare: %s: %d rows, %d positives, %d files, %d row groups (%d..%d rows each)", s,
+                     splits[s]["rows"], splits[s]["positives"], splits[s]["files"], splits[s]["row_groups"],
+                     splits[s]["row_group_rows_min"], splits[s]["row_group_rows_max"])
+        windowed.unpersist()
+        columns = list(frames["train"].columns)
+        state.save(join(staging.url, "feature_state.json"))
+
+    shard_rows = sum(s["shard_rows"] for s in splits.values())
+    invariant.update(shard_rows=shard_rows, quarantine_rows=q_written,
+                     holds=shard_rows == counts["clean"] and q_written == counts["quarantined"])
+    impute_values = {c: p.value for c, p in cfg.cleaning.nulls.items() if p.action == "impute" and not p.statistic}
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": cfg.name,
+        "data_version": data_version,
+        "build": staging.build,
+        "config_hash": cfg.fingerprint(),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "spark_version": spark.version,
+        "input": {
+            "path": cfg.input.path, "format": cfg.input.format, "fingerprint": input_fingerprint(files),
+            "files": len(files), "bytes": sum(f.size for f in files),
+            "paths": [f.path for f in files[:_MAX_LISTED_FILES]],
+        },
+        "columns": names,
+        "counts": counts,
+        "invariant": invariant,
+        "quarantine_reasons": outcome["quarantine_reasons"],
+        "quarantine": {"path": join(final, "quarantine"), "rows": q_written, "stages": outcome["quarantine_stages"]},
+        "cleaning": {
+            "imputed": outcome["imputed"],
+            "impute_values": {**impute_values, **{c: _jsonable(v) for c, v in stats.items()}},
+            "blank_to_null": outcome["blank_to_null"],
+            "flags": clean.flag_columns(cfg, names),
+            "pii": {"dropped": list(cfg.pii.drop), "hashed": list(cfg.pii.hash), "salt_env": cfg.pii.salt_env},
+        },
+        "labels": {"column": cfg.label.column, "positives": outcome["positives"],
+                   "positive_rate": round(outcome["positives"] / counts["clean"], 6)},
+        "split": split_info,
+        "splits": splits,
+        "shards": {"compression": cfg.shards.compression, "row_group_rows": cfg.shards.row_group_rows,
+                   "min_row_groups": shards.min_row_groups(cfg), "columns": columns},
+        "feature_state": join(final, "feature_state.json"),
+        "paths": {"prepared": publisher.prepared, "version": final, "manifest": join(final, MANIFEST)},
+        "timings": timings,
+    }
+
+
+def _jsonable(v: Any) -> Any:
+    """Statistics as JSON values (PII columns cannot be imputed, so none of these is a PII value)."""
+    return v if isinstance(v, int | float | str | bool) or v is None else str(v)
+
+
+def _assert_no_pii(df: DataFrame, cfg: Config, names: dict[str, str]) -> None:
+    """Shards hold model-ready columns only; a column derived from a PII column must never get there."""
+    pii = {names[c] for c in (*cfg.pii.drop, *cfg.pii.hash) if c != cfg.id_column}
+    for col in df.columns:
+        if col in ("row_id", "label", "weight"):
+            continue
+        if not col.startswith(("n__", "c__")):
+            raise RuntimeError(f"shards: unexpected column {col!r} (only row_id, label, weight, n__*, c__*)")
+        base = col[3:].split("__")[0]
+        if base in pii or any(part in pii for part in base.split("_x_")):
+            raise RuntimeError(f"shards: column {col!r} is derived from a PII column")

@@ -1,0 +1,310 @@
+"""Ingest + clean: the data contract, every quarantine reason, PII in quarantine, the row invariant."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pyspark.sql import functions as F
+
+from downpour.config import Config, config_from_dict
+from downpour.errors import ConfigError, DataContractError
+from pipelines import clean
+from pipelines.ingest import column_names, contract_errors, list_input_files
+from pipelines.prepare import ingest_and_tag, run_prepare
+
+HEADER = ["txn id", "event_ts", "Amount (EUR)", "country", "email", "is_fraud"]
+SCHEMA = {"txn id": "string", "event_ts": "timestamp", "Amount (EUR)": "double", "country": "string",
+          "email": "string", "is_fraud": "int"}
+
+
+def make_cfg(input_path: Path | str, out: Path | str, fmt: str = "csv", **extra: Any) -> Config:
+    raw: dict[str, Any] = {
+        "name": "t",
+        "input": {"path": str(input_path), "format": fmt, "options": {"header": True} if fmt == "csv" else {}},
+        "schema": SCHEMA,
+        "id_column": "txn id",
+        "timestamp_column": "event_ts",
+        "label": {"column": "is_fraud", "positive": 1},
+        "pii": {"drop": ["email"], "hash": ["txn id"]},
+        "cleaning": {
+            "nulls": {"Amount (EUR)": {"action": "impute", "value": 0.0, "flag": True},
+                      "country": {"action": "reject"}},
+            "ranges": {"Amount (EUR)": {"min": 0, "max": 1000}, "event_ts": {"min": "2000-01-01"}},
+            "domains": {"is_fraud": [0, 1]},
+        },
+        "features": {"numeric": ["Amount (EUR)"], "categorical": ["country"]},
+        "output": {"path": str(out)},
+    }
+    for key, value in extra.items():
+        node = raw
+        *parents, last = key.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return config_from_dict(raw)
+
+
+def write_csv(path: Path, rows: list[list[str]], header: list[str] = HEADER) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def tag(spark, cfg: Config):
+    files = list_input_files(spark, cfg.input.path)
+    salt = clean.resolve_salt(cfg)
+    names = column_names(cfg)
+    with contract_errors(cfg):
+        tagged, cached, _ = ingest_and_tag(spark, cfg, files, salt, names)
+        tagged = tagged.cache()
+        outcome = clean.outcome_counts(tagged, cfg, names)
+    if cached is not None:
+        cached.unpersist()
+    return tagged, outcome, names
+
+
+# ---- every quarantine reason, duplicates, imputation, PII in quarantine ------------------------------
+DIRTY = [
+    ["a1", "2024-01-02 10:00:00", "10.5", "US", "ann@example.com", "0"],       # clean (latest of a1)
+    ["a1", "2024-01-01 10:00:00", "99.0", "US", "ann@example.com", "0"],       # duplicate (older a1)
+    ["a2", "2024-01-01 11:00:00", "  ", "GB", "bob@example.com", "1"],         # clean, amount imputed
+    ["a3", "2024-01-01 12:00:00", "12,5x", "US", "cy@example.com", "0"],       # cast_failed:Amount (EUR)
+    ["a4", "not a time", "1.0", "US", "dee@example.com", "0"],                 # cast_failed:event_ts
+    ["a5", "2024-01-01 13:00:00", "1.0", " ", "eve@example.com", "0"],         # null:country (policy)
+    ["a6", "2024-01-01 14:00:00", "5000", "US", "fay@example.com", "0"],       # out_of_range:Amount (EUR)
+    ["a7", "1990-01-01 00:00:00", "1.0", "US", "gus@example.com", "0"],        # out_of_range:event_ts
+    ["a8", "2024-01-01 15:00:00", "1.0", "US", "hal@example.com", "7"],        # not_in_domain:is_fraud
+    ["a9", "2024-01-01 16:00:00", "1.0", "US", "ivy@example.com", ""],         # null:is_fraud (label)
+    ["a10", "2024-01-01 17:00:00", "1.0", "US", "jo@example.com", "0", "x"],   # malformed (extra field)
+    ["", "2024-01-01 18:00:00", "1.0", "US", "kim@example.com", "0"],          # null:txn id (id)
+]
+
+
+def test_every_quarantine_reason_once_with_raw_values_and_no_pii(spark, tmp_path):
+    src = write_csv(tmp_path / "in" / "dirty.csv", DIRTY)
+    cfg = make_cfg(src, tmp_path / "out")
+    tagged, outcome, names = tag(spark, cfg)
+
+    assert outcome["counts"] == {"input": 12, "clean": 2, "quarantined": 9, "duplicates": 1}
+    assert outcome["quarantine_reasons"] == {
+        "cast_failed:Amount (EUR)": 1, "cast_failed:event_ts": 1, "malformed": 1, "not_in_domain:is_fraud": 1,
+        "null:country": 1, "null:is_fraud": 1, "null:txn id": 1, "out_of_range:Amount (EUR)": 1,
+        "out_of_range:event_ts": 1,
+    }
+    assert outcome["quarantine_stages"] == {"ingest": 3, "clean": 6}
+    assert outcome["imputed"] == {"Amount (EUR)": 1}
+    # (an empty CSV field is already null when read; blanks are whitespace-only values)
+    assert outcome["blank_to_null"] == {"Amount (EUR)": 1, "country": 1}
+    clean.check_invariant(outcome["counts"])
+
+    amount = names["Amount (EUR)"]
+    rows = {r["row_id"]: r for r in clean.clean_frame(tagged, cfg, names).collect()}
+    salt = clean.resolve_salt(cfg)
+    import hashlib
+
+    h = {k: hashlib.sha256(f"{salt}{k}".encode()).hexdigest() for k in ("a1", "a2")}
+    assert set(rows) == set(h.values())                       # ids hashed with the salt, raw ids gone
+    assert rows[h["a1"]][amount] == 10.5                      # the latest a1 survived de-duplication
+    assert rows[h["a2"]][amount] == 0.0 and rows[h["a2"]][f"{amount}__missing"] == 1
+    assert rows[h["a2"]]["label"] == 1.0 and rows[h["a1"]]["label"] == 0.0
+    assert "email" not in clean.clean_frame(tagged, cfg, names).columns
+
+    q = clean.quarantine_frame(tagged, cfg, names, "dv1")
+    assert "email" not in q.columns and {"reason", "stage", "raw_record", "data_version"} <= set(q.columns)
+    assert {f.dataType.simpleString() for f in q.schema if f.name in names.values()} == {"string"}
+    qrows = [r.asDict() for r in q.collect()]
+    by_reason = {r["reason"]: r for r in qrows}
+    assert by_reason["cast_failed:Amount (EUR)"][amount] == "12,5x"        # raw text kept
+    assert by_reason["out_of_range:Amount (EUR)"][amount] == "5000"
+    assert by_reason["malformed"]["raw_record"] is None                    # PII policy: no raw line
+    assert {r["data_version"] for r in qrows} == {"dv1"}
+    text = json.dumps(qrows, default=str)
+    for secret in ("@example.com", '"a3"', '"a10"', "a10,"):
+        assert secret not in text
+
+
+def test_raw_line_is_kept_for_malformed_rows_without_pii_policy(spark, tmp_path):
+    src = write_csv(tmp_path / "in.csv", DIRTY[:1] + DIRTY[10:11])
+    cfg = make_cfg(src, tmp_path / "out", pii={"drop": [], "hash": []})
+    tagged, outcome, names = tag(spark, cfg)
+    assert outcome["quarantine_reasons"] == {"malformed": 1}
+    (row,) = clean.quarantine_frame(tagged, cfg, names, "dv").collect()
+    assert row["raw_record"] == "a10,2024-01-01 17:00:00,1.0,US,jo@example.com,0,x"
+
+
+def test_statistic_imputation_and_case_folding(spark, tmp_path):
+    rows = [["b1", "2024-01-01 00:00:00", "", " us ", "x@example.com", "0"],
+            ["b2", "2024-01-01 00:00:01", "2", "US", "y@example.com", "0"],
+            ["b3", "2024-01-01 00:00:02", "4", "Gb", "z@example.com", "1"]]
+    cfg = make_cfg(write_csv(tmp_path / "in.csv", rows), tmp_path / "out",
+                   cleaning__nulls={"Amount (EUR)": {"action": "impute", "statistic": "mean"}},
+                   cleaning__lowercase_categoricals=True, cleaning__domains={"country": ["US", "GB"]},
+                   features__weight_column="Amount (EUR)")
+    tagged, outcome, names = tag(spark, cfg)
+    assert outcome["counts"]["clean"] == 3 and outcome["imputed"] == {"Amount (EUR)": 1}
+    assert sorted(r["weight"] for r in clean.clean_frame(tagged, cfg, names).collect()) == [2.0, 3.0, 4.0]
+    got = sorted((r[names["country"]], r[names["Amount (EUR)"]])
+                 for r in clean.clean_frame(tagged, cfg, names).collect())
+    assert got == [("gb", 4.0), ("us", 2.0), ("us", 3.0)]
+
+
+# ---- the data contract ------------------------------------------------------------------------------
+def test_missing_declared_column_names_column_and_file(spark, tmp_path):
+    src = write_csv(tmp_path / "in" / "a.csv", [r[:3] + r[4:] for r in DIRTY[:2]],
+                    header=[h for h in HEADER if h != "country"])
+    cfg = make_cfg(src, tmp_path / "out")
+    with pytest.raises(DataContractError) as err:
+        tag(spark, cfg)
+    assert "'country'" in str(err.value) and "a.csv" in str(err.value) and err.value.exit_code == 3
+
+
+def test_undeclared_column_is_an_error_unless_allowed(spark, tmp_path):
+    src = write_csv(tmp_path / "in" / "wide.csv", [r + ["extra"] for r in DIRTY[:1]] + [DIRTY[0][:3]],
+                    header=[*HEADER, "note"])
+    with pytest.raises(DataContractError, match=r"'note'.*not declared") as err:
+        tag(spark, make_cfg(src, tmp_path / "out"))
+    assert "wide.csv" in str(err.value)
+    _, outcome, _ = tag(spark, make_cfg(src, tmp_path / "out", input__allow_extra_columns=True))
+    # the short row is still malformed although the extra column is never used
+    assert outcome["counts"] == {"input": 2, "clean": 1, "quarantined": 1, "duplicates": 0}
+    assert outcome["quarantine_reasons"] == {"malformed": 1}
+
+
+def test_second_file_with_another_header_names_that_file(spark, tmp_path):
+    write_csv(tmp_path / "in" / "part-1.csv", DIRTY[:1])
+    write_csv(tmp_path / "in" / "part-2.csv", DIRTY[2:3], header=[*HEADER[:3], "land", *HEADER[4:]])
+    with pytest.raises(DataContractError) as err:
+        tag(spark, make_cfg(tmp_path / "in", tmp_path / "out"))
+    msg = str(err.value)
+    assert "part-2.csv" in msg and "'country'" in msg
+
+
+def test_json_and_parquet_inputs_go_through_the_same_code(spark, tmp_path):
+    records = [dict(zip(HEADER, r, strict=True)) for r in DIRTY[:4]]
+    records[0]["Amount (EUR)"] = 10.5  # a JSON number, read as text and cast
+    jpath = tmp_path / "json" / "in.json"
+    jpath.parent.mkdir()
+    jpath.write_text("\n".join(json.dumps(r) for r in records) + "\n{not json\n")
+    _, outcome, _ = tag(spark, make_cfg(jpath, tmp_path / "o1", fmt="json"))
+    assert outcome["counts"] == {"input": 5, "clean": 2, "quarantined": 2, "duplicates": 1}
+    assert outcome["quarantine_reasons"] == {"cast_failed:Amount (EUR)": 1, "malformed": 1}
+
+    pq_dir = str(tmp_path / "pq")
+    (spark.createDataFrame([("p1", "2024-01-01 00:00:00", 1.5, "US", "x@example.com", 1),
+                            ("p2", "2024-01-01 00:00:00", -3.0, "US", "y@example.com", 0)],
+                           "`txn id` string, event_ts string, `Amount (EUR)` double, country string, "
+                           "email string, is_fraud long")
+     .withColumn("event_ts", F.col("event_ts").cast("timestamp")).write.parquet(pq_dir))
+    _, outcome, _ = tag(spark, make_cfg(pq_dir, tmp_path / "o2", fmt="parquet"))
+    assert outcome["counts"] == {"input": 2, "clean": 1, "quarantined": 1, "duplicates": 0}
+    assert outcome["quarantine_reasons"] == {"out_of_range:Amount (EUR)": 1}
+
+    records[1]["surprise"] = "x"
+    jpath.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    with pytest.raises(DataContractError, match=r"'surprise'.*in\.json|in\.json.*'surprise'"):
+        tag(spark, make_cfg(jpath, tmp_path / "o3", fmt="json"))
+
+
+def test_empty_input_is_a_clear_contract_error(spark, tmp_path):
+    empty = tmp_path / "empty" / "a.csv"
+    empty.parent.mkdir()
+    empty.write_text("")
+    with pytest.raises(DataContractError, match="empty"):
+        list_input_files(spark, str(empty.parent))
+    with pytest.raises(DataContractError, match="no input files"):
+        list_input_files(spark, str(tmp_path / "nothing-here"))
+    only_header = write_csv(tmp_path / "hdr" / "a.csv", [])
+    with pytest.raises(DataContractError, match="no data rows"):
+        run_prepare(spark, make_cfg(only_header, tmp_path / "out"))
+
+
+def test_missing_salt_is_a_config_error_before_any_spark_work(tmp_path, monkeypatch):
+    monkeypatch.delenv("DOWNPOUR_PII_SALT", raising=False)
+    cfg = make_cfg(tmp_path / "in.csv", tmp_path / "out")
+    with pytest.raises(ConfigError, match="DOWNPOUR_PII_SALT") as err:
+        run_prepare(None, cfg)  # type: ignore[arg-type]  # no Spark at all: it must fail first
+    assert err.value.exit_code == 2
+    cfg2 = make_cfg(tmp_path / "in.csv", tmp_path / "out", pii={"hash": ["txn id"], "salt_env": "MY_SALT_VAR"})
+    with pytest.raises(ConfigError, match="MY_SALT_VAR"):
+        run_prepare(None, cfg2)  # type: ignore[arg-type]
+
+
+def test_bad_policy_values_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"cleaning\.ranges\.event_ts\.min"):
+        clean.check_policies(make_cfg("x", "y", cleaning__ranges={"event_ts": {"min": "yesterday-ish"}}))
+    with pytest.raises(ConfigError, match=r"cleaning\.domains\.is_fraud\[1\]"):
+        clean.check_policies(make_cfg("x", "y", cleaning__domains={"is_fraud": [0, "maybe"]}))
+    with pytest.raises(ConfigError, match=r"pii\.drop.*id_column"):
+        clean.check_policies(make_cfg("x", "y", pii={"drop": ["txn id"]}))
+
+
+# ---- the invariant on generated dirty data (property-based) ------------------------------------------
+_AMOUNTS = st.one_of(st.floats(0, 999, allow_nan=False).map(lambda x: f"{x:.2f}"), st.just(""),
+                     st.just("-5"), st.just("2e9"), st.just("n/a"))
+_TIMES = st.one_of(st.integers(0, 10_000).map(lambda s: f"2024-01-01 {s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}"),
+                   st.just("bogus"), st.just("1999-12-31 23:59:59"))
+_LABELS = st.sampled_from(["0", "1", "1", "", "7", "yes"])
+_ROW = st.tuples(st.integers(0, 12).map(lambda i: f"id{i}"), _TIMES, _AMOUNTS,
+                 st.sampled_from(["US", "GB", " ", "FR "]), _LABELS, st.booleans())
+_REASON_ORDER = ["malformed", "cast_failed:event_ts", "cast_failed:Amount (EUR)", "cast_failed:is_fraud",
+                 "null:country", "null:is_fraud", "out_of_range:Amount (EUR)", "out_of_range:event_ts",
+                 "not_in_domain:is_fraud"]
+
+
+def _expected(rows: list[tuple]) -> tuple[dict[str, int], dict[str, int]]:
+    """An independent oracle: the status of each generated row by the rules of make_cfg()."""
+    reasons: dict[str, int] = {}
+    valid_ids: list[str] = []
+    for rid, ts, amount, country, label, malformed in rows:
+        why = []
+        if malformed:
+            why.append("malformed")
+        if ts == "bogus":
+            why.append("cast_failed:event_ts")
+        if amount == "n/a":
+            why.append("cast_failed:Amount (EUR)")
+        if label == "yes":
+            why.append("cast_failed:is_fraud")
+        if not country.strip():
+            why.append("null:country")
+        if label == "":
+            why.append("null:is_fraud")
+        if amount in ("-5", "2e9"):
+            why.append("out_of_range:Amount (EUR)")
+        if ts.startswith("1999"):
+            why.append("out_of_range:event_ts")
+        if label == "7":
+            why.append("not_in_domain:is_fraud")
+        if why:
+            first = min(why, key=_REASON_ORDER.index)
+            reasons[first] = reasons.get(first, 0) + 1
+        else:
+            valid_ids.append(rid)
+    q = sum(reasons.values())
+    counts = {"input": len(rows), "clean": len(set(valid_ids)), "quarantined": q,
+              "duplicates": len(valid_ids) - len(set(valid_ids))}
+    return counts, reasons
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(_ROW, min_size=1, max_size=25))
+def test_invariant_holds_on_generated_dirty_data(spark, tmp_path_factory, rows):
+    lines = [[rid, ts, amount, country, f"{rid}@example.com", label] + (["oops"] if bad else [])
+             for rid, ts, amount, country, label, bad in rows]
+    src = write_csv(tmp_path_factory.mktemp("prop") / "in.csv", lines)
+    cfg = make_cfg(src, "/unused")
+    tagged, outcome, _ = tag(spark, cfg)
+    tagged.unpersist()
+    expected_counts, expected_reasons = _expected(rows)
+    clean.check_invariant(outcome["counts"])
+    assert outcome["counts"] == expected_counts
+    assert outcome["quarantine_reasons"] == expected_reasons
