@@ -1,0 +1,655 @@
+"""FeatureState: statistics, quantiles and vocabularies fitted on the train split, applied to every split.
+
+``fit`` runs three Spark passes whatever the number of columns (one ``approxQuantile`` for every median
+and clip bound, one ``agg`` for every null count / mean / std, one ``groupBy`` over exploded
+(column, value) pairs for every vocabulary). ``transform`` is one projection plus broadcast joins
+against the (small) vocabularies, and gives the model-ready shard columns of DEVELOPERS.md. The same
+arithmetic is rebuilt as Keras layers by ``features.keras_preprocessing`` from the JSON alone, so the
+exported model takes raw columns (see DEVELOPERS.md "feature_state.json" and "Serving inputs").
+
+This module never imports TensorFlow (Spark stages must not).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from downpour.config import Config
+from downpour.errors import ConfigError, DataContractError
+from downpour.logs import LOG, timed
+from features.hashing import hash_buckets
+from features.windows import window_features
+
+VERSION = 1
+INT64_NULL = -(2**63)  # how serving spells a null integer category or timestamp (int64 has no null)
+# what cleaning trims (pipelines.ingest.WHITESPACE), as a regex that means the same in Java (Spark) and
+# RE2 (TensorFlow): the characters are literal inside the class
+WHITESPACE = " \t\r\n\u00a0"
+TRIM_PATTERN = f"\\A[{WHITESPACE}]+|[{WHITESPACE}]+\\z"
+CROSS_PRIME = 2_147_483_647  # hashed crosses: polynomial hash mod 2^31-1, then Knuth's multiplicative hash
+CROSS_MULT = 2_654_435_761
+_MAX_CARD = 2**32  # keeps every hashed-cross product below 2^63 in Spark and TensorFlow
+# vocabularies up to this size are looked up in a map literal inside the projection (no join, one
+# stage); larger ones through a broadcast hash join (a map literal lookup scans its keys)
+SMALL_VOCAB = 256
+
+
+def default_embedding_dim(cardinality: int) -> int:
+    """A common rule of thumb (1.6 * n^0.56), capped: embeddings grow slowly with the vocabulary."""
+    return int(min(64, max(2, round(1.6 * cardinality**0.56))))
+
+
+# ---- Spark expressions shared by fit and transform --------------------------------------------------
+def _missing(x: Column) -> Column:
+    return x.isNull() | F.isnan(x)
+
+
+def _pre_scale(src: str, impute: float, clip: list[float] | None, transform: str) -> Column:
+    """Raw value -> imputed, clipped, transformed double (before standardization)."""
+    x = F.col(src).cast("double")
+    x = F.when(_missing(x), F.lit(float(impute))).otherwise(x)
+    if clip is not None:
+        x = F.least(F.greatest(x, F.lit(float(clip[0]))), F.lit(float(clip[1])))
+    if transform == "log1p":  # signed, so refunds / negative balances stay finite
+        x = F.signum(x) * F.log1p(F.abs(x))
+    return x
+
+
+def _numeric_value(n: dict[str, Any]) -> Column:
+    x = _pre_scale(n["source"], n["impute"], n["clip"], n["transform"])
+    return ((x - F.lit(float(n["mean"]))) / F.lit(float(n["std"]))).cast("float")
+
+
+def _category_string(src: str, dtype: str, strings: dict[str, bool], impute: str | None = None) -> Column:
+    """The category as a string, normalized like serving normalizes it; null for null or empty
+    (or the cleaning stage's imputed value, so a null sent to serving gets what cleaning gives it)."""
+    s = F.col(src).cast("string")
+    if dtype == "string":
+        if strings.get("trim"):
+            s = F.regexp_replace(s, TRIM_PATTERN, "")
+        if strings.get("lower"):
+            s = F.lower(s)
+    s = F.when(s != "", s)
+    return s if impute is None else F.coalesce(s, F.lit(impute))
+
+
+def _normalize(value: Any, dtype: str, strings: dict[str, bool]) -> str | None:
+    """:func:`_category_string` for one Python value."""
+    if value is None:
+        return None
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    if dtype == "string":
+        text = text.strip(WHITESPACE) if strings.get("trim") else text
+        text = text.lower() if strings.get("lower") else text
+    return text or None
+
+
+def _epoch_seconds(src: str, dtype: T.DataType) -> Column:
+    if isinstance(dtype, T.TimestampType | T.TimestampNTZType):
+        return F.unix_seconds(F.col(src).cast("timestamp"))
+    if isinstance(dtype, T.DateType):
+        return F.unix_date(F.col(src)).cast("long") * F.lit(86_400)
+    return F.col(src).cast("long")
+
+
+def _time_part(secs: Column, kind: str) -> Column:
+    """1 + hour of day (UTC) or 1 + day of week (Monday = 1 .. Sunday = 7); 0 for null."""
+    sod = F.pmod(secs, F.lit(86_400))
+    if kind == "hour":
+        idx = ((sod - F.pmod(sod, F.lit(3_600))) / F.lit(3_600)).cast("long") + 1
+    else:
+        days = ((secs - sod) / F.lit(86_400)).cast("long")
+        idx = F.pmod(days + F.lit(3), F.lit(7)) + 1  # 1970-01-01 was a Thursday
+    return F.coalesce(idx.cast("long"), F.lit(0).cast("long"))
+
+
+def _cross(idx: list[Column], c: dict[str, Any]) -> Column:
+    """Index of a cross from its sources' indices (exact product, or hashed into ``cardinality``)."""
+    h: Column = F.lit(0).cast("long")
+    if c["kind"] == "exact":
+        for x, card in zip(idx, c["cardinalities"], strict=True):
+            h = h * F.lit(card) + x
+        return h
+    for x, card in zip(idx, c["cardinalities"], strict=True):
+        h = F.pmod(h * F.lit(card) + x, F.lit(CROSS_PRIME))
+    return F.pmod(F.pmod(h * F.lit(CROSS_MULT), F.lit(2**32)), F.lit(c["cardinality"]))
+
+
+def _hash_udf(buckets: int) -> Any:
+    @F.pandas_udf("long")  # type: ignore[call-overload]
+    def bucket(values: pd.Series) -> pd.Series:
+        return pd.Series(hash_buckets(values.astype(object).where(values.notna(), None), buckets), dtype="int64")
+
+    return bucket
+
+
+class FeatureState:
+    """Fitted feature transformation: build with :meth:`fit`, apply with :meth:`transform`."""
+
+    def __init__(self, d: dict[str, Any]) -> None:
+        self._d = d
+
+    # ---- fitting -----------------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, train_df: DataFrame, cfg: Config, names: dict[str, str]) -> FeatureState:
+        """Fit on the train rows of ``train_df`` (rows of another ``split``, if the column is there, are
+        ignored, so nothing about val/test can leak into the statistics)."""
+        if "split" in train_df.columns:
+            train_df = train_df.where(F.col("split") == "train")
+        plan = _plan(train_df, cfg, names)
+        with timed("feature state: fitting on the train split"):
+            d = _fit(train_df, cfg, plan)
+        LOG.info(
+            "feature state: %d numeric (+%d missing flags), %d categorical, %d crosses from %d train rows",
+            len(d["numeric"]), len(d["flags"]), len(d["categorical"]), len(d["crosses"]), d["fitted_rows"],
+        )
+        return cls(d)
+
+    # ---- applying ----------------------------------------------------------------------------------
+    def transform(self, df: DataFrame) -> DataFrame:
+        """Model-ready columns: ``row_id``, ``label``, [``weight``], then ``n__*`` and ``c__*``.
+
+        ``label`` (and ``weight``) are kept when present, so the same call serves unlabeled data.
+        """
+        d = self._d
+        missing = [c for c in ["row_id", *d["raw_inputs"]] if c not in df.columns]
+        if missing:
+            raise DataContractError(f"column {missing[0]!r} is missing from the data to transform")
+        head_names = ["row_id"] + [c for c in ("label", d["weight"]) if c and c in df.columns]
+        head = [F.col(c).cast("string" if c == "row_id" else "float").alias(c) for c in head_names]
+
+        flags = {f["source"]: f["name"] for f in d["flags"]}
+        cleaning_flags = {f["source"]: f.get("cleaning_flag") for f in d["flags"]}
+        num: list[Column] = []
+        for n in d["numeric"]:
+            num.append(_numeric_value(n).alias(n["name"]))
+            if n["source"] in flags:
+                miss = _missing(F.col(n["source"]).cast("double"))
+                cleaning_flag = cleaning_flags.get(n["source"])
+                if cleaning_flag and cleaning_flag in df.columns:  # the null was imputed by cleaning
+                    miss = miss | (F.coalesce(F.col(cleaning_flag).cast("int"), F.lit(0)) == 1)
+                num.append(miss.cast("float").alias(flags[n["source"]]))
+        schema = {f.name: f.dataType for f in df.schema}
+        cats: list[Column] = []
+        keys: list[Column] = []
+        for i, c in enumerate(d["categorical"]):
+            src = c["sources"][0]
+            if c["kind"] in ("hour", "dow"):
+                cats.append(_time_part(_epoch_seconds(src, schema[src]), c["kind"]).alias(c["name"]))
+            elif c["kind"] == "hash":
+                s = _category_string(src, d["raw_inputs"][src], d["strings"], c.get("impute"))
+                cats.append(_hash_udf(c["buckets"])(s).alias(c["name"]))
+            elif c["vocab"] and len(c["vocab"]) <= SMALL_VOCAB:
+                s = _category_string(src, d["raw_inputs"][src], d["strings"], c.get("impute"))
+                lookup = F.create_map(*[F.lit(x) for j, v in enumerate(c["vocab"]) for x in (v, j + 1)])
+                cats.append(F.coalesce(F.try_element_at(lookup, s), F.lit(0)).cast("long").alias(c["name"]))
+            elif c["vocab"]:
+                s = _category_string(src, d["raw_inputs"][src], d["strings"], c.get("impute"))
+                keys.append(s.alias(f"__k{i}"))
+            else:  # nothing in train: every value is out of vocabulary
+                cats.append(F.lit(0).cast("long").alias(c["name"]))
+        out = df.select(*head, *num, *cats, *keys)
+        spark = df.sparkSession
+        for i, c in enumerate(d["categorical"]):  # large vocabularies: broadcast hash joins
+            if c["kind"] == "vocab" and len(c["vocab"] or []) > SMALL_VOCAB:
+                table = spark.createDataFrame(
+                    [(v, j + 1) for j, v in enumerate(c["vocab"])],
+                    T.StructType([T.StructField(f"__v{i}", T.StringType()), T.StructField(f"__i{i}", T.LongType())]),
+                )
+                out = out.join(F.broadcast(table), out[f"__k{i}"] == table[f"__v{i}"], "left")
+                out = out.withColumn(c["name"], F.coalesce(F.col(f"__i{i}"), F.lit(0).cast("long")))
+        cat_names = [c["name"] for c in d["categorical"]]
+        crosses = [
+            _cross([F.col(s) for s in c["sources"]], c).cast("long").alias(c["name"]) for c in d["crosses"]
+        ]
+        return out.select(*head_names, *self.numeric_columns, *cat_names, *crosses)
+
+    # ---- what training and serving need ------------------------------------------------------------
+    @property
+    def numeric_columns(self) -> list[str]:
+        """Dense float32 shard columns, each value followed by its missing flag (if any)."""
+        flags = {f["source"]: f["name"] for f in self._d["flags"]}
+        out = []
+        for n in self._d["numeric"]:
+            out.append(n["name"])
+            if n["source"] in flags:
+                out.append(flags[n["source"]])
+        return out
+
+    @property
+    def numeric(self) -> list[dict[str, Any]]:
+        return [dict(n) for n in self._d["numeric"]]
+
+    @property
+    def flags(self) -> list[dict[str, Any]]:
+        return [dict(f) for f in self._d["flags"]]
+
+    @property
+    def categorical(self) -> list[dict[str, Any]]:
+        """int64 shard columns for embeddings: name, sources, kind, vocab, buckets, cardinality, embedding_dim."""
+        return [dict(c) for c in self._d["categorical"]]
+
+    @property
+    def crosses(self) -> list[dict[str, Any]]:
+        """int64 shard columns for the wide part: name, sources (c__ columns), kind, cardinality."""
+        return [dict(c) for c in self._d["crosses"]]
+
+    @property
+    def raw_inputs(self) -> dict[str, str]:
+        """The serving signature: raw column (safe name) -> "float64" | "int64" | "string"."""
+        return dict(self._d["raw_inputs"])
+
+    @property
+    def strings(self) -> dict[str, bool]:
+        return dict(self._d["strings"])
+
+    @property
+    def label(self) -> str:
+        return self._d["label"]
+
+    @property
+    def weight(self) -> str | None:
+        return self._d["weight"]
+
+    @property
+    def window_features(self) -> list[str]:
+        return list(self._d["window_features"])
+
+    @property
+    def fitted_rows(self) -> int:
+        return int(self._d["fitted_rows"])
+
+    # ---- persistence -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self._d))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FeatureState:
+        if not isinstance(d, dict) or d.get("version") != VERSION:
+            got = d.get("version") if isinstance(d, dict) else type(d).__name__
+            raise DataContractError(f"feature_state.json: unsupported version {got!r} (expected {VERSION})")
+        required = ["numeric", "flags", "categorical", "crosses", "raw_inputs", "label", "weight", "strings"]
+        lacking = [k for k in required if k not in d]
+        if lacking:
+            raise DataContractError(f"feature_state.json: missing key {lacking[0]!r}")
+        d = json.loads(json.dumps(d))
+        d.setdefault("window_features", [])
+        d.setdefault("fitted_rows", 0)
+        return cls(d)
+
+    def to_json(self) -> str:
+        return json.dumps(self._d, indent=1, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> FeatureState:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataContractError(f"feature_state.json: not valid JSON ({exc})") from None
+        return cls.from_dict(d)
+
+    def save(self, path: str) -> None:
+        """Write the JSON to a local path (atomically) or any Hadoop URL (hdfs://, s3a://, dbfs:/)."""
+        local = _local_path(path)
+        text = self.to_json()
+        if local is None:
+            _hadoop_write(path, text)
+        else:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=".feature_state.")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, local)
+        LOG.info("feature state written to %s", path)
+
+    @classmethod
+    def load(cls, path: str) -> FeatureState:
+        local = _local_path(path)
+        if local is None:
+            return cls.from_json(_hadoop_read(path))
+        if not local.is_file():
+            raise DataContractError(f"feature_state.json: no such file {path} (run `downpour prepare` first)")
+        return cls.from_json(local.read_text(encoding="utf-8"))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FeatureState) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return (
+            f"FeatureState(numeric={len(self._d['numeric'])}, flags={len(self._d['flags'])}, "
+            f"categorical={len(self._d['categorical'])}, crosses={len(self._d['crosses'])})"
+        )
+
+
+# ---- serving inputs (Spark / pandas side, no TensorFlow) ------------------------------------------------
+def serving_frame(df: DataFrame, state: FeatureState, keep: tuple[str, ...] = ()) -> DataFrame:
+    """The raw columns in the serving dtypes: floats (NaN for null), strings ("" for null), int64
+    (``INT64_NULL`` for null; timestamps as epoch seconds), after the ``keep`` columns (e.g. an id)
+    unchanged. Batch scoring feeds these to the model."""
+    schema = {f.name: f.dataType for f in df.schema}
+    cols = [F.col(c) for c in keep]
+    for name, dtype in state.raw_inputs.items():
+        if name not in schema:
+            raise DataContractError(f"column {name!r} is missing from the data to score")
+        src = schema[name]
+        if dtype == "float64":
+            x = F.col(name).cast("double")
+            cols.append(F.coalesce(x, F.lit(float("nan"))).alias(name))
+        elif dtype == "string":
+            cols.append(F.coalesce(F.col(name).cast("string"), F.lit("")).alias(name))
+        else:
+            is_time = isinstance(src, T.TimestampType | T.TimestampNTZType | T.DateType)
+            x = _epoch_seconds(name, src) if is_time else F.col(name).cast("long")
+            cols.append(F.coalesce(x, F.lit(INT64_NULL).cast("long")).alias(name))
+    return df.select(*cols)
+
+
+def serving_arrays(pdf: pd.DataFrame, raw_inputs: dict[str, str]) -> dict[str, np.ndarray]:
+    """pandas (from :func:`serving_frame`) -> the numpy dict the serving signature takes."""
+    out: dict[str, np.ndarray] = {}
+    for name, dtype in raw_inputs.items():
+        col = pdf[name]
+        if dtype == "float64":
+            out[name] = pd.to_numeric(col, errors="coerce").astype("float64").to_numpy()
+        elif dtype == "int64":
+            out[name] = col.fillna(INT64_NULL).astype("int64").to_numpy()
+        else:
+            out[name] = col.fillna("").astype(str).to_numpy(dtype=object)
+    return out
+
+
+# ---- fitting internals --------------------------------------------------------------------------------
+def _plan(df: DataFrame, cfg: Config, names: dict[str, str]) -> dict[str, Any]:
+    """Resolve the config into per-column work items, checking names and types (no Spark job)."""
+    fc = cfg.features
+    schema = {f.name: f.dataType for f in df.schema}
+
+    def src(raw: str, key: str) -> str:
+        if raw not in names:
+            raise ConfigError(f"{key}: column {raw!r} is not in the schema")
+        s = names[raw]
+        if s not in schema:
+            raise DataContractError(f"column {raw!r} (internal {s!r}) is missing from the data ({key})")
+        return s
+
+    raw_inputs: dict[str, str] = {}
+
+    def need(s: str, dtype: str, key: str) -> None:
+        if raw_inputs.setdefault(s, dtype) != dtype:
+            raise ConfigError(f"{key}: column {s!r} cannot be both a {raw_inputs[s]} and a {dtype} input")
+
+    def cleaning(raw: str, s: str) -> dict[str, Any]:
+        """How the cleaning stage treated nulls of this column: its 0/1 flag column and impute value
+        (learned from the flagged train rows when cleaning imputed a statistic)."""
+        pol = cfg.cleaning.nulls.get(raw)
+        flag = f"{s}__missing" if f"{s}__missing" in schema else None
+        imputes = pol is not None and pol.action == "impute"
+        value = pol.value if imputes and pol is not None else None
+        return {"cleaning_flag": flag, "cleaning_value": value, "learn": bool(imputes and value is None and flag)}
+
+    numeric = []
+    for i, sp in enumerate(fc.numeric_specs()):
+        key = f"features.numeric[{i}]"
+        s = src(sp.column, key)
+        if not isinstance(schema[s], T.NumericType | T.BooleanType):
+            raise ConfigError(f"{key}: column {sp.column!r} is {schema[s].simpleString()}, not numeric")
+        need(s, "float64", key)
+        numeric.append({"source": s, "transform": sp.transform, "q": sp.clip_quantiles, "flag": sp.missing_flag,
+                        **cleaning(sp.column, s)})
+        if numeric[-1]["cleaning_value"] is not None:
+            try:
+                numeric[-1]["cleaning_value"] = float(numeric[-1]["cleaning_value"])
+            except (TypeError, ValueError):
+                raise ConfigError(f"cleaning.nulls.{sp.column}.value: not a number") from None
+    windows = window_features(cfg, names)
+    for wf in windows:
+        if wf.name not in schema:
+            raise DataContractError(
+                f"column {wf.name!r} (a window feature) is missing: run features.windows.add_window_features first"
+            )
+        need(wf.name, "float64", "features.velocity/rfm")
+        q = (0.001, 0.999) if wf.clip else None
+        numeric.append({"source": wf.name, "transform": wf.transform, "q": q, "flag": None,
+                        "cleaning_flag": None, "cleaning_value": None, "learn": False})
+
+    categorical = []
+    for i, cs in enumerate(fc.categorical_specs()):
+        key = f"features.categorical[{i}]"
+        s = src(cs.column, key)
+        dt = schema[s]
+        if isinstance(dt, T.StringType | T.BooleanType):
+            dtype = "string"
+        elif isinstance(dt, T.IntegralType):
+            dtype = "int64"
+        else:
+            raise ConfigError(
+                f"{key}: column {cs.column!r} is {dt.simpleString()}; a categorical must be a string, "
+                "integer or boolean column"
+            )
+        need(s, dtype, key)
+        categorical.append({"source": s, "spec": cs, "dtype": dtype, **cleaning(cs.column, s)})
+    timestamps = []
+    for i, raw in enumerate(fc.timestamp):
+        key = f"features.timestamp[{i}]"
+        s = src(raw, key)
+        if not isinstance(schema[s], T.TimestampType | T.TimestampNTZType | T.DateType | T.IntegralType):
+            raise ConfigError(f"{key}: column {raw!r} is {schema[s].simpleString()}, not a timestamp")
+        need(s, "int64", key)
+        timestamps.append(s)
+    cat_by_source = {c["source"]: f"c__{c['source']}" for c in categorical}
+    crosses = []
+    for i, cross in enumerate(fc.crosses):
+        if len(cross) < 2:
+            raise ConfigError(f"features.crosses[{i}]: a cross needs at least two columns")
+        srcs = []
+        for j, raw in enumerate(cross):
+            s = names.get(raw)
+            if s not in cat_by_source:
+                raise ConfigError(f"features.crosses[{i}][{j}]: column {raw!r} is not a categorical feature")
+            srcs.append(s)
+        crosses.append(srcs)
+    if fc.weight_column and "weight" not in schema:
+        raise DataContractError("column 'weight' (features.weight_column) is missing from the data")
+    for c in ("label", "row_id"):
+        if c not in schema:
+            raise DataContractError(f"column {c!r} is missing from the data given to FeatureState.fit")
+    return {
+        "numeric": numeric, "categorical": categorical, "timestamps": timestamps, "crosses": crosses,
+        "raw_inputs": raw_inputs, "windows": [w.name for w in windows],
+        "strings": {"trim": cfg.cleaning.trim, "lower": cfg.cleaning.lowercase_categoricals},
+        "weight": "weight" if fc.weight_column else None,
+    }
+
+
+def _fit(df: DataFrame, cfg: Config, plan: dict[str, Any]) -> dict[str, Any]:
+    numeric = plan["numeric"]
+    # pass 1: every median and clip bound, all columns, one approxQuantile call
+    medians: dict[str, float | None] = {}
+    bounds: dict[str, list[float] | None] = {}
+    if numeric:
+        probs = sorted({0.5} | {p for n in numeric if n["q"] for p in n["q"]})
+        srcs = [n["source"] for n in numeric]
+        qdf = df.select(*[F.col(s).cast("double").alias(s) for s in dict.fromkeys(srcs)])
+        with timed(f"feature state: quantiles of {len(srcs)} numeric columns"):
+            qs = qdf.approxQuantile(list(dict.fromkeys(srcs)), probs, cfg.features.quantile_error)
+        by_src = dict(zip(dict.fromkeys(srcs), qs, strict=True))
+        for n in numeric:
+            vals = dict(zip(probs, by_src[n["source"]], strict=False)) if by_src[n["source"]] else {}
+            medians[n["source"]] = vals.get(0.5)
+            bounds[n["source"]] = [vals[n["q"][0]], vals[n["q"][1]]] if n["q"] and vals else None
+
+    # pass 2: every null count, mean and std in one aggregation
+    aggs = [F.count(F.lit(1)).alias("rows")]
+    for i, n in enumerate(numeric):
+        s = n["source"]
+        impute = medians[s] if medians[s] is not None else 0.0
+        x = _pre_scale(s, impute, bounds[s], n["transform"])
+        aggs += [
+            F.count(F.when(_missing(F.col(s).cast("double")), 1)).alias(f"z{i}"),
+            F.avg(x).alias(f"m{i}"),
+            F.stddev_pop(x).alias(f"s{i}"),
+        ]
+        if n["learn"]:
+            flagged = F.coalesce(F.col(n["cleaning_flag"]).cast("int"), F.lit(0)) == 1
+            aggs.append(F.max(F.when(flagged, F.col(s).cast("double"))).alias(f"l{i}"))
+    for j, c in enumerate(plan["categorical"]):
+        if c["learn"]:
+            flagged = F.coalesce(F.col(c["cleaning_flag"]).cast("int"), F.lit(0)) == 1
+            value = _category_string(c["source"], c["dtype"], plan["strings"])
+            aggs.append(F.max(F.when(flagged, value)).alias(f"cl{j}"))
+    with timed("feature state: null counts, means and standard deviations"):
+        stats = df.agg(*aggs).first()
+    rows = int(stats["rows"])
+    if rows == 0:
+        raise DataContractError("the train split is empty: nothing to fit features on")
+
+    out_num, flags = [], []
+    for i, n in enumerate(numeric):
+        s = n["source"]
+        # serving imputes what cleaning imputed (so a null at serving gets the training value), else
+        # the train median
+        impute = n["cleaning_value"] if n["cleaning_value"] is not None else stats[f"l{i}"] if n["learn"] else None
+        if impute is None:
+            impute = medians[s]
+        if impute is None:
+            LOG.warning("feature state: numeric column %r is null in every train row; imputing 0", s)
+        scaled = n["transform"] in ("standardize", "log1p")
+        mean, std = stats[f"m{i}"], stats[f"s{i}"]
+        ok_std = scaled and std is not None and math.isfinite(std) and std > 1e-12
+        out_num.append({
+            "name": f"n__{s}", "source": s, "transform": n["transform"],
+            "impute": float(impute) if impute is not None else 0.0,
+            "clip": [float(b) for b in bounds[s]] if bounds[s] else None,
+            "mean": float(mean) if scaled and mean is not None else 0.0,
+            "std": float(std) if ok_std else 1.0,
+        })
+        if n["cleaning_flag"]:  # cleaning imputed and flagged the nulls: the flag comes from there
+            flags.append({"name": f"n__{s}__missing", "source": s, "cleaning_flag": n["cleaning_flag"]})
+        elif n["flag"] or (n["flag"] is None and stats[f"z{i}"] > 0):
+            flags.append({"name": f"n__{s}__missing", "source": s})
+
+    # pass 3: every vocabulary at once
+    vocabs = _fit_vocabularies(df, plan)
+    categorical = []
+    for j, c in enumerate(plan["categorical"]):
+        cs, s = c["spec"], c["source"]
+        imputed = c["cleaning_value"] if c["cleaning_value"] is not None else stats[f"cl{j}"] if c["learn"] else None
+        if cs.encoding == "hash":
+            entry = {"kind": "hash", "vocab": None, "buckets": cs.buckets, "cardinality": cs.buckets}
+        else:
+            vocab = vocabs.get(s, [])
+            entry = {"kind": "vocab", "vocab": vocab, "buckets": None, "cardinality": len(vocab) + 1}
+        categorical.append({"name": f"c__{s}", "sources": [s], **entry,
+                            "embedding_dim": cs.embedding_dim or default_embedding_dim(entry["cardinality"]),
+                            "impute": _normalize(imputed, c["dtype"], plan["strings"])})
+    for s in plan["timestamps"]:
+        for kind, card in (("hour", 25), ("dow", 8)):
+            categorical.append({"name": f"c__{s}_{kind}", "sources": [s], "kind": kind, "vocab": None,
+                                "buckets": None, "cardinality": card, "embedding_dim": default_embedding_dim(card)})
+    card = {c["name"]: c["cardinality"] for c in categorical}
+    crosses = []
+    for srcs in plan["crosses"]:
+        cols = [f"c__{s}" for s in srcs]
+        cards = [card[c] for c in cols]
+        if any(k >= _MAX_CARD for k in cards):
+            raise ConfigError(f"features.crosses: a source of {cols} has more than 2^32 categories")
+        product = math.prod(cards)
+        exact = product <= cfg.features.cross_buckets
+        crosses.append({"name": "c__" + "_x_".join(srcs), "sources": cols, "cardinalities": cards,
+                        "kind": "exact" if exact else "hash",
+                        "cardinality": product if exact else cfg.features.cross_buckets})
+    names = [n["name"] for n in out_num] + [f["name"] for f in flags] + list(card) + [c["name"] for c in crosses]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"features: two features would both be named {dup[0]!r}")
+    return {
+        "version": VERSION, "numeric": out_num, "flags": flags, "categorical": categorical, "crosses": crosses,
+        "raw_inputs": plan["raw_inputs"], "label": "label", "weight": plan["weight"],
+        "strings": plan["strings"], "window_features": plan["windows"], "fitted_rows": rows,
+    }
+
+
+def _fit_vocabularies(df: DataFrame, plan: dict[str, Any]) -> dict[str, list[str]]:
+    """Top-K values (count desc, then value) of every vocab categorical from ONE grouped pass."""
+    vocab = [c for c in plan["categorical"] if c["spec"].encoding == "vocab"]
+    if not vocab:
+        return {}
+    pairs = F.explode(F.array(*[
+        F.struct(F.lit(i).alias("i"), _category_string(c["source"], c["dtype"], plan["strings"]).alias("v"))
+        for i, c in enumerate(vocab)
+    ]))
+    top_k = F.lit(None).cast("long")
+    min_count = F.lit(None).cast("long")
+    for i, c in enumerate(vocab):
+        top_k = F.when(F.col("i") == i, F.lit(c["spec"].top_k)).otherwise(top_k)
+        min_count = F.when(F.col("i") == i, F.lit(c["spec"].min_count)).otherwise(min_count)
+    rank = F.row_number().over(Window.partitionBy("i").orderBy(F.desc("count"), F.asc("v")))
+    max_k = max(c["spec"].top_k for c in vocab)
+    with timed(f"feature state: vocabularies of {len(vocab)} categorical columns"):
+        rows = (
+            df.select(pairs.alias("p")).select("p.i", "p.v").where(F.col("v").isNotNull())
+            .groupBy("i", "v").count().where(F.col("count") >= min_count)
+            .withColumn("r", rank).where((F.col("r") <= max_k) & (F.col("r") <= top_k))
+            .select("i", "v", "r").collect()
+        )
+    out: dict[str, list[tuple[int, str]]] = {c["source"]: [] for c in vocab}
+    for r in rows:
+        out[vocab[r["i"]]["source"]].append((r["r"], r["v"]))
+    return {s: [v for _, v in sorted(items)] for s, items in out.items()}
+
+
+# ---- file systems -------------------------------------------------------------------------------------
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
+
+
+def _local_path(path: str) -> Path | None:
+    """A local Path for plain paths and file: URLs; None for other URLs (read through Hadoop)."""
+    m = _SCHEME.match(path)
+    if not m:
+        return Path(path)
+    if m.group(1).lower() == "file":
+        return Path(re.sub(r"^file:(//)?", "", path))
+    return None
+
+
+def _hadoop_fs(path: str) -> tuple[Any, Any]:
+    spark = SparkSession.getActiveSession()
+    if spark is None:
+        raise ConfigError(f"{path}: a non-local URL needs an active SparkSession (its Hadoop file systems)")
+    jvm = spark._jvm  # type: ignore[attr-defined]
+    p = jvm.org.apache.hadoop.fs.Path(path)
+    return p.getFileSystem(spark._jsc.hadoopConfiguration()), p  # type: ignore[attr-defined]
+
+
+def _hadoop_write(path: str, text: str) -> None:
+    fs, p = _hadoop_fs(path)
+    stream = fs.create(p, True)
+    try:
+        stream.write(bytearray(text.encode("utf-8")))
+    finally:
+        stream.close()
+
+
+def _hadoop_read(path: str) -> str:
+    fs, p = _hadoop_fs(path)
+    if not fs.exists(p):
+        raise DataContractError(f"feature_state.json: no such file {path} (run `downpour prepare` first)")
+    spark = SparkSession.getActiveSession()
+    stream = fs.open(p)
+    try:
+        data = spark._jvm.org.apache.commons.io.IOUtils.toByteArray(stream)  # type: ignore[union-attr]
+    finally:
+        stream.close()
+    return bytes(data).decode("utf-8")

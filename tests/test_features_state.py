@@ -1,0 +1,215 @@
+"""FeatureState: fitted on train only, out-of-vocabulary and null handling, shard schema, JSON round trip."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import numpy as np
+import pytest
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from downpour.config import config_from_dict
+from downpour.errors import ConfigError, DataContractError
+from features.state import FeatureState, _hadoop_read, _hadoop_write
+from pipelines.columns import internal_names
+
+SCHEMA = {"Customer ID": "string", "Monthly Charges": "double", "tenure": "int", "Contract": "string",
+          "Payment Method": "string", "SeniorCitizen": "int", "signup_ts": "timestamp", "Churn": "string",
+          "w": "double"}
+
+
+def make_cfg(cleaning=None, **features):
+    feats = {
+        "numeric": [{"column": "Monthly Charges", "transform": "standardize"},
+                    {"column": "tenure", "transform": "log1p", "clip_quantiles": [0.0, 1.0]},
+                    {"column": "SeniorCitizen", "transform": "none", "clip_quantiles": None, "missing_flag": False}],
+        "categorical": [{"column": "Contract", "top_k": 2, "min_count": 2},
+                        {"column": "Payment Method", "encoding": "hash", "buckets": 16, "embedding_dim": 3}],
+        "timestamp": ["signup_ts"],
+        "crosses": [["Contract", "Payment Method"]],
+        "weight_column": "w",
+        **features,
+    }
+    return config_from_dict({
+        "name": "s", "input": {"path": "/data/crm.csv"}, "schema": SCHEMA, "id_column": "Customer ID",
+        "label": {"column": "Churn", "positive": "Yes"}, "features": feats, "output": {"path": "/tmp/out"},
+        "cleaning": cleaning or {},
+    })
+
+
+FRAME = T.StructType([
+    T.StructField("row_id", T.StringType()), T.StructField("split", T.StringType()),
+    T.StructField("label", T.DoubleType()), T.StructField("weight", T.DoubleType()),
+    T.StructField("monthly_charges", T.DoubleType()), T.StructField("tenure", T.IntegerType()),
+    T.StructField("contract", T.StringType()), T.StructField("payment_method", T.StringType()),
+    T.StructField("seniorcitizen", T.IntegerType()), T.StructField("signup_ts", T.TimestampType()),
+])
+MONDAY_1305 = dt.datetime(2024, 1, 1, 13, 5, tzinfo=dt.UTC)
+
+TRAIN = [
+    # contract counts: Month-to-month 5, One year 3, Two year 3, Rare 1 (below min_count 2)
+    ("Month-to-month", 20.0, 1), ("Month-to-month", 30.0, 5), ("Month-to-month", 40.0, 10),
+    ("Month-to-month", 50.0, 2), ("Month-to-month", None, 0), ("One year", 60.0, 20), ("One year", 70.0, 30),
+    ("One year", 80.0, 40), ("Two year", 90.0, 50), ("Two year", 100.0, 60), ("Two year", 110.0, 70),
+    ("Rare", 120.0, 72),
+]
+
+
+def frame(spark, other=None):
+    rows = [(f"t{i}", "train", float(i % 2), 1.0, mc, ten, c, f"pm{i % 3}", i % 2, MONDAY_1305)
+            for i, (c, mc, ten) in enumerate(TRAIN)]
+    other = other if other is not None else [
+        ("v0", "val", 1.0, 2.0, 65.0, 3, "One year", "pm1", 0, MONDAY_1305),
+        ("x0", "test", 0.0, 1.0, 75.0, 4, "Two year", "pm2", 1, MONDAY_1305),
+    ]
+    return spark.createDataFrame(rows + other, FRAME)
+
+
+def test_statistics_come_from_the_train_split_only(spark):
+    cfg = make_cfg()
+    names = internal_names(cfg.schema_)
+    state = FeatureState.fit(frame(spark), cfg, names)
+    # val/test rows with wild values and unseen categories change nothing
+    wild = [("v0", "val", 1.0, 9.0, 1e9, 10**6, "Brand new", "pmX", 1, dt.datetime(2030, 5, 5)),
+            ("v1", "val", 1.0, 9.0, None, None, None, None, None, None)]
+    wild += [(f"x{i}", "test", 0.0, 1.0, -5e8, -3, "Two year", "pmY", 0, MONDAY_1305) for i in range(30)]
+    assert FeatureState.fit(frame(spark, wild), cfg, names).to_dict() == state.to_dict()
+    assert state.fitted_rows == len(TRAIN)
+
+    num = {n["source"]: n for n in state.numeric}
+    mc = np.array([r[1] for r in TRAIN if r[1] is not None])
+    mc_imputed = np.append(mc, num["monthly_charges"]["impute"])
+    assert num["monthly_charges"]["impute"] in mc  # the median is an observed train value
+    assert num["monthly_charges"]["clip"] == [20.0, 120.0]  # 0.001 / 0.999 quantiles of 11 values
+    assert num["monthly_charges"]["mean"] == pytest.approx(mc_imputed.mean())
+    assert num["monthly_charges"]["std"] == pytest.approx(mc_imputed.std())
+    tl = np.log1p(np.array([r[2] for r in TRAIN], dtype=float))
+    assert num["tenure"]["clip"] == [0.0, 72.0]
+    assert (num["tenure"]["mean"], num["tenure"]["std"]) == (pytest.approx(tl.mean()), pytest.approx(tl.std()))
+    assert (num["seniorcitizen"]["mean"], num["seniorcitizen"]["std"], num["seniorcitizen"]["clip"]) == (0, 1, None)
+    cats = {c["name"]: c for c in state.categorical}
+    # top 2 by count (ties by value); "Rare" is below min_count anyway
+    assert cats["c__contract"]["vocab"] == ["Month-to-month", "One year"]
+    assert cats["c__contract"]["cardinality"] == 3
+    assert (cats["c__payment_method"]["cardinality"], cats["c__payment_method"]["embedding_dim"]) == (16, 3)
+    assert state.crosses == [{"name": "c__contract_x_payment_method", "sources": ["c__contract", "c__payment_method"],
+                              "cardinalities": [3, 16], "kind": "exact", "cardinality": 48}]
+    assert state.raw_inputs == {"monthly_charges": "float64", "tenure": "float64", "seniorcitizen": "float64",
+                                "contract": "string", "payment_method": "string", "signup_ts": "int64"}
+
+
+def test_transform_gives_the_shard_schema_with_oov_and_nulls_handled(spark):
+    cfg = make_cfg()
+    names = internal_names(cfg.schema_)
+    state = FeatureState.fit(frame(spark), cfg, names)
+    probe = [
+        ("p0", "test", 1.0, 2.0, None, 5, " One year\t", "pm1", 1, MONDAY_1305),      # trimmed -> in vocab
+        ("p1", "test", 0.0, 1.0, float("nan"), None, "Two year", None, None, None),  # OOV by top_k; nulls
+        ("p2", "test", 0.0, 1.0, 1e6, 10**6, "", "", 0, dt.datetime(2024, 1, 7, 23, 59, 59)),  # Sunday
+        ("p3", "test", 0.0, 1.0, 55.0, -1, None, "pm2", 0, MONDAY_1305),
+        ("x0", "test", 0.0, 1.0, 75.0, 4, "Two year", "pm2", 1, MONDAY_1305),
+    ]
+    out = state.transform(frame(spark, probe).where(F.col("split") == "test"))
+    assert out.columns == ["row_id", "label", "weight", "n__monthly_charges", "n__monthly_charges__missing",
+                           "n__tenure", "n__tenure__missing", "n__seniorcitizen", "c__contract",
+                           "c__payment_method", "c__signup_ts_hour", "c__signup_ts_dow", "c__contract_x_payment_method"]
+    types = dict(out.dtypes)
+    assert types["row_id"] == "string"
+    assert {types[c] for c in out.columns if c.startswith("n__") or c in ("label", "weight")} == {"float"}
+    assert {types[c] for c in out.columns if c.startswith("c__")} == {"bigint"}
+    r = {row["row_id"]: row for row in out.collect()}
+    assert set(r) == {"p0", "p1", "p2", "p3", "x0"}
+    num = {n["source"]: n for n in state.numeric}
+    mcs = num["monthly_charges"]
+    # null and NaN: imputed with the train median and flagged
+    imputed = (mcs["impute"] - mcs["mean"]) / mcs["std"]
+    for k in ("p0", "p1"):
+        assert r[k]["n__monthly_charges"] == pytest.approx(imputed, rel=1e-6)
+        assert r[k]["n__monthly_charges__missing"] == 1.0
+    assert r["p3"]["n__monthly_charges__missing"] == 0.0
+    # clipped at the fitted bounds
+    assert r["p2"]["n__monthly_charges"] == pytest.approx((120.0 - mcs["mean"]) / mcs["std"], rel=1e-6)
+    assert r["p2"]["n__tenure"] == pytest.approx((np.log1p(72.0) - num["tenure"]["mean"]) / num["tenure"]["std"],
+                                                 rel=1e-6)
+    assert r["p3"]["n__tenure"] == pytest.approx((0.0 - num["tenure"]["mean"]) / num["tenure"]["std"], rel=1e-6)
+    # seniorcitizen: no flag configured, null -> the median
+    assert r["p1"]["n__seniorcitizen"] == num["seniorcitizen"]["impute"]
+    # vocabulary: 0 = out of vocabulary / null / blank
+    assert [r[k]["c__contract"] for k in ("p0", "p1", "p2", "p3", "x0")] == [2, 0, 0, 0, 0]
+    # hashing: 0 only for null/blank, the same value always in the same bucket
+    assert r["p1"]["c__payment_method"] == 0 and r["p2"]["c__payment_method"] == 0
+    assert 1 <= r["p0"]["c__payment_method"] < 16 and r["p3"]["c__payment_method"] == r["x0"]["c__payment_method"]
+    # timestamps: 1 + hour (UTC), 1 + day of week (Monday = 1); null -> 0
+    assert (r["p0"]["c__signup_ts_hour"], r["p0"]["c__signup_ts_dow"]) == (14, 1)
+    assert (r["p2"]["c__signup_ts_hour"], r["p2"]["c__signup_ts_dow"]) == (24, 7)
+    assert (r["p1"]["c__signup_ts_hour"], r["p1"]["c__signup_ts_dow"]) == (0, 0)
+    assert r["p0"]["c__contract_x_payment_method"] == 2 * 16 + r["p0"]["c__payment_method"]
+    assert r["p0"]["weight"] == 2.0 and r["p0"]["label"] == 1.0
+
+
+def test_json_round_trip_and_save_load(spark, tmp_path, monkeypatch):
+    cfg = make_cfg(cross_buckets=20)  # 3 x 16 = 48 > 20: the cross is hashed
+    names = internal_names(cfg.schema_)
+    state = FeatureState.fit(frame(spark), cfg, names)
+    assert state.crosses[0]["kind"] == "hash" and state.crosses[0]["cardinality"] == 20
+    d = state.to_dict()
+    assert FeatureState.from_dict(json.loads(json.dumps(d))).to_dict() == d
+    assert FeatureState.from_json(state.to_json()) == state
+    local = tmp_path / "prepared" / "feature_state.json"
+    state.save(str(local))
+    assert FeatureState.load(str(local)) == state
+    assert FeatureState.load(f"file://{local}") == state
+    url = f"file://{tmp_path}/hadoop/feature_state.json"  # the Hadoop FileSystem path (hdfs://, s3a://...)
+    _hadoop_write(url, state.to_json())
+    assert FeatureState.from_json(_hadoop_read(url)) == state
+    loaded = FeatureState.load(str(local))
+    a = state.transform(frame(spark)).orderBy("row_id").collect()
+    monkeypatch.setattr("features.state.SMALL_VOCAB", 0)  # large-vocabulary path: broadcast joins
+    b = loaded.transform(frame(spark)).orderBy("row_id").collect()
+    assert a == b
+    assert all(0 <= row["c__contract_x_payment_method"] < 20 for row in a)
+    with pytest.raises(DataContractError, match="version"):
+        FeatureState.from_dict({**d, "version": 99})
+    with pytest.raises(DataContractError, match="no such file"):
+        FeatureState.load(str(tmp_path / "missing.json"))
+
+
+def test_config_and_data_errors_name_the_column(spark):
+    df = frame(spark)
+    bad_cat = make_cfg(categorical=["Monthly Charges"], crosses=[])
+    with pytest.raises(ConfigError, match=r"features.categorical\[0\].*Monthly Charges"):
+        FeatureState.fit(df, bad_cat, internal_names(bad_cat.schema_))
+    bad_cross = make_cfg(crosses=[["Contract", "tenure"]])
+    with pytest.raises(ConfigError, match=r"features.crosses\[0\]\[1\]"):
+        FeatureState.fit(df, bad_cross, internal_names(bad_cross.schema_))
+    cfg = make_cfg()
+    with pytest.raises(DataContractError, match="contract"):
+        FeatureState.fit(df.drop("contract"), cfg, internal_names(cfg.schema_))
+    with pytest.raises(DataContractError, match="train split is empty"):
+        FeatureState.fit(df.where(F.col("split") == "val"), cfg, internal_names(cfg.schema_))
+
+
+def test_cleaning_imputes_and_flags_carry_over(spark):
+    """Nulls that cleaning imputed (and flagged) keep their flag in the shards, and serving imputes the
+    same value cleaning did: a given value, or the statistic learned from the flagged train rows."""
+    cfg = make_cfg(cleaning={"nulls": {"Monthly Charges": {"action": "impute", "value": 0.0, "flag": True},
+                                       "Contract": {"action": "impute", "statistic": "mode", "flag": True}}},
+                   crosses=[])
+    names = internal_names(cfg.schema_)
+    df = frame(spark).withColumns({
+        "monthly_charges__missing": F.col("monthly_charges").isNull().cast("int"),
+        "monthly_charges": F.coalesce("monthly_charges", F.lit(0.0)),
+        "contract__missing": (F.col("row_id") == "t11").cast("int"),  # cleaning filled "Rare" here
+    })
+    state = FeatureState.fit(df, cfg, names)
+    mc = next(n for n in state.numeric if n["source"] == "monthly_charges")
+    assert mc["impute"] == 0.0
+    assert {"name": "n__monthly_charges__missing", "source": "monthly_charges",
+            "cleaning_flag": "monthly_charges__missing"} in state.flags
+    assert next(c for c in state.categorical if c["name"] == "c__contract")["impute"] == "Rare"
+    rows = {r["row_id"]: r for r in state.transform(df).collect()}
+    assert rows["t4"]["n__monthly_charges__missing"] == 1.0  # the imputed row keeps its flag
+    assert rows["t3"]["n__monthly_charges__missing"] == 0.0
+    assert rows["t4"]["n__monthly_charges"] == pytest.approx((0.0 - mc["mean"]) / mc["std"], rel=1e-6)
