@@ -1,0 +1,363 @@
+"""``downpour evaluate``: score val/test with the exported model in Spark, metrics, baseline, report, gate.
+
+Steps (each logged with its duration):
+
+1. score the val and test shards with the SavedModel's ``serve_features`` signature (``mapInPandas``,
+   bounded Arrow batches) and write ``<output>/evaluation/scores/{val,test}`` (row_id, label, score):
+   one pass over the shards, and analysts get the per-row scores (ids are hashed when PII);
+2. metrics of each split in one Spark aggregation (``training.metrics``);
+3. a Spark ML logistic-regression baseline on the same features (numerics + one-hot categoricals),
+   fitted on (a bounded sample of) train;
+4. metrics into ``model/model_card.json``; ``report/report.html`` with its plots; ``report/metrics.json``;
+5. with ``gate``: the champion of the registry is scored on the *same* test split, and the new model is
+   promoted unless it is worse on ``evaluation.gate.metric`` by more than the tolerance
+   (``GateRefused``, exit code 4, otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from typing import Any
+
+from pyspark import StorageLevel
+from pyspark.ml import Pipeline, PipelineModel
+from pyspark.ml.classification import LogisticRegression
+from pyspark.ml.feature import OneHotEncoder, VectorAssembler
+from pyspark.ml.functions import vector_to_array
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from downpour.config import Config
+from downpour.errors import DataContractError
+from downpour.logs import LOG, timed
+from features.state import serving_frame
+from pipelines.score import (
+    RAW_SIGNATURE,
+    RawInputs,
+    arrow_batch_rows,
+    model_paths,
+    score_dataframe,
+    signature_inputs,
+)
+from training import registry as reg_mod
+from training import storage
+from training.input import PreparedData, open_prepared
+from training.metrics import evaluate_scores, evaluate_scores_by, scalar_metrics
+from training.report import write_report
+
+SPLITS = ("val", "test")
+FEATURE_SIGNATURE = "serve_features"
+
+
+# ---- scoring the shards --------------------------------------------------------------------------------
+
+def _split_frame(spark: SparkSession, prepared: PreparedData, split: str) -> DataFrame | None:
+    info = prepared.split(split)
+    if info.rows == 0:
+        LOG.warning("evaluate: the %s split is empty; no %s metrics", split, split)
+        return None
+    return spark.read.parquet(info.url)
+
+
+def _with_split(frames: dict[str, DataFrame]) -> DataFrame:
+    """The splits as one DataFrame with a ``split`` column: one scoring job, one metrics pass."""
+    parts = [df.withColumn("split", F.lit(name)) for name, df in frames.items()]
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.unionByName(p)
+    return out
+
+
+def score_split(shards: DataFrame, saved_model: str, batch_rows: int) -> DataFrame:
+    """(row_id, label, score) of model-ready shard rows, scored by ``serve_features`` (lazy)."""
+    return score_dataframe(shards, saved_model, FEATURE_SIGNATURE, keep=["row_id", "label"],
+                           batch_rows=batch_rows)
+
+
+def _metric_args(cfg: Config) -> dict[str, Any]:
+    ev = cfg.evaluation
+    return {"fpr_points": ev.fpr_points, "precision_at": ev.precision_at_k, "resolution": ev.metric_resolution}
+
+
+# ---- the baseline --------------------------------------------------------------------------------------
+
+def _cardinalities(state: dict[str, Any]) -> dict[str, int]:
+    return {c["name"]: int(c["cardinality"]) for c in [*state.get("categorical", []), *state.get("crosses", [])]
+            if c.get("cardinality")}
+
+
+def baseline_frame(df: DataFrame, state: dict[str, Any]) -> tuple[DataFrame, list[str], list[str]]:
+    """The shard columns the baseline reads, categoricals tagged with their cardinality (ML metadata),
+    so the one-hot width comes from the feature state, not from whichever indices train happens to hold."""
+    cards = _cardinalities(state)
+    numeric = [c for c in df.columns if c.startswith("n__")]
+    categorical = [c for c in df.columns if c.startswith("c__")]
+    cols = [F.col("label").cast("double").alias("label")]
+    if "split" in df.columns:
+        cols.append(F.col("split"))
+    weight = state.get("weight")
+    if weight and weight in df.columns:
+        cols.append(F.col(weight).cast("double").alias("__weight"))
+    cols += [F.col(c).cast("double").alias(c) for c in numeric]
+    for c in categorical:
+        meta = {"ml_attr": {"type": "nominal", "num_vals": cards[c], "name": c}} if c in cards else {}
+        cols.append(F.col(c).cast("double").alias(c, metadata=meta))
+    return df.select(*cols), numeric, categorical
+
+
+def fit_baseline(train: DataFrame, state: dict[str, Any], max_rows: int, train_rows: int,
+                 seed: int = 42) -> PipelineModel:
+    """Logistic regression (L2, standardized) on numerics + one-hot categoricals, fitted on train."""
+    frame, numeric, categorical = baseline_frame(train, state)
+    if train_rows > max_rows:
+        frame = frame.sample(fraction=min(1.0, 1.05 * max_rows / train_rows), seed=seed).limit(max_rows)
+    onehot = [f"{c}__oh" for c in categorical]
+    stages: list[Any] = []
+    if categorical:
+        stages.append(OneHotEncoder(inputCols=categorical, outputCols=onehot, handleInvalid="keep"))
+    stages.append(VectorAssembler(inputCols=numeric + onehot, outputCol="__features", handleInvalid="keep"))
+    lr = LogisticRegression(featuresCol="__features", labelCol="label", maxIter=100, regParam=1e-4,
+                            elasticNetParam=0.0, standardization=True, probabilityCol="__probability",
+                            rawPredictionCol="__raw", predictionCol="__prediction")
+    if "__weight" in frame.columns:
+        lr.setWeightCol("__weight")
+    stages.append(lr)
+    return Pipeline(stages=stages).fit(frame)
+
+
+def baseline_scores(model: PipelineModel, df: DataFrame, state: dict[str, Any]) -> DataFrame:
+    frame, _, _ = baseline_frame(df, state)
+    out = model.transform(frame)
+    return out.select("split", "label", vector_to_array("__probability")[1].alias("score"))
+
+
+# ---- files ---------------------------------------------------------------------------------------------
+
+def _read_card(model_root: str) -> dict[str, Any]:
+    url = storage.join(model_root, "model_card.json")
+    if not storage.exists(url):
+        raise DataContractError(f"{url}: no exported model (model_card.json is missing); "
+                                "run `downpour train` first")
+    card = storage.read_json(url)
+    if not card.get("model_version"):
+        raise DataContractError(f"{url}: has no model_version")
+    return card
+
+
+def _read_history(model_root: str) -> Any:
+    url = storage.join(model_root, "history.json")
+    try:
+        return storage.read_json(url) if storage.exists(url) else None
+    except ValueError:
+        LOG.warning("evaluate: %s is not valid JSON; no training curves in the report", url)
+        return None
+
+
+def _write_report_to(url: str, **kwargs: Any) -> str:
+    """Render locally, then publish (in place when the output is local, else upload and swap)."""
+    if storage.is_local(url):
+        return str(write_report(storage.local_path(url), **kwargs))
+    tmp = tempfile.mkdtemp(prefix="downpour-report-")
+    write_report(tmp, **kwargs)
+    storage.publish_dir(tmp, url)
+    return storage.join(url, "report.html")
+
+
+def _local_model_copy(model_root: str) -> tuple[str, str | None]:
+    """(local directory of the model, temp dir to remove) for copying it into the registry."""
+    if storage.is_local(model_root):
+        return storage.local_path(model_root), None
+    tmp = tempfile.mkdtemp(prefix="downpour-model-")
+    return storage.download_dir(model_root, tmp), tmp
+
+
+# ---- the gate ------------------------------------------------------------------------------------------
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True)
+
+
+def raw_split_rows(spark: SparkSession, cfg: Config, prepared: PreparedData,
+                   split: str = "test") -> tuple[DataFrame, DataFrame | None]:
+    """The raw (typed, cleaned, windowed) rows of one split of the published data, rebuilt with the
+    prepare stage's own functions: what a ``serving_default`` signature takes. Refused when the input
+    changed since the data was prepared, since the rebuilt split would then be another one.
+
+    Returns the rows and a frame the prepare functions cached (unpersist it when done), if any.
+    """
+    from features.windows import add_window_features
+    from pipelines import clean
+    from pipelines.ingest import column_names, contract_errors, list_input_files
+    from pipelines.prepare import compute_data_version, ingest_and_tag
+    from pipelines.split import assign_split
+
+    salt = clean.resolve_salt(cfg)
+    names = column_names(cfg)
+    files = list_input_files(spark, cfg.input.path)
+    if compute_data_version(files, cfg, salt) != prepared.data_version:
+        raise DataContractError(
+            f"input.path {cfg.input.path}: the input or the config changed since data version "
+            f"{prepared.data_version} was prepared; run `downpour prepare` again before gating")
+    with contract_errors(cfg):
+        tagged, cached, _ = ingest_and_tag(spark, cfg, files, salt, names)
+        split_df, _ = assign_split(clean.clean_frame(tagged, cfg, names), cfg, names)
+        rows = add_window_features(split_df, cfg, names).where(F.col("split") == split)
+    return rows, cached
+
+
+def _raw_scores(df: DataFrame, saved_model: str, batch_rows: int) -> DataFrame:
+    inputs = signature_inputs(saved_model, RAW_SIGNATURE)
+    serving = serving_frame(df, RawInputs(inputs), keep=("row_id", "label"))
+    return score_dataframe(serving, saved_model, RAW_SIGNATURE, keep=["row_id", "label"], batch_rows=batch_rows)
+
+
+def champion_comparison(spark: SparkSession, cfg: Config, registry: reg_mod.Registry, champ: dict[str, Any],
+                        prepared: PreparedData, test: DataFrame, new_saved_model: str
+                        ) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
+    """(champion test metrics, new-model test metrics when re-scored, how they were compared).
+
+    Both models are scored on the same rows of the current test split. The shards hold columns encoded
+    by the *current* feature state, so a champion with an identical feature state is scored on the
+    shards (``serve_features``); one fitted on other features (an earlier data version) is scored,
+    together with the new model, on the raw test rows through ``serving_default``, which carries each
+    model's own preprocessing.
+    """
+    vdir = registry.root / champ["path"]
+    saved = str(vdir / "model" / "saved_model")
+    state_file = vdir / "feature_state.json"
+    champ_state = json.loads(state_file.read_text()) if state_file.exists() else None
+    ev = cfg.evaluation
+    with arrow_batch_rows(spark, ev.score_batch_rows):
+        if champ_state is not None and _canonical(champ_state) == _canonical(prepared.feature_state):
+            scored = score_split(test, saved, ev.score_batch_rows)
+            m = evaluate_scores(scored, **_metric_args(cfg), what=f"champion {champ['model_version']} test")
+            return m, None, f"test shards ({FEATURE_SIGNATURE})"
+        LOG.info("gate: champion %s has other features than data %s: comparing on raw test rows",
+                 champ["model_version"], prepared.data_version)
+        with timed("gate: rebuilding the raw test rows"):
+            raw, cached = raw_split_rows(spark, cfg, prepared)
+            raw = raw.persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            both = (_raw_scores(raw, saved, ev.score_batch_rows).withColumn("model", F.lit("champion"))
+                    .unionByName(_raw_scores(raw, new_saved_model, ev.score_batch_rows)
+                                 .withColumn("model", F.lit("new"))))
+            by = evaluate_scores_by(both, "model", **_metric_args(cfg), what="gate (raw test rows)")
+        finally:
+            raw.unpersist()
+            if cached is not None:
+                cached.unpersist()
+        return by["champion"], by["new"], f"raw test rows ({RAW_SIGNATURE})"
+
+
+# ---- the stage -----------------------------------------------------------------------------------------
+
+def run_evaluation(spark: SparkSession, cfg: Config, gate: bool = False) -> dict[str, Any]:
+    """Score val/test, compute metrics and the baseline, write the card and the report; gate if asked."""
+    ev = cfg.evaluation
+    out = cfg.output.path
+    prepared = open_prepared(out)
+    model_root, saved_model = model_paths(storage.join(out, "model"))
+    card = _read_card(model_root)
+    version = str(card["model_version"])
+    if card.get("data_version") and str(card["data_version"]) != prepared.data_version:
+        raise DataContractError(
+            f"{storage.join(model_root, 'model_card.json')}: model {version} was trained on data_version "
+            f"{card['data_version']}, but {prepared.url} holds {prepared.data_version}; "
+            "run `downpour train` again (or prepare the data it was trained on)")
+    LOG.info("evaluate: model %s on data %s", version, prepared.data_version)
+    t0 = time.perf_counter()
+
+    frames = {s: df for s in SPLITS if (df := _split_frame(spark, prepared, s)) is not None}
+    if not frames:
+        raise DataContractError(f"{prepared.url}: both the val and the test split are empty; nothing to evaluate")
+    both = _with_split(frames)
+    scores_url = storage.join(out, "evaluation", "scores")
+    with arrow_batch_rows(spark, ev.score_batch_rows), timed(f"evaluate: scoring {sorted(frames)}"):
+        scored = score_dataframe(both, saved_model, FEATURE_SIGNATURE, keep=["split", "row_id", "label"],
+                                 batch_rows=ev.score_batch_rows)
+        scored.write.mode("overwrite").partitionBy("split").parquet(scores_url)
+    metrics = evaluate_scores_by(spark.read.parquet(scores_url), "split", **_metric_args(cfg), what="model")
+
+    baseline: dict[str, dict[str, Any]] | None = None
+    if ev.baseline:
+        train_info = prepared.split("train")
+        with timed("evaluate: logistic-regression baseline"):
+            train = spark.read.parquet(train_info.url)
+            lr = fit_baseline(train, prepared.feature_state, ev.baseline_max_train_rows, train_info.rows,
+                              seed=cfg.training.seed)
+            baseline = evaluate_scores_by(baseline_scores(lr, both, prepared.feature_state), "split",
+                                          **_metric_args(cfg), what="baseline")
+
+    decision: reg_mod.GateDecision | None = None
+    registry: reg_mod.Registry | None = None
+    champion_metrics: dict[str, Any] | None = None
+    metric = ev.gate.metric
+    if gate:
+        if "test" not in metrics:
+            raise DataContractError(f"{prepared.url}: the test split is empty; the quality gate needs it")
+        registry = reg_mod.Registry(reg_mod.registry_root(cfg))
+        champ = registry.champion()
+        new_value = metrics["test"][metric]
+        compared_on = "test shards"
+        if champ is not None and champ["model_version"] != version:
+            champion_metrics, rescored, compared_on = champion_comparison(
+                spark, cfg, registry, champ, prepared, frames["test"], saved_model)
+            if rescored is not None:
+                new_value = rescored[metric]
+        decision = reg_mod.decide(
+            metric, ev.gate.tolerance, version, new_value,
+            champ["model_version"] if champ else None,
+            (champion_metrics or {}).get(metric, metrics["test"][metric]) if champ else None,
+        )
+
+    scalars = {s: scalar_metrics(m) for s, m in metrics.items()}
+    base_scalars = {s: scalar_metrics(m) for s, m in baseline.items()} if baseline else None
+    gate_info = None
+    if decision is not None:
+        gate_info = {**reg_mod.jsonable(asdict(decision)), "compared_on": compared_on,
+                     "registry": str(registry.root) if registry else None}
+    report_url = storage.join(out, "report")
+    card["metrics"] = scalars
+    card["baseline"] = base_scalars
+    card["evaluation"] = {
+        "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "data_version": prepared.data_version, "scores": scores_url,
+        "report": storage.join(report_url, "report.html"),
+        "baseline_model": "spark.ml LogisticRegression (L2 1e-4, numerics + one-hot)" if baseline else None,
+        "gate": gate_info,
+    }
+    storage.write_json_atomic(storage.join(model_root, "model_card.json"), reg_mod.jsonable(card))
+
+    full = {"model": metrics, "baseline": baseline, "champion_test": champion_metrics}
+    with timed("evaluate: report"):
+        report = _write_report_to(
+            report_url, metrics=metrics, baseline=baseline, model_card=card, manifest=prepared.manifest,
+            history=_read_history(model_root), gate=gate_info, champion=champion_metrics,
+        )
+        storage.write_json_atomic(storage.join(report_url, "metrics.json"), reg_mod.jsonable(full))
+
+    result: dict[str, Any] = {
+        "model_version": version, "data_version": prepared.data_version, "metrics": scalars,
+        "baseline": base_scalars, "report": report, "scores": scores_url, "gate": gate_info,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    if decision is not None and registry is not None:
+        local_model, tmp = _local_model_copy(model_root)
+        try:
+            result["champion"] = reg_mod.enforce(
+                registry, decision, local_model,
+                {"val": scalars.get("val"), "test": scalars.get("test"), "baseline": base_scalars,
+                 "data_version": prepared.data_version},
+                files={"feature_state.json": prepared.feature_state, "manifest.json": prepared.manifest},
+                data_version=prepared.data_version, name=cfg.name,
+            )
+        finally:
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
+    LOG.info("evaluate: model %s test %s=%s (%.1fs)", version, metric,
+             scalars.get("test", {}).get(metric), result["seconds"])
+    return result

@@ -1,0 +1,139 @@
+"""Export the trained model as a SavedModel with two signatures, both returning ``{"score": [B]}``.
+
+* ``serve_features``: one 1-D input per model-ready shard column (``n__*`` float32, ``c__*`` int64);
+  evaluation scores the shards with it.
+* ``serving_default``: one 1-D input per *raw* feature column (``feature_state.json``'s
+  ``raw_inputs``, safe names, serving dtypes); ``features.keras_preprocessing`` turns them into the
+  shard columns inside the graph, so batch scoring and online serving need no Spark.
+
+Both apply the prior correction of the imbalance strategy: a model trained on a stream where
+negatives were kept with probability ``q`` (or positives weighted ``w``) predicts odds ``1/q``
+(``w``) times too high, so the exported score is ``sigmoid(logit(p) + log q)`` (``- log w``), which
+brings the mean prediction back to the base rate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from downpour.config import TrainingConfig
+from downpour.logs import LOG
+
+FEATURES_SIGNATURE = "serve_features"
+RAW_SIGNATURE = "serving_default"
+_EPS = 1e-7
+
+
+def positive_weight(tcfg: TrainingConfig, positives: int, negatives: int) -> float:
+    """The class weight of positives under ``imbalance: class_weight`` (1 otherwise): the configured
+    ``positive_weight``, else negatives/positives of the train split ("balanced")."""
+    if tcfg.imbalance != "class_weight":
+        return 1.0
+    if tcfg.positive_weight is not None:
+        return float(tcfg.positive_weight)
+    return max(1.0, negatives / max(1, positives))
+
+
+def keep_negatives(tcfg: TrainingConfig) -> float:
+    """P(keep) of a negative row in the training stream."""
+    return float(tcfg.downsample_negatives) if tcfg.imbalance == "downsample" else 1.0
+
+
+def logit_shift(tcfg: TrainingConfig, pos_weight: float) -> float:
+    """What to add to the trained model's logit so its probabilities match the true base rate."""
+    if tcfg.imbalance == "downsample":
+        return math.log(keep_negatives(tcfg))
+    if tcfg.imbalance == "class_weight":
+        return -math.log(pos_weight)
+    return 0.0
+
+
+def correct(p: np.ndarray, shift: float) -> np.ndarray:
+    """numpy twin of the in-graph correction (for checks)."""
+    if not shift:
+        return p
+    p = np.clip(p.astype(np.float64), _EPS, 1 - _EPS)
+    return (1 / (1 + np.exp(-(np.log(p) - np.log1p(-p) + shift)))).astype(np.float32)
+
+
+def export_saved_model(model: Any, feature_state: Mapping[str, Any], shift: float, path: str,
+                       check_batch: Mapping[str, np.ndarray] | None = None) -> dict[str, list[str]]:
+    """Write ``path`` (a local directory); returns {signature: input names}.
+
+    With ``check_batch`` (shard columns), the SavedModel is loaded back and its ``serve_features``
+    scores are compared with the in-memory model's, so a broken export fails here, not in scoring.
+    """
+    import tensorflow as tf
+
+    from training.model import input_columns
+
+    columns = input_columns(feature_state)
+    shift_t = float(shift)
+
+    class Scorer(tf.Module):
+        def __init__(self) -> None:
+            super().__init__(name="downpour_scorer")
+            self.model = model
+            self.preprocessing = None
+
+        def score(self, cols: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            p = tf.reshape(tf.cast(self.model({c: cols[c] for c in columns}, training=False), tf.float32), [-1])
+            if shift_t:
+                p = tf.clip_by_value(p, _EPS, 1 - _EPS)
+                p = tf.sigmoid(tf.math.log(p) - tf.math.log1p(-p) + shift_t)
+            return {"score": p}
+
+    scorer = Scorer()
+
+    @tf.function
+    def serve_features(**cols: tf.Tensor) -> dict[str, tf.Tensor]:
+        return scorer.score(cols)
+
+    specs = {c: tf.TensorSpec([None], dt, name=c) for c, dt in columns.items()}
+    signatures = {FEATURES_SIGNATURE: serve_features.get_concrete_function(**specs)}
+    inputs = {FEATURES_SIGNATURE: list(specs)}
+
+    raw = _raw_signature(scorer, feature_state)
+    if raw is not None:
+        signatures[RAW_SIGNATURE], inputs[RAW_SIGNATURE] = raw
+    else:
+        LOG.warning("export: features.keras_preprocessing is unavailable; exporting %s only",
+                    FEATURES_SIGNATURE)
+    tf.saved_model.save(scorer, path, signatures=signatures)
+    if check_batch is not None:
+        _check(model, path, {c: check_batch[c] for c in columns}, shift_t)
+    return inputs
+
+
+def _raw_signature(scorer: Any, feature_state: Mapping[str, Any]) -> tuple[Any, list[str]] | None:
+    import tensorflow as tf
+
+    try:
+        from features.keras_preprocessing import build_preprocessing, raw_input_signature
+        from features.state import FeatureState
+    except ImportError:
+        return None
+    state = FeatureState.from_dict(dict(feature_state))
+    scorer.preprocessing = build_preprocessing(state)
+    raw_specs = raw_input_signature(state)
+
+    @tf.function
+    def serving_default(**raw: tf.Tensor) -> dict[str, tf.Tensor]:
+        return scorer.score(scorer.preprocessing(raw))
+
+    return serving_default.get_concrete_function(**raw_specs), list(raw_specs)
+
+
+def _check(model: Any, path: str, batch: dict[str, np.ndarray], shift: float) -> None:
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(path)
+    got = loaded.signatures[FEATURES_SIGNATURE](**{k: tf.constant(v) for k, v in batch.items()})["score"].numpy()
+    want = correct(np.asarray(model(batch, training=False)).reshape(-1), shift)
+    if got.shape != want.shape or not np.allclose(got, want, atol=1e-5):
+        raise RuntimeError(f"export check failed: the SavedModel scores differ from the trained model's "
+                           f"(max abs diff {np.max(np.abs(got - want)):.3g})")

@@ -1,0 +1,237 @@
+"""A file-system model registry and the quality gate that decides what becomes the champion.
+
+Layout under ``evaluation.registry`` (default ``<output.path>/registry``)::
+
+    versions/<model_version>/model/...          a copy of the exported model directory
+    versions/<model_version>/metrics.json       the metrics it was registered with
+    versions/<model_version>/feature_state.json the feature state its serve_features inputs assume
+    versions/<model_version>/manifest.json      the manifest of its training data (imputation values)
+    champion.json                               the pointer: replaced atomically (temp file + os.replace)
+    history.jsonl                               one JSON line per gate decision (promoted or refused)
+
+Readers never see a half-written pointer or version: both are written beside their final name and
+renamed into place. Promotion holds an exclusive lock and re-checks the champion it compared against,
+so two evaluations racing cannot both "win" against a stale champion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from downpour.config import Config
+from downpour.errors import ConfigError, DownpourError, GateRefused
+from downpour.logs import LOG
+
+CHAMPION = "champion.json"
+HISTORY = "history.jsonl"
+VERSIONS = "versions"
+
+
+def local_path(url: str, key: str) -> Path:
+    """A registry or model URL as a local (or mounted) path; other schemes are a config error."""
+    if url.startswith("file://"):
+        return Path(url[len("file://"):])
+    if url.startswith("dbfs:/"):
+        return Path("/dbfs") / url[len("dbfs:/"):].lstrip("/")
+    if "://" in url:
+        raise ConfigError(f"{key}: {url!r} must be a local or mounted path (file://, dbfs:/ or a path); "
+                          "the registry renames files atomically, which object stores cannot do")
+    return Path(url)
+
+
+def registry_root(cfg: Config) -> Path:
+    if cfg.evaluation.registry:
+        return local_path(cfg.evaluation.registry, "evaluation.registry")
+    return local_path(cfg.output.path.rstrip("/") + "/registry", "output.path (registry default)")
+
+
+def jsonable(obj: Any) -> Any:
+    """NaN/inf -> None and numpy scalars -> Python, recursively, so files are strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalar
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON beside ``path`` then rename over it: readers see the old or the new file, never half."""
+    obj = jsonable(obj)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=True, default=str, allow_nan=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    metric: str
+    tolerance: float
+    model_version: str
+    value: float
+    champion_version: str | None
+    champion_value: float | None
+    promoted: bool
+    reason: str
+
+    def message(self) -> str:
+        return self.reason
+
+
+def decide(metric: str, tolerance: float, model_version: str, value: float,
+           champion_version: str | None, champion_value: float | None) -> GateDecision:
+    """Promote unless the new model is worse than the champion by more than ``tolerance`` (pure)."""
+    if value is None or value != value:  # None or NaN: nothing to compare, never promote blindly
+        return GateDecision(metric, tolerance, model_version, float("nan"), champion_version,
+                            champion_value, False, f"model {model_version}: test {metric} is undefined")
+    if champion_version is None:
+        return GateDecision(metric, tolerance, model_version, value, None, None, True,
+                            f"model {model_version} promoted: no champion yet (test {metric}={value:.4f})")
+    if champion_version == model_version:
+        return GateDecision(metric, tolerance, model_version, value, champion_version, champion_value, True,
+                            f"model {model_version} is already the champion (test {metric}={value:.4f})")
+    assert champion_value is not None
+    ok = value >= champion_value - tolerance
+    verb = "promoted" if ok else "refused"
+    rel = ">=" if ok else "<"
+    return GateDecision(
+        metric, tolerance, model_version, value, champion_version, champion_value, ok,
+        f"model {model_version} {verb}: test {metric} {value:.4f} {rel} champion {champion_version} "
+        f"{champion_value:.4f} - tolerance {tolerance:g} (both scored on the same test split)",
+    )
+
+
+class Registry:
+    """Versions, the champion pointer and the decision log under one local directory."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    # ---- reading ---------------------------------------------------------------------------------
+    def champion(self) -> dict[str, Any] | None:
+        p = self.root / CHAMPION
+        if not p.exists():
+            return None
+        rec = json.loads(p.read_text())
+        if not (self.root / rec["path"] / "model").is_dir():
+            raise DownpourError(f"registry {self.root}: champion {rec.get('model_version')} points to "
+                                f"{rec['path']}, which is missing; restore it or remove {p}")
+        return rec
+
+    def champion_model_dir(self) -> Path | None:
+        rec = self.champion()
+        return None if rec is None else self.root / rec["path"] / "model"
+
+    def version_dir(self, model_version: str) -> Path:
+        if not model_version or "/" in model_version or model_version.startswith("."):
+            raise DownpourError(f"registry: bad model_version {model_version!r}")
+        return self.root / VERSIONS / model_version
+
+    def history(self) -> list[dict[str, Any]]:
+        p = self.root / HISTORY
+        if not p.exists():
+            return []
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+    # ---- writing ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def register(self, model_dir: str | os.PathLike[str], model_version: str, metrics: dict[str, Any],
+                 files: dict[str, Any] | None = None) -> Path:
+        """Copy the model to ``versions/<model_version>`` with its metrics and ``files`` (name -> JSON
+        object, e.g. the feature state and manifest the model was trained with); idempotent per version."""
+        dest = self.version_dir(model_version)
+        if (dest / "model").is_dir():
+            write_json_atomic(dest / "metrics.json", metrics)
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{model_version}.", dir=dest.parent))
+        try:
+            shutil.copytree(model_dir, tmp / "model")
+            for name, obj in (files or {}).items():
+                write_json_atomic(tmp / name, obj)
+            write_json_atomic(tmp / "metrics.json", metrics)
+            os.rename(tmp, dest)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (dest / "model").is_dir():  # not "another process registered it meanwhile"
+                raise DownpourError(f"registry: could not copy {model_dir} to {dest}: {exc}") from exc
+        return dest
+
+    def log(self, decision: GateDecision, **extra: Any) -> None:
+        rec = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **asdict(decision), **extra}
+        rec = {k: (None if isinstance(v, float) and v != v else v) for k, v in rec.items()}
+        with self._lock(), open(self.root / HISTORY, "a") as fh:
+            fh.write(json.dumps(rec, sort_keys=True, default=str) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def promote(self, decision: GateDecision, expected_champion: str | None, **extra: Any) -> dict[str, Any]:
+        """Point ``champion.json`` at the decision's version, if the champion is still the one compared."""
+        if not (self.version_dir(decision.model_version) / "model").is_dir():
+            raise DownpourError(f"registry: version {decision.model_version} is not registered")
+        with self._lock():
+            current = self.champion()
+            current_v = current["model_version"] if current else None
+            if current_v != expected_champion:
+                raise DownpourError(
+                    f"registry {self.root}: the champion changed to {current_v} while model "
+                    f"{decision.model_version} was compared with {expected_champion}; run the gate again")
+            rec = {
+                "model_version": decision.model_version,
+                "path": f"{VERSIONS}/{decision.model_version}",
+                "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "metric": decision.metric, "value": decision.value,
+                "previous": current_v, **extra,
+            }
+            write_json_atomic(self.root / CHAMPION, rec)
+        LOG.info("registry %s: champion is now %s", self.root, decision.model_version)
+        return rec
+
+
+def enforce(registry: Registry, decision: GateDecision, model_dir: str | os.PathLike[str],
+            metrics: dict[str, Any], files: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """Act on a decision: register + promote, or log the refusal and raise GateRefused (exit code 4)."""
+    if not decision.promoted:
+        registry.log(decision, **extra)
+        LOG.warning("quality gate: %s", decision.reason)
+        raise GateRefused(decision.reason)
+    registry.register(model_dir, decision.model_version, metrics, files)
+    if decision.champion_version == decision.model_version:
+        rec = registry.champion() or {}
+    else:
+        rec = registry.promote(decision, expected_champion=decision.champion_version, **extra)
+    registry.log(decision, **extra)
+    LOG.info("quality gate: %s", decision.reason)
+    return rec
