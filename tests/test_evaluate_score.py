@@ -1,0 +1,275 @@
+"""Evaluation, gate and batch scoring against real Spark and real TensorFlow SavedModels.
+
+The fast tests use a synthetic ``prepared/`` directory (``training.synthetic``) and small SavedModels
+built here with TensorFlow (the known true logistic model of that data, and a scrambled one), so the
+evaluation stage is exercised without the minutes a Horovod training run takes. The slow test at the
+end runs the real thing: prepare -> train -> evaluate -> gate -> score.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from downpour.config import config_from_dict
+from downpour.errors import GateRefused
+from training import synthetic
+
+NUMERIC, CATEGORICAL, CARD = 3, 2, 6
+
+
+def _true_coefficients() -> tuple[np.ndarray, list[np.ndarray]]:
+    """The coefficients ``training.synthetic`` draws its labels from (same generator, same order)."""
+    rng = np.random.default_rng(12345)
+    w = np.array([rng.normal(0, 1.0) for _ in range(NUMERIC)])
+    tables = [rng.normal(0, 1.0, CARD) for _ in range(CATEGORICAL)]
+    return w, tables
+
+
+def _logit(pdf: pd.DataFrame, w: np.ndarray, tables: list[np.ndarray]) -> np.ndarray:
+    z = sum(w[i] * pdf[f"n__x{i}"].to_numpy(np.float64) for i in range(NUMERIC))
+    for j, t in enumerate(tables):
+        z = z + t[pdf[f"c__k{j}"].to_numpy()]
+    return z
+
+
+def _save_model(root: Path, version: str, w: np.ndarray, tables: list[np.ndarray], data_version: str) -> Path:
+    """A SavedModel with the ``serve_features`` signature of the contract: sigmoid(w.x + table[k])."""
+    import tensorflow as tf
+
+    specs = {f"n__x{i}": tf.TensorSpec([None], tf.float32, name=f"n__x{i}") for i in range(NUMERIC)}
+    specs |= {f"c__k{j}": tf.TensorSpec([None], tf.int64, name=f"c__k{j}") for j in range(CATEGORICAL)}
+    specs["c__k0_x_k1"] = tf.TensorSpec([None], tf.int64, name="c__k0_x_k1")
+
+    class Linear(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = tf.Variable(w, dtype=tf.float64)
+            self.tables = [tf.Variable(t, dtype=tf.float64) for t in tables]
+
+        @tf.function(input_signature=[specs])
+        def serve(self, inputs):
+            z = tf.add_n([tf.cast(inputs[f"n__x{i}"], tf.float64) * self.w[i] for i in range(NUMERIC)])
+            for j, t in enumerate(self.tables):
+                z += tf.gather(t, inputs[f"c__k{j}"])
+            return {"score": tf.cast(tf.sigmoid(z), tf.float32)}
+
+    model_dir = root / "model"
+    module = Linear()
+    tf.saved_model.save(module, str(model_dir / "saved_model"),
+                        signatures={"serve_features": module.serve.get_concrete_function()})
+    card = {"name": "synthetic", "model_version": version, "data_version": data_version,
+            "training": {"workers": 1, "epochs_completed": 2}}
+    (model_dir / "model_card.json").write_text(json.dumps(card))
+    (model_dir / "history.json").write_text(json.dumps({"loss": [0.6, 0.5], "val_loss": [0.62, 0.55]}))
+    return model_dir
+
+
+def _cfg(out: Path, **evaluation):
+    return config_from_dict({
+        "name": "synthetic", "input": {"path": str(out / "raw.csv")},
+        "schema": {"id": "string", "x0": "double", "k0": "string", "y": "int"},
+        "id_column": "id", "label": {"column": "y", "positive": 1},
+        "features": {"numeric": ["x0"], "categorical": ["k0"]},
+        "output": {"path": str(out)},
+        "evaluation": {"precision_at_k": [10, 100], "fpr_points": [0.01, 0.1], "score_batch_rows": 97,
+                       "registry": str(out / "registry"), **evaluation},
+    })
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    manifest = synthetic.write_prepared(str(root), {"train": 3000, "val": 1500, "test": 1500},
+                                        row_group_rows=200, numeric=NUMERIC, categorical=CATEGORICAL,
+                                        cardinality=CARD, positive_rate=0.25)
+    return root, manifest["data_version"]
+
+
+def test_evaluate_scores_metrics_card_and_report(spark, workdir):
+    from training.evaluate import run_evaluation
+
+    root, data_version = workdir
+    w, tables = _true_coefficients()
+    _save_model(root, "m-true", w, tables, data_version)
+    cfg = _cfg(root)
+    res = run_evaluation(spark, cfg)
+
+    # scores from mapInPandas (Arrow batches cut to 97 rows) equal the model computed in numpy
+    test_shards = pd.read_parquet(root / "prepared" / "test")
+    scores = pd.read_parquet(res["scores"] + "/split=test")
+    assert len(scores) == len(test_shards) == 1500 and scores["row_id"].is_unique
+    merged = test_shards.merge(scores, on="row_id", suffixes=("", "_s"))
+    expected = 1 / (1 + np.exp(-_logit(merged, w, tables)))
+    np.testing.assert_allclose(merged["score"], expected, atol=1e-6)
+
+    # metrics equal scikit-learn's on the same scores
+    t = res["metrics"]["test"]
+    assert t["roc_auc"] == pytest.approx(roc_auc_score(merged["label"], merged["score"]), abs=1e-4)
+    assert t["pr_auc"] == pytest.approx(average_precision_score(merged["label"], merged["score"]), abs=1e-4)
+    assert t["rows"] == 1500 and {"recall_at_fpr_0.01", "precision_at_100", "log_loss"} <= set(t)
+
+    # the baseline (LR on numerics + one-hot) can learn this linear truth: close to the true model
+    b = res["baseline"]["test"]
+    assert 0.6 < b["roc_auc"] <= t["roc_auc"] + 0.02
+
+    card = json.loads((root / "model" / "model_card.json").read_text())
+    assert card["metrics"]["val"]["roc_auc"] == pytest.approx(res["metrics"]["val"]["roc_auc"])
+    assert set(card["metrics"]) == {"val", "test"} and set(card["baseline"]) == {"val", "test"}
+    assert card["model_version"] == "m-true" and card["evaluation"]["gate"] is None
+
+    report = Path(res["report"])
+    doc = report.read_text()
+    assert "m-true" in doc and "baseline test" in doc and (report.parent / "training.png").exists()
+    assert "r0000" not in doc  # no row ids in the report
+    full = json.loads((report.parent / "metrics.json").read_text())
+    assert full["model"]["test"]["curves"]["fpr"][-1] == 1.0
+
+
+def test_gate_promotes_first_refuses_worse_keeps_champion(spark, workdir, tmp_path):
+    from training.evaluate import run_evaluation
+    from training.registry import Registry
+
+    root, data_version = workdir
+    cfg = _cfg(root, baseline=False, registry=str(tmp_path / "registry"))
+    w, tables = _true_coefficients()
+
+    _save_model(root, "m-good", w, tables, data_version)
+    res = run_evaluation(spark, cfg, gate=True)
+    assert res["gate"]["promoted"] and res["gate"]["champion_version"] is None
+    reg = Registry(tmp_path / "registry")
+    assert reg.champion()["model_version"] == "m-good"
+    assert (reg.champion_model_dir() / "saved_model" / "saved_model.pb").exists()
+
+    rng = np.random.default_rng(0)
+    _save_model(root, "m-scrambled", rng.normal(size=NUMERIC), [rng.normal(size=CARD) for _ in tables],
+                data_version)
+    with pytest.raises(GateRefused) as exc:
+        run_evaluation(spark, cfg, gate=True)
+    msg = str(exc.value)
+    good_auc = res["metrics"]["test"]["roc_auc"]
+    assert exc.value.exit_code == 4 and "m-scrambled" in msg and f"{good_auc:.4f}" in msg
+    assert reg.champion()["model_version"] == "m-good"
+    card = json.loads((root / "model" / "model_card.json").read_text())
+    assert card["evaluation"]["gate"]["promoted"] is False  # the refusal is recorded on the card too
+    assert "REFUSED" in (root / "report" / "report.html").read_text()
+    assert [h["promoted"] for h in reg.history()] == [True, False]
+
+
+def test_evaluate_without_a_model_says_what_to_run(spark, tmp_path):
+    from downpour.errors import DataContractError
+    from training.evaluate import run_evaluation
+
+    synthetic.write_prepared(str(tmp_path), {"train": 50, "val": 20, "test": 20}, numeric=1, categorical=1,
+                             cardinality=3)
+    with pytest.raises(DataContractError, match="downpour train"):
+        run_evaluation(spark, _cfg(tmp_path))
+    with pytest.raises(DataContractError, match="downpour prepare"):
+        run_evaluation(spark, _cfg(tmp_path / "nothing"))
+    assert not os.path.exists(tmp_path / "report")
+
+
+# ---- end to end on the real stack (prepare -> train -> evaluate -> gate -> score) ----------------------
+
+def _zero_weights_copy(model_root: Path, dest: Path, version: str) -> None:
+    """The exported model with every variable set to zero: a constant score, ROC-AUC 0.5. A clearly
+    worse model that is still a valid SavedModel with both signatures."""
+    import shutil
+
+    import tensorflow as tf
+
+    shutil.copytree(model_root, dest, symlinks=False)
+    shutil.rmtree(dest / "saved_model")
+    loaded = tf.saved_model.load(str(model_root / "saved_model"))
+    variables = {id(v): v for sig in loaded.signatures.values() for v in sig.variables}
+    assert variables
+    for v in variables.values():
+        v.assign(tf.zeros_like(v))
+    tf.saved_model.save(loaded, str(dest / "saved_model"), signatures=dict(loaded.signatures))
+    card = json.loads((dest / "model_card.json").read_text())
+    card["model_version"] = version
+    card.pop("metrics", None)
+    (dest / "model_card.json").write_text(json.dumps(card))
+
+
+@pytest.mark.slow
+def test_end_to_end_gate_and_score_parity(spark, telco_path, tmp_path, conf_dir):
+    """1 epoch on a Telco subset; the gate promotes it, refuses an all-zero model, and `score` on the
+    raw rows (without the label column, with a dirty row) gives the evaluation's scores within 1e-5."""
+    from downpour.config import load_config
+    from pipelines.score import run_scoring
+    from training.evaluate import run_evaluation
+    from training.registry import Registry
+    from training.train import run_training
+
+    raw = pd.read_csv(telco_path, dtype=str, keep_default_na=False).head(1500)
+    data = tmp_path / "telco.csv"
+    raw.to_csv(data, index=False)
+    out = tmp_path / "out"
+    cfg = load_config(conf_dir / "crm_telco.yaml", [
+        f"input.path={data}", f"output.path={out}", f"evaluation.registry={tmp_path / 'registry'}",
+        "training.epochs=1", "training.workers=1", "shards.row_group_rows=64", "evaluation.baseline=false",
+    ])
+    from pipelines.prepare import run_prepare
+
+    run_prepare(spark, cfg)
+    card = run_training(spark, cfg)
+    res = run_evaluation(spark, cfg, gate=True)
+    assert res["gate"]["promoted"] and res["model_version"] == card["model_version"]
+    assert res["metrics"]["test"]["roc_auc"] > 0.7  # one epoch on real churn data already ranks well
+    reg = Registry(tmp_path / "registry")
+    assert reg.champion()["model_version"] == card["model_version"]
+
+    # `score` on raw rows: no label column, plus one row that cannot be parsed
+    scoring = raw.drop(columns=["Churn"])
+    bad = scoring.iloc[[0]].assign(customerID="BAD-ROW", tenure="twelve")
+    scoring = pd.concat([scoring, bad])
+    scoring.to_csv(tmp_path / "to_score.csv", index=False)
+    counts = run_scoring(spark, cfg, str(tmp_path / "to_score.csv"), str(tmp_path / "scores"),
+                         model_dir=str(tmp_path / "registry"))
+    assert counts["input"] == 1501 and counts["scored"] == 1500 and counts["quarantined"] == 1
+    assert counts["model_version"] == card["model_version"]
+    scored = pd.read_parquet(tmp_path / "scores")
+    assert list(scored.columns) == ["customerID", "score", "model_version"]
+    assert not scored["customerID"].isin(raw["customerID"]).any()  # PII ids are hashed
+    q = pd.read_parquet(str(tmp_path / "scores") + "_quarantine")
+    assert q["reason"].tolist() == ["cast_failed:tenure"] and "churn" not in q.columns
+
+    ev = pd.read_parquet(Path(res["scores"]) / "split=test")
+    joined = ev.merge(scored, left_on="row_id", right_on="customerID", suffixes=("_eval", "_score"))
+    assert len(joined) == len(ev) > 100
+    np.testing.assert_allclose(joined["score_score"], joined["score_eval"], atol=1e-5)
+
+    # a clearly worse model (all weights zero) is refused; the champion stays
+    published = Path(os.path.realpath(out / "model"))
+    _zero_weights_copy(published, tmp_path / "zero_model", "zero-weights")
+    link = out / "model"
+    if link.is_symlink():
+        link.unlink()
+    else:
+        import shutil
+
+        shutil.rmtree(link)
+    link.symlink_to(tmp_path / "zero_model")
+    with pytest.raises(GateRefused, match="zero-weights"):
+        run_evaluation(spark, cfg, gate=True)
+    assert reg.champion()["model_version"] == card["model_version"]
+    refused = json.loads((out / "model" / "model_card.json").read_text())["evaluation"]["gate"]
+    assert refused["compared_on"].startswith("test shards") and refused["value"] == 0.5
+
+    # a champion fitted on other features is compared on the raw test rows, rebuilt by the prepare
+    # functions and scored by both models' serving_default: it must find the very same test split
+    state = reg.root / reg.champion()["path"] / "feature_state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "fitted_rows": -1}))
+    with pytest.raises(GateRefused):
+        run_evaluation(spark, cfg, gate=True)
+    raw_gate = json.loads((out / "model" / "model_card.json").read_text())["evaluation"]["gate"]
+    assert raw_gate["compared_on"].startswith("raw test rows")
+    assert raw_gate["champion_value"] == pytest.approx(res["metrics"]["test"]["roc_auc"], abs=1e-4)
+    assert raw_gate["value"] == pytest.approx(0.5)
