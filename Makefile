@@ -49,3 +49,32 @@ bench-quick: setup
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache
+
+# ---- where users run it: spark-submit, a local standalone cluster, Airflow (README "Running on a cluster")
+AIRFLOW_VENV := .venv-airflow
+AIRFLOW_STAMP := $(AIRFLOW_VENV)/.airflow-installed
+AIRFLOW_PINS := "apache-airflow==3.1.8" "apache-airflow-providers-apache-spark==6.3.4"
+.PHONY: cluster-demo airflow-venv
+
+# dist/: the wheel (pip wheel --no-deps), downpour-pyfiles.zip for --py-files, jobs/, conf/, SHIPPING.txt
+dist: setup
+	rm -rf build dist
+	$(PIP) wheel -q --no-deps --no-build-isolation -w dist .
+	rm -rf build
+	$(PY) scripts/build_dist.py dist
+
+# A Spark standalone master and two 1-core workers on 127.0.0.1, the Telco pipeline on them, then stop.
+cluster-demo: setup
+	DOWNPOUR_PII_SALT=$${DOWNPOUR_PII_SALT:-demo-salt-not-secret} \
+	$(PY) scripts/standalone_cluster.py demo --conf conf/crm_telco.yaml \
+		--set output.path=$(DEMO_OUT)/cluster --set training.epochs=2
+
+# Apache Airflow 3 in its own venv (its dependencies never touch .venv); the stamp makes it idempotent.
+airflow-venv: check-tools $(AIRFLOW_STAMP)
+
+$(AIRFLOW_STAMP): scripts/airflow-constraints.txt
+	@test -x $(AIRFLOW_VENV)/bin/python || $(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install -q -U pip
+	$(AIRFLOW_VENV)/bin/pip install -q -c scripts/airflow-constraints.txt $(AIRFLOW_PINS)
+	$(AIRFLOW_VENV)/bin/python -c "import airflow.sdk, airflow.providers.apache.spark.operators.spark_submit"
+	@touch $(AIRFLOW_STAMP)

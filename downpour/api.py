@@ -53,10 +53,22 @@ def train(cfg: Config, spark: SparkSession | None = None, fresh: bool = False) -
 
 
 def evaluate(cfg: Config, spark: SparkSession | None = None, gate: bool = False) -> dict[str, Any]:
-    """Metrics on val/test, baseline, report; with ``gate`` promote or raise GateRefused."""
+    """Metrics on val/test, baseline, report; with ``gate`` promote or raise GateRefused.
+
+    With ``tracking.mlflow_uri`` set, the evaluated model (promoted or refused) is logged to MLflow.
+    """
+    from downpour import tracking
+    from downpour.errors import GateRefused
     from training.evaluate import run_evaluation
 
-    return run_evaluation(spark or get_spark(cfg), cfg, gate=gate)
+    tracking.check(cfg)
+    try:
+        result = run_evaluation(spark or get_spark(cfg), cfg, gate=gate)
+    except GateRefused:
+        tracking.log_evaluation(cfg)  # a refused model is worth seeing next to the champion
+        raise
+    tracking.log_evaluation(cfg)
+    return result
 
 
 def score(cfg: Config, input_url: str, output_url: str, model_dir: str | None = None,

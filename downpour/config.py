@@ -273,7 +273,11 @@ class OutputConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    mlflow_uri: str | None = None
+    """MLflow tracking (downpour/tracking.py, extra ``downpour[mlflow]``); off while mlflow_uri is unset."""
+
+    mlflow_uri: str | None = None  # file:///mlruns, http://mlflow:5000, databricks
+    experiment: str | None = None  # default: downpour-<name>
+    log_model: bool = True  # the SavedModel as run artifacts (model/saved_model)
 
 
 class Config(_Strict):
