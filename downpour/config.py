@@ -258,6 +258,7 @@ class EvaluationConfig(_Strict):
     score_batch_rows: int = Field(10000, ge=1)
     # the logistic-regression baseline is fitted on at most this many (sampled) train rows
     baseline_max_train_rows: int = Field(1_000_000, ge=100)
+    baseline_max_iter: int = Field(100, ge=1)  # L-BFGS iterations of the baseline (one Spark job each)
     # score buckets per unit of logit for the one-pass metrics (see training/metrics.py "Precision")
     metric_resolution: int = Field(10_000, ge=10, le=1_000_000)
 

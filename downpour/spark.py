@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
 
 from downpour.config import Config
@@ -22,9 +23,17 @@ def get_spark(cfg: Config | None = None, master: str | None = None) -> SparkSess
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     master = master or (cfg.spark.master if cfg else None) or os.environ.get("DOWNPOUR_SPARK_MASTER")
-    builder = SparkSession.builder.appName(cfg.spark.app_name if cfg else "downpour")
-    # Under spark-submit the JVM launched us (PYSPARK_GATEWAY_PORT is set) and owns the master.
-    if master or not os.environ.get("PYSPARK_GATEWAY_PORT"):
+    # Under spark-submit the JVM launched us (PYSPARK_GATEWAY_PORT is set) and owns the master, the
+    # app name and every --conf: connect to it first so SparkConf() sees them, and never override them.
+    submitted: SparkConf | None = None
+    if os.environ.get("PYSPARK_GATEWAY_PORT"):
+        SparkContext._ensure_initialized()
+        submitted = SparkConf()
+    builder = SparkSession.builder
+    if submitted is None or not submitted.contains("spark.app.name") or (
+            cfg is not None and "app_name" in cfg.spark.model_fields_set):
+        builder = builder.appName(cfg.spark.app_name if cfg else "downpour")
+    if master or submitted is None:
         builder = builder.master(master or "local[*]")
     defaults = {
         "spark.sql.session.timeZone": "UTC",
@@ -34,6 +43,8 @@ def get_spark(cfg: Config | None = None, master: str | None = None) -> SparkSess
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.driver.memory": os.environ.get("DOWNPOUR_DRIVER_MEMORY", "4g"),
     }
+    if submitted is not None:
+        defaults = {k: v for k, v in defaults.items() if not submitted.contains(k)}
     for k, v in {**defaults, **(cfg.spark.conf if cfg else {})}.items():
         builder = builder.config(k, str(v))
     spark = builder.getOrCreate()

@@ -126,8 +126,9 @@ def add_window_features(df: DataFrame, cfg: Config, names: dict[str, str]) -> Da
 
     ``names`` maps the raw column names of the config to the safe names ``df`` uses. Run it on the
     cleaned data *before* the split (windows need each entity's whole history). It runs one job at once
-    (the hot-key count) and otherwise stays lazy; persist ``df`` first if it is expensive to recompute,
-    because the windows and first-seen joins read it more than once.
+    (the hot-key count; ``hot_key_rows: null`` skips it) and otherwise stays lazy: one shuffle per
+    entity. Persist ``df`` first if it is expensive to recompute: the hot-key count reads it once more,
+    and so do the hot-key context rows and RFM tenure without a signup date.
     """
     vel, rfm = cfg.features.velocity, cfg.features.rfm
     if not (vel.enabled or rfm.enabled):

@@ -140,6 +140,7 @@ def generate(spark: SparkSession, kind: str, rows: int, seed: int = 42, dirty_ra
 
     Clean data (``dirty_rate == 0``) is typed as the config schema declares (timestamps, doubles,
     ints); dirty data is all strings so that dirty values survive into CSV and Parquet alike.
+    Actions on it run faster inside ``per_operator_codegen`` (``write_raw`` does that).
     """
     if kind not in KINDS:
         raise ConfigError(f"kind: unknown dataset {kind!r} (one of {list(KINDS)})")
@@ -201,107 +202,8 @@ def per_operator_codegen(spark: SparkSession) -> Iterator[None]:
         spark.conf.set(key, before)
 
 
-# =================================================================================================
-# Random building blocks (all JVM expressions)
-#
-# Performance rule: a Column expression used twice is *computed* twice (Spark does not share
-# subexpressions across CASE branches), so every value used more than once is first added as a
-# column (``withColumns``) and referenced by name; Spark then computes it once per row.
-# =================================================================================================
-class _Rand:
-    """Deterministic draws keyed by (seed, tag, *keys): the same inputs always give the same value."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = F.lit(int(seed)).cast("long")
-
-    def hash(self, tag: str, *keys: Column) -> Column:
-        # The tag enters as a stable int (hashing an int compiles to less code than a string).
-        return F.xxhash64(self.seed, F.lit(zlib.crc32(tag.encode())), *keys)
-
-    def u(self, tag: str, *keys: Column) -> Column:
-        """Uniform in [0, 1) from the top 53 bits of the hash."""
-        return self.hash(tag, *keys).bitwiseAND(F.lit(_U53)) / float(1 << 53)
-
-    def idx(self, n: Column | int, tag: str, *keys: Column) -> Column:
-        """Uniform integer in [0, n)."""
-        return F.pmod(self.hash(tag, *keys), F.lit(n) if isinstance(n, int) else n)
-
-    def normal(self, tag: str, *keys: Column) -> Column:
-        """Standard normal (Box-Muller on two independent uniforms)."""
-        u1, u2 = self.u(tag + ".1", *keys), self.u(tag + ".2", *keys)
-        return F.sqrt(-2.0 * F.log(1.0 - u1)) * F.cos(_TWO_PI * u2)
-
-
-def _choice(u: str, values: Sequence[Any], weights: Sequence[float]) -> Column:
-    """Weighted choice by inverse CDF on the uniform *column* ``u`` (a CASE chain that codegens)."""
-    if len(values) == 1:
-        return F.lit(values[0])
-    total = float(sum(weights))
-    col, expr, acc = F.col(u), F, 0.0
-    for v, w in zip(values[:-1], weights[:-1], strict=True):
-        acc += w / total
-        expr = expr.when(col < acc, F.lit(v))
-    return expr.otherwise(F.lit(values[-1]))
-
-
-def _choice_pct(u: Column, values: Sequence[Any], weights_pct: Sequence[int]) -> Column:
-    """Weighted choice with whole-percent weights that reads ``u`` once: a 100-slot constant table.
-    For use where a column cannot be added first (inside ``aggregate`` lambdas)."""
-    if sum(weights_pct) != 100:
-        raise ValueError("percent weights must sum to 100")
-    table = [v for v, w in zip(values, weights_pct, strict=True) for _ in range(w)]
-    return F.element_at(F.array(*[F.lit(v) for v in table]), (F.floor(u * 100) + 1).cast("int"))
-
-
-def _lookup(idx: Column, values: Sequence[Any]) -> Column:
-    """``values[idx]`` for a small literal list (the array is constant-folded)."""
-    return F.element_at(F.array(*[F.lit(v) for v in values]), (idx + 1).cast("int"))
-
-
-def _choice_range(x: Column, starts: Sequence[int]) -> Column:
-    """Index i of the range [starts[i], starts[i+1]) that holds ``x`` (``x`` must be a column)."""
-    expr: Any = F
-    for i in range(1, len(starts)):
-        expr = expr.when(x < starts[i], F.lit(i - 1))
-    return expr.otherwise(F.lit(len(starts) - 1))
-
-
-def _scramble(key: Column, modulus: int, mult: int, offset: Column) -> Column:
-    """A bijection of [0, modulus) that hides sequential ids (``mult`` coprime to 10; no overflow
-    while ``key * mult < 2**63``)."""
-    return F.pmod(key * F.lit(mult) + offset, F.lit(modulus))
-
-
-def _person_parts(r: _Rand, key: Column, prefix: str) -> dict[str, Column]:
-    """The parts of a fake person (PII-like, never a real address), to be added as columns."""
-    return {
-        f"{prefix}first": _lookup(r.idx(len(_FIRST), "first", key), _FIRST),
-        f"{prefix}last": _lookup(r.idx(len(_LAST), "last", key), _LAST),
-        f"{prefix}sep": _lookup(r.idx(3, "sep", key), [".", "_", ""]),
-        f"{prefix}num": r.idx(100, "num", key).cast("string"),
-        f"{prefix}domain": _lookup(r.idx(len(_EMAIL_DOMAINS), "domain", key), _EMAIL_DOMAINS),
-    }
-
-
-def _person(prefix: str) -> tuple[Column, Column]:
-    """Name and e-mail from the columns added by ``_person_parts``."""
-    first, last = F.col(f"{prefix}first"), F.col(f"{prefix}last")
-    email = F.concat(F.lower(first), F.col(f"{prefix}sep"), F.regexp_replace(F.lower(last), "'", ""),
-                     F.col(f"{prefix}num"), F.lit("@"), F.col(f"{prefix}domain"))
-    return F.concat_ws(" ", first, last), email
-
-
-def _luhn_number(payload15: Column) -> Column:
-    """Append the Luhn check digit to a 15-digit string *column*: a fake but checksum-valid card number."""
-    total: Column = F.lit(0)
-    for j in range(15):  # counted from the left, the digits at odd 1-based positions are doubled
-        d = F.substring(payload15, j + 1, 1).cast("int")
-        total = total + (F.when(d > 4, d * 2 - 9).otherwise(d * 2) if j % 2 == 0 else d)
-    return F.concat(payload15, F.pmod(10 - F.pmod(total, 10), 10).cast("string"))
-
-
 def luhn_valid(number: str) -> bool:
-    """The Luhn checksum of a digit string (used by tests and by anyone checking the fake numbers)."""
+    """The Luhn checksum of a digit string (for tests and anyone checking the fake card numbers)."""
     if not number.isdigit():
         return False
     total = 0
@@ -313,20 +215,140 @@ def luhn_valid(number: str) -> bool:
     return total % 10 == 0
 
 
-def _fmt_ts(day_start: str, seconds: Column) -> Column:
-    """``yyyy-MM-dd HH:mm:ss`` for the *column* ``seconds`` after ``day_start`` midnight; independent
-    of the session time zone, so the text is the same on every cluster."""
-    day = F.date_add(F.lit(day_start).cast("date"), F.floor(seconds / 86400).cast("int"))
-    sod = F.pmod(seconds, 86400)
-    def two(x: Column) -> Column:
-        return F.lpad(x.cast("int").cast("string"), 2, "0")
+# =================================================================================================
+# Building blocks. Expressions are Spark SQL text: one py4j call per staged column instead of one
+# per operator node (a fraud plan has ~6,000 nodes), and the same text serves inside the CRM fold's
+# lambda and on ordinary rows.
+#
+# Performance rule: Spark does not share a subexpression across CASE branches, so every value used
+# more than once is first added as a column (``_with``) and referenced by name.
+# =================================================================================================
+def _sql(v: Any) -> str:
+    """A Python value as a Spark SQL literal (floats as DOUBLE, not DECIMAL)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v!r}D"
+    return "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
-    return F.concat(day.cast("string"), F.lit(" "), two(sod / 3600), F.lit(":"), two(F.pmod(sod / 60, 60)),
-                    F.lit(":"), two(F.pmod(sod, 60)))
+
+def _with(df: DataFrame, cols: dict[str, str]) -> DataFrame:
+    return df.withColumns({name: F.expr(sql) for name, sql in cols.items()})
 
 
-def _money(x: Column) -> Column:
-    return F.round(x, 2)
+class _Rand:
+    """Deterministic draws keyed by (seed, tag, *keys): the same inputs always give the same value."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = f"{int(seed)}L"
+
+    def hash(self, tag: str, *keys: str) -> str:
+        # The tag enters as a stable int (hashing an int compiles to less code than a string).
+        return f"xxhash64({self.seed}, {zlib.crc32(tag.encode()) & 0x7FFFFFFF}, {', '.join(keys)})"
+
+    def u(self, tag: str, *keys: str) -> str:
+        """Uniform in [0, 1) from the low 53 bits of the hash."""
+        return f"(({self.hash(tag, *keys)} & {_U53}L) / {float(1 << 53)!r}D)"
+
+    def idx(self, n: int | str, tag: str, *keys: str) -> str:
+        """Uniform integer in [0, n)."""
+        return f"pmod({self.hash(tag, *keys)}, {n})"
+
+    def normal(self, tag: str, *keys: str) -> str:
+        """Standard normal (Box-Muller on two independent uniforms)."""
+        u1, u2 = self.u(tag + ".1", *keys), self.u(tag + ".2", *keys)
+        return f"(sqrt(-2D * ln(1D - {u1})) * cos({_TWO_PI!r}D * {u2}))"
+
+
+def _case(subject: str, cases: Sequence[tuple[Any, str]], default: str) -> str:
+    """``CASE subject WHEN literal THEN expr ... ELSE default END``."""
+    whens = " ".join(f"WHEN {_sql(k)} THEN {v}" for k, v in cases)
+    return f"(CASE {subject} {whens} ELSE {default} END)"
+
+
+def _when(cases: Sequence[tuple[str, str]], default: str) -> str:
+    """``CASE WHEN condition THEN expr ... ELSE default END``."""
+    whens = " ".join(f"WHEN {c} THEN {v}" for c, v in cases)
+    return f"(CASE {whens} ELSE {default} END)"
+
+
+def _choice(u: str, values: Sequence[Any], weights: Sequence[float]) -> str:
+    """Weighted choice by inverse CDF on the uniform *column* ``u``."""
+    total, acc, cases = float(sum(weights)), 0.0, []
+    for v, w in zip(values[:-1], weights[:-1], strict=True):
+        acc += w / total
+        cases.append((f"{u} < {acc!r}D", _sql(v)))
+    return _when(cases, _sql(values[-1])) if cases else _sql(values[-1])
+
+
+def _lookup(idx: str, values: Sequence[Any]) -> str:
+    """``values[idx]`` for a small literal list (the array is constant-folded)."""
+    return f"element_at(array({', '.join(_sql(v) for v in values)}), cast({idx} AS INT) + 1)"
+
+
+def _table(u: str, table: Sequence[Any]) -> str:
+    """One of ``table``'s equally likely values, reading the uniform ``u`` once (for lambdas)."""
+    return _lookup(f"floor({u} * {len(table)})", table)
+
+
+def _range_of(x: str, starts: Sequence[int]) -> str:
+    """Index i of the range [starts[i], starts[i+1]) that holds the column ``x``."""
+    return _when([(f"{x} < {s}", str(i - 1)) for i, s in enumerate(starts) if i > 0], str(len(starts) - 1))
+
+
+def _scramble(key: str, modulus: int, mult: int, offset: int) -> str:
+    """A bijection of [0, modulus) that hides sequential ids (``mult`` coprime to 10; no overflow
+    while ``key * mult < 2**63``)."""
+    return f"pmod({key} * {mult}L + {offset}L, {modulus}L)"
+
+
+def _padded(prefix: str, number: str, width: int) -> str:
+    return f"concat('{prefix}', lpad(cast({number} AS STRING), {width}, '0'))"
+
+
+def _offset(r: _Rand, tag: str, modulus: int) -> int:
+    """A per-seed constant, computed in Python (xxhash64 of literals would be constant-folded anyway)."""
+    return zlib.crc32(f"{r.seed}:{tag}".encode()) * 2654435761 % modulus
+
+
+def _person_parts(r: _Rand, key: str, prefix: str) -> dict[str, str]:
+    """The parts of a fake person (PII-like, never a real address), to be added as columns."""
+    return {
+        f"{prefix}first": _lookup(r.idx(len(_FIRST), "first", key), _FIRST),
+        f"{prefix}last": _lookup(r.idx(len(_LAST), "last", key), _LAST),
+        f"{prefix}sep": _lookup(r.idx(3, "sep", key), [".", "_", ""]),
+        f"{prefix}num": f"cast({r.idx(100, 'num', key)} AS STRING)",
+        f"{prefix}domain": _lookup(r.idx(len(_EMAIL_DOMAINS), "domain", key), _EMAIL_DOMAINS),
+    }
+
+
+def _person(p: str) -> tuple[str, str]:
+    """Name and e-mail from the columns added by ``_person_parts``."""
+    return (f"concat_ws(' ', {p}first, {p}last)",
+            f"concat(lower({p}first), {p}sep, replace(lower({p}last), '\\'', ''), {p}num, '@', {p}domain)")
+
+
+def _luhn_number(payload15: str) -> str:
+    """Append the Luhn check digit to the 15-digit string column: a fake but checksum-valid number."""
+    terms = []
+    for j in range(15):  # counted from the left, the digits at odd 1-based positions are doubled
+        d = f"cast(substring({payload15}, {j + 1}, 1) AS INT)"
+        terms.append(f"(CASE WHEN {d} > 4 THEN {d} * 2 - 9 ELSE {d} * 2 END)" if j % 2 == 0 else d)
+    return f"concat({payload15}, cast(pmod(10 - pmod({' + '.join(terms)}, 10), 10) AS STRING))"
+
+
+def _fmt_ts(day_start: str, seconds: str) -> str:
+    """``yyyy-MM-dd HH:mm:ss`` for the column ``seconds`` after ``day_start`` midnight; independent of
+    the session time zone, so the text is the same on every cluster."""
+    def two(x: str) -> str:
+        return f"lpad(cast({x} AS STRING), 2, '0')"
+
+    day = f"date_add(DATE'{day_start}', cast({seconds} div 86400 AS INT))"
+    sod = f"pmod({seconds}, 86400)"
+    return (f"concat(cast({day} AS STRING), ' ', {two(f'{sod} div 3600')}, ':', "
+            f"{two(f'pmod({seconds} div 60, 60)')}, ':', {two(f'pmod({seconds}, 60)')})")
 
 
 def _as_text(df: DataFrame, col: str) -> Column:
@@ -338,22 +360,20 @@ def _as_text(df: DataFrame, col: str) -> Column:
     if typ == "date":
         return F.date_format(c, "yyyy-MM-dd")
     if typ == "double":
-        return _two_decimals(c)
+        return c.cast("decimal(20,2)").cast("string")     # "12.50"; never scientific notation
     return c.cast("string")
 
 
-def _two_decimals(c: Column) -> Column:
-    """``12.5`` -> ``"12.50"`` (cheaper than format_string, and never in scientific notation)."""
-    return c.cast("decimal(20,2)").cast("string")
+def _typed(schema: dict[str, str]) -> list[Column]:
+    """Parse the internal text/number columns into the declared types."""
+    def one(col: str, typ: str) -> Column:
+        if typ == "timestamp":
+            return F.to_timestamp(F.col(col), TS_FORMAT).alias(col)
+        if typ == "date":
+            return F.to_date(F.col(col), "yyyy-MM-dd").alias(col)
+        return F.col(col).cast(typ).alias(col)
 
-
-def _typed(col: str, typ: str) -> Column:
-    """Parse the internal text of a clean column into its declared type."""
-    if typ == "timestamp":
-        return F.to_timestamp(F.col(col), TS_FORMAT).alias(col)
-    if typ == "date":
-        return F.to_date(F.col(col), "yyyy-MM-dd").alias(col)
-    return F.col(col).cast(typ).alias(col)
+    return [one(c, t) for c, t in schema.items()]
 
 
 def _partitioned_range(spark: SparkSession, n: int, files: int) -> DataFrame:
@@ -382,27 +402,24 @@ def fraud(spark: SparkSession, rows: int, seed: int = 42, dirty_rate: float = 0.
     than in any one column.
     """
     r = _Rand(seed)
-    df = _partitioned_range(spark, rows, files)
-    df = _plan_dirt(df, r, dirty_rate, has_prev=F.col("id") > 0)
-    df = df.withColumn("rid", F.when(F.col("_dirt") == "duplicate", F.col("id") - 1).otherwise(F.col("id")))
+    df = _plan_dirt(_partitioned_range(spark, rows, files), r, dirty_rate, has_prev="id > 0")
+    df = _with(df, {"rid": "IF(_dirt = 'duplicate', id - 1, id)"})
     df = _fraud_rows(df, r, rows)
     # A replayed duplicate sometimes arrives later (a retry): same id and values, later timestamp.
-    late = (F.col("_dirt") == "duplicate") & (r.u("dup.late", F.col("id")) < 0.5)
-    df = df.withColumn("_sec", F.when(late, F.col("_sec") + 1 + r.idx(600, "dup.s", F.col("id")))
-                       .otherwise(F.col("_sec")))
-    df = df.withColumn("event_ts", _fmt_ts(_FRAUD_START, F.col("_sec")))
-    # Files are time-ordered, like a transaction log export.
-    df = df.sortWithinPartitions("_sec", "transaction_id")
+    late = f"_dirt = 'duplicate' AND {r.u('dup.late', 'id')} < 0.5D"
+    df = _with(df, {"_sec": f"IF({late}, _sec + 1 + {r.idx(600, 'dup.s', 'id')}, _sec)"})
+    df = _with(df, {"event_ts": _fmt_ts(_FRAUD_START, "_sec")})
+    df = df.sortWithinPartitions("_sec", "transaction_id")     # files are time-ordered, like a log export
     if dirty_rate <= 0:
-        return df.select(*[_typed(c, t) for c, t in FRAUD_SCHEMA.items()])
+        return df.select(*_typed(FRAUD_SCHEMA))
     return _apply_dirt(df, r, FRAUD_SCHEMA, numbers=["amount", "amount", "is_fraud"],
                        required=["is_fraud", "event_ts", "card_id", "customer_id"],
                        negatives=["amount"], timestamps=["event_ts"])
 
 
 def _fraud_rows(df: DataFrame, r: _Rand, rows: int) -> DataFrame:
-    """All fraud columns (as internal text/numbers) for the row key ``rid``; keeps ``id``, ``_dirt``,
-    ``_sec`` (event time in seconds after the start)."""
+    """All fraud columns for the row key ``rid``; keeps ``id``, ``_dirt`` and ``_sec`` (event time in
+    seconds after the start)."""
     n_cust = max(20, rows // 50)
     n_heavy = max(1, n_cust // 10)
     n_merch = max(500, rows // 200)
@@ -410,158 +427,133 @@ def _fraud_rows(df: DataFrame, r: _Rand, rows: int) -> DataFrame:
     n_ctry = len(_COUNTRIES)
     n_compromised = max(3, n_merch // 2000)
     pool_size = (n_merch - _ELECTRONICS_RES - 1) // _POOL_MOD + 1     # n_merch >= 500: both pools exist
-    col = F.col
-    rid, b, pos, pat, role, c = (col(n) for n in ("rid", "_b", "_pos", "_pattern", "_role", "_c"))
-    in_pat = role != "normal"
-
-    # --- pattern of the row's block -------------------------------------------------------------
-    df = df.withColumns({"_b": F.floor(rid / _BLOCK), "_pos": F.pmod(rid, _BLOCK).cast("int")})
-    df = df.withColumn("_u_type", r.u("block.type", b))
-    df = df.withColumn("_pattern", _choice("_u_type", [p for p, _ in _PATTERNS] + ["normal"],
-                                           [w for _, w in _PATTERNS] + [1.0 - sum(w for _, w in _PATTERNS)]))
-    n_pat = (F.when(pat == "ct", 3 + r.idx(6, "n.ct", b))
-             .when(pat == "ato", 1 + r.idx(3, "n.ato", b))
-             .when(pat == "cm", 2 + r.idx(3, "n.cm", b))        # the visit to the merchant + 1..3 frauds
-             .when(pat == "spree", 2 + r.idx(4, "n.spree", b))
-             .when(pat == "micro", 3 + r.idx(4, "n.micro", b))
-             .otherwise(0))
-    df = df.withColumn("_role", F.when(pos >= n_pat, F.lit("normal"))
-                       .when((pat == "cm") & (pos == 0), F.lit("cm_visit")).otherwise(pat))
-
-    # --- who: customer (the 10% heavy users make ~4x more transactions), card -----------------------
-    df = df.withColumn("_c", F.when(in_pat, r.idx(n_cust, "cust.pat", b))
-                       .when(r.u("cust.heavy", rid) < 0.3, r.idx(n_heavy, "cust.h", rid))
-                       .otherwise(r.idx(n_cust, "cust", rid)))
-    gap = (F.when(role == "ct", 20 + r.idx(240, "gap.ct", b))
-           .when(role == "ato", 120 + r.idx(1200, "gap.ato", b))
-           .when(role == "cm", 300 + r.idx(3000, "gap.cm", b))
-           .when(role == "spree", 600 + r.idx(2400, "gap.spree", b))
-           .otherwise(30 + r.idx(400, "gap.micro", b)))
-    df = df.withColumns({"_n_cards": F.when(r.u("ncards", c) < 0.3, 2).otherwise(1),
-                         "_u_home": r.u("home", c), "_cm_idx": r.idx(n_compromised, "cm.which", b),
-                         "_u_h0": r.u("t0.hour", b), "_u_h": r.u("t.hour", rid), "_gap": gap})
     hours = list(range(24))
-    df = df.withColumns({
-        "_card": c * 2 + F.when(in_pat, r.idx(col("_n_cards"), "card.pat", b))
-        .otherwise(r.idx(col("_n_cards"), "card", rid)),
+
+    # --- the row's block and its pattern -------------------------------------------------------------
+    df = _with(df, {"_b": f"rid div {_BLOCK}", "_pos": f"cast(pmod(rid, {_BLOCK}) AS INT)"})
+    df = _with(df, {"_u_type": r.u("block.type", "_b")})
+    df = _with(df, {"_pattern": _choice("_u_type", [p for p, _ in _PATTERNS] + ["normal"],
+                                        [w for _, w in _PATTERNS] + [1.0 - sum(w for _, w in _PATTERNS)])})
+    n_pat = _case("_pattern", [("ct", f"3 + {r.idx(6, 'n.ct', '_b')}"),
+                               ("ato", f"1 + {r.idx(3, 'n.ato', '_b')}"),
+                               ("cm", f"2 + {r.idx(3, 'n.cm', '_b')}"),    # the visit + 1..3 frauds
+                               ("spree", f"2 + {r.idx(4, 'n.spree', '_b')}"),
+                               ("micro", f"3 + {r.idx(4, 'n.micro', '_b')}")], "0")
+    df = _with(df, {"_role": _when([(f"_pos >= {n_pat}", "'normal'"),
+                                    ("_pattern = 'cm' AND _pos = 0", "'cm_visit'")], "_pattern")})
+    in_pat = "_role <> 'normal'"
+
+    # --- who: customer (the 10% heavy users make ~4x more transactions) and card ---------------------
+    df = _with(df, {"_c": _when([(in_pat, r.idx(n_cust, "cust.pat", "_b")),
+                                 (f"{r.u('cust.heavy', 'rid')} < 0.3D", r.idx(n_heavy, "cust.h", "rid"))],
+                                r.idx(n_cust, "cust", "rid"))})
+    gap = _case("_role", [("ct", f"20 + {r.idx(240, 'gap.ct', '_b')}"),
+                          ("ato", f"120 + {r.idx(1200, 'gap.ato', '_b')}"),
+                          ("cm", f"300 + {r.idx(3000, 'gap.cm', '_b')}"),
+                          ("spree", f"600 + {r.idx(2400, 'gap.spree', '_b')}")],
+                f"30 + {r.idx(400, 'gap.micro', '_b')}")
+    df = _with(df, {"_n_cards": f"IF({r.u('ncards', '_c')} < 0.3D, 2, 1)", "_u_home": r.u("home", "_c"),
+                    "_cm_idx": r.idx(n_compromised, "cm.which", "_b"), "_u_h0": r.u("t0.hour", "_b"),
+                    "_u_h": r.u("t.hour", "rid"), "_gap": gap})
+    df = _with(df, {
+        "_card": f"_c * 2 + IF({in_pat}, {r.idx('_n_cards', 'card.pat', '_b')}, {r.idx('_n_cards', 'card', 'rid')})",
         "_home": _choice("_u_home", list(range(n_ctry)), [w for _, w, _ in _COUNTRIES]),
         "_h0": _choice("_u_h0", hours, _HOUR_WEIGHTS),
         "_h": _choice("_u_h", hours, _HOUR_WEIGHTS),
-        "_cm_m": r.idx(n_merch, "cm.merchant", col("_cm_idx")),
+        "_cm_m": r.idx(n_merch, "cm.merchant", "_cm_idx"),
         # a compromised merchant leaks cards for two weeks starting between day 10 and 23
-        "_cm_day": 10 + r.idx(14, "cm.start", col("_cm_idx")) + r.idx(14, "cm.visit", b),
+        "_cm_day": f"10 + {r.idx(14, 'cm.start', '_cm_idx')} + {r.idx(14, 'cm.visit', '_b')}",
     })
 
-    # --- when: diurnal times over 90 days; pattern rows are offset from their block's start --------
-    day0 = F.when(pat == "cm", col("_cm_day")).otherwise(r.idx(_DAYS, "t0.day", b))
-    df = df.withColumn("_t0", day0 * 86400 + col("_h0") * 3600 + r.idx(3600, "t0.sec", b))
-    t0, jitter = col("_t0"), r.idx(30, "jitter", rid)
-    cm_delay = (2 + r.idx(19, "cm.delay", b)) * 86400 + r.idx(43200, "cm.delay.s", b)
-    df = df.withColumn("_sec", F.when(role == "normal", r.idx(_DAYS, "t.day", rid) * 86400 + col("_h") * 3600
-                                      + r.idx(3600, "t.sec", rid))
-                       .when(role == "cm_visit", t0)
-                       .when(role == "cm", t0 + cm_delay + (pos - 1) * col("_gap") + jitter)
-                       .otherwise(t0 + pos * col("_gap") + jitter).cast("long"))
-    df = df.withColumn("_week", F.floor(col("_sec") / (7 * 86400)))
+    # --- when: diurnal times over 90 days; pattern rows are offset from their block's start ----------
+    day0 = f"IF(_pattern = 'cm', _cm_day, {r.idx(_DAYS, 't0.day', '_b')})"
+    df = _with(df, {"_t0": f"{day0} * 86400 + _h0 * 3600 + {r.idx(3600, 't0.sec', '_b')}"})
+    jitter = r.idx(30, "jitter", "rid")
+    cm_delay = f"(2 + {r.idx(19, 'cm.delay', '_b')}) * 86400 + {r.idx(43200, 'cm.delay.s', '_b')}"
+    normal_t = f"{r.idx(_DAYS, 't.day', 'rid')} * 86400 + _h * 3600 + {r.idx(3600, 't.sec', 'rid')}"
+    df = _with(df, {"_sec": "cast(" + _case("_role", [
+        ("normal", normal_t), ("cm_visit", "_t0"),
+        ("cm", f"_t0 + {cm_delay} + (_pos - 1) * _gap + {jitter}")], f"_t0 + _pos * _gap + {jitter}") + " AS BIGINT)"})
+    df = _with(df, {"_week": "_sec div 604800"})
 
-    # --- where: travel weeks, habitual merchants, fraud merchant pools ---------------------------
-    home = col("_home")
-    df = df.withColumns({
-        "_traveling": (role == "normal") & (r.u("trip", c, col("_week")) < 0.04),
-        "_trip": F.pmod(home + 1 + r.idx(n_ctry - 1, "trip.c", c, col("_week")), n_ctry),
-        "_foreign": F.pmod(home + 1 + r.idx(n_ctry - 1, "foreign", b), n_ctry),
+    # --- where: travel weeks, habitual merchants, fraud merchant pools ------------------------------
+    df = _with(df, {
+        "_traveling": f"_role = 'normal' AND {r.u('trip', '_c', '_week')} < 0.04D",
+        "_trip": f"pmod(_home + 1 + {r.idx(n_ctry - 1, 'trip.c', '_c', '_week')}, {n_ctry})",
+        "_foreign": f"pmod(_home + 1 + {r.idx(n_ctry - 1, 'foreign', '_b')}, {n_ctry})",
     })
 
-    def merchant_in(country: Column, h: Column) -> Column:
-        return _lookup(country, starts) + F.pmod(h, _lookup(country, sizes))
+    def merchant_in(country: str, h: str) -> str:
+        return f"({_lookup(country, starts)} + pmod({h}, {_lookup(country, sizes)}))"
 
-    habitual = merchant_in(home, r.hash("hab", c, r.idx(5 + r.idx(8, "n.hab", c), "hab.j", rid)))
-    random_any = r.idx(n_merch, "m.any", rid)
-    digital = F.least(F.lit(n_merch - 1), r.idx(pool_size, "pool.d", b) * _POOL_MOD + _DIGITAL_RES)
-    electronics = F.least(F.lit(n_merch - 1), r.idx(pool_size, "pool.e", b) * _POOL_MOD + _ELECTRONICS_RES)
-    df = df.withColumn("_m", F.when(
-        role == "normal",
-        F.when(col("_traveling") & (r.u("trip.use", rid) < 0.85), merchant_in(col("_trip"), r.hash("m.trip", rid)))
-        .when(r.u("m.hab", rid) < 0.8, habitual)
-        .when(r.u("m.dom", rid) < 0.9, merchant_in(home, r.hash("m.dom.which", rid)))
-        .otherwise(random_any))
-        .when(role.isin("ct", "micro"), digital)
-        .when(role == "ato", electronics)
-        .when(role == "cm_visit", col("_cm_m"))
-        .when(role == "cm", random_any)
-        .otherwise(habitual))                                                # spree
-    m = col("_m")
-    df = df.withColumns({"_u_mcat": r.u("m.cat", m), "_m_res": F.pmod(m, _POOL_MOD), "_mc": _choice_range(m, starts),
-                         "_u_ch": r.u("channel", rid), "_u_micro": r.u("amt.micro", rid),
-                         "_z": r.normal("amount", rid), "_spender": r.normal("spender", c)})
+    habitual = merchant_in("_home", r.hash("hab", "_c", r.idx(f"5 + {r.idx(8, 'n.hab', '_c')}", "hab.j", "rid")))
+    random_any = r.idx(n_merch, "m.any", "rid")
+    normal_m = _when([(f"_traveling AND {r.u('trip.use', 'rid')} < 0.85D",
+                       merchant_in("_trip", r.hash("m.trip", "rid"))),
+                      (f"{r.u('m.hab', 'rid')} < 0.8D", habitual),
+                      (f"{r.u('m.dom', 'rid')} < 0.9D", merchant_in("_home", r.hash("m.dom.which", "rid")))],
+                     random_any)
+    pool = f"least({n_merch - 1}, {{}} * {_POOL_MOD} + {{}})"
+    df = _with(df, {"_m": _case("_role", [
+        ("normal", normal_m),
+        ("ct", pool.format(r.idx(pool_size, "pool.d", "_b"), _DIGITAL_RES)),
+        ("micro", pool.format(r.idx(pool_size, "pool.d", "_b"), _DIGITAL_RES)),
+        ("ato", pool.format(r.idx(pool_size, "pool.e", "_b"), _ELECTRONICS_RES)),
+        ("cm_visit", "_cm_m"),
+        ("cm", random_any)], habitual)})                                     # spree: habitual merchants
+    df = _with(df, {"_u_mcat": r.u("m.cat", "_m"), "_m_res": f"pmod(_m, {_POOL_MOD})", "_mc": _range_of("_m", starts),
+                    "_u_ch": r.u("channel", "rid"), "_u_micro": r.u("amt.micro", "rid"),
+                    "_z": r.normal("amount", "rid"), "_spender": r.normal("spender", "_c")})
     others = [i for i in range(len(_CATEGORY_NAMES)) if i not in (_DIGITAL, _ELECTRONICS)]
-    df = df.withColumn("_cat", F.when(col("_m_res") == _DIGITAL_RES, F.lit(_DIGITAL))
-                       .when(col("_m_res") == _ELECTRONICS_RES, F.lit(_ELECTRONICS))
-                       .otherwise(_choice("_u_mcat", others, [_CATEGORIES[_CATEGORY_NAMES[i]][0] for i in others])))
+    df = _with(df, {"_cat": _case("_m_res", [(_DIGITAL_RES, str(_DIGITAL)), (_ELECTRONICS_RES, str(_ELECTRONICS))],
+                                  _choice("_u_mcat", others, [_CATEGORIES[_CATEGORY_NAMES[i]][0] for i in others]))})
 
-    # --- how: channel, device, IP country, amount --------------------------------------------------
-    cat, uch, z = col("_cat"), col("_u_ch"), col("_z")
-    normal_channel = (F.when(cat == _DIGITAL, F.when(uch < 0.5, "in_app").otherwise("online"))
-                      .when(cat == _ONLINE_RETAIL, F.lit("online"))
-                      .when(cat == _TRAVEL, F.when(uch < 0.7, "online").otherwise("pos"))
-                      .when(uch < 0.55, F.lit("contactless"))
-                      .when(uch < 0.9, F.lit("pos"))
-                      .otherwise(F.lit("online")))
-    usual_device = r.hash("dev", c, r.idx(1 + r.idx(2, "n.dev", c), "dev.j", rid))
-    mu = _lookup(cat, [v[1] for v in _CATEGORIES.values()])
-    sigma = _lookup(cat, [v[2] for v in _CATEGORIES.values()])
-    amount = (F.when(role == "ct", 0.5 + r.u("amt.ct", rid) * 4.5)
-              .when(role == "micro", _choice("_u_micro", [0.99, 1.99, 4.99, 9.99], [4, 3, 2, 1]))
-              .when(role == "ato", F.exp(6.3 + 0.6 * z))
-              .when(role == "cm", F.exp(5.4 + 0.8 * z))
-              .otherwise(F.exp(mu + sigma * z + 0.3 * col("_spender"))))
-    df = df.withColumns({
-        "channel": F.when(role.isin("normal", "spree"), normal_channel)
-        .when(role == "micro", F.lit("in_app"))
-        .when(role == "cm", F.when(r.u("cm.ch", b) < 0.5, "pos").otherwise("online"))
-        .otherwise(F.lit("online")),
-        "_device": F.when(role.isin(*_FRAUD_PATTERNS), r.hash("dev.fraud", b))
-        .when((role == "normal") & (r.u("dev.new", rid) < 0.02), r.hash("dev.new.id", rid))
-        .otherwise(usual_device),
-        "_ip": F.when(role == "normal", F.when(col("_traveling"), col("_trip")).otherwise(home))
-        .when(role == "ato", col("_foreign"))
-        .when(role == "ct", F.when(r.u("ct.ip", b) < 0.7, col("_foreign")).otherwise(home))
-        .when(role == "cm", F.when(r.u("cm.ip", b) < 0.6, col("_foreign")).otherwise(home))
-        .otherwise(home),
-        "amount": _money(F.least(F.greatest(amount, F.lit(0.5)), F.lit(50_000.0))),
-    })
-
-    # --- identifiers and PII -------------------------------------------------------------------------
-    card = col("_card")
-    df = df.withColumns({
-        "_payload": F.concat(_lookup(r.idx(4, "bin", card), ["453201", "491612", "542418", "552289"]),
-                             F.lpad(_scramble(card, 10**9, 31_415_927, r.idx(10**9, "acct.offset", F.lit(0)))
-                                    .cast("string"), 9, "0")),
-        **_person_parts(r, c, "_p_"),
+    # --- how: channel, device, IP country, amount ----------------------------------------------------
+    normal_channel = _when([(f"_cat = {_DIGITAL}", "IF(_u_ch < 0.5D, 'in_app', 'online')"),
+                            (f"_cat = {_ONLINE_RETAIL}", "'online'"),
+                            (f"_cat = {_TRAVEL}", "IF(_u_ch < 0.7D, 'online', 'pos')"),
+                            ("_u_ch < 0.55D", "'contactless'"), ("_u_ch < 0.9D", "'pos'")], "'online'")
+    usual_device = r.hash("dev", "_c", r.idx(f"1 + {r.idx(2, 'n.dev', '_c')}", "dev.j", "rid"))
+    mu = _lookup("_cat", [v[1] for v in _CATEGORIES.values()])
+    sigma = _lookup("_cat", [v[2] for v in _CATEGORIES.values()])
+    amount = _case("_role", [("ct", f"0.5D + {r.u('amt.ct', 'rid')} * 4.5D"),
+                             ("micro", _choice("_u_micro", [0.99, 1.99, 4.99, 9.99], [4, 3, 2, 1])),
+                             ("ato", "exp(6.3D + 0.6D * _z)"), ("cm", "exp(5.4D + 0.8D * _z)")],
+                   f"exp({mu} + {sigma} * _z + 0.3D * _spender)")
+    fraud_roles = ", ".join(_sql(p) for p in _FRAUD_PATTERNS)
+    df = _with(df, {
+        "channel": _when([("_role IN ('normal', 'spree')", normal_channel), ("_role = 'micro'", "'in_app'"),
+                          ("_role = 'cm'", f"IF({r.u('cm.ch', '_b')} < 0.5D, 'pos', 'online')")], "'online'"),
+        "_device": _when([(f"_role IN ({fraud_roles})", r.hash("dev.fraud", "_b")),
+                          (f"_role = 'normal' AND {r.u('dev.new', 'rid')} < 0.02D", r.hash("dev.new.id", "rid"))],
+                         usual_device),
+        "_ip": _case("_role", [("normal", "IF(_traveling, _trip, _home)"), ("ato", "_foreign"),
+                               ("ct", f"IF({r.u('ct.ip', '_b')} < 0.7D, _foreign, _home)"),
+                               ("cm", f"IF({r.u('cm.ip', '_b')} < 0.6D, _foreign, _home)")], "_home"),
+        "amount": f"round(least(greatest({amount}, 0.5D), 50000D), 2)",
+        "_payload": f"concat({_lookup(r.idx(4, 'bin', '_card'), ['453201', '491612', '542418', '552289'])}, lpad("
+                    f"cast({_scramble('_card', 10**9, 31_415_927, _offset(r, 'acct', 10**9))} AS STRING), 9, '0'))",
+        **_person_parts(r, "_c", "_p_"),
     })
     name, email = _person("_p_")
     codes = [code for code, _, _ in _COUNTRIES]
-    return df.select(
-        "id", "_dirt", "_sec",
-        F.concat(F.lit("tx_"), F.lpad(_scramble(rid, 10**12, 982_451_653, r.idx(10**12, "tx.offset", F.lit(0)))
-                                      .cast("string"), 12, "0")).alias("transaction_id"),
-        F.concat(F.lit("card_"), F.lpad(_scramble(card, 10**10, 387_420_489, r.idx(10**10, "card.offset", F.lit(0)))
-                                        .cast("string"), 10, "0")).alias("card_id"),
-        F.concat(F.lit("CUS"), F.lpad(_scramble(c, 10**9, 48_271, r.idx(10**9, "cust.offset", F.lit(0)))
-                                      .cast("string"), 9, "0")).alias("customer_id"),
-        F.concat(F.lit("M"), F.lpad(m.cast("string"), 7, "0")).alias("merchant_id"),
-        _lookup(cat, _CATEGORY_NAMES).alias("merchant_category"),
-        "amount",
-        _lookup(col("_mc"), [cur for _, _, cur in _COUNTRIES]).alias("currency"),
-        _lookup(col("_mc"), codes).alias("country"),
-        F.concat(F.lit("dev_"), F.lpad(F.lower(F.hex(col("_device"))), 16, "0")).alias("device_id"),
-        _lookup(col("_ip"), codes).alias("ip_country"),
-        "channel",
-        _luhn_number(col("_payload")).alias("card_number"),
-        name.alias("customer_name"),
-        email.alias("email"),
-        F.when(role.isin(*_FRAUD_PATTERNS), 1).otherwise(0).alias("is_fraud"),
-    )
+    return df.select("id", "_dirt", "_sec", *[F.expr(sql).alias(c) for c, sql in {
+        "transaction_id": _padded("tx_", _scramble("rid", 10**12, 982_451_653, _offset(r, "tx", 10**12)), 12),
+        "card_id": _padded("card_", _scramble("_card", 10**10, 387_420_489, _offset(r, "card", 10**10)), 10),
+        "customer_id": _padded("CUS", _scramble("_c", 10**9, 48_271, _offset(r, "cust", 10**9)), 9),
+        "merchant_id": _padded("M", "_m", 7),
+        "merchant_category": _lookup("_cat", _CATEGORY_NAMES),
+        "amount": "amount",
+        "currency": _lookup("_mc", [cur for _, _, cur in _COUNTRIES]),
+        "country": _lookup("_mc", codes),
+        "device_id": "concat('dev_', lpad(lower(hex(_device)), 16, '0'))",
+        "ip_country": _lookup("_ip", codes),
+        "channel": "channel",
+        "card_number": _luhn_number("_payload"),
+        "customer_name": name,
+        "email": email,
+        "is_fraud": f"IF(_role IN ({fraud_roles}), 1, 0)",
+    }.items()])
 
 
 # =================================================================================================
@@ -573,154 +565,138 @@ def crm(spark: SparkSession, rows: int, seed: int = 42, dirty_rate: float = 0.0,
     A seat is one subscription line observed for 24 months; its occupant churns with a monthly
     hazard driven by tenure, engagement decline (sessions falling below the customer's own normal),
     recent complaints and plan, and a new customer signs up the month after. Occupancy is a
-    sequential process, so it is simulated per seat with one ``aggregate`` fold in the JVM; the
-    seat is then exploded into its monthly rows, whose values are recomputed (compiled) from the
-    same pure functions of (seat, occupant, month) the fold used.
+    sequential process, so it is simulated per seat with one ``aggregate`` fold in the JVM; the seat
+    is then exploded into its monthly rows, whose values are recomputed (compiled) from the same
+    pure functions of (seat, occupant, month) that the fold used.
     """
     r = _Rand(seed)
-    seat = F.col("seat")
     seats = _partitioned_range(spark, math.ceil(rows / _MONTHS), files).withColumnRenamed("id", "seat")
-    lat_fields = list(_occupant(r, seat, F.lit(0)))
-    init = F.struct(F.lit(0).alias("occ"), F.lit(0).alias("start"),
-                    F.struct(*[v.alias(k) for k, v in _occupant(r, seat, F.lit(0)).items()]).alias("lat"),
-                    F.array().cast("array<int>").alias("occs"), F.array().cast("array<int>").alias("starts"))
 
-    def step(acc: Column, j: Column) -> Column:
-        occ, start, lat = acc["occ"], acc["start"], acc["lat"]
-        month = _crm_month(r, seat, {k: lat[k] for k in lat_fields}, occ, start, j)
-        churn = r.u("churn", seat, j) < month["hazard"]
-        new_lat = F.struct(*[v.alias(k) for k, v in _occupant(r, seat, occ + 1).items()])
-        return F.struct(F.when(churn, occ + 1).otherwise(occ).alias("occ"),
-                        F.when(churn, j + 1).otherwise(start).alias("start"),
-                        F.when(churn, new_lat).otherwise(lat).alias("lat"),
-                        F.concat(acc["occs"], F.array(occ)).alias("occs"),
-                        F.concat(acc["starts"], F.array(start)).alias("starts"))
+    def traits(occ: str) -> str:
+        return "named_struct(" + ", ".join(f"'{k}', {v}" for k, v in _occupant(r, "seat", occ).items()) + ")"
 
-    life = F.aggregate(F.sequence(F.lit(0), F.lit(_MONTHS - 1)), init, step)
-    df = seats.select("seat", life.alias("_life"), F.explode(F.sequence(F.lit(0), F.lit(_MONTHS - 1))).alias("_j"))
-    df = df.withColumn("id", seat * _MONTHS + F.col("_j")).where(F.col("id") < rows)
-    df = _plan_dirt(df, r, dirty_rate, has_prev=F.col("_j") > 0)
-    df = df.withColumn("_jj", F.when(F.col("_dirt") == "duplicate", F.col("_j") - 1).otherwise(F.col("_j")))
-    jj = F.col("_jj")
-    df = df.withColumns({"_occ": F.element_at(F.col("_life.occs"), jj + 1),
-                         "_start": F.element_at(F.col("_life.starts"), jj + 1)})
-    occ, start = F.col("_occ"), F.col("_start")
-    df = df.withColumns({f"_lat_{k}": v for k, v in _occupant(r, seat, occ).items()})
-    lat = {k: F.col(f"_lat_{k}") for k in lat_fields}
-    df = df.withColumns({f"_m_{k}": v for k, v in _crm_month(r, seat, lat, occ, start, jj).items()})
-    key = lat["key"]
-    df = df.withColumns(_person_parts(r, key, "_p_"))
+    fields = list(_occupant(r, "seat", "0"))
+    month = _crm_month(r, "seat", {k: f"acc.lat.{k}" for k in fields}, "acc.occ", "acc.start", "j")
+    churn = f"{r.u('churn', 'seat', 'j')} < {month['hazard']}"
+    # transform(array(x), c -> ...) binds the churn draw once for the three fields that use it
+    step = (f"element_at(transform(array({churn}), c -> named_struct("
+            f"'occ', IF(c, acc.occ + 1, acc.occ), 'start', IF(c, j + 1, acc.start), "
+            f"'lat', IF(c, {traits('acc.occ + 1')}, acc.lat), "
+            f"'occs', concat(acc.occs, array(acc.occ)), 'starts', concat(acc.starts, array(acc.start)))), 1)")
+    init = (f"named_struct('occ', 0, 'start', 0, 'lat', {traits('0')}, "
+            f"'occs', cast(array() AS ARRAY<INT>), 'starts', cast(array() AS ARRAY<INT>))")
+    months = f"sequence(0, {_MONTHS - 1})"
+    df = seats.select("seat", F.expr(f"aggregate({months}, {init}, (acc, j) -> {step})").alias("_life"),
+                      F.expr(f"explode({months})").alias("_j"))
+    df = _with(df, {"id": f"seat * {_MONTHS} + _j"}).where(F.col("id") < rows)
+    df = _plan_dirt(df, r, dirty_rate, has_prev="_j > 0")
+    df = _with(df, {"_jj": "IF(_dirt = 'duplicate', _j - 1, _j)"})       # a duplicate repeats last month's row
+    df = _with(df, {"_occ": "element_at(_life.occs, _jj + 1)", "_start": "element_at(_life.starts, _jj + 1)"})
+    df = _with(df, {f"_lat_{k}": v for k, v in _occupant(r, "seat", "_occ").items()})
+    lat = {k: f"_lat_{k}" for k in fields}
+    df = _with(df, {f"_m_{k}": v for k, v in _crm_month(r, "seat", lat, "_occ", "_start", "_jj").items()})
+    df = _with(df, _person_parts(r, "_lat_key", "_p_"))
     name, email = _person("_p_")
-    fee, sessions, complaints = F.col("_m_fee"), F.col("_m_sessions"), F.col("_m_complaints")
-    spend = fee + sessions * lat["addon"] * (0.8 + 0.4 * r.u("spend", key, jj))
-    tickets = complaints + F.floor(-F.log(1.0 - r.u("tickets", key, jj))
-                                   * (0.3 + 0.5 * F.least(F.col("_m_decline"), F.lit(2.0))))
-    base = F.lit(_CRM_START).cast("date")
-    signup_month = F.when(occ == 0, -lat["t0"]).otherwise(start).cast("int")
-    signup = F.date_add(F.add_months(base, signup_month), r.idx(28, "signup.day", key).cast("int"))
-    cust = _scramble(key, 10**10, 48_271, r.idx(10**10, "crm.cust.offset", F.lit(0)))
-    out = df.select(
-        "id", "_dirt",
-        F.concat(F.lit("C"), F.lpad(cust.cast("string"), 10, "0")).alias("customer_id"),
-        name.alias("customer_name"),
-        email.alias("email"),
-        signup.cast("string").alias("signup_date"),
-        F.concat(F.last_day(F.add_months(base, jj)).cast("string"), F.lit(" 00:00:00")).alias("snapshot_date"),
-        _lookup(lat["plan"], [p for p, _, _, _ in _PLANS]).alias("plan"),
-        _lookup(lat["region"], [g for g, _ in _REGIONS]).alias("region"),
-        _money(fee).alias("monthly_fee"),
-        sessions.cast("int").alias("sessions"),
-        _money(spend).alias("spend"),
-        tickets.cast("int").alias("support_tickets"),
-        complaints.cast("int").alias("complaints"),
-        (r.u("churn", seat, jj) < F.col("_m_hazard")).cast("int").alias("churned"),
-    )
+    spend = f"_m_fee + _m_sessions * _lat_addon * (0.8D + 0.4D * {r.u('spend', '_lat_key', '_jj')})"
+    tickets = (f"_m_complaints + floor(-ln(1D - {r.u('tickets', '_lat_key', '_jj')}) "
+               f"* (0.3D + 0.5D * least(_m_decline, 2D)))")
+    signup_month = "IF(_occ = 0, -_lat_t0, _start)"
+    out = df.select("id", "_dirt", *[F.expr(sql).alias(c) for c, sql in {
+        "customer_id": _padded("C", _scramble("_lat_key", 10**10, 48_271, _offset(r, "crm.cust", 10**10)), 10),
+        "customer_name": name,
+        "email": email,
+        "signup_date": f"cast(date_add(add_months(DATE'{_CRM_START}', {signup_month}), "
+                       f"cast({r.idx(28, 'signup.day', '_lat_key')} AS INT)) AS STRING)",
+        "snapshot_date": f"concat(cast(last_day(add_months(DATE'{_CRM_START}', _jj)) AS STRING), ' 00:00:00')",
+        "plan": _lookup("_lat_plan", [p for p, _, _, _ in _PLANS]),
+        "region": _lookup("_lat_region", [g for g, _ in _REGIONS]),
+        "monthly_fee": "round(_m_fee, 2)",
+        "sessions": "cast(_m_sessions AS INT)",
+        "spend": f"round({spend}, 2)",
+        "support_tickets": f"cast({tickets} AS INT)",
+        "complaints": "cast(_m_complaints AS INT)",
+        "churned": f"IF({r.u('churn', 'seat', '_jj')} < _m_hazard, 1, 0)",
+    }.items()])
     if dirty_rate <= 0:
-        return out.select(*[_typed(c, t) for c, t in CRM_SCHEMA.items()])
+        return out.select(*_typed(CRM_SCHEMA))
     return _apply_dirt(out, r, CRM_SCHEMA, numbers=["spend", "monthly_fee", "sessions"],
                        required=["churned", "snapshot_date", "customer_id"],
                        negatives=["spend", "sessions"], timestamps=["snapshot_date", "signup_date"])
 
 
-def _occupant(r: _Rand, seat: Column, occ: Column) -> dict[str, Column]:
+def _occupant(r: _Rand, seat: str, occ: str) -> dict[str, str]:
     """A seat occupant's fixed traits, a pure function of (seat, occupant number).
 
-    Each uniform is read once (``_choice_pct``) because this also runs inside the ``aggregate``
-    lambda, where columns cannot be added first.
+    Each uniform is read once (``_table``) because this also runs inside the ``aggregate`` lambda,
+    where columns cannot be added first.
     """
-    key = seat.cast("long") * 32 + occ.cast("int")     # a seat has at most 25 occupants in 24 months
+    key = f"(cast({seat} AS BIGINT) * 32 + cast({occ} AS INT))"  # a seat has at most 25 occupants
     return {
         "key": key,
-        # tenure at the window start of the customer already on the seat: new, 0.5-2 years, 2-6 years
-        "t0": _choice_pct(r.u("t0", key), _T0_TABLE, [1] * 100),
-        "plan": _choice_pct(r.u("plan", key), [0, 1, 2], [45, 35, 20]),
-        "region": _choice_pct(r.u("region", key), [0, 1, 2, 3, 4], [22, 24, 20, 14, 20]),
-        "sessions0": 0.5 * r.normal("sess0", key),     # log-scale personal level of use
-        "dissat": 0.04 * F.exp(0.8 * r.normal("dissat", key)),
-        "falling": r.u("decl", key) < 0.35,            # this customer's engagement will fade ...
-        "fall_from": r.idx(30, "decl.start", key).cast("int") - 6,   # ... from this many months in
-        "fall_rate": 0.15 + 0.35 * r.u("decl.slope", key),
-        "addon": 0.2 * F.exp(0.6 * r.normal("addon", key)),
+        "t0": _table(r.u("t0", key), _T0_TABLE),                     # tenure at the window start
+        "plan": _table(r.u("plan", key), [i for i, (_, s, _, _) in enumerate(_PLANS) for _ in range(round(s * 100))]),
+        "region": _table(r.u("region", key), [i for i, (_, s) in enumerate(_REGIONS) for _ in range(round(s * 100))]),
+        "sessions0": f"0.5D * {r.normal('sess0', key)}",              # log-scale personal level of use
+        "dissat": f"0.04D * exp(0.8D * {r.normal('dissat', key)})",
+        "falling": f"{r.u('decl', key)} < 0.35D",                     # this customer's use will fade ...
+        "fall_from": f"cast({r.idx(30, 'decl.start', key)} AS INT) - 6",   # ... from this many months in
+        "fall_rate": f"0.15D + 0.35D * {r.u('decl.slope', key)}",
+        "addon": f"0.2D * exp(0.6D * {r.normal('addon', key)})",
     }
 
 
-def _crm_month(r: _Rand, seat: Column, lat: dict[str, Column], occ: Column, start: Column,
-               j: Column) -> dict[str, Column]:
+def _crm_month(r: _Rand, seat: str, lat: dict[str, str], occ: str, start: str, j: str) -> dict[str, str]:
     """One customer-month: fee, sessions, complaints, engagement decline and the churn hazard."""
-    key = lat["key"]
-    plan = lat["plan"]
+    key, plan = lat["key"], lat["plan"]
 
-    def decline_at(month: Column) -> Column:
+    def decline_at(month: str) -> str:
         """How far (log scale) use has fallen below the customer's own normal by ``month``."""
-        fallen = lat["fall_rate"] * F.greatest(month - (start + lat["fall_from"]), F.lit(0))
-        return F.when(lat["falling"], F.least(fallen, F.lit(2.5))).otherwise(F.lit(0.0))
+        months_falling = f"greatest({month} - ({start} + {lat['fall_from']}), 0)"
+        return f"IF({lat['falling']}, least({lat['fall_rate']} * {months_falling}, 2.5D), 0D)"
 
-    def complaints_at(month: Column) -> Column:
-        lam = lat["dissat"] + 0.25 * F.least(decline_at(month), F.lit(1.5))
-        u = r.u("compl", key, month.cast("int"))
-        p0 = F.exp(-lam)
-        count = F.when(u < p0, 0).when(u < p0 * (1 + lam), 1).otherwise(2)   # Poisson, capped at 2
-        return F.when((occ == 0) | (month >= start), count).otherwise(0)     # none before signing up
+    def complaints_at(month: str) -> str:
+        lam = f"({lat['dissat']} + 0.25D * least({decline_at(month)}, 1.5D))"
+        u = r.u("compl", key, f"cast({month} AS INT)")
+        # Poisson(lam) capped at 2, and none before the customer signed up
+        return (f"IF({occ} = 0 OR {month} >= {start}, "
+                f"CASE WHEN {u} < exp(-{lam}) THEN 0 WHEN {u} < exp(-{lam}) * (1 + {lam}) THEN 1 ELSE 2 END, 0)")
 
-    tenure = F.when(occ == 0, lat["t0"] + j).otherwise(j - start)
-    decline = decline_at(j)
-    complaints = complaints_at(j)
+    tenure = f"IF({occ} = 0, {lat['t0']} + {j}, {j} - {start})"
+    decline, complaints = decline_at(j), complaints_at(j)
+    by_tenure = _when([(f"{tenure} < 3", "1.4D"), (f"{tenure} < 12", "0.7D"), (f"{tenure} >= 36", "-0.5D")], "0D")
+    logit = (f"(-2.8D + {by_tenure}"
+             f" + 1.5D * least({decline}, 2D) + 0.9D * {complaints} + 0.5D * {complaints_at(f'({j} - 1)')}"
+             f" + 0.3D * {complaints_at(f'({j} - 2)')} + {_lookup(plan, [0.3, 0.0, -0.3])}"
+             f" + IF({lat['region']} = {len(_REGIONS) - 1}, 0.2D, 0D))")
     usage = _lookup(plan, [u for _, _, _, u in _PLANS])
-    logit = (F.lit(-2.8)
-             + F.when(tenure < 3, 1.4).when(tenure < 12, 0.7).when(tenure >= 36, -0.5).otherwise(0.0)
-             + 1.5 * F.least(decline, F.lit(2.0))
-             + 0.9 * complaints + 0.5 * complaints_at(j - 1) + 0.3 * complaints_at(j - 2)
-             + _lookup(plan, [0.3, 0.0, -0.3])
-             + F.when(lat["region"] == len(_REGIONS) - 1, 0.2).otherwise(0.0))
     return {
         # a price rise of 2.00 from 2024-01
-        "fee": _lookup(plan, [f for _, _, f, _ in _PLANS]) + F.when(j >= 12, F.lit(2.0)).otherwise(F.lit(0.0)),
-        "sessions": F.round(20.0 * usage * F.exp(lat["sessions0"] - decline + 0.25 * r.normal("sess", key, j))),
+        "fee": f"{_lookup(plan, [f for _, _, f, _ in _PLANS])} + IF({j} >= 12, 2D, 0D)",
+        "sessions": f"round(20D * {usage} * exp({lat['sessions0']} - {decline} + 0.25D * {r.normal('sess', key, j)}))",
         "complaints": complaints,
         "decline": decline,
-        "hazard": 1.0 / (1.0 + F.exp(-logit)),
+        "hazard": f"(1D / (1D + exp(-{logit})))",
     }
 
 
 # =================================================================================================
 # Dirt
 # =================================================================================================
-def _plan_dirt(df: DataFrame, r: _Rand, rate: float, has_prev: Column) -> DataFrame:
+def _plan_dirt(df: DataFrame, r: _Rand, rate: float, has_prev: str) -> DataFrame:
     """Which rows get dirty and how (``_dirt``: null, or a kind), keyed by ``id``.
 
     Decided before generation because a duplicate is the previous row generated again. A row right
     after a duplicate is never one itself, so every duplicate's original is present.
     """
     if rate <= 0:
-        return df.withColumn("_dirt", F.lit(None).cast("string"))
+        return _with(df, {"_dirt": "cast(NULL AS STRING)"})
     kinds, weights = [k for k, _ in _DIRT_KINDS], [w for _, w in _DIRT_KINDS]
-    key = F.col("id")
-    df = df.withColumns({"_ud": r.u("dirt", key), "_udk": r.u("dirt.kind", key),
-                         "_udp": r.u("dirt", key - 1), "_udkp": r.u("dirt.kind", key - 1)})
-    this = F.when(F.col("_ud") < rate, _choice("_udk", kinds, weights))
-    prev_dup = has_prev & (F.col("_udp") < rate) & (_choice("_udkp", kinds, weights) == "duplicate")
-    return df.withColumn("_dirt", F.when((this == "duplicate") & (~has_prev | prev_dup), F.lit(None))
-                         .otherwise(this))
+    df = _with(df, {"_ud": r.u("dirt", "id"), "_udk": r.u("dirt.kind", "id"),
+                    "_udp": r.u("dirt", "id - 1"), "_udkp": r.u("dirt.kind", "id - 1")})
+    prev_kind = _choice("_udkp", kinds, weights)
+    df = _with(df, {"_d": f"IF(_ud < {rate!r}D, {_choice('_udk', kinds, weights)}, NULL)",
+                    "_prev_dup": f"{has_prev} AND _udp < {rate!r}D AND {prev_kind} = 'duplicate'"})
+    return _with(df, {"_dirt": f"IF(_d = 'duplicate' AND (NOT ({has_prev}) OR _prev_dup), NULL, _d)"})
 
 
 def _apply_dirt(df: DataFrame, r: _Rand, schema: dict[str, str], numbers: list[str], required: list[str],
@@ -730,35 +706,29 @@ def _apply_dirt(df: DataFrame, r: _Rand, schema: dict[str, str], numbers: list[s
     Each dirty row gets one defect in one column picked among the candidates of its kind
     (duplicates were made by ``_plan_dirt``).
     """
-    dirt, key = F.col("_dirt"), F.col("id")
     picks = {"_ncol": ("num", numbers), "_zcol": ("null", required), "_gcol": ("neg", negatives),
              "_tcol": ("ts", timestamps)}
-    df = df.withColumns({f"_u{name}": r.u(f"dirt.{tag}.col", key) for name, (tag, _) in picks.items()})
-    df = df.withColumns({name: _choice(f"_u{name}", cols, [1.0] * len(cols)) for name, (_, cols) in picks.items()})
-    df = df.withColumns({"_garble": r.idx(4, "dirt.num", key), "_huge": r.u("dirt.neg.kind", key) >= 0.8,
-                         "_bad_ts": _lookup(r.idx(len(_BAD_TIMESTAMPS), "dirt.ts", key), _BAD_TIMESTAMPS),
-                         "_bad_date": _lookup(r.idx(len(_BAD_DATES), "dirt.ts", key), _BAD_DATES)})
-    garble = F.col("_garble")
+    df = _with(df, {f"_u{name}": r.u(f"dirt.{tag}.col", "id") for name, (tag, _) in picks.items()})
+    df = _with(df, {name: _choice(f"_u{name}", cols, [1.0] * len(cols)) for name, (_, cols) in picks.items()})
+    df = _with(df, {"_garble": r.idx(4, "dirt.num", "id"), "_huge": f"{r.u('dirt.neg.kind', 'id')} >= 0.8D",
+                    "_bad_ts": _lookup(r.idx(len(_BAD_TIMESTAMPS), "dirt.ts", "id"), _BAD_TIMESTAMPS),
+                    "_bad_date": _lookup(r.idx(len(_BAD_DATES), "dirt.ts", "id"), _BAD_DATES)})
 
-    def dirty(col: str, typ: str) -> Column:
-        text = _two_decimals(F.col(col)) if typ == "double" else F.col(col).cast("string")
-        out = text
+    def dirty(col: str, typ: str) -> str:
+        text = f"cast(cast({col} AS DECIMAL(20,2)) AS STRING)" if typ == "double" else f"cast({col} AS STRING)"
+        cases = []
         if col in numbers:          # what a spreadsheet, a locale or a bad export leaves behind
-            bad = (F.when(garble == 0, F.concat(F.regexp_replace(text, r"\.", ","), F.lit("x")))
-                   .when(garble == 1, F.concat(F.lit("$" if typ == "double" else "~"), text))
-                   .when(garble == 2, F.concat(text, F.lit(".5.1")))
-                   .otherwise(F.lit("n/a ")))
-            out = F.when((dirt == "bad_number") & (F.col("_ncol") == col), bad).otherwise(out)
+            garbled = _case("_garble", [(0, f"concat(replace({text}, '.', ','), 'x')"),
+                                        (1, f"concat('{'$' if typ == 'double' else '~'}', {text})"),
+                                        (2, f"concat({text}, '.5.1')")], "'n/a '")
+            cases.append((f"_dirt = 'bad_number' AND _ncol = '{col}'", garbled))
         if col in required:
-            out = F.when((dirt == "null_required") & (F.col("_zcol") == col), F.lit(None)).otherwise(out)
+            cases.append((f"_dirt = 'null_required' AND _zcol = '{col}'", "NULL"))
         if col in negatives:
-            neg = F.concat(F.lit("-"), text)
-            if typ == "double":
-                neg = F.when(F.col("_huge"), F.lit("9999999999.99")).otherwise(neg)
-            out = F.when((dirt == "out_of_range") & (F.col("_gcol") == col), neg).otherwise(out)
+            neg = f"IF(_huge, '9999999999.99', concat('-', {text}))" if typ == "double" else f"concat('-', {text})"
+            cases.append((f"_dirt = 'out_of_range' AND _gcol = '{col}'", neg))
         if col in timestamps:
-            bad_t = F.col("_bad_date") if typ == "date" else F.col("_bad_ts")
-            out = F.when((dirt == "bad_ts") & (F.col("_tcol") == col), bad_t).otherwise(out)
-        return out.alias(col)
+            cases.append((f"_dirt = 'bad_ts' AND _tcol = '{col}'", "_bad_date" if typ == "date" else "_bad_ts"))
+        return _when(cases, text) if cases else text
 
-    return df.select(*[dirty(c, t) for c, t in schema.items()])
+    return df.select(*[F.expr(dirty(c, t)).alias(c) for c, t in schema.items()])

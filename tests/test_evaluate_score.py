@@ -79,7 +79,7 @@ def _cfg(out: Path, **evaluation):
         "features": {"numeric": ["x0"], "categorical": ["k0"]},
         "output": {"path": str(out)},
         "evaluation": {"precision_at_k": [10, 100], "fpr_points": [0.01, 0.1], "score_batch_rows": 97,
-                       "registry": str(out / "registry"), **evaluation},
+                       "registry": str(out / "registry"), "baseline_max_iter": 25, **evaluation},
     })
 
 

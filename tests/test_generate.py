@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -207,5 +206,4 @@ def test_cli_is_deterministic_and_rejects_bad_rates(tmp_path):
         lines = [ln for f in sorted((tmp_path / f"run{i}").glob("part-*.csv")) for ln in f.read_text().splitlines()]
         texts.append(sorted(lines))
     assert texts[0] == texts[1] and len(texts[0]) == 2001   # 2000 rows + the header
-    assert texts[0][-1].startswith("transaction_id,event_ts,card_id")
-    assert sys.version_info >= (3, 11)
+    assert ",".join(FRAUD_SCHEMA) in texts[0]

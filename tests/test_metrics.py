@@ -47,13 +47,14 @@ CASES = [("random", 6000, 1), ("ties", 4000, 2), ("coarse", 3000, 3), ("rare", 2
 
 @pytest.fixture(scope="module")
 def tables(spark):
-    """One Spark aggregation per case (the real code path), with the numpy sample kept beside it."""
-    out = {}
-    for kind, n, seed in CASES:
-        y, s = _sample(kind, n, seed)
-        df = spark.createDataFrame(pd.DataFrame({"label": y.astype(np.float32), "score": s}))
-        out[kind] = (y, s, M.score_table(df))
-    return out
+    """Every case in ONE Spark aggregation grouped by case (the path evaluation uses for val/test),
+    with the numpy sample kept beside each table."""
+    samples = {kind: _sample(kind, n, seed) for kind, n, seed in CASES}
+    pdf = pd.concat([pd.DataFrame({"case": kind, "label": y.astype(np.float32), "score": s})
+                     for kind, (y, s) in samples.items()])
+    grouped = M.score_tables(spark.createDataFrame(pdf), by="case")
+    assert set(grouped) == set(samples)
+    return {kind: (y, s, grouped[kind]) for kind, (y, s) in samples.items()}
 
 
 @pytest.mark.parametrize("kind", [c[0] for c in CASES])

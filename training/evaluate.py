@@ -110,7 +110,7 @@ def baseline_frame(df: DataFrame, state: dict[str, Any]) -> tuple[DataFrame, lis
 
 
 def fit_baseline(train: DataFrame, state: dict[str, Any], max_rows: int, train_rows: int,
-                 seed: int = 42) -> PipelineModel:
+                 seed: int = 42, max_iter: int = 100) -> PipelineModel:
     """Logistic regression (L2, standardized) on numerics + one-hot categoricals, fitted on train."""
     frame, numeric, categorical = baseline_frame(train, state)
     if train_rows > max_rows:
@@ -120,7 +120,7 @@ def fit_baseline(train: DataFrame, state: dict[str, Any], max_rows: int, train_r
     if categorical:
         stages.append(OneHotEncoder(inputCols=categorical, outputCols=onehot, handleInvalid="keep"))
     stages.append(VectorAssembler(inputCols=numeric + onehot, outputCol="__features", handleInvalid="keep"))
-    lr = LogisticRegression(featuresCol="__features", labelCol="label", maxIter=100, regParam=1e-4,
+    lr = LogisticRegression(featuresCol="__features", labelCol="label", maxIter=max_iter, regParam=1e-4,
                             elasticNetParam=0.0, standardization=True, probabilityCol="__probability",
                             rawPredictionCol="__raw", predictionCol="__prediction")
     if "__weight" in frame.columns:
@@ -288,7 +288,7 @@ def run_evaluation(spark: SparkSession, cfg: Config, gate: bool = False) -> dict
         with timed("evaluate: logistic-regression baseline"):
             train = spark.read.parquet(train_info.url)
             lr = fit_baseline(train, prepared.feature_state, ev.baseline_max_train_rows, train_info.rows,
-                              seed=cfg.training.seed)
+                              seed=cfg.training.seed, max_iter=ev.baseline_max_iter)
             baseline = evaluate_scores_by(baseline_scores(lr, both, prepared.feature_state), "split",
                                           **_metric_args(cfg), what="baseline")
 

@@ -57,20 +57,20 @@ def run_training(spark: Any, cfg: Config, fresh: bool = False) -> dict[str, Any]
         prepared = open_prepared(cfg.output.path)
         _check_slots(spark, t.workers)
         plan = make_plan(cfg, prepared, fresh)
-        store = CheckpointStore(plan["checkpoints"], plan["run_key"])
-        workers = t.workers
-        if fresh:
-            store.clear()
-            storage.delete_dir(plan["tensorboard"])
-            LOG.info("train --fresh: checkpoints and TensorBoard logs cleared")
-        else:
-            done = store.latest()
-            if done and (done.get("stopped_early") or int(done["epoch"]) >= t.epochs):
-                LOG.info("train: the checkpoint in %s is complete (epoch %d%s); exporting it without "
-                         "training (use --fresh to retrain)", store.url, done["epoch"],
-                         ", stopped early" if done.get("stopped_early") else "")
-                workers = 1
         try:
+            store = CheckpointStore(plan["checkpoints"], plan["run_key"])
+            workers = t.workers
+            if fresh:
+                store.clear()
+                storage.delete_dir(plan["tensorboard"])
+                LOG.info("train --fresh: checkpoints and TensorBoard logs cleared")
+            else:
+                done = store.latest()
+                if done and (done.get("stopped_early") or int(done["epoch"]) >= t.epochs):
+                    LOG.info("train: the checkpoint in %s is complete (epoch %d%s); exporting it without "
+                             "training (use --fresh to retrain)", store.url, done["epoch"],
+                             ", stopped early" if done.get("stopped_early") else "")
+                    workers = 1
             results = launch(spark, plan, workers=workers, timeout_s=t.timeout_s)
             card = finish(cfg, prepared, plan, results)
         except BaseException:
@@ -118,12 +118,22 @@ def make_plan(cfg: Config, prepared: PreparedData, fresh: bool) -> dict[str, Any
         "staging": storage.staging_dir(storage.join(cfg.output.path, MODEL_DIR)),
         "run_key": run_key(cfg, prepared.data_version),
         "fresh": fresh,
-        "fail_after_epoch": int(os.environ.get(FAIL_ENV) or 0) or None,
+        "fail_after_epoch": _fail_after_epoch(),
     }
     LOG.info("train plan: data_version=%s, %d train rows (%d positives), %d steps/epoch x %d workers x "
              "batch %d, imbalance=%s (keep negatives %.3g, positive weight %.3g)", prepared.data_version,
              train.rows, train.positives, steps, t.workers, t.batch_size, t.imbalance, keep, pos_w)
     return plan
+
+
+def _fail_after_epoch() -> int | None:
+    """The recovery-drill hook: ``DOWNPOUR_FAIL_AFTER_EPOCH=N`` fails rank 0 after epoch N."""
+    text = os.environ.get(FAIL_ENV, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"{FAIL_ENV}: expected an epoch number >= 1, got {text!r}")
+    return int(text)
 
 
 def _check_slots(spark: Any, workers: int) -> None:
@@ -418,6 +428,8 @@ def _train_rank(plan: dict[str, Any], rank: int) -> dict[str, Any]:
         state = store.latest()
         if state is not None:
             store.restore(model, optimizer, state)
+            # the learning rate follows this run's worker count (warm-up adjusts it from here)
+            tf.keras.backend.set_value(optimizer.lr, t.learning_rate * size)
             LOG.info("resuming after epoch %d from %s", state["epoch"], store.url)
     import horovod.tensorflow as hvd_tf
 
