@@ -173,7 +173,10 @@ def null_statistics(df: DataFrame, cfg: Config, names: dict[str, str]) -> dict[s
     stats: dict[str, Any] = {}
     numeric = {c: s for c, s in wanted.items() if s in ("mean", "median")}
     if numeric:
-        aggs = [(F.avg(names[c]) if s == "mean" else F.percentile_approx(names[c], 0.5, 100000)).alias(names[c])
+        # NaN / +-Infinity parse as doubles but are no statistic (a NaN median cannot be imputed).
+        finite = {c: F.when(~F.isnan(names[c]) & (F.abs(names[c]) != F.lit(float("inf"))), F.col(names[c]))
+                  for c in numeric}
+        aggs = [(F.avg(finite[c]) if s == "mean" else F.percentile_approx(finite[c], 0.5, 100000)).alias(names[c])
                 for c, s in numeric.items()]
         row = ok.agg(*aggs).first()
         for c in numeric:

@@ -33,7 +33,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "hostile_cases.json"
 HEADER = ["id", "ts", "amount", "country", "email", "label"]
 SCHEMA = {"id": "string", "ts": "timestamp", "amount": "double", "country": "string", "email": "string",
           "label": "int"}
-FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+FUZZ = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                        HealthCheck.too_slow])
 
 _CASES: dict[str, int] = {}
@@ -208,6 +208,7 @@ def _write(data: bytes, name: str) -> Path:
 
 
 # ---- properties -------------------------------------------------------------------------------------
+@pytest.mark.slow
 @FUZZ
 @given(data=hostile_csv())
 def test_fuzzed_csv_is_accounted_for_or_a_contract_error(spark, data):
@@ -224,6 +225,7 @@ def test_fuzzed_csv_is_accounted_for_or_a_contract_error(spark, data):
         assert outcome["counts"]["input"] == len(lines)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=hostile_json(), extra_ok=st.booleans())
 def test_fuzzed_json_is_accounted_for_or_a_contract_error(spark, data, extra_ok):
@@ -232,6 +234,7 @@ def test_fuzzed_json_is_accounted_for_or_a_contract_error(spark, data, extra_ok)
     ingest_outcome(spark, make_cfg(path.parent, fmt="json", allow_extra_columns=extra_ok))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(cells=st.lists(_HOSTILE_TEXT, min_size=1, max_size=8))
 def test_hostile_amounts_are_quarantined_or_imputed_never_clean_garbage(spark, cells):
@@ -295,3 +298,33 @@ def test_cli_prepare_exits_3_naming_file_and_problem(case, tmp_path):
     assert str(inp) in last[-1], last[-1]
     assert re.search(problem, last[-1]), last[-1]
 
+
+
+# ---- hostile model directories: only a SavedModel is ever loaded ------------------------------------
+class _Payload:
+    """Unpickling this would create a marker file: proof that a pickle was executed."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("case", ["pickle_only", "garbage_pb"])
+def test_model_dir_that_is_not_a_savedmodel_is_refused_and_never_unpickled(case, tmp_path):
+    import pickle
+
+    from pipelines.score import load_signature
+
+    _count("model")
+    model = tmp_path / "model"
+    model.mkdir()
+    marker = tmp_path / "executed"
+    for name in ("model.pkl", "keras_metadata.pb", "model.h5"):
+        (model / name).write_bytes(pickle.dumps(_Payload(marker)))
+    if case == "garbage_pb":
+        (model / "saved_model.pb").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(DataContractError, match=re.escape(str(model))):
+        load_signature(str(model), "serving_default")
+    assert not marker.exists()
