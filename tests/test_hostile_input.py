@@ -280,7 +280,8 @@ def test_unrecoverable_input_is_a_contract_error_in_process(spark, case):
         assert isinstance(outcome, str)
 
 
-@pytest.mark.parametrize("case", ["empty", "header_only", "png", "missing_column"])
+@pytest.mark.slow  # one JVM per case; "missing_column" is also covered by test_prepare.py
+@pytest.mark.parametrize("case", ["header_only", "png"])
 def test_cli_prepare_exits_3_naming_file_and_problem(case, tmp_path):
     _count("cli")
     data, fmt, problem = UNRECOVERABLE[case]
