@@ -33,7 +33,7 @@ demo: setup
 	$(VENV)/bin/downpour demo --out $(DEMO_OUT)
 
 test: setup
-	$(PY) -m pytest tests -x -q
+	$(PY) -m pytest tests -q --durations=25
 
 test-fast: setup
 	$(PY) -m pytest tests -q -m "not slow"
