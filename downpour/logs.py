@@ -5,16 +5,29 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 
 LOG = logging.getLogger("downpour")
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is *now* (notebooks and test capture swap it; a stale one is closed)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
 def setup_logging(level: str | int | None = None) -> None:
     level = level or os.environ.get("DOWNPOUR_LOG_LEVEL", "INFO")
     if not LOG.handlers:
-        handler = logging.StreamHandler()
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         LOG.addHandler(handler)
     LOG.setLevel(level)
