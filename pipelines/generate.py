@@ -601,16 +601,18 @@ def crm(spark: SparkSession, rows: int, seed: int = 42, dirty_rate: float = 0.0,
     step = (f"element_at(transform(array({churn}), c -> named_struct("
             f"'occ', IF(c, acc.occ + 1, acc.occ), 'start', IF(c, j + 1, acc.start), "
             f"'lat', IF(c, {traits('acc.occ + 1')}, acc.lat), "
-            f"'occs', concat(acc.occs, array(acc.occ)), 'starts', concat(acc.starts, array(acc.start)))), 1)")
+            f"'months', concat(acc.months, array(named_struct('occ', acc.occ, 'start', acc.start))))), 1)")
     init = (f"named_struct('occ', 0, 'start', 0, 'lat', {traits('0')}, "
-            f"'occs', cast(array() AS ARRAY<INT>), 'starts', cast(array() AS ARRAY<INT>))")
-    months = f"sequence(0, {_MONTHS - 1})"
-    df = seats.select("seat", F.expr(f"aggregate({months}, {init}, (acc, j) -> {step})").alias("_life"),
-                      F.expr(f"explode({months})").alias("_j"))
+            f"'months', cast(array() AS ARRAY<STRUCT<occ: INT, start: INT>>))")
+    df = seats.select("seat", F.expr(f"aggregate(sequence(0, {_MONTHS - 1}), {init}, (acc, j) -> {step})")
+                      .alias("_life"))
+    # Exploding the fold's own output keeps the fold below the explode: once per seat, not per month.
+    df = df.select("seat", "_life", F.posexplode("_life.months").alias("_j", "_month"))
     df = _with(df, {"id": f"seat * {_MONTHS} + _j"}).where(F.col("id") < rows)
     df = _plan_dirt(df, r, dirty_rate, has_prev="_j > 0")
     df = _with(df, {"_jj": "IF(_dirt = 'duplicate', _j - 1, _j)"})       # a duplicate repeats last month's row
-    df = _with(df, {"_occ": "element_at(_life.occs, _jj + 1)", "_start": "element_at(_life.starts, _jj + 1)"})
+    df = _with(df, {"_occ": "element_at(_life.months, _jj + 1).occ",
+                    "_start": "element_at(_life.months, _jj + 1).start"})
     df = _with(df, {f"_lat_{k}": v for k, v in _occupant(r, "seat", "_occ").items()})
     lat = {k: f"_lat_{k}" for k in fields}
     df = _with(df, {f"_m_{k}": v for k, v in _crm_month(r, "seat", lat, "_occ", "_start", "_jj").items()})
