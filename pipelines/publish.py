@@ -37,6 +37,7 @@ from urllib.parse import urlparse
 
 from pyspark.sql import SparkSession
 
+from downpour.fsutil import swap_symlink
 from downpour.logs import LOG
 
 VERSIONS = ".versions"
@@ -275,18 +276,7 @@ class Publisher:
     def _swap_pointer(self, target: str) -> None:
         """Atomically point ``prepared`` at ``target`` (relative to the output root)."""
         root = local_path(self.root)
-        link = os.path.join(root, POINTER)
-        if os.path.isdir(link) and not os.path.islink(link):
-            # A real directory from an older layout: move it into .versions so the swap can happen.
-            os.rename(link, os.path.join(root, VERSIONS, f"legacy-{uuid.uuid4().hex[:8]}"))
-        tmp = os.path.join(root, f".{POINTER}.tmp-{uuid.uuid4().hex}")
-        os.symlink(target, tmp)
-        os.replace(tmp, link)
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        swap_symlink(os.path.join(root, POINTER), target, legacy_dir=os.path.join(root, VERSIONS))
 
     def _cleanup_local(self, keep: set[str]) -> None:
         """Keep the new version and the one it replaced (readers may still hold it); drop the rest,

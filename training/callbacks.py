@@ -9,6 +9,9 @@ history and checkpoints rank 0 writes, see the same cross-rank averages; early s
 from __future__ import annotations
 
 import math
+import os
+import signal
+import sys
 import time
 from typing import Any
 
@@ -104,6 +107,26 @@ class FailAfterEpoch(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if epoch + 1 == self.n:
             raise RuntimeError(f"injected failure after epoch {self.n} (DOWNPOUR_FAIL_AFTER_EPOCH)")
+
+
+class KillMidEpoch(tf.keras.callbacks.Callback):
+    """Recovery drills and tests: this rank dies by SIGKILL after ``batch`` train steps of epoch
+    ``epoch`` (both 1-based), i.e. mid-epoch and before that epoch's checkpoint. Unlike an exception
+    this is a real worker loss: no ``finally``, no marked error line, sockets closed by the kernel."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        super().__init__()
+        self.epoch, self.batch = epoch, batch
+        self._current = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._current = epoch + 1
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._current == self.epoch and batch + 1 == self.batch:
+            print(f"\nDOWNPOUR_KILL_WORKER: rank {os.environ.get('HOROVOD_RANK', '?')} kills itself (SIGKILL) "
+                  f"after batch {self.batch} of epoch {self.epoch}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _num(v: Any) -> Any:

@@ -18,6 +18,8 @@ import uuid
 from typing import Any
 from urllib.parse import urlparse
 
+from downpour.fsutil import swap_symlink
+
 _LOCAL_SCHEMES = ("", "file", "dbfs")
 
 
@@ -221,17 +223,7 @@ def publish_dir(staging: str, url: str, version: str, keep_previous: int = 1) ->
         if os.path.exists(dest):
             dest = f"{dest}-{uuid.uuid4().hex[:6]}"
         os.replace(local_path(staging), dest)
-        if os.path.exists(target) and not os.path.islink(target):
-            # a plain directory from an older layout: move it among the versions, then link
-            os.replace(target, os.path.join(versions, f"legacy-{uuid.uuid4().hex[:8]}"))
-        tmp_link = os.path.join(parent, f".{posixpath.basename(target)}.link-{uuid.uuid4().hex[:8]}")
-        os.symlink(os.path.relpath(dest, parent), tmp_link)
-        os.replace(tmp_link, target)
-        fd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        swap_symlink(target, os.path.relpath(dest, parent), legacy_dir=versions)
         current = os.path.basename(dest)
         old = sorted(
             (e for e in os.listdir(versions) if e != current and not e.startswith(".staging-")),

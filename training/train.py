@@ -21,6 +21,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -39,8 +40,10 @@ from training.input import PreparedData, SplitInfo, expected_train_rows, open_pr
 WORK_DIR = "training"      # <output.path>/training/{checkpoints,tensorboard}
 MODEL_DIR = "model"        # <output.path>/model -> the published model directory
 FAIL_ENV = "DOWNPOUR_FAIL_AFTER_EPOCH"
+KILL_ENV = "DOWNPOUR_KILL_WORKER"  # rank:epoch:batch -> that rank SIGKILLs itself mid-epoch
 _RANK_ERROR = "DOWNPOUR-RANK-ERROR"
 _COMM_ERRORS = ("HorovodInternalError", "ConnectionResetError", "BrokenPipeError")
+_HVD_SHUTDOWN = "Horovod has been shut down"  # what a rank's collective raises once a peer is gone
 
 
 class TrainingFailed(DownpourError):
@@ -119,6 +122,7 @@ def make_plan(cfg: Config, prepared: PreparedData, fresh: bool) -> dict[str, Any
         "run_key": run_key(cfg, prepared.data_version),
         "fresh": fresh,
         "fail_after_epoch": _fail_after_epoch(),
+        "kill_worker": _kill_worker(t.workers, t.epochs, steps),
     }
     LOG.info("train plan: data_version=%s, %d train rows (%d positives), %d steps/epoch x %d workers x "
              "batch %d, imbalance=%s (keep negatives %.3g, positive weight %.3g)", prepared.data_version,
@@ -134,6 +138,25 @@ def _fail_after_epoch() -> int | None:
     if not text.isdigit() or int(text) < 1:
         raise ConfigError(f"{FAIL_ENV}: expected an epoch number >= 1, got {text!r}")
     return int(text)
+
+
+def _kill_worker(workers: int, epochs: int, steps: int) -> dict[str, int] | None:
+    """The worker-loss drill: ``DOWNPOUR_KILL_WORKER=rank:epoch:batch`` makes that rank kill itself
+    (SIGKILL) after ``batch`` steps of ``epoch`` (1-based). A drill that could never fire is an error."""
+    text = os.environ.get(KILL_ENV, "").strip()
+    if not text:
+        return None
+    m = re.fullmatch(r"(\d+):(\d+):(\d+)", text)
+    if not m:
+        raise ConfigError(f"{KILL_ENV}: expected rank:epoch:batch (e.g. 1:2:3), got {text!r}")
+    rank, epoch, batch = (int(g) for g in m.groups())
+    if rank >= workers:
+        raise ConfigError(f"{KILL_ENV}: rank {rank} does not exist with training.workers={workers}")
+    if not 1 <= epoch <= epochs:
+        raise ConfigError(f"{KILL_ENV}: epoch {epoch} is not in 1..{epochs} (training.epochs)")
+    if not 1 <= batch <= steps:
+        raise ConfigError(f"{KILL_ENV}: batch {batch} is not in 1..{steps} (the steps per epoch)")
+    return {"rank": rank, "epoch": epoch, "batch": batch}
 
 
 def _check_slots(spark: Any, workers: int) -> None:
@@ -202,7 +225,7 @@ def launch(spark: Any, plan: dict[str, Any], workers: int, timeout_s: int) -> li
     except Exception as exc:  # noqa: BLE001 - turned into one line naming the failing worker
         if fired.is_set():
             raise TrainingFailed(timeout_msg) from None
-        raise _worker_error(exc, err.errors + out.errors) from None
+        raise _worker_error(exc, err.errors + out.errors, workers) from None
     finally:
         done.set()
         threading.excepthook = previous_hook
@@ -222,16 +245,52 @@ def _quiet_thread_errors(previous: Any) -> Any:
     return hook
 
 
-def _worker_error(exc: BaseException, marked: list[tuple[int, str, str]]) -> DownpourError:
-    """The most telling one-line error: a rank's own failure over the peers' lost-connection errors."""
-    if marked:
-        marked.sort(key=lambda e: (e[1] in _COMM_ERRORS, e[0]))
-        rank, kind, msg = marked[0]
+def _worker_error(exc: BaseException, marked: list[tuple[int, str, str]], workers: int) -> DownpourError:
+    """The most telling one-line error: a rank's own failure first; else a rank that died without
+    reporting (killed, out of memory, its task gone) is named as lost; the peers' lost-connection
+    errors only when nothing better is known."""
+    own = sorted((e for e in marked if e[1] not in _COMM_ERRORS), key=lambda e: e[0])
+    if own:
+        rank, kind, msg = own[0]
         if kind in ("ConfigError", "DataContractError"):
             return (ConfigError if kind == "ConfigError" else DataContractError)(msg)
         return TrainingFailed(f"training failed on worker {rank}: {kind}: {msg}")
-    first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
-    return TrainingFailed(f"training failed: {first}")
+    reported = {e[0] for e in marked}
+    first = _HVD_FIRST_FAILED.search(str(exc))  # horovod names the first rank to exit non-zero
+    lost: list[int] = []
+    if first and int(first.group(1)) not in reported:
+        lost, how = [int(first.group(1))], _exit_reason(int(first.group(2)))
+    elif marked:
+        lost, how = sorted(set(range(workers)) - reported), "it stopped without reporting an error"
+    if lost:
+        who = f"worker {lost[0]} was" if len(lost) == 1 else f"workers {', '.join(map(str, lost))} were"
+        peers = "; the other workers stopped when it disappeared" if workers > len(lost) else ""
+        return TrainingFailed(f"training failed: {who} lost ({how}){peers}. Re-running `downpour train` "
+                              "resumes from the last complete checkpoint")
+    if marked:
+        rank, kind, msg = sorted(marked)[0]
+        return TrainingFailed(f"training failed on worker {rank}: {kind}: {msg}")
+    text = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+    return TrainingFailed(f"training failed: {text}")
+
+
+_HVD_FIRST_FAILED = re.compile(r"Process name: (\d+)\s+Exit code: (-?\d+)")
+
+
+def _exit_reason(code: int) -> str:
+    """Horovod's exit code of a rank's command: 128+N (or -N) is signal N; -1 means its Spark task
+    could no longer be reached."""
+    sig = -code if code < -1 else code - 128 if code > 128 else 0
+    if sig:
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        hint = ": out of memory, preempted, or killed from outside" if name == "SIGKILL" else ""
+        return f"its process was killed by {name}{hint}"
+    if code == -1:
+        return "its Spark task could no longer be reached"
+    return f"its process exited with code {code} without reporting an error"
 
 
 class _Tee:
@@ -335,8 +394,10 @@ def _rank_main(plan: dict[str, Any]) -> dict[str, Any]:
         return _train_rank(plan, rank)
     except BaseException as exc:
         msg = " ".join(str(exc).split()) or exc.__class__.__name__
-        print(f"\n{_RANK_ERROR} rank={rank} kind={exc.__class__.__name__}: {msg[:2000]}", file=sys.stderr,
-              flush=True)
+        kind = exc.__class__.__name__
+        if _HVD_SHUTDOWN in msg:  # a peer went away; TensorFlow wraps Horovod's error in its own
+            kind, msg = "HorovodInternalError", _HVD_SHUTDOWN
+        print(f"\n{_RANK_ERROR} rank={rank} kind={kind}: {msg[:2000]}", file=sys.stderr, flush=True)
         raise
 
 
@@ -474,6 +535,9 @@ def _train_rank(plan: dict[str, Any], rank: int) -> dict[str, Any]:
             callbacks.append(tf.keras.callbacks.ProgbarLogger(count_mode="steps"))
             if plan["fail_after_epoch"]:
                 callbacks.append(cb.FailAfterEpoch(plan["fail_after_epoch"]))
+        kill = plan.get("kill_worker")
+        if kill and kill["rank"] == rank:
+            callbacks.append(cb.KillMidEpoch(kill["epoch"], kill["batch"]))
         model.fit(train_ds, steps_per_epoch=steps, epochs=t.epochs, initial_epoch=initial_epoch,
                   validation_data=val_ds, callbacks=callbacks, verbose=2 if rank == 0 else 0)
         if rank == 0:
