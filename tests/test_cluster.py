@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,3 +129,165 @@ def test_cli_start_and_stop_by_state_file(tmp_path):
     assert stop.returncode == 0, stop.stderr
     assert not [p for p in pids if sc.is_alive(p)]
     assert not state_file.exists() and not Path(state["base_dir"]).exists()
+
+
+# ---- executor loss --------------------------------------------------------------------------------
+_EXECUTOR = "CoarseGrainedExecutorBackend"
+_STARTED = re.compile(r"Running task [\d.]+ in stage [\d.]+ \(TID (\d+)\)")
+_ENDED = re.compile(r"(?:Finished|Exception in|killed) task [\d.]+ in stage [\d.]+ \(TID (\d+)\)")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _kill_machine_mid_task(worker: int, work_dir: Path, min_finished: int, stop: threading.Event,
+                           found: dict) -> None:
+    """Wait until the executor under ``worker`` has finished ``min_finished`` tasks (so it holds shuffle
+    outputs and cached blocks) and is running one, then SIGKILL the worker JVM and everything under it.
+
+    The executor is frozen (SIGSTOP) while its log is read, so "a task is running" cannot turn false
+    between the check and the kill: its log ends with a task that started and never finished.
+    """
+    executor = None
+    while not stop.is_set():
+        if executor is None or not sc.is_alive(executor):
+            executor = next((p for p in sc.process_tree([worker]) if _EXECUTOR in _cmdline(p)), None)
+        logs = list(work_dir.glob("app-*/*/stderr"))
+        if executor is not None and len(logs) == 1:
+            try:
+                os.kill(executor, signal.SIGSTOP)
+            except ProcessLookupError:
+                executor = None
+                continue
+            try:
+                text = logs[0].read_text(errors="replace")
+                started, ended = set(_STARTED.findall(text)), set(_ENDED.findall(text))
+                if started - ended and len(ended) >= min_finished:
+                    tree = sc.process_tree([worker])
+                    for pid in tree:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                    found.update(in_flight=sorted(started - ended), finished=len(ended), killed=tree,
+                                 executor=executor)
+                    return
+            finally:
+                if not found:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(executor, signal.SIGCONT)
+        stop.wait(0.02)
+
+
+def _canonical_shard(path: Path) -> str:
+    """SHA-256 of a Parquet file's data pages byte for byte plus its footer, with the one footer field
+    a JVM writes in arbitrary order made canonical.
+
+    parquet-mr lists each column chunk's encodings from a ``HashSet<Encoding>``, iterated in the order
+    of the enum constants' identity hash codes, which differ from one JVM to the next: a file written
+    by another executor (or another run) can differ from its twin in the order of that list alone
+    (e.g. ``PLAIN, BIT_PACKED, RLE`` vs ``BIT_PACKED, RLE, PLAIN``), which changes its raw SHA-256.
+    """
+    data = path.read_bytes()
+    assert data[:4] == data[-4:] == b"PAR1", f"{path} is not a Parquet file"
+    footer = int.from_bytes(data[-8:-4], "little")
+    md = pq.ParquetFile(path).metadata
+    columns = []
+    for g in range(md.num_row_groups):
+        for c in range(md.num_columns):
+            col = md.row_group(g).column(c).to_dict()
+            col["encodings"] = sorted(col["encodings"])
+            columns.append(col)
+    schema = str(md.schema).split("\n", 1)[1]  # the first line is the Python object's address
+    meta = {"rows": md.num_rows, "created_by": md.created_by, "schema": schema,
+            "kv": {k.decode(): v.decode() for k, v in (md.metadata or {}).items()}, "columns": columns}
+    digest = hashlib.sha256(data[: len(data) - 8 - footer])
+    digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _published_shards(out: Path) -> tuple[dict, dict[str, dict[str, str]]]:
+    """(manifest, {split: {file: canonical digest}}), checking the manifest's raw checksums on the way."""
+    manifest = json.loads((out / "prepared" / "manifest.json").read_text())
+    digests: dict[str, dict[str, str]] = {}
+    for split in ("train", "val", "test"):
+        listed = manifest["splits"][split]["checksums"]
+        files = {p.name: p for p in (out / "prepared" / split).glob("*.parquet")}
+        assert sorted(files) == sorted(listed), f"{split}: files on disk differ from the manifest"
+        for name, path in files.items():
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == listed[name], f"{split}/{name}"
+        digests[split] = {name: _canonical_shard(path) for name, path in files.items()}
+    return manifest, digests
+
+
+@pytest.mark.slow
+def test_losing_a_worker_mid_prepare_changes_no_shard(spark, telco_path, tmp_path):
+    """Losing a machine during `prepare` on a standalone cluster: the run still succeeds, and its shards
+    are the same as an undisturbed run's.
+
+    "A machine" is worker 1's whole process tree, SIGKILLed together: the worker daemon JVM, the
+    executor JVM it launched and anything under that. (Killing the executor alone models a crashed
+    JVM on a live machine: its worker would launch a new executor in its place. Killing the daemon
+    alone leaves an orphaned executor that only dies once it notices.) The kill lands while a task
+    runs on that executor, after it has finished several (so shuffle outputs and cached blocks die
+    with it); the driver log must show the executor lost and that very task failed with
+    ``ExecutorLostFailure``, so the test cannot pass without a loss. Spark reruns the lost work on
+    worker 2.
+
+    The reference is the same prepare in this process's local session. Shards are compared by data
+    pages byte for byte and footer field for field (``_canonical_shard``): the manifest's raw SHA-256s
+    also cover the order in which each JVM happened to list a column's encodings, which differs
+    between any two JVMs, disturbed or not.
+    """
+    from downpour.config import load_config
+    from pipelines.prepare import run_prepare
+
+    run_prepare(spark, load_config(ROOT / "conf" / "crm_telco.yaml",
+                                   [f"input.path={telco_path}", f"output.path={tmp_path / 'reference'}"]))
+    ref_manifest, ref_shards = _published_shards(tmp_path / "reference")
+
+    out, log = tmp_path / "out", tmp_path / "driver.log"
+    cluster = sc.StandaloneCluster(workers=2, cores=1, memory="1g", base_dir=str(tmp_path / "cluster"),
+                                   timeout=180)
+    state = cluster.start()
+    daemons = dict(state.pids)
+    stop, killed = threading.Event(), {}
+    watcher = threading.Thread(target=_kill_machine_mid_task, daemon=True, args=(
+        daemons["worker-1"], tmp_path / "cluster" / "work-1", 12, stop, killed))
+    proc = None
+    try:
+        cmd = [sys.executable, "-m", "downpour", "prepare", "--conf", str(ROOT / "conf" / "crm_telco.yaml"),
+               "--set", f"input.path={telco_path}", "--set", f"output.path={out}",
+               "--set", f"spark.master={state.master_url}"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYSPARK_GATEWAY")}
+        env["DOWNPOUR_SPARK_LOG_LEVEL"] = "INFO"  # the driver's account of the loss and the retries
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            watcher.start()
+            rc = proc.wait(timeout=900)
+        stop.set()
+        watcher.join(timeout=30)
+        text = log.read_text(errors="replace")
+        assert killed, "prepare ended before worker 1's executor had a task in flight: nothing was killed"
+        assert not [p for p in killed["killed"] if sc.is_alive(p)]
+        assert rc == 0, f"prepare did not survive the loss of a worker:\n{text[-4000:]}"
+        assert "Lost executor" in text
+        for tid in killed["in_flight"]:  # the task running at the kill failed with its executor
+            assert re.search(rf"\(TID {tid}\)[^\n]*(?:ExecutorLostFailure|its executor exited)", text), tid
+        assert "Shuffle files lost for" in text  # the outputs of its finished tasks had to be redone
+        manifest, shards = _published_shards(out)
+        assert manifest["counts"] == ref_manifest["counts"]
+        for split in ("train", "val", "test"):
+            assert shards[split] == ref_shards[split], f"{split}: shards differ from the undisturbed run"
+        tree = sc.process_tree(list(daemons.values()))
+    finally:
+        stop.set()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        stopped = cluster.stop()
+    assert tree <= stopped | {p for p in tree if not sc.is_alive(p)}
+    left = [p for p in stopped | tree | killed.get("killed", set()) | set(daemons.values()) if sc.is_alive(p)]
+    assert left == [], f"processes left behind: {left}"
