@@ -37,6 +37,7 @@ from pyspark.sql import functions as F
 
 from downpour.config import Config
 from downpour.logs import LOG
+from pipelines.parquet_footer import canonicalize, canonicalize_file
 from pipelines.publish import HadoopFS, is_local, join, local_path
 
 BUCKETS = 4096
@@ -201,16 +202,18 @@ def _describe(name: str, data: bytes) -> dict[str, Any]:
 def inspect_shards(spark: SparkSession, url: str) -> list[dict[str, Any]]:
     """Per file: name, bytes, sha256, rows and rows per row group, from the Parquet footers.
 
-    Local directories are read on the driver; anything else with one Spark job (``binaryFiles``),
-    so the bytes never travel through the driver.
+    Local directories are read on the driver, and each file's footer is made canonical in place
+    (``pipelines/parquet_footer.py``: the JVM lists a column's encodings in arbitrary order), so the
+    same data gives the same bytes in any Spark process. Anything else is read with one Spark job
+    (``binaryFiles``), so the bytes never travel through the driver; there files are not rewritten
+    and the checksum is that of the canonical form (what the file would be after the rewrite).
     """
     if is_local(url):
         base = local_path(url)
         out = []
         for name in sorted(os.listdir(base)):
             if name.endswith(".parquet") and not name.startswith((".", "_")):
-                with open(os.path.join(base, name), "rb") as fh:
-                    out.append(_describe(name, fh.read()))
+                out.append(_describe(name, canonicalize_file(os.path.join(base, name))))
         return out
     return inspect_shards_distributed(spark, url)
 
@@ -218,7 +221,7 @@ def inspect_shards(spark: SparkSession, url: str) -> list[dict[str, Any]]:
 def inspect_shards_distributed(spark: SparkSession, url: str) -> list[dict[str, Any]]:
     """The same description computed in executors (any Hadoop URL)."""
     rdd = spark.sparkContext.binaryFiles(join(url, "*.parquet"))
-    rows = rdd.map(lambda kv: _describe(kv[0].rstrip("/").rsplit("/", 1)[-1], bytes(kv[1]))).collect()
+    rows = rdd.map(lambda kv: _describe(kv[0].rstrip("/").rsplit("/", 1)[-1], canonicalize(bytes(kv[1])))).collect()
     return sorted(rows, key=lambda r: r["file"])
 
 
