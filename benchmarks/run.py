@@ -31,6 +31,8 @@ GOALS: dict[str, tuple[str, tuple[str, float] | None]] = {
                                  " (batch 1024, shuffled)", (">=", 10)),
     "input_vs_raw_pyarrow": ("input pipeline rows/s / a raw pyarrow scan of the same shards", (">=", 0.5)),
     "horovod_2v1_speedup": ("training examples/s, 2 Horovod workers / 1 (same per-worker batch)", (">=", 1.8)),
+    "horovod_2v1_speedup_same_global_batch": ("the same, 2 workers at half the per-worker batch (same global batch)",
+                                              (">=", 1.8)),
     "prepare_vs_bare_io": ("`prepare` wall time / bare Spark read-CSV-write-Parquet, same raw data", ("<=", 2)),
     "prepare_10x_scaling": ("`prepare` time on 10x rows / on 1x", ("<=", 11)),
     "peer_kerasestimator_time_ratio": ("our prepare+train+score time / `KerasEstimator` fit+transform",
