@@ -43,6 +43,11 @@ def get_spark(cfg: Config | None = None, master: str | None = None) -> SparkSess
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.driver.memory": os.environ.get("DOWNPOUR_DRIVER_MEMORY", "4g"),
     }
+    effective = master or (submitted.get("spark.master", "") if submitted is not None else "") or "local[*]"
+    if not effective.startswith("local"):
+        # 8 shuffle partitions suit one machine; on a cluster keep Spark's default (200, coalesced by
+        # AQE) so that large tables are not squeezed into a few huge partitions.
+        defaults.pop("spark.sql.shuffle.partitions")
     if submitted is not None:
         defaults = {k: v for k, v in defaults.items() if not submitted.contains(k)}
     for k, v in {**defaults, **(cfg.spark.conf if cfg else {})}.items():
