@@ -286,7 +286,18 @@ def derive_columns(df: DataFrame, cfg: Config, names: dict[str, str]) -> DataFra
 
 def tag_rows(df: DataFrame, cfg: Config, names: dict[str, str], stats: dict[str, Any]) -> DataFrame:
     """Policies -> de-duplication -> derived columns: every input row once, with its status."""
-    return derive_columns(deduplicate(apply_policies(df, cfg, names, stats), cfg, names), cfg, names)
+    tagged = derive_columns(deduplicate(apply_policies(df, cfg, names, stats), cfg, names), cfg, names)
+    return raw_only_for_quarantine(tagged)
+
+
+def raw_only_for_quarantine(tagged: DataFrame) -> DataFrame:
+    """Keep the raw text, malformed line and source file only on quarantined rows, drop the row hash.
+
+    Only the quarantine reads them. On every row they doubled the persisted frame, and its in-memory
+    columnar batches of raw-text structs ran a 10M-row ``prepare`` out of a 4 GiB heap.
+    """
+    quarantined = F.col(STATUS) == "quarantined"
+    return tagged.withColumns({c: F.when(quarantined, F.col(c)) for c in (RAW, CORRUPT, SOURCE)}).drop(ROW_HASH)
 
 
 # ---- counting (one action) --------------------------------------------------------------------------

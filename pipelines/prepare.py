@@ -21,13 +21,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from downpour.config import Config
 from downpour.errors import DataContractError
 from downpour.logs import LOG, timed
+from downpour.spark import persist_level
 from pipelines import clean, shards
 from pipelines.ingest import (
     column_names,
@@ -56,6 +56,7 @@ def run_prepare(spark: SparkSession, cfg: Config, force: bool = False) -> dict[s
     """Build and publish the prepared data set; returns its manifest (the published one if unchanged)."""
     clean.check_policies(cfg)
     salt = clean.resolve_salt(cfg)  # ConfigError naming the variable, before any Spark work
+    persist_level(spark)  # ConfigError naming the key, before any Spark work
     names = column_names(cfg)
     timings: dict[str, float] = {}
     publisher = Publisher(spark, cfg.output.path)
@@ -100,7 +101,7 @@ def ingest_and_tag(spark: SparkSession, cfg: Config, files: list[FileInfo], salt
     cached = None
     stats: dict[str, Any] = {}
     if any(p.action == "impute" and p.statistic for p in cfg.cleaning.nulls.values()):
-        cached = parsed.persist(StorageLevel.MEMORY_AND_DISK)
+        cached = parsed.persist(persist_level(spark))
         stats = clean.null_statistics(cached, cfg, names)
     return clean.tag_rows(parsed, cfg, names, stats), cached, stats
 
@@ -112,7 +113,7 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
     with contract_errors(cfg):
         with _step("ingest, clean, count", timings, "ingest_clean"):
             tagged, parsed, stats = ingest_and_tag(spark, cfg, files, salt, names)
-            tagged = tagged.persist(StorageLevel.MEMORY_AND_DISK)
+            tagged = tagged.persist(persist_level(spark))
             outcome = clean.outcome_counts(tagged, cfg, names)  # the one pass over the raw input
             if parsed is not None:
                 parsed.unpersist()
@@ -142,7 +143,7 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
         with _step("window features", timings, "window_features"):
             from features.windows import add_window_features
 
-            windowed = add_window_features(split_df, cfg, names).persist(StorageLevel.MEMORY_AND_DISK)
+            windowed = add_window_features(split_df, cfg, names).persist(persist_level(spark))
             per_split = split_counts(windowed)
             tagged.unpersist()
         split_rows = sum(s["rows"] for s in per_split.values())

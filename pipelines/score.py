@@ -298,9 +298,9 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
     """Score a raw table: the prepare stage's ingest and cleaning rules, window features, then the
     model's ``serving_default`` signature; Parquet (id, ``score``, ``model_version``) to ``output_url``,
     every row that cannot be scored to ``<output_url>_quarantine`` with its reason; returns counts."""
-    from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
+    from downpour.spark import persist_level
     from features.state import serving_frame
     from features.windows import add_window_features
     from pipelines import clean
@@ -350,7 +350,7 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
         tagged = clean.apply_policies(parsed, full, names, stats)
         ident = F.col(names[cfg.id_column]).cast("string") if cfg.id_column else F.col(ROW_HASH)
         tagged = tagged.withColumn("__id", ident).withColumn(_RAW_JSON, F.to_json(F.col(RAW)))
-        tagged = tagged.persist(StorageLevel.MEMORY_AND_DISK)
+        tagged = tagged.persist(persist_level(spark))
         with timed("score: ingest and clean"):
             clean_n = {r["ok"]: int(r["count"]) for r in
                        tagged.groupBy(F.col(REASON).isNull().alias("ok")).count().collect()}
@@ -364,7 +364,7 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
         serving = serving_frame(ok, RawInputs(raw_inputs), keep=("__id", _RAW_JSON, SOURCE))
         with arrow_batch_rows(spark, batch), timed(f"score: {RAW_SIGNATURE} in mapInPandas"):
             scored = score_dataframe(serving, saved, RAW_SIGNATURE, keep=["__id", _RAW_JSON, SOURCE],
-                                     batch_rows=batch, isolate_errors=True).persist(StorageLevel.MEMORY_AND_DISK)
+                                     batch_rows=batch, isolate_errors=True).persist(persist_level(spark))
             outcome = {r["failed"]: r["count"] for r in
                        scored.groupBy(F.col(ERROR).isNotNull().alias("failed")).count().collect()}
 

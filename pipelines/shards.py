@@ -31,12 +31,12 @@ from dataclasses import asdict, dataclass
 from functools import reduce
 from typing import Any
 
-from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from downpour.config import Config
 from downpour.logs import LOG
+from downpour.spark import persist_level
 from pipelines.parquet_footer import canonicalize, canonicalize_file
 from pipelines.publish import HadoopFS, is_local, join, local_path
 
@@ -95,7 +95,7 @@ def write_shards(frames: Mapping[str, DataFrame], base_url: str, cfg: Config,
     columns = frames[names[0]].columns
     union = reduce(DataFrame.unionByName,
                    [frames[n].select(*columns).withColumn(_S, F.lit(i)) for i, n in enumerate(names)])
-    cached = union.persist(StorageLevel.MEMORY_AND_DISK)  # counted once, written once
+    cached = union.persist(persist_level(union.sparkSession))  # counted once, written once
     try:
         plans = _write(cached, base_url, names, columns, cfg, seed)
     finally:

@@ -23,7 +23,6 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from pyspark import StorageLevel
 from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.classification import LogisticRegression
 from pyspark.ml.feature import OneHotEncoder, VectorAssembler
@@ -34,6 +33,7 @@ from pyspark.sql import functions as F
 from downpour.config import Config
 from downpour.errors import DataContractError
 from downpour.logs import LOG, timed
+from downpour.spark import persist_level
 from features.state import serving_frame
 from pipelines.score import (
     RAW_SIGNATURE,
@@ -240,7 +240,7 @@ def champion_comparison(spark: SparkSession, cfg: Config, registry: reg_mod.Regi
                  champ["model_version"], prepared.data_version)
         with timed("gate: rebuilding the raw test rows"):
             raw, cached = raw_split_rows(spark, cfg, prepared)
-            raw = raw.persist(StorageLevel.MEMORY_AND_DISK)
+            raw = raw.persist(persist_level(spark))
         try:
             both = (_raw_scores(raw, saved, ev.score_batch_rows).withColumn("model", F.lit("champion"))
                     .unionByName(_raw_scores(raw, new_saved_model, ev.score_batch_rows)
