@@ -349,7 +349,9 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
         parsed = parse_columns(raw, full, names, salt)
         tagged = clean.apply_policies(parsed, full, names, stats)
         ident = F.col(names[cfg.id_column]).cast("string") if cfg.id_column else F.col(ROW_HASH)
-        tagged = tagged.withColumn("__id", ident).withColumn(_RAW_JSON, F.to_json(F.col(RAW)))
+        raw_schema = tagged.schema[RAW].dataType
+        # the raw values travel as one JSON string (the struct is dropped): one copy per row, not two
+        tagged = tagged.withColumn("__id", ident).withColumn(_RAW_JSON, F.to_json(F.col(RAW))).drop(RAW)
         tagged = tagged.persist(persist_level(spark))
         with timed("score: ingest and clean"):
             clean_n = {r["ok"]: int(r["count"]) for r in
@@ -373,10 +375,9 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
              .select(F.col("__id").alias(id_out), F.col(SCORE).cast("double").alias(SCORE),
                      F.lit(version).alias("model_version"))
              .write.mode("overwrite").parquet(output_url))
-            raw_schema = tagged.schema[RAW].dataType
             rejected = tagged.where(F.col(REASON).isNotNull()).select(
-                F.col(RAW).alias("raw"), F.col(REASON).alias("reason"), F.col(STAGE).alias("stage"),
-                F.col(SOURCE).alias("source_file"))
+                F.from_json(_RAW_JSON, raw_schema).alias("raw"), F.col(REASON).alias("reason"),
+                F.col(STAGE).alias("stage"), F.col(SOURCE).alias("source_file"))
             failed = scored.where(F.col(ERROR).isNotNull()).select(
                 F.from_json(_RAW_JSON, raw_schema).alias("raw"), F.col(ERROR).alias("reason"),
                 F.lit("score").alias("stage"), F.col(SOURCE).alias("source_file"))

@@ -15,7 +15,7 @@ from pyspark.sql import functions as F
 from downpour.config import Config, config_from_dict
 from downpour.errors import ConfigError, DataContractError
 from pipelines import clean
-from pipelines.ingest import column_names, contract_errors, list_input_files
+from pipelines.ingest import RAW, ROW_HASH, SOURCE, column_names, contract_errors, list_input_files
 from pipelines.prepare import ingest_and_tag, run_prepare
 
 HEADER = ["txn id", "event_ts", "Amount (EUR)", "country", "email", "is_fraud"]
@@ -105,6 +105,12 @@ def test_every_quarantine_reason_once_with_raw_values_and_no_pii(spark, tmp_path
     # (an empty CSV field is already null when read; blanks are whitespace-only values)
     assert outcome["blank_to_null"] == {"Amount (EUR)": 1, "country": 1}
     clean.check_invariant(outcome["counts"])
+    # the raw text, line and source file are carried on quarantined rows only (and no raw-row hash)
+    carried = tagged.select(F.col(clean.STATUS).alias("status"), F.col(RAW).isNotNull().alias("raw"),
+                            F.col(SOURCE).isNotNull().alias("source")).collect()
+    assert {(r["status"], r["raw"], r["source"]) for r in carried} == {
+        ("clean", False, False), ("duplicate", False, False), ("quarantined", True, True)}
+    assert ROW_HASH not in tagged.columns
 
     amount = names["Amount (EUR)"]
     rows = {r["row_id"]: r for r in clean.clean_frame(tagged, cfg, names).collect()}
@@ -236,6 +242,22 @@ def test_missing_salt_is_a_config_error_before_any_spark_work(tmp_path, monkeypa
     cfg2 = make_cfg(tmp_path / "in.csv", tmp_path / "out", pii={"hash": ["txn id"], "salt_env": "MY_SALT_VAR"})
     with pytest.raises(ConfigError, match="MY_SALT_VAR"):
         run_prepare(None, cfg2)  # type: ignore[arg-type]
+
+
+def test_persist_level_is_validated_before_any_work(spark, tmp_path):
+    from downpour.spark import PERSIST_LEVEL_KEY, persist_level
+
+    assert persist_level(spark).useDisk and not persist_level(spark).useMemory  # DISK_ONLY by default
+    cfg = make_cfg(write_csv(tmp_path / "in.csv", DIRTY[:1]), tmp_path / "out")
+    spark.conf.set(PERSIST_LEVEL_KEY, "memory_and_disk")
+    try:
+        assert persist_level(spark).useMemory
+        spark.conf.set(PERSIST_LEVEL_KEY, "RAM_PLEASE")
+        with pytest.raises(ConfigError, match=r"spark\.downpour\.persistLevel.*RAM_PLEASE") as err:
+            run_prepare(spark, cfg)
+        assert err.value.exit_code == 2 and not (tmp_path / "out").exists()
+    finally:
+        spark.conf.unset(PERSIST_LEVEL_KEY)
 
 
 def test_bad_policy_values_are_config_errors(tmp_path):
