@@ -20,7 +20,7 @@ from typing import Any
 from benchmarks.common import fraud_config, median
 
 
-def _train(spark: Any, raw: str, out: str, *overrides: str) -> dict[str, Any]:
+def train(spark: Any, raw: str, out: str, *overrides: str) -> dict[str, Any]:
     from training.train import run_training
 
     return run_training(spark, fraud_config(raw, out, "evaluation.baseline=false", *overrides), fresh=True)
@@ -43,7 +43,7 @@ def measure_scaling(spark: Any, raw: str, out: str, repeats: int = 2, epochs: in
     card: dict[str, Any] = {}
     for i in range(repeats):
         for name, (workers, per_worker) in runs.items():
-            card = _train(spark, raw, out, f"training.workers={workers}", f"training.epochs={epochs}",
+            card = train(spark, raw, out, f"training.workers={workers}", f"training.epochs={epochs}",
                           f"training.batch_size={per_worker}", "training.imbalance=none",
                           "training.early_stopping_patience=0")
             speeds[name].append(_last_epoch_speed(out))
@@ -71,7 +71,7 @@ def measure_memory(spark: Any, raw_small: str, out_small: str, raw_big: str, out
     peaks = {}
     for name, raw, out in (("1x", raw_small, out_small), ("10x", raw_big, out_big)):
         with PeakRSS() as mem:
-            _train(spark, raw, out, "training.epochs=1", "training.workers=1")
+            train(spark, raw, out, "training.epochs=1", "training.workers=1")
         peaks[name] = mem.summary()
     return {
         "train_peak_rss_mb_1x": peaks["1x"]["peak_worker_mb"],
