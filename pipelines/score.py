@@ -351,7 +351,7 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
         ident = F.col(names[cfg.id_column]).cast("string") if cfg.id_column else F.col(ROW_HASH)
         raw_schema = tagged.schema[RAW].dataType
         # the raw values travel as one JSON string (the struct is dropped): one copy per row, not two
-        tagged = tagged.withColumn("__id", ident).withColumn(_RAW_JSON, F.to_json(F.col(RAW))).drop(RAW)
+        tagged = tagged.withColumn("__id", ident).withColumn(_RAW_JSON, F.to_json(F.col(RAW))).drop(RAW, ROW_HASH)
         tagged = tagged.persist(persist_level(spark))
         with timed("score: ingest and clean"):
             clean_n = {r["ok"]: int(r["count"]) for r in
