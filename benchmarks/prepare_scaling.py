@@ -10,7 +10,8 @@
   this data once.
 
 At ``rows`` the three alternate ``repeats`` times (medians); at ``10 x rows`` prepare and bare I/O run
-once each (``big_repeats``), which gives ``prepare_10x_scaling`` (linear is 10).
+once each (``big_repeats``, with and without windows), which gives ``prepare_10x_scaling`` (linear
+is 10).
 """
 
 from __future__ import annotations
@@ -59,9 +60,11 @@ def measure(spark: Any, workdir: str, rows: int = 1_000_000, repeats: int = 3, s
     }, repeats)
     b = alternate({
         "prepare": lambda: _prepare(spark, big, os.path.join(out, "big")),
+        "prepare_no_windows": lambda: _prepare(spark, big, os.path.join(out, "big-nowin"),
+                                               "features.velocity.enabled=false"),
         "bare_io": lambda: _bare(spark, big, os.path.join(out, "bare-big")),
     }, big_repeats)
-    for name in ("bare-small", "bare-big", "bare-warm-up", "warm-up"):
+    for name in ("bare-small", "bare-big", "bare-warm-up", "warm-up", "small-nowin", "big-nowin"):
         shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     p1, p10 = median(s["prepare"]), median(b["prepare"])
     return {
@@ -76,11 +79,16 @@ def measure(spark: Any, workdir: str, rows: int = 1_000_000, repeats: int = 3, s
         "bare_io_big_seconds": round(median(b["bare_io"]), 2),
         "prepare_rows_per_s": round(rows / p1),
         "prepare_no_windows_rows_per_s": round(rows / median(s["prepare_no_windows"])),
+        "prepare_no_windows_big_seconds": round(median(b["prepare_no_windows"]), 2),
         "prepare_big_rows_per_s": round(rows * scale / p10),
+        "prepare_no_windows_big_rows_per_s": round(rows * scale / median(b["prepare_no_windows"])),
         "prepare_vs_bare_io": round(p1 / median(s["bare_io"]), 2),
         "prepare_no_windows_vs_bare_io": round(median(s["prepare_no_windows"]) / median(s["bare_io"]), 2),
         "prepare_vs_bare_io_big": round(p10 / median(b["bare_io"]), 2),
+        "prepare_no_windows_vs_bare_io_big": round(median(b["prepare_no_windows"]) / median(b["bare_io"]), 2),
         "prepare_10x_scaling": round(p10 / p1 * 10 / scale, 2),
+        "prepare_no_windows_10x_scaling": round(median(b["prepare_no_windows"]) / median(s["prepare_no_windows"])
+                                                * 10 / scale, 2),
         "bare_io_10x_scaling": round(median(b["bare_io"]) / median(s["bare_io"]) * 10 / scale, 2),
         "samples_seconds": {**{k: [round(x, 2) for x in v] for k, v in s.items()},
                             **{f"{k}_big": [round(x, 2) for x in v] for k, v in b.items()}},
