@@ -10,11 +10,21 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from downpour.errors import ConfigError
 
@@ -22,6 +32,31 @@ SPARK_TYPES = {
     "string", "int", "integer", "long", "bigint", "double", "float", "boolean", "timestamp", "date",
 }
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+# ---- what may leave the process (model card, MLflow, logs) -----------------------------------------
+REDACTED = "***redacted***"
+# Keys of the free-form settings (``spark.conf``, ``input.options``) whose values are credentials:
+# ``spark.hadoop.fs.s3a.secret.key``, ``fs.azure.account.key.<acct>...``, ``spark.ssl.keyPassword``,
+# ``spark.authenticate.secret``, JDBC ``password``, ``spark.executorEnv.*`` (a process environment is
+# where secrets travel, e.g. the PII salt). Redacting a harmless key too costs nothing.
+SECRET_KEY = re.compile(
+    r"secret|passw|pwd|token|credential|key|auth|private|signature|cert|salt"
+    r"|(?:executorEnv|appMasterEnv|driverEnv|driverSecretKeyRef|executorSecretKeyRef)\.",
+    re.IGNORECASE,
+)
+FREE_FORM_SECTIONS: tuple[tuple[str, ...], ...] = (("spark", "conf"), ("input", "options"))
+# Environment values shorter than this are not scrubbed out of *other* values: "2", "csv" or "yes"
+# are no credentials, and replacing every "2" would shred the record. The value's own key always
+# shows its ``${VAR}`` template instead, whatever its length.
+MIN_SECRET_CHARS = 4
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]+")
+_QUERY_PAIR = re.compile(r"(^|[&;])([^=&;]+)=([^&;]*)")
+# Settings outside the data sections that still shape the prepared data, so they are part of
+# ``Config.fingerprint``: pipelines/shards.py plans ``shards.min_row_groups_per_worker *
+# training.workers`` row groups per split. tests/test_config.py checks that every ``cfg.*`` read
+# in pipelines/shards.py is fingerprinted.
+PREPARED_DATA_KEYS: tuple[str, ...] = ("training.workers",)
+_NOT_DATA = frozenset({"training", "evaluation", "spark", "tracking"})
 
 
 class _Strict(BaseModel):
@@ -301,6 +336,11 @@ class Config(_Strict):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
+    # Set by config_from_dict. Key path -> (the ``${VAR}`` template, the value it became) for every
+    # value that came from interpolation; the environment values substituted (the secrets to hide).
+    _templates: dict[tuple[str | int, ...], tuple[str, Any]] = PrivateAttr(default_factory=dict)
+    _env_values: frozenset[str] = PrivateAttr(default_factory=frozenset)
+
     @field_validator("schema_")
     @classmethod
     def _schema_types(cls, v: dict[str, str]) -> dict[str, str]:
@@ -391,18 +431,120 @@ class Config(_Strict):
         return self.split.column or self.timestamp_column
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes the prepared data (training settings excluded)."""
-        relevant = self.model_dump(
-            mode="json", by_alias=True, exclude={"training", "evaluation", "spark", "tracking"}
-        )
+        """Hash of everything that changes the prepared data: the data sections plus the few other keys
+        that shape it (``PREPARED_DATA_KEYS``: the shard layout follows the worker count), and no other
+        training setting, so raising ``epochs`` or the learning rate keeps the prepared data."""
+        relevant = self.model_dump(mode="json", by_alias=True, exclude=set(_NOT_DATA))
+        relevant["_prepared_data_keys"] = {k: dotted_get(self, k) for k in PREPARED_DATA_KEYS}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_public_dict(self) -> dict[str, Any]:
-        """The config as recorded in model cards: no secrets (only env var *names* are ever kept)."""
-        return self.model_dump(mode="json", by_alias=True)
+        """The config as recorded in model cards and MLflow: every interpolated value as its ``${VAR}``
+        template, credential keys of free-form settings redacted, and no substituted environment
+        value or URL password anywhere (artifacts outlive, and travel further than, the environment)."""
+        return public_view(self, self.model_dump(mode="json", by_alias=True))
+
+    def scrub(self, obj: Any) -> Any:
+        """``obj`` (text, or JSON-like data) without the environment values this config substituted and
+        without URL passwords: for log lines, exception texts and artifacts derived from the config."""
+        return _scrub(obj, _secrets_of(self))
 
 
 PLACEABLE_PARTS = ("embeddings", "wide", "deep_tower", "head")
+
+
+def dotted_get(obj: Any, dotted: str) -> Any:
+    """``dotted_get(cfg, "training.workers")``: an attribute path of a config (or a dict path)."""
+    for part in dotted.split("."):
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    return obj
+
+
+# ---- the public view ---------------------------------------------------------------------------------
+def _secrets_of(cfg: Config) -> list[str]:
+    """Substituted environment values long enough to be credentials, longest first (so that a secret
+    containing another is replaced whole)."""
+    return sorted((v for v in cfg._env_values if len(v) >= MIN_SECRET_CHARS), key=len, reverse=True)
+
+
+def public_view(cfg: Config, dump: dict[str, Any]) -> dict[str, Any]:
+    """``cfg.model_dump`` made safe to write anywhere (see :meth:`Config.to_public_dict`)."""
+    out = json.loads(json.dumps(dump))
+    for path, (template, loaded) in cfg._templates.items():
+        # Only where the value is still the interpolated one (a model_copy may have replaced it).
+        parent, last = _parent(out, path)
+        if parent is not None and parent[last] == loaded:
+            parent[last] = template
+    for section in FREE_FORM_SECTIONS:
+        parent, last = _parent(out, section)
+        if parent is not None:
+            parent[last] = _redact_keys(parent[last])
+    return _scrub(out, _secrets_of(cfg))
+
+
+def _parent(obj: Any, path: tuple[str | int, ...]) -> tuple[Any, str | int]:
+    """(container, last key) of ``path`` in nested dicts/lists, or (None, last) where it is absent."""
+    for part in path[:-1]:
+        try:
+            obj = obj[part]
+        except (KeyError, IndexError, TypeError):
+            return None, path[-1]
+    last = path[-1]
+    if isinstance(obj, dict) and last in obj:
+        return obj, last
+    if isinstance(obj, list) and isinstance(last, int) and 0 <= last < len(obj):
+        return obj, last
+    return None, last
+
+
+def _redact_keys(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: REDACTED if SECRET_KEY.search(str(k)) and v is not None else _redact_keys(v)
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_redact_keys(v) for v in obj]
+    return obj
+
+
+def _scrub(obj: Any, secrets: list[str]) -> Any:
+    if isinstance(obj, dict):
+        return {_scrub(str(k), secrets): _scrub(v, secrets) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_scrub(v, secrets) for v in obj]
+    if isinstance(obj, str):
+        for secret in secrets:
+            obj = obj.replace(secret, REDACTED)
+        return _URL.sub(lambda m: _redact_url(m.group(0)), obj)
+    if isinstance(obj, int | float) and not isinstance(obj, bool) and any(s in str(obj) for s in secrets):
+        return REDACTED
+    return obj
+
+
+def _redact_url(url: str) -> str:
+    """``https://user:pass@host/x?token=t`` -> the password and credential-like query values redacted
+    (a ``${VAR}`` template is kept: it names the variable, not its value)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, sep, password = userinfo.partition(":")
+        if sep and not _ENV.fullmatch(password):
+            netloc = f"{user}:{REDACTED}@{host}"
+        elif not sep and not _ENV.fullmatch(user):  # a bare token as the user (https://<token>@host)
+            netloc = f"{REDACTED}@{host}"
+
+    def query_value(m: re.Match[str]) -> str:
+        key, value = m.group(2), m.group(3)
+        secret = (SECRET_KEY.search(key) or key.lower() == "sig") and not _ENV.fullmatch(value)
+        return f"{m.group(1)}{key}={REDACTED if secret else value}"
+
+    query = _QUERY_PAIR.sub(query_value, parts.query)
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 class _KeyError(ValueError):
@@ -427,16 +569,20 @@ def parse_duration(text: str) -> int:
 
 
 # ---- loading ---------------------------------------------------------------------------------------
-def interpolate_env(value: Any, path: str = "") -> Any:
-    """Replace ${VAR} / ${VAR:-default} in every string; a missing variable names its key path."""
+def interpolate_env(value: Any, path: str = "", used: dict[str, str] | None = None) -> Any:
+    """Replace ${VAR} / ${VAR:-default} in every string; a missing variable names its key path.
+
+    ``used`` (if given) receives every variable taken from the environment and its value."""
     if isinstance(value, dict):
-        return {k: interpolate_env(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        return {k: interpolate_env(v, f"{path}.{k}" if path else str(k), used) for k, v in value.items()}
     if isinstance(value, list):
-        return [interpolate_env(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [interpolate_env(v, f"{path}[{i}]", used) for i, v in enumerate(value)]
     if isinstance(value, str):
         def repl(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
             if name in os.environ:
+                if used is not None:
+                    used[name] = os.environ[name]
                 return os.environ[name]
             if default is not None:
                 return default
@@ -507,10 +653,31 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
 def config_from_dict(
     raw: dict[str, Any], overrides: list[str] | None = None, base_dir: Path | None = None
 ) -> Config:
-    raw = apply_overrides(json.loads(json.dumps(raw, default=str)), overrides or [])
-    raw = interpolate_env(raw)
+    template = apply_overrides(json.loads(json.dumps(raw, default=str)), overrides or [])
+    used: dict[str, str] = {}
+    raw = interpolate_env(template, used=used)  # builds new containers: ``template`` stays as written
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
+    dump = cfg.model_dump(mode="json", by_alias=True)
+    templates: dict[tuple[str | int, ...], tuple[str, Any]] = {}
+    for path, text in _templated(template):
+        parent, last = _parent(dump, path)
+        if parent is not None:
+            templates[path] = (text, parent[last])
+    cfg._templates = templates
+    cfg._env_values = frozenset(used.values())
     return cfg
+
+
+def _templated(obj: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """(key path, text) of every string holding a ``${VAR}`` reference."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _templated(v, (*path, str(k)))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _templated(v, (*path, i))
+    elif isinstance(obj, str) and _ENV.search(obj):
+        yield path, obj

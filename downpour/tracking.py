@@ -10,8 +10,8 @@ published, and no PII can reach it that did not already reach those (none does: 
 One MLflow run per model version: evaluating the same model again updates its run.
 
 The run gets:
-* params: the training settings (``training.*``), ``name``, ``data_version``, ``model_version`` and
-  the config fingerprint;
+* params: the training settings (``training.*``, from ``Config.to_public_dict``: an interpolated value
+  is its ``${VAR}`` template), ``name``, ``data_version``, ``model_version`` and the config fingerprint;
 * metrics: ``<split>_<metric>`` and ``baseline_<split>_<metric>`` from the model card, and the
   per-epoch training curves (``train_<metric>``, step = epoch) from ``history.json``;
 * tags: ``downpour.model_version``, ``downpour.data_version``, ``downpour.gate`` (promoted / refused /
@@ -61,11 +61,17 @@ def _flatten(prefix: str, obj: Any) -> Iterator[tuple[str, Any]]:
 
 
 def params_of(cfg: Config, card: Mapping[str, Any]) -> dict[str, str]:
-    """Training settings and identities as MLflow params (strings, bounded length)."""
-    params = {k: v for k, v in _flatten("training", cfg.training.model_dump(mode="json"))}
+    """Training settings and identities as MLflow params (strings, bounded length), from the public
+    view of the config: params are immutable and widely readable, so no secret may reach them."""
+    params = {k: v for k, v in _flatten("training", cfg.to_public_dict()["training"])}
     params.update({"name": cfg.name, "data_version": card.get("data_version"),
                    "model_version": card.get("model_version"), "config_fingerprint": cfg.fingerprint()})
-    return {k: str(v)[:_MAX_PARAM] for k, v in params.items()}
+    return cfg.scrub({k: str(v)[:_MAX_PARAM] for k, v in params.items()})
+
+
+def public_uri(cfg: Config) -> str:
+    """The tracking URI as logs may show it: its template, no token or password (``https://u:${T}@h``)."""
+    return str(cfg.to_public_dict()["tracking"]["mlflow_uri"])
 
 
 def _finite(v: Any) -> bool:
@@ -135,10 +141,12 @@ def log_evaluation(cfg: Config) -> str | None:
     card = storage.read_json(card_url)
     history_url = storage.join(model_root, "history.json")
     history = storage.read_json(history_url) if storage.exists(history_url) else None
+    card, history = cfg.scrub(card), cfg.scrub(history)  # written before this config? scrub again
     version = str(card.get("model_version"))
+    where = public_uri(cfg)
     tmp = tempfile.mkdtemp(prefix="downpour-mlflow-")
     try:
-        with timed(f"tracking: MLflow run of model {version} at {cfg.tracking.mlflow_uri}"):
+        with timed(f"tracking: MLflow run of model {version} at {where}"):
             mlflow.set_tracking_uri(cfg.tracking.mlflow_uri)
             experiment = mlflow.set_experiment(cfg.tracking.experiment or f"downpour-{cfg.name}")
             found = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.`{TAG_VERSION}` = '{version}'",
@@ -166,8 +174,8 @@ def log_evaluation(cfg: Config) -> str | None:
                      experiment.name)
             return run.info.run_id
     except Exception as exc:  # noqa: BLE001 - tracking must not undo a finished evaluation
-        LOG.error("tracking: could not log model %s to MLflow at %s: %s: %s", version,
-                  cfg.tracking.mlflow_uri, exc.__class__.__name__, exc)
+        LOG.error("tracking: could not log model %s to MLflow at %s: %s: %s", version, where,
+                  exc.__class__.__name__, cfg.scrub(str(exc)))
         return None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
