@@ -25,14 +25,14 @@ from pyspark.sql import functions as F
 
 from downpour.config import Config
 from downpour.errors import ConfigError, DataContractError
-from pipelines.ingest import BLANK_PREFIX, CORRUPT, RAW, REASON, ROW_HASH, SOURCE, STAGE, lowercase_columns
+from pipelines.ingest import BLANK_PREFIX, CORRUPT, LINE, RAW, REASON, ROW_HASH, SOURCE, STAGE, lowercase_columns
 
 STATUS = "_dp_status"
 DUP = "_dp_dup"
 IMPUTED_PREFIX = "_dp_imputed__"
 FLAG_SUFFIX = "__missing"
 NUMERIC = {"int", "integer", "long", "bigint", "double", "float"}
-QUARANTINE_META = ("raw_record", "reason", "stage", "source_file", "data_version")
+QUARANTINE_META = ("raw_record", "reason", "stage", "source_file", "line_number", "data_version", "model_version")
 
 
 # ---- configuration checks (before any Spark work) ----------------------------------------------------
@@ -74,6 +74,13 @@ def check_policies(cfg: Config) -> None:
             raise ConfigError(f"{path}: {col!r} is a PII column; it can be rejected or kept, not imputed")
         if pol.action == "impute" and pol.statistic is None:
             _python_value(pol.value, schema[col], f"{path}.value")
+        decides = {"label.column": cfg.label.column, "id_column": cfg.id_column, "split.key": cfg.split_key,
+                   "split time column": cfg.split_time_column, "timestamp_column": cfg.timestamp_column}
+        role = next((r for r, c in decides.items() if c == col), None)
+        if pol.statistic and role:
+            # fitted on the train split, which this column helps decide (or de-duplicates): circular
+            raise ConfigError(f"{path}.statistic: {col!r} is the {role}; impute it with a fixed value "
+                              "or reject the row")
         if pol.statistic in ("mean", "median") and schema[col] not in NUMERIC:
             raise ConfigError(f"{path}.statistic: {pol.statistic} needs a numeric column, {col!r} is {schema[col]}")
     for col, rule in cfg.cleaning.ranges.items():
@@ -158,18 +165,25 @@ def flag_columns(cfg: Config, names: dict[str, str]) -> dict[str, str]:
             if p.flag and p.action != "reject" and c not in cfg.pii.drop}
 
 
-# ---- statistics for imputation (one pass) -----------------------------------------------------------
-def null_statistics(df: DataFrame, cfg: Config, names: dict[str, str]) -> dict[str, Any]:
-    """Mean / median / mode of every column whose null policy imputes a statistic, over parseable rows.
+# ---- statistics for imputation (fitted on train, one pass) -------------------------------------------
+def statistic_columns(cfg: Config) -> dict[str, str]:
+    """Raw column -> statistic (mean / median / mode) for every null policy that imputes a statistic."""
+    return {c: p.statistic for c, p in cfg.cleaning.nulls.items() if p.action == "impute" and p.statistic}
 
-    Means and medians come from one ``agg``; modes from one grouped count over the stacked columns
-    (ties go to the larger value, so the result never depends on partitioning). Floats are rounded
-    to 12 significant digits so summation order cannot change a published value.
+
+def null_statistics(train: DataFrame, cfg: Config, names: dict[str, str]) -> dict[str, Any]:
+    """Mean / median / mode of every column whose null policy imputes a statistic, over the *train*
+    split's clean rows (the caller passes them: a statistic seen on val or test would leak them).
+
+    The statistic columns are still null where they will be imputed (``apply_policies`` defers them),
+    so only observed values count. Means and medians come from one ``agg``; modes from one grouped
+    count over the stacked columns (ties go to the larger value, so the result never depends on
+    partitioning). Floats are rounded to 12 significant digits so summation order cannot change a
+    published value.
     """
-    wanted = {c: p.statistic for c, p in cfg.cleaning.nulls.items() if p.action == "impute" and p.statistic}
+    wanted = statistic_columns(cfg)
     if not wanted:
         return {}
-    ok = df.where(F.col(REASON).isNull())
     stats: dict[str, Any] = {}
     numeric = {c: s for c, s in wanted.items() if s in ("mean", "median")}
     if numeric:
@@ -178,12 +192,12 @@ def null_statistics(df: DataFrame, cfg: Config, names: dict[str, str]) -> dict[s
                   for c in numeric}
         aggs = [(F.avg(finite[c]) if s == "mean" else F.percentile_approx(finite[c], 0.5, 100000)).alias(names[c])
                 for c, s in numeric.items()]
-        row = ok.agg(*aggs).first()
+        row = train.agg(*aggs).first()
         for c in numeric:
             stats[c] = row[names[c]]
     modes = [c for c, s in wanted.items() if s == "mode"]
     if modes:
-        stacked = ok.select(F.explode(F.array(*[
+        stacked = train.select(F.explode(F.array(*[
             F.struct(F.lit(c).alias("k"), F.col(names[c]).cast("string").alias("v")) for c in modes
         ])).alias("kv")).select("kv.k", "kv.v").where(F.col("v").isNotNull())
         counted = stacked.groupBy("k", "v").count()
@@ -193,7 +207,8 @@ def null_statistics(df: DataFrame, cfg: Config, names: dict[str, str]) -> dict[s
         v = stats.get(c)
         if v is None:
             raise DataContractError(
-                f"column {c!r} in {cfg.input.path}: cannot impute the {s}: the column has no values"
+                f"column {c!r} in {cfg.input.path}: cannot impute the {s}: the column has no values "
+                "in the train split"
             )
         if isinstance(v, float):
             v = float(f"{v:.12g}")
@@ -203,9 +218,31 @@ def null_statistics(df: DataFrame, cfg: Config, names: dict[str, str]) -> dict[s
     return stats
 
 
+def fill_statistics(df: DataFrame, cfg: Config, names: dict[str, str], stats: dict[str, Any]) -> DataFrame:
+    """Impute the deferred statistic columns of clean rows with ``stats`` (fitted on train)."""
+    out = df
+    lowered = lowercase_columns(cfg)
+    for col in statistic_columns(cfg):
+        value = stats[col]
+        if col in lowered and isinstance(value, str):
+            value = value.lower()
+        out = out.withColumn(names[col], F.coalesce(F.col(names[col]), literal(value, cfg.schema_[col])))
+    weight = cfg.features.weight_column
+    if weight in statistic_columns(cfg) and "weight" in out.columns:
+        out = out.withColumn("weight", F.col(names[weight]).cast("double"))
+    return out
+
+
 # ---- tagging ----------------------------------------------------------------------------------------
-def apply_policies(df: DataFrame, cfg: Config, names: dict[str, str], stats: dict[str, Any]) -> DataFrame:
-    """Null policy (impute / flag / reject), required columns, ranges and domains -> first reason."""
+def apply_policies(df: DataFrame, cfg: Config, names: dict[str, str],
+                   stats: dict[str, Any] | None) -> DataFrame:
+    """Null policy (impute / flag / reject), required columns, ranges and domains -> first reason.
+
+    ``stats=None`` (prepare) defers the statistic imputations: the columns stay null, marked as imputed,
+    until ``fill_statistics`` fills them with values fitted on the train split, which does not exist
+    yet. Scoring passes the statistics of the model's training data.
+    """
+    deferred = set(statistic_columns(cfg)) if stats is None else set()
     out = df
     reason = F.col(REASON)
     new_reason: Column | None = None
@@ -224,13 +261,16 @@ def apply_policies(df: DataFrame, cfg: Config, names: dict[str, str], stats: dic
         if pol.action == "reject":
             add(F.col(s).isNull(), f"null:{col}")
         elif pol.action == "impute":
-            value = stats[col] if pol.statistic else pol.value
+            out = out.withColumn(f"{IMPUTED_PREFIX}{s}", F.col(s).isNull())
+            if col in deferred:
+                continue
+            value = stats[col] if pol.statistic and stats is not None else pol.value
             if col in lowercase_columns(cfg) and isinstance(value, str):
                 value = value.lower()
-            out = out.withColumn(f"{IMPUTED_PREFIX}{s}", F.col(s).isNull())
             out = out.withColumn(s, F.coalesce(F.col(s), literal(value, typ)))
     for col in required_columns(cfg):
-        add(F.col(names[col]).isNull(), f"null:{col}")
+        if col not in deferred:  # a deferred column is null now and filled before anything reads it
+            add(F.col(names[col]).isNull(), f"null:{col}")
     for col, rule in cfg.cleaning.ranges.items():
         s, typ = names[col], cfg.schema_[col]
         if rule.min is not None:
@@ -284,7 +324,7 @@ def derive_columns(df: DataFrame, cfg: Config, names: dict[str, str]) -> DataFra
     return out.withColumn(STATUS, status)
 
 
-def tag_rows(df: DataFrame, cfg: Config, names: dict[str, str], stats: dict[str, Any]) -> DataFrame:
+def tag_rows(df: DataFrame, cfg: Config, names: dict[str, str], stats: dict[str, Any] | None) -> DataFrame:
     """Policies -> de-duplication -> derived columns: every input row once, with its status."""
     tagged = derive_columns(deduplicate(apply_policies(df, cfg, names, stats), cfg, names), cfg, names)
     return raw_only_for_quarantine(tagged)
@@ -297,12 +337,17 @@ def raw_only_for_quarantine(tagged: DataFrame) -> DataFrame:
     columnar batches of raw-text structs ran a 10M-row ``prepare`` out of a 4 GiB heap.
     """
     quarantined = F.col(STATUS) == "quarantined"
-    return tagged.withColumns({c: F.when(quarantined, F.col(c)) for c in (RAW, CORRUPT, SOURCE)}).drop(ROW_HASH)
+    return tagged.withColumns({c: F.when(quarantined, F.col(c)) for c in (RAW, CORRUPT, SOURCE, LINE)}).drop(ROW_HASH)
 
 
 # ---- counting (one action) --------------------------------------------------------------------------
 def outcome_counts(tagged: DataFrame, cfg: Config, names: dict[str, str]) -> dict[str, Any]:
-    """Counts, quarantine reasons, imputations, blanks and positives from a single aggregation."""
+    """Counts, quarantine reasons, imputations, blanks and positives from a single aggregation.
+
+    ``counts["tagged"]`` is the number of rows the tagging produced; ``counts["input"]`` is left for
+    the caller to fill from an independent count of the input (``ingest.count_input_records``), which
+    ``check_invariant`` compares with it.
+    """
     imputed = [c for c in tagged.columns if c.startswith(IMPUTED_PREFIX)]
     blanks = [c for c in tagged.columns if c.startswith(BLANK_PREFIX)]
     rows = tagged.groupBy(STATUS, REASON, STAGE).agg(
@@ -310,7 +355,7 @@ def outcome_counts(tagged: DataFrame, cfg: Config, names: dict[str, str]) -> dic
         *[F.sum(F.col(c).cast("long")).alias(c) for c in imputed + blanks],
     ).collect()
     by_safe = {s: raw for raw, s in names.items()}
-    counts = {"input": 0, "clean": 0, "quarantined": 0, "duplicates": 0}
+    counts = {"tagged": 0, "clean": 0, "quarantined": 0, "duplicates": 0}
     reasons: dict[str, int] = {}
     stages: dict[str, int] = {}
     imputed_n = {by_safe[c[len(IMPUTED_PREFIX):]]: 0 for c in imputed}
@@ -318,7 +363,7 @@ def outcome_counts(tagged: DataFrame, cfg: Config, names: dict[str, str]) -> dic
     positives = 0
     for r in rows:
         n = int(r["_n"])
-        counts["input"] += n
+        counts["tagged"] += n
         status = r[STATUS]
         if status == "clean":
             counts["clean"] += n
@@ -343,13 +388,16 @@ def outcome_counts(tagged: DataFrame, cfg: Config, names: dict[str, str]) -> dic
     }
 
 
-def check_invariant(counts: dict[str, int]) -> dict[str, Any]:
-    """``input == clean + quarantined + duplicates``, or the run fails."""
+def check_invariant(counts: dict[str, int], input_records: int) -> dict[str, Any]:
+    """``input == clean + quarantined + duplicates`` with ``input`` counted from the files themselves
+    (``input_records``), not from the tagged groups; the run fails otherwise, naming the gap."""
     total = counts["clean"] + counts["quarantined"] + counts["duplicates"]
-    if total != counts["input"]:
-        raise RuntimeError(f"row accounting broken: input {counts['input']} != clean + quarantined + "
-                           f"duplicates {total} ({counts})")
-    return {"input": counts["input"], "clean_plus_quarantined_plus_duplicates": total, "holds": True}
+    if total != input_records or counts.get("tagged", total) != total:
+        raise RuntimeError(f"row accounting broken: the input files hold {input_records} records, the run "
+                           f"accounts for {total} (clean {counts['clean']} + quarantined {counts['quarantined']}"
+                           f" + duplicates {counts['duplicates']}); {input_records - total:+d} rows unexplained")
+    return {"input": input_records, "clean_plus_quarantined_plus_duplicates": total, "holds": True,
+            "input_counted_from": "the input files (physical records), independently of the tagging"}
 
 
 # ---- outputs of the stage ---------------------------------------------------------------------------
@@ -363,16 +411,32 @@ def clean_frame(tagged: DataFrame, cfg: Config, names: dict[str, str]) -> DataFr
     return tagged.where(F.col(STATUS) == "clean").select(*kept, *extra)
 
 
-def quarantine_frame(tagged: DataFrame, cfg: Config, names: dict[str, str], data_version: str) -> DataFrame:
-    """Rejected rows: raw text of every kept column (PII policy applied), the malformed line (only
-    without a PII policy), ``reason``, ``stage``, ``source_file`` and ``data_version``."""
-    kept = [names[c] for c in cfg.schema_ if c not in cfg.pii.drop]
-    cols = [F.col(f"{RAW}.{s}").alias(f"{s}_value" if s in QUARANTINE_META else s) for s in kept]
-    return tagged.where(F.col(STATUS) == "quarantined").select(
-        *cols,
+def quarantine_frame(tagged: DataFrame, cfg: Config, names: dict[str, str], data_version: str,
+                     lines: DataFrame | None = None) -> DataFrame:
+    """Rejected rows: raw text of every kept column (PII policy applied; none for a malformed line under
+    a PII policy, whose fields may hold shifted PII), the malformed line (only without a PII policy),
+    ``reason``, ``stage``, ``source_file``, ``line_number`` (malformed lines, from ``lines``:
+    ``ingest.malformed_line_numbers``) and ``data_version``."""
+    return with_line_numbers(tagged.where(F.col(STATUS) == "quarantined"), lines).select(
+        *raw_value_columns(cfg, names),
         F.col(CORRUPT).alias("raw_record"),
         F.col(REASON).alias("reason"),
         F.col(STAGE).alias("stage"),
         F.col(SOURCE).alias("source_file"),
+        F.col("line_number"),
         F.lit(data_version).alias("data_version"),
     )
+
+
+def raw_value_columns(cfg: Config, names: dict[str, str], struct: str = RAW,
+                      skip: tuple[str, ...] = ()) -> list[Column]:
+    """The raw text of every kept column from the ``struct`` column, renamed where it meets a meta name."""
+    kept = [names[c] for c in cfg.schema_ if c not in cfg.pii.drop and c not in skip]
+    return [F.col(f"{struct}.{s}").alias(f"{s}_value" if s in QUARANTINE_META else s) for s in kept]
+
+
+def with_line_numbers(rows: DataFrame, lines: DataFrame | None) -> DataFrame:
+    """``line_number`` for the rows whose line hash is in ``lines`` (null elsewhere), many rows to one."""
+    if lines is None:
+        return rows.withColumn("line_number", F.lit(None).cast("long"))
+    return rows.join(lines, [SOURCE, LINE], "left")

@@ -7,8 +7,8 @@ any row is trusted: a missing declared column, or an undeclared one without
 mapped to safe internal names right after reading. Casting uses ``try_cast`` (null on failure, under
 ANSI mode too); a value that was not null before the cast and is null after it is a cast failure.
 
-The PII policy is applied here, before anything is cached: ``pii.hash`` columns are replaced by a
-salted SHA-256 of their normalised text (in the typed *and* the raw copy), ``pii.drop`` columns are
+The PII policy is applied here, before anything is cached: ``pii.hash`` columns are replaced by an
+HMAC-SHA256 (keyed by the salt) of their normalised text (in the typed *and* the raw copy), ``pii.drop`` columns are
 gone from both, and the text of a malformed line is kept only when no PII policy is configured.
 """
 
@@ -38,6 +38,7 @@ REASON = "_dp_reason"
 STAGE = "_dp_stage"
 RAW = "_dp_raw"
 ROW_HASH = "_dp_row_hash"
+LINE = "_dp_line_hash"
 EXTRA = "_dp_extra"
 BLANK_PREFIX = "_dp_blank__"
 
@@ -94,7 +95,7 @@ def read_raw(spark: SparkSession, cfg: Config, files: list[FileInfo]) -> DataFra
         if fmt == "csv":
             df, columns = _read_csv(spark, cfg, paths, first, opts)
         elif fmt == "json":
-            df, columns = _read_json(spark, paths, opts)
+            df, columns = _read_json(spark, cfg, paths, opts)
         else:
             df, columns = _read_parquet(spark, paths, opts)
     except DataContractError:
@@ -118,9 +119,11 @@ def read_raw(spark: SparkSession, cfg: Config, files: list[FileInfo]) -> DataFra
             )
         cols.append(c.alias(names[raw]))
     corrupt = F.col(CORRUPT) if CORRUPT in df.columns else F.lit(None).cast("string")
+    reason = F.col(REASON) if REASON in df.columns else F.lit(None).cast("string")
+    source = F.col(SOURCE) if SOURCE in df.columns else F.input_file_name()
     # Referencing the extra CSV columns keeps Spark from pruning them, which would hide wrong field counts.
     extra = F.coalesce(*[F.col(_q(c)) for c in extras]).isNull() if extras and fmt == "csv" else F.lit(None)
-    return df.select(*cols, corrupt.alias(CORRUPT), F.input_file_name().alias(SOURCE),
+    return df.select(*cols, corrupt.alias(CORRUPT), reason.alias(REASON), source.alias(SOURCE),
                      extra.cast("boolean").alias(EXTRA))
 
 
@@ -143,10 +146,114 @@ def _read_csv(spark: SparkSession, cfg: Config, paths: list[str], first: str,
     return df, columns
 
 
-def _read_json(spark: SparkSession, paths: list[str], opts: dict[str, str]) -> tuple[DataFrame, list[str]]:
-    df = (spark.read.options(**opts).option("primitivesAsString", "true").option("mode", "PERMISSIVE")
-          .option("columnNameOfCorruptRecord", CORRUPT).json(paths))
-    return df, [c for c in df.columns if c != CORRUPT]
+def _read_json(spark: SparkSession, cfg: Config, paths: list[str],
+               opts: dict[str, str]) -> tuple[DataFrame, list[str]]:
+    """JSON lines: one row per non-blank line, whatever the line holds.
+
+    Spark's JSON source turns a top-level array line into one row per element (``[]`` into none), so a
+    line could silently become zero or several rows. Here every line is read as text and parsed with
+    ``from_json`` into one row: an array line is quarantined as ``json_array``, anything that is not
+    one object as ``malformed``. The JSON source still reads the files once, for the key set that the
+    contract check needs. With ``multiLine`` (one document per file, where a top-level array is the
+    normal way to hold records) the JSON source reads the rows itself and expands arrays.
+    """
+    inferred = (spark.read.options(**opts).option("primitivesAsString", "true").option("mode", "PERMISSIVE")
+                .option("columnNameOfCorruptRecord", CORRUPT).json(paths))
+    columns = [c for c in inferred.columns if c != CORRUPT]
+    if _multiline(opts):
+        return inferred, columns
+    _check_columns(cfg, columns, paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more)",
+                   df=inferred)
+    lines = _text_lines(spark, paths, opts).where(_non_blank(F.col("value"), JSON_BLANK))
+    schema = T.StructType([T.StructField(c, T.StringType()) for c in cfg.schema_]
+                          + [T.StructField(CORRUPT, T.StringType())])
+    parse_opts = {k: v for k, v in opts.items() if k not in ("lineSep", "encoding", "samplingRatio")}
+    parsed = F.from_json(F.col("value"), schema, {**parse_opts, "mode": "PERMISSIVE",
+                                                  "columnNameOfCorruptRecord": CORRUPT})
+    is_array = F.col("value").rlike(r"^[ \t\r\n]*\[")
+    df = lines.select(parsed.alias("_r"), F.col("value"), is_array.alias("_a"), F.col(SOURCE)).select(
+        *[F.when(~F.col("_a"), F.col(f"_r.{_q(c)}")).alias(c) for c in cfg.schema_],
+        F.when(F.col("_a"), F.col("value")).otherwise(F.col(f"_r.{CORRUPT}")).alias(CORRUPT),
+        F.when(F.col("_a"), F.lit("json_array")).alias(REASON),
+        F.col(SOURCE),
+    )
+    return df, list(cfg.schema_) + [c for c in columns if c not in cfg.schema_]
+
+
+JSON_BLANK = r"[ \t\r\n]"  # what Jackson skips: a line of only these is no record
+CSV_BLANK = r"[\x00-\x20]"  # what Spark's CSV reader trims (String.trim) before skipping an empty line
+
+
+def _multiline(opts: dict[str, str]) -> bool:
+    return str(opts.get("multiLine", opts.get("multiline", "false"))).lower() == "true"
+
+
+def _text_lines(spark: SparkSession, paths: list[str], opts: dict[str, str]) -> DataFrame:
+    """Every physical line of ``paths`` as decoded text (``value``) with its file (``_dp_source_file``),
+    split exactly as the CSV and JSON sources split them (Hadoop's line reader, ``lineSep``)."""
+    text_opts = {"lineSep": opts["lineSep"]} if "lineSep" in opts else {}
+    charset = opts.get("encoding", opts.get("charset", "UTF-8"))
+    lines = spark.read.options(**text_opts).format("text").load(paths)
+    return lines.select(F.decode(F.col("value").cast("binary"), charset).alias("value"),
+                        F.input_file_name().alias(SOURCE))
+
+
+def _non_blank(value: Column, blank: str) -> Column:
+    return F.length(F.regexp_replace(value, blank, "")) > 0
+
+
+# ---- the independent count --------------------------------------------------------------------------
+def count_input_records(spark: SparkSession, cfg: Config, files: list[FileInfo]) -> int:
+    """The number of records in the input files, counted without the parsing and tagging it checks.
+
+    CSV and JSON lines: the physical non-blank lines of every file (not comment lines), less one
+    header line per CSV file that has any. Parquet: the row counts in the files' footers. A multi-line
+    CSV / JSON input has no line-based count: Spark's own reader counts its records instead.
+    """
+    paths = [f.path for f in files if f.size > 0]
+    if not paths:
+        return 0
+    fmt = cfg.input.format
+    opts = {k: _opt(v) for k, v in cfg.input.options.items()}
+    if fmt == "parquet":  # a column-less count: Spark answers it from the footers' row-group counts
+        return int(spark.read.parquet(*paths).count())
+    if _multiline(opts):
+        reader = spark.read.options(**opts)
+        return int((reader.csv(paths) if fmt == "csv" else reader.json(paths)).count())
+    lines = _text_lines(spark, paths, opts)
+    keep = _non_blank(F.col("value"), CSV_BLANK if fmt == "csv" else JSON_BLANK)
+    comment = opts.get("comment") if fmt == "csv" else None
+    if comment:
+        keep = keep & ~F.col("value").startswith(comment)
+    per_file = lines.where(keep).groupBy(SOURCE).count().collect()
+    header = fmt == "csv" and opts.get("header", "true").lower() == "true"
+    return int(sum(int(r["count"]) - (1 if header else 0) for r in per_file))
+
+
+# ---- locating malformed lines -----------------------------------------------------------------------
+def malformed_line_numbers(spark: SparkSession, cfg: Config, sources: list[str]) -> DataFrame | None:
+    """(``_dp_source_file``, ``_dp_line_hash``, ``line_number``): the first 1-based physical line of each
+    file in ``sources`` with a given text, so a malformed row can name its line without keeping text.
+
+    One lazy pass over those files only: lines are numbered per file block (the order of the line
+    reader, ``monotonically_increasing_id`` within a task) plus the lines of the blocks before it.
+    None for multi-line input, where a record is not a line.
+    """
+    opts = {k: _opt(v) for k, v in cfg.input.options.items()}
+    if not sources or _multiline(opts) or cfg.input.format == "parquet":
+        return None
+    from pyspark.sql import Window
+
+    lines = _text_lines(spark, sources, opts).select(
+        F.col(SOURCE), F.input_file_block_start().alias("_b"), F.monotonically_increasing_id().alias("_m"),
+        line_hash(F.col("value")).alias(LINE))
+    in_block = lines.withColumn("_i", F.row_number().over(Window.partitionBy(SOURCE, "_b").orderBy("_m")))
+    blocks = lines.groupBy(SOURCE, "_b").agg(F.count(F.lit(1)).alias("_n"))
+    before = F.sum("_n").over(Window.partitionBy(SOURCE).orderBy("_b")) - F.col("_n")
+    blocks = blocks.select(SOURCE, "_b", before.alias("_before"))
+    numbered = in_block.join(blocks, [SOURCE, "_b"]).select(SOURCE, LINE, (F.col("_before") + F.col("_i"))
+                                                            .alias("line_number"))
+    return numbered.groupBy(SOURCE, LINE).agg(F.min("line_number").alias("line_number"))
 
 
 def _read_parquet(spark: SparkSession, paths: list[str], opts: dict[str, str]) -> tuple[DataFrame, list[str]]:
@@ -244,12 +351,14 @@ def parse_columns(raw: DataFrame, cfg: Config, names: dict[str, str], salt: str 
         else:
             norm = src
         step1 += [src, norm.alias(f"{_NORM}{s}")]
-    df = raw.select(*step1, CORRUPT, SOURCE, EXTRA)
+    df = raw.select(*step1, CORRUPT, REASON, SOURCE, EXTRA)
 
     # Step 2: typed values, failures, PII policy, raw copy.
     typed: list[Column] = []
     raw_fields: list[Column] = []
-    reason = F.when(F.col(CORRUPT).isNotNull(), F.lit("malformed"))
+    hash_fields: list[Column] = []
+    malformed = F.col(CORRUPT).isNotNull()
+    reason = F.when(F.col(REASON).isNotNull(), F.col(REASON)).when(malformed, F.lit("malformed"))
     for col_name, typ in cfg.schema_.items():
         s = names[col_name]
         norm = F.col(f"{_NORM}{s}")
@@ -260,17 +369,19 @@ def parse_columns(raw: DataFrame, cfg: Config, names: dict[str, str], salt: str 
         if col_name in dropped:
             continue
         raw_text = F.col(s) if is_text else F.col(s).cast("string")
+        hash_fields.append(raw_text.alias(s))
         if col_name in hashed:
             value = raw_text = salted_hash(norm, salt)
         typed.append(value.alias(s))
-        raw_fields.append(raw_text.alias(s))
-    raw_struct = F.struct(*raw_fields)
-    line = F.coalesce(F.col(CORRUPT), F.lit("")) if keep_line else F.lit("")
-    row_hash = F.sha2(F.concat(F.lit(salt or ""), F.to_json(raw_struct), line), 256)
+        raw_fields.append(shift_safe(raw_text, malformed, keep_line).alias(s))
+    # internal only (dropped after de-duplication): salted, over the unshifted text and the line
+    row_hash = F.sha2(F.concat(F.lit(salt or ""), F.to_json(F.struct(*hash_fields)),
+                               F.coalesce(F.col(CORRUPT), F.lit(""))), 256)
     return df.select(
         *typed,
-        raw_struct.alias(RAW),
+        F.struct(*raw_fields).alias(RAW),
         (F.col(CORRUPT) if keep_line else F.lit(None).cast("string")).alias(CORRUPT),
+        F.when(malformed, line_hash(F.col(CORRUPT))).alias(LINE),
         reason.alias(REASON),
         F.when(reason.isNotNull(), F.lit("ingest")).alias(STAGE),
         F.col(SOURCE),
@@ -278,6 +389,19 @@ def parse_columns(raw: DataFrame, cfg: Config, names: dict[str, str], salt: str 
         F.col(EXTRA),
         *blanks,
     )
+
+
+def shift_safe(raw_text: Column, malformed: Column, keep_line: bool) -> Column:
+    """The raw text of a field as the quarantine may keep it. A malformed line's fields may hold another
+    column's text (an unquoted comma in a name shifts the email into the next slot; a missing field
+    shifts it into the previous one), and no position of a line with the wrong field count is
+    provably unshifted: under a PII policy no field of such a line is kept (its line number is)."""
+    return raw_text if keep_line else F.when(~malformed, raw_text)
+
+
+def line_hash(text: Column) -> Column:
+    """SHA-256 of a line's text: how a malformed row finds its line number without keeping its text."""
+    return F.sha2(text, 256)
 
 
 def lowercase_columns(cfg: Config) -> set[str]:
@@ -289,10 +413,31 @@ def lowercase_columns(cfg: Config) -> set[str]:
 
 
 def salted_hash(col: Column, salt: str | None) -> Column:
-    """Hex SHA-256 of salt + value (null stays null): the one PII hash, for clean and quarantined rows."""
+    """Hex HMAC-SHA256 of the value's UTF-8 text keyed by the salt (null stays null): the one PII
+    pseudonym, for clean and quarantined rows. HMAC, not ``sha2(salt || value)``: a keyed hash that
+    length extension and chosen-prefix tricks cannot forge, computed here from Spark's own SHA-256 as
+    ``H((K ^ opad) || H((K ^ ipad) || m))`` so that no Python UDF is needed."""
     if not salt:
         raise ValueError("a salted hash needs the salt (resolve_salt() before any Spark work)")
-    return F.when(col.isNull(), F.lit(None)).otherwise(F.sha2(F.concat(F.lit(salt), col.cast("string")), 256))
+    inner_key, outer_key = hmac_pads(salt)
+    inner = F.unhex(F.sha2(F.concat(F.lit(inner_key), F.encode(col.cast("string"), "UTF-8")), 256))
+    return F.when(col.isNull(), F.lit(None)).otherwise(F.sha2(F.concat(F.lit(outer_key), inner), 256))
+
+
+def hmac_pads(salt: str) -> tuple[bytes, bytes]:
+    """(K ^ ipad, K ^ opad) for HMAC-SHA256 with the salt's UTF-8 bytes as the key (RFC 2104)."""
+    key = salt.encode()
+    if len(key) > 64:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(64, b"\0")
+    return bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key)
+
+
+def pseudonym(value: str, salt: str) -> str:
+    """The same pseudonym in plain Python (tests, and users matching their own records)."""
+    import hmac
+
+    return hmac.new(salt.encode(), value.encode(), hashlib.sha256).hexdigest()
 
 
 def _try_cast(name: str, typ: str, fmt: str | None, is_text: bool) -> Column:

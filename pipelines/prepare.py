@@ -4,8 +4,8 @@ transform -> shards -> publish, with ``manifest.json`` written last.
 I/O and configuration live here; the stages are DataFrame-in / DataFrame-out functions. The raw input
 is read once: the tagged frame (every input row with its status) is persisted and feeds the counts,
 the quarantine and the clean branch; the clean rows with window features and split are persisted
-and feed the split counts, the feature fit and the three shard writes. (When a null policy imputes a
-statistic, the parsed input is cached too, so that the statistic's pass does not re-read the files.)
+and feed the split counts, the feature fit and the three shard writes. Imputation statistics
+(``cleaning.nulls.*.statistic``) are fitted on the train split's clean rows, after the split.
 
 Idempotent: ``data_version`` is a hash of the input fingerprint (path, size, mtime of every input
 file), ``cfg.fingerprint()``, the PII salt (hashed ids change with it) and the format version; if the
@@ -30,17 +30,21 @@ from downpour.logs import LOG, timed
 from downpour.spark import persist_level
 from pipelines import clean, shards
 from pipelines.ingest import (
+    LINE,
+    SOURCE,
     column_names,
     contract_errors,
+    count_input_records,
     input_fingerprint,
     list_input_files,
+    malformed_line_numbers,
     parse_columns,
     read_raw,
 )
 from pipelines.publish import MANIFEST, FileInfo, Publisher, Staging, join
 from pipelines.split import SPLITS, assign_split, split_counts
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: PII pseudonyms are HMAC-SHA256; imputation statistics fitted on train
 _MAX_LISTED_FILES = 1000
 
 
@@ -89,21 +93,37 @@ def _step(what: str, timings: dict[str, float], key: str) -> Iterator[None]:
 
 
 def ingest_and_tag(spark: SparkSession, cfg: Config, files: list[FileInfo], salt: str | None,
-                   names: dict[str, str] | None = None
-                   ) -> tuple[DataFrame, DataFrame | None, dict[str, Any]]:
-    """Read, parse and tag every input row (lazy, except the imputation statistics' pass).
-
-    Returns the tagged frame, the cached parsed frame when statistics were needed (unpersist it once
-    the tagged frame is materialised) and the imputation statistics.
-    """
+                   names: dict[str, str] | None = None) -> DataFrame:
+    """Read, parse and tag every input row (lazy). Statistic imputations are deferred to ``split_clean``."""
     names = names or column_names(cfg)
-    parsed = parse_columns(read_raw(spark, cfg, files), cfg, names, salt)
-    cached = None
-    stats: dict[str, Any] = {}
-    if any(p.action == "impute" and p.statistic for p in cfg.cleaning.nulls.values()):
-        cached = parsed.persist(persist_level(spark))
-        stats = clean.null_statistics(cached, cfg, names)
-    return clean.tag_rows(parsed, cfg, names, stats), cached, stats
+    return clean.tag_rows(parse_columns(read_raw(spark, cfg, files), cfg, names, salt), cfg, names, None)
+
+
+def account(spark: SparkSession, cfg: Config, files: list[FileInfo], tagged: DataFrame,
+            names: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(outcome counts, the invariant): one aggregation over the tagged rows, one independent count of
+    the input files' records; raises unless ``input == clean + quarantined + duplicates``."""
+    outcome = clean.outcome_counts(tagged, cfg, names)
+    tagged_counts = outcome["counts"]
+    if tagged_counts["tagged"] == 0:
+        raise DataContractError(f"input {cfg.input.path}: no data rows in {len(files)} file(s)")
+    records = count_input_records(spark, cfg, files)
+    invariant = clean.check_invariant(tagged_counts, records)
+    outcome["counts"] = {"input": records, **{k: v for k, v in tagged_counts.items() if k != "tagged"}}
+    return outcome, invariant
+
+
+def split_clean(tagged: DataFrame, cfg: Config, names: dict[str, str],
+                stats: dict[str, Any] | None = None) -> tuple[DataFrame, dict[str, Any], dict[str, Any]]:
+    """The clean rows with ``split``, statistic imputations filled: (frame, split info, statistics).
+
+    The statistics are fitted on the train split's clean rows (one pass) unless given (the published
+    data version's, when its rows are rebuilt), so val and test never inform them.
+    """
+    split_df, split_info = assign_split(clean.clean_frame(tagged, cfg, names), cfg, names)
+    if stats is None:
+        stats = clean.null_statistics(split_df.where(F.col("split") == "train"), cfg, names)
+    return clean.fill_statistics(split_df, cfg, names, stats), split_info, stats
 
 
 def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | None,
@@ -112,15 +132,9 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
     final = publisher.final_url(staging)
     with contract_errors(cfg):
         with _step("ingest, clean, count", timings, "ingest_clean"):
-            tagged, parsed, stats = ingest_and_tag(spark, cfg, files, salt, names)
-            tagged = tagged.persist(persist_level(spark))
-            outcome = clean.outcome_counts(tagged, cfg, names)  # the one pass over the raw input
-            if parsed is not None:
-                parsed.unpersist()
+            tagged = ingest_and_tag(spark, cfg, files, salt, names).persist(persist_level(spark))
+            outcome, invariant = account(spark, cfg, files, tagged, names)
         counts = outcome["counts"]
-        if counts["input"] == 0:
-            raise DataContractError(f"input {cfg.input.path}: no data rows in {len(files)} file(s)")
-        invariant = clean.check_invariant(counts)
         LOG.info("prepare: rows %s; quarantine reasons %s", counts, outcome["quarantine_reasons"])
         if counts["clean"] == 0:
             top = ", ".join(f"{r}: {n}" for r, n in list(outcome["quarantine_reasons"].items())[:3])
@@ -128,7 +142,7 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
                                     f"rejected or duplicates (top reasons: {top or 'duplicates'})")
 
         with _step("write quarantine", timings, "quarantine"):
-            q = clean.quarantine_frame(tagged, cfg, names, data_version)
+            q = clean.quarantine_frame(tagged, cfg, names, data_version, malformed_lines(spark, cfg, tagged, outcome))
             q_files = max(1, -(-counts["quarantined"] // 1_000_000))
             q_url = join(staging.url, "quarantine")
             q.coalesce(q_files).write.option("compression", shards._CODECS[cfg.shards.compression]) \
@@ -138,7 +152,7 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
             raise RuntimeError(f"quarantine: {q_written} rows written, {counts['quarantined']} counted")
 
         with _step("split", timings, "split"):
-            split_df, split_info = assign_split(clean.clean_frame(tagged, cfg, names), cfg, names)
+            split_df, split_info, stats = split_clean(tagged, cfg, names)
 
         with _step("window features", timings, "window_features"):
             from features.windows import add_window_features
@@ -194,9 +208,9 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "spark_version": spark.version,
         "input": {
-            "path": cfg.input.path, "format": cfg.input.format, "fingerprint": input_fingerprint(files),
-            "files": len(files), "bytes": sum(f.size for f in files),
-            "paths": [f.path for f in files[:_MAX_LISTED_FILES]],
+            "path": cfg.to_public_dict()["input"]["path"], "format": cfg.input.format,
+            "fingerprint": input_fingerprint(files), "files": len(files), "bytes": sum(f.size for f in files),
+            "paths": [cfg.scrub(f.path) for f in files[:_MAX_LISTED_FILES]],
         },
         "columns": names,
         "counts": counts,
@@ -220,6 +234,15 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
         "paths": {"prepared": publisher.prepared, "version": final, "manifest": join(final, MANIFEST)},
         "timings": timings,
     }
+
+
+def malformed_lines(spark: SparkSession, cfg: Config, tagged: DataFrame,
+                     outcome: dict[str, Any]) -> DataFrame | None:
+    """Line numbers for the malformed rows (one small action for their files), or None if there are none."""
+    if not any(r in ("malformed", "json_array") for r in outcome["quarantine_reasons"]):
+        return None
+    sources = [r[0] for r in tagged.where(F.col(LINE).isNotNull()).select(SOURCE).distinct().collect()]
+    return malformed_line_numbers(spark, cfg, sources)
 
 
 def _jsonable(v: Any) -> Any:

@@ -246,8 +246,9 @@ def resolve_model_dir(cfg: Config, model_dir: str | None) -> str:
         return storage.join(cfg.output.path, "model")
     champion = storage.join(model_dir, "champion.json")
     if storage.exists(champion):
-        rec = storage.read_json(champion)
-        return storage.join(model_dir, rec["path"], "model")
+        from training.registry import champion_model_url
+
+        return champion_model_url(model_dir, storage.read_json(champion))
     return model_dir
 
 
@@ -305,6 +306,7 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
     from features.windows import add_window_features
     from pipelines import clean
     from pipelines.ingest import (
+        LINE,
         RAW,
         REASON,
         ROW_HASH,
@@ -312,7 +314,9 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
         STAGE,
         column_names,
         contract_errors,
+        count_input_records,
         list_input_files,
+        malformed_line_numbers,
         parse_columns,
         read_raw,
     )
@@ -375,26 +379,30 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
              .select(F.col("__id").alias(id_out), F.col(SCORE).cast("double").alias(SCORE),
                      F.lit(version).alias("model_version"))
              .write.mode("overwrite").parquet(output_url))
-            rejected = tagged.where(F.col(REASON).isNotNull()).select(
+            malformed = [r[0] for r in tagged.where(F.col(LINE).isNotNull()).select(SOURCE).distinct().collect()]
+            rejected = clean.with_line_numbers(tagged.where(F.col(REASON).isNotNull()),
+                                               malformed_line_numbers(spark, full, malformed)).select(
                 F.from_json(_RAW_JSON, raw_schema).alias("raw"), F.col(REASON).alias("reason"),
-                F.col(STAGE).alias("stage"), F.col(SOURCE).alias("source_file"))
+                F.col(STAGE).alias("stage"), F.col(SOURCE).alias("source_file"), F.col("line_number"))
             failed = scored.where(F.col(ERROR).isNotNull()).select(
                 F.from_json(_RAW_JSON, raw_schema).alias("raw"), F.col(ERROR).alias("reason"),
-                F.lit("score").alias("stage"), F.col(SOURCE).alias("source_file"))
-            meta = {"reason", "stage", "source_file", "model_version"}
-            raw_cols = [F.col(f"raw.{f.name}").alias(f"{f.name}_value" if f.name in meta else f.name)
-                        for f in raw_schema.fields if f.name != lab]  # the placeholder label never leaves
+                F.lit("score").alias("stage"), F.col(SOURCE).alias("source_file"),
+                F.lit(None).cast("long").alias("line_number"))
+            # the placeholder label never leaves
+            raw_cols = clean.raw_value_columns(full, names, struct="raw", skip=(cfg.label.column,))
             quarantine = rejected.unionByName(failed).select(
-                *raw_cols, "reason", "stage", "source_file", F.lit(version).alias("model_version"))
+                *raw_cols, "reason", "stage", "source_file", "line_number", F.lit(version).alias("model_version"))
             quarantine.write.mode("overwrite").parquet(q_url)
         tagged.unpersist()
         scored.unpersist()
+        records = count_input_records(spark, full, files)  # independent of the parsing it checks
 
     n_ok, n_rejected = clean_n.get(True, 0), clean_n.get(False, 0)
     n_scored, n_failed = int(outcome.get(False, 0)), int(outcome.get(True, 0))
-    counts = {"input": n_ok + n_rejected, "scored": n_scored, "quarantined": n_rejected + n_failed}
-    if n_scored + n_failed != n_ok:
-        raise RuntimeError(f"score: row accounting broken: {n_ok} clean rows, {n_scored} scored, "
-                           f"{n_failed} failed in the model")
+    counts = {"input": records, "scored": n_scored, "quarantined": n_rejected + n_failed}
+    if n_scored + n_failed != n_ok or records != n_scored + n_rejected + n_failed:
+        raise RuntimeError(f"score: row accounting broken: the input files hold {records} records; "
+                           f"{n_ok} clean rows ({n_scored} scored, {n_failed} failed in the model), "
+                           f"{n_rejected} rejected")
     LOG.info("score: %s in %.1fs", json.dumps(counts), time.perf_counter() - t0)
     return {**counts, "model_version": version, "output": output_url, "quarantine": q_url}

@@ -46,6 +46,8 @@ def test_no_pii_or_salt_in_any_output_or_log(spark, tmp_path, conf_dir, caplog, 
     caplog.set_level(logging.DEBUG, logger="downpour")
     raw_dir = tmp_path / "raw"
     write_raw(generate(spark, "fraud", rows=3000, seed=1, dirty_rate=0.02), str(raw_dir), fmt="csv", partitions=1)
+    needles = _needles(raw_dir)
+    shifted = write_shifted_pii(raw_dir, raw_dir / "shifted.csv")  # PII values in every other column's slot
     out = tmp_path / "out"
     cfg = api.load(str(conf_dir / "fraud.yaml"), [
         f"input.path={raw_dir}", f"output.path={out}", f"evaluation.registry={out / 'registry'}",
@@ -56,7 +58,6 @@ def test_no_pii_or_salt_in_any_output_or_log(spark, tmp_path, conf_dir, caplog, 
     api.evaluate(cfg, spark=spark)
     api.score(cfg, input_url=str(raw_dir), output_url=str(out / "scores"), spark=spark)
 
-    needles = _needles(raw_dir)
     assert len(needles) > 200, "the scan must look for real PII values"  # names, emails, card numbers, ids
     pattern = re.compile("|".join(re.escape(n) for n in sorted(needles, key=len, reverse=True)))
     captured = capfd.readouterr()
@@ -77,3 +78,32 @@ def test_no_pii_or_salt_in_any_output_or_log(spark, tmp_path, conf_dir, caplog, 
             if salt in text:
                 leaks.append(f"{where}: the salt")
     assert not leaks, leaks[:20]
+    # the shifted lines were read, and each one is in the quarantine with where to find it
+    quarantine = pd.read_parquet(out / "prepared" / "quarantine")
+    from_shifted = quarantine[quarantine["source_file"].str.endswith("shifted.csv")]
+    assert len(from_shifted) == shifted and set(from_shifted["reason"]) == {"malformed"}
+    assert from_shifted["line_number"].between(2, shifted + 1).all() and from_shifted["line_number"].is_unique
+
+
+def write_shifted_pii(csv_dir: Path, target: Path) -> int:
+    """Lines of the generated rows in which every PII value lands in every other column's slot, as
+    an unquoted comma (extra fields before it) or a missing field (fewer) would put it; returns the
+    number of lines. Each line has another field count than the header, so the reader sees it as
+    malformed, but what each slot holds is the point: the quarantine must not keep any of it."""
+    source = next(p for p in sorted(csv_dir.glob("*.csv")))
+    raw = pd.read_csv(source, dtype=str, keep_default_na=False)
+    header = list(raw.columns)
+    lines = [",".join(header)]
+    rows = iter(raw.itertuples(index=False))
+    for col in PII_COLUMNS:
+        p = header.index(col)
+        for j in range(len(header)):
+            if j == p:
+                continue
+            tokens = [str(v).replace(",", " ") for v in next(rows)]
+            value = tokens[p]
+            tokens = tokens[:p] + [""] * (j - p) + tokens[p:] if j > p else tokens[:j] + tokens[p:]
+            assert tokens[j] == value and len(tokens) != len(header)
+            lines.append(",".join(tokens))
+    target.write_text("\n".join(lines) + "\n")
+    return len(lines) - 1

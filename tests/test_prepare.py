@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import json
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ import yaml
 
 from downpour import cli
 from downpour.config import Config, config_from_dict, load_config
-from pipelines.ingest import list_input_files
+from pipelines.ingest import list_input_files, pseudonym
 from pipelines.prepare import compute_data_version, run_prepare
 from pipelines.publish import Publisher, join
 
@@ -100,9 +101,18 @@ def test_manifest_counts_shards_and_no_pii(tiny):
         assert sum(groups) == s["rows"] and max(body) / min(body) <= 1.25
         assert s["row_group_rows_max"] <= 16
         assert pq.read_table(prepared / name).column("label").to_pylist().count(1.0) == s["positives"]
-    # time split: every train customer signed up before every val customer (ids are in signup order)
+    # time split: every train customer signed up before every val customer, and val before test
+    # (customer i signed up at hour 3i, so the index is the time order; ids are pseudonyms in the shards)
+    index = {pseudonym(f"C{i:04d}", "test-salt"): i for i in range(240)}
+    order = {s: sorted(index[r] for r in pq.read_table(prepared / s).column("row_id").to_pylist())
+             for s in ("train", "val", "test")}
+    assert all(order.values()) and sum(map(len, order.values())) == 238
+    assert order["train"][-1] < order["val"][0] and order["val"][-1] < order["test"][0], \
+        {s: (o[0], o[-1]) for s, o in order.items()}
     q = pq.read_table(prepared / "quarantine").to_pylist()
     assert {r["reason"] for r in q} == {"not_in_domain:churned", "malformed"}
+    (bad,) = [r for r in q if r["reason"] == "malformed"]
+    assert bad["line_number"] == 244 and bad["source_file"].endswith("customers.csv")  # header + 243 rows
 
     raw_ids = [f"C{i:04d}" for i in range(240)]
     texts = [(prepared / "manifest.json").read_text(), (prepared / "feature_state.json").read_text(),
@@ -112,7 +122,9 @@ def test_manifest_counts_shards_and_no_pii(tiny):
         assert "@example.com" not in text
         assert not any(i in text for i in raw_ids[:50])
     train_ids = set(pq.read_table(prepared / "train").column("row_id").to_pylist())
-    assert hashlib.sha256(b"test-saltC0003").hexdigest() in train_ids  # salted hash, salt from conftest
+    # HMAC-SHA256 keyed by the salt (from conftest), by the standard library
+    assert hmac.new(b"test-salt", b"C0003", hashlib.sha256).hexdigest() in train_ids
+    assert hashlib.sha256(b"test-saltC0003").hexdigest() not in train_ids
 
 
 def test_data_version_follows_input_config_and_salt(spark, tiny, monkeypatch):

@@ -188,12 +188,12 @@ def raw_split_rows(spark: SparkSession, cfg: Config, prepared: PreparedData,
     changed since the data was prepared, since the rebuilt split would then be another one.
 
     Returns the rows and a frame the prepare functions cached (unpersist it when done), if any.
+    The imputation statistics are the published ones (fitted on that version's train split).
     """
     from features.windows import add_window_features
     from pipelines import clean
     from pipelines.ingest import column_names, contract_errors, list_input_files
-    from pipelines.prepare import compute_data_version, ingest_and_tag
-    from pipelines.split import assign_split
+    from pipelines.prepare import compute_data_version, ingest_and_tag, split_clean
 
     salt = clean.resolve_salt(cfg)
     names = column_names(cfg)
@@ -203,10 +203,12 @@ def raw_split_rows(spark: SparkSession, cfg: Config, prepared: PreparedData,
             f"input.path {cfg.input.path}: the input or the config changed since data version "
             f"{prepared.data_version} was prepared; run `downpour prepare` again before gating")
     with contract_errors(cfg):
-        tagged, cached, _ = ingest_and_tag(spark, cfg, files, salt, names)
-        split_df, _ = assign_split(clean.clean_frame(tagged, cfg, names), cfg, names)
+        tagged = ingest_and_tag(spark, cfg, files, salt, names)
+        stats = {c: v for c, v in ((prepared.manifest.get("cleaning") or {}).get("impute_values") or {}).items()
+                 if c in clean.statistic_columns(cfg)}
+        split_df, _, _ = split_clean(tagged, cfg, names, stats)
         rows = add_window_features(split_df, cfg, names).where(F.col("split") == split)
-    return rows, cached
+    return rows, None
 
 
 def _raw_scores(df: DataFrame, saved_model: str, batch_rows: int) -> DataFrame:
