@@ -1,8 +1,9 @@
-"""Keras callbacks of a training rank: resumable early stopping, per-epoch checkpoints and history.
+"""Keras callbacks of a training rank: pooled metrics, resumable early stopping, per-epoch checkpoints.
 
 Imported only inside Horovod worker processes (it imports TensorFlow). The order in ``fit`` matters:
-Horovod's ``MetricAverageCallback`` runs first, so every rank's early-stopping decision, and the
-history and checkpoints rank 0 writes, see the same cross-rank averages; early stopping then sets
+``PooledMetrics`` runs first, so every rank's early-stopping decision, and the history and
+checkpoints rank 0 writes, see the same numbers, computed over every rank's rows at once (AUC and
+loss from the ranks' summed metric state, not a mean of per-rank values); early stopping then sets
 ``stop_training`` identically on every rank, so no rank is left waiting in an allreduce.
 """
 
@@ -13,8 +14,11 @@ import os
 import signal
 import sys
 import time
+import zlib
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from training.checkpoints import CheckpointStore
@@ -22,6 +26,88 @@ from training.checkpoints import CheckpointStore
 
 def monitor_mode(metric: str) -> str:
     return "min" if metric.endswith("loss") else "max"
+
+
+# Metrics whose state is a sum over examples: AUC's per-threshold confusion counts, Mean's total and
+# count (the loss). Summing that state over ranks gives the state of one metric fed every rank's rows.
+_ADDITIVE = (tf.keras.metrics.AUC, tf.keras.metrics.Mean)
+
+
+def additive_metrics(model: tf.keras.Model) -> dict[str, tf.keras.metrics.Metric]:
+    """The model's compiled metrics that can be pooled across ranks, by name (the train log key)."""
+    return {m.name: m for m in model.metrics if isinstance(m, _ADDITIVE)}
+
+
+def pooled_results(metrics: Mapping[str, tf.keras.metrics.Metric],
+                   sum_across_ranks: Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
+    """Each metric's result over the union of every rank's examples.
+
+    Why: the mean of per-rank AUCs is not the AUC of the pooled rows (ranks hold different numbers
+    and mixes of rows), and early stopping and the best epoch must rank epochs by the real one. Every
+    rank calls this at the same point: the metrics' state variables go through one collective sum
+    (float64, so counts stay exact), are loaded back, and each metric's own ``result()`` is computed
+    from the sums. The metrics' local state is overwritten (Keras resets it before its next use).
+    """
+    names = sorted(metrics)
+    variables = [v for n in names for v in metrics[n].variables]
+    if not variables:
+        return {}
+    flat = np.concatenate([np.ravel(v.numpy()).astype(np.float64) for v in variables])
+    total = np.asarray(sum_across_ranks(flat), dtype=np.float64)
+    i = 0
+    for v in variables:
+        n = int(np.prod(v.shape))
+        v.assign(total[i:i + n].reshape(v.shape).astype(v.dtype.as_numpy_dtype))
+        i += n
+    return {n: float(metrics[n].result()) for n in names}
+
+
+def _horovod_sum(values: np.ndarray) -> np.ndarray:
+    import horovod.tensorflow as hvd
+
+    return hvd.allreduce(tf.constant(values), op=hvd.Sum, name="downpour_pooled_metrics").numpy()
+
+
+def _horovod_mean(name: str, value: Any) -> Any:
+    import horovod.tensorflow as hvd
+
+    return hvd.allreduce(tf.constant(value), op=hvd.Average, name=f"downpour_mean_{name}").numpy()
+
+
+class PooledMetrics(tf.keras.callbacks.Callback):
+    """Replace every rank's epoch logs with numbers over all ranks' rows (replaces Horovod's
+    ``MetricAverageCallback``, which averages per-rank values).
+
+    AUC, PR-AUC and loss (train and ``val_``) are pooled: computed from the ranks' summed metric
+    state (``pooled_results``). The train state is taken at the epoch's last step, before Keras'
+    validation resets it; the validation state at the epoch's end. Any other log value is averaged.
+    Every rank takes the same steps and sees the same log keys, so the collectives line up.
+    """
+
+    def __init__(self, sum_across_ranks: Callable[[np.ndarray], np.ndarray] = _horovod_sum,
+                 mean_across_ranks: Callable[[str, Any], Any] = _horovod_mean) -> None:
+        super().__init__()
+        self.sum_across_ranks = sum_across_ranks
+        self.mean_across_ranks = mean_across_ranks
+        self._train: dict[str, float] = {}
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._train = {}
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        if batch + 1 == self.params.get("steps"):
+            self._train = pooled_results(additive_metrics(self.model), self.sum_across_ranks)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if logs is None:
+            return
+        metrics = additive_metrics(self.model)
+        pooled = {k: v for k, v in self._train.items() if k in logs}
+        if any(f"val_{n}" in logs for n in metrics):
+            pooled.update({f"val_{n}": v for n, v in pooled_results(metrics, self.sum_across_ranks).items()
+                           if f"val_{n}" in logs})
+        for key in sorted(logs):
+            logs[key] = pooled[key] if key in pooled else self.mean_across_ranks(key, logs[key])
 
 
 class ResumableEarlyStopping(tf.keras.callbacks.EarlyStopping):
@@ -95,6 +181,45 @@ class EpochRecorder(tf.keras.callbacks.Callback):
             "early_stopping": self.early.snapshot() if self.early is not None else None,
             "stopped_early": stopped,
         }, best=improved)
+
+
+class EpochSeededDropout(tf.keras.callbacks.Callback):
+    """At every epoch start, reseed each random layer's generator (dropout) from (seed, rank, epoch).
+
+    Why: the dropout RNG state is in no checkpoint, so a resumed run would draw other masks than an
+    uninterrupted one from the resume on (and its weights would drift apart). Reseeded per epoch,
+    epoch ``e``'s masks are the same whether the run started at 0 or resumed at ``e``, and differ
+    between ranks. Needs Keras' ``tf.random.Generator`` RNG
+    (``tf.keras.backend.experimental.enable_tf_random_generator()`` before the model is built).
+    """
+
+    def __init__(self, seed: int, rank: int) -> None:
+        super().__init__()
+        self.seed, self.rank = seed, rank
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        for i, gen in enumerate(random_generators(self.model)):
+            gen.reset_from_seed(_seed_of(self.seed, self.rank, epoch, i))
+
+
+def random_generators(model: tf.keras.Model) -> list[tf.random.Generator]:
+    """The ``tf.random.Generator`` of every random layer (Dropout, ...) of ``model``, in a fixed order."""
+    out = []
+    for layer in model.submodules:
+        rng = getattr(layer, "_random_generator", None)
+        if rng is None or not hasattr(rng, "_maybe_init"):
+            continue
+        rng._maybe_init()
+        gen = getattr(rng, "_generator", None)
+        if gen is None:
+            raise RuntimeError(f"layer {layer.name}: its RNG is not a tf.random.Generator; call "
+                               "tf.keras.backend.experimental.enable_tf_random_generator() before building")
+        out.append(gen)
+    return out
+
+
+def _seed_of(*parts: int) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
 class FailAfterEpoch(tf.keras.callbacks.Callback):

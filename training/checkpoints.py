@@ -3,14 +3,18 @@
 Layout under ``<output.path>/training/checkpoints/``::
 
     epoch-000003/            model + optimizer state after 3 epochs (tf.train.Checkpoint)
-    best/                    model weights of the best epoch so far (early-stopping metric)
-    latest.json              written last: which checkpoint is complete, plus the run's state
+    best-000002/             model weights of epoch 2, the best so far (early-stopping metric)
+    latest.json              written last: names the epoch and best directories, plus the run's state
 
-A checkpoint directory is written under a temporary name and renamed into place, and
-``latest.json`` is replaced only after that, so an interruption at any moment leaves the previous
-complete checkpoint in charge. ``latest.json`` also carries what Keras callbacks need to carry on
-exactly (epochs completed, per-epoch history, early-stopping state) and a ``run_key``: checkpoints
-made from other data or another model shape are ignored instead of being loaded into the wrong model.
+Every directory is written under a temporary name and renamed into place, and is never rewritten
+while ``latest.json`` names it: the best weights go to a new ``best-<epoch>`` directory rather than
+replacing one fixed ``best/``. ``latest.json`` is replaced (atomically) only after both, so it is the
+single commit point: a reader sees the previous (state, epoch weights, best weights) triple or the new
+one, never best weights that do not match the recorded state. Directories ``latest.json`` no longer
+names are pruned after it was replaced. ``latest.json`` also carries what Keras callbacks need to
+carry on exactly (epochs completed, per-epoch history, early-stopping state) and a ``run_key``:
+checkpoints made from other data or another model shape are ignored instead of being loaded into the
+wrong model.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -28,7 +33,7 @@ from downpour.logs import LOG
 from training import storage
 
 LATEST = "latest.json"
-BEST = "best"
+BEST = "best"  # prefix of best-<epoch> directories (a bare "best/" is what older versions wrote)
 _KEEP = 2  # epoch checkpoints kept (the newest and the one before it)
 
 
@@ -74,18 +79,26 @@ class CheckpointStore:
         return state
 
     def restore(self, model: Any, optimizer: Any, state: dict[str, Any]) -> None:
-        """Load the model and optimizer state of ``state``'s checkpoint (optimizer slots are restored
-        when the optimizer creates them, at its first step)."""
+        """Load the model and optimizer state of ``state``'s checkpoint. The optimizer's slots must exist
+        already (``train.py`` creates them up front), so they are loaded now, not at the first step,
+        and can be broadcast to the other ranks before it."""
         import tensorflow as tf
 
         with self._local_copy(state["path"]) as path:
             tf.train.Checkpoint(model=model, optimizer=optimizer).read(os.path.join(path, "ckpt")).expect_partial()
 
     def restore_best(self, model: Any, state: dict[str, Any]) -> bool:
-        """Load the best epoch's weights into ``model``; False when there is no best checkpoint."""
+        """Load the best epoch's weights into ``model``; False when there is no best checkpoint, or
+        when the directory ``state`` names holds another epoch than its recorded best (never loaded)."""
         import tensorflow as tf
 
         if not state.get("best_path") or not storage.exists(storage.join(self.url, state["best_path"], "ckpt.index")):
+            return False
+        m = re.fullmatch(rf"{BEST}-(\d+)", state["best_path"])
+        best_epoch = (state.get("best") or {}).get("epoch")
+        if m and best_epoch is not None and int(m.group(1)) != int(best_epoch):
+            LOG.warning("checkpoints: %s holds epoch %s, but the recorded best epoch is %s; not loading it",
+                        state["best_path"], int(m.group(1)), best_epoch)
             return False
         with self._local_copy(state["best_path"]) as path:
             tf.train.Checkpoint(model=model).read(os.path.join(path, "ckpt")).expect_partial()
@@ -111,8 +124,8 @@ class CheckpointStore:
 
     # ---- writing (rank 0) ----------------------------------------------------------------------------
     def save(self, model: Any, optimizer: Any, state: dict[str, Any], best: bool) -> dict[str, Any]:
-        """Write the checkpoint of ``state['epoch']`` (and the best weights when ``best``), then
-        ``latest.json``; returns the state as written."""
+        """Write the checkpoint of ``state['epoch']`` (and, when ``best``, the best weights into a new
+        directory), then ``latest.json`` naming both; returns the state as written."""
         import tensorflow as tf
 
         epoch = int(state["epoch"])
@@ -121,11 +134,16 @@ class CheckpointStore:
             os.path.join(d, "ckpt")))
         state = {**state, "run_key": self.key, "path": name}
         if best:
-            self._write_dir(BEST, lambda d: tf.train.Checkpoint(model=model).write(os.path.join(d, "ckpt")))
-            state["best_path"] = BEST
-        storage.write_json_atomic(storage.join(self.url, LATEST), state)
-        self._prune(keep={name, BEST})
+            best_name = self._best_name(epoch)
+            self._write_dir(best_name, lambda d: tf.train.Checkpoint(model=model).write(os.path.join(d, "ckpt")))
+            state["best_path"] = best_name
+        storage.write_json_atomic(storage.join(self.url, LATEST), state)  # the commit point
+        self._prune(keep={name, state.get("best_path") or name})
         return state
+
+    def _best_name(self, epoch: int) -> str:
+        """A directory of its own per best epoch: the one ``latest.json`` names is never replaced."""
+        return f"{BEST}-{epoch:06d}"
 
     def _write_dir(self, name: str, write: Any) -> None:
         """Write a checkpoint directory under a temporary name, then move it to ``name``."""
@@ -161,7 +179,7 @@ class CheckpointStore:
         for n in names:
             if n == LATEST or n in keep:
                 continue
-            if n.startswith(("epoch-", ".tmp-", ".old-")) or ".tmp-" in n:
+            if n == BEST or n.startswith(("epoch-", f"{BEST}-", ".tmp-", ".old-")) or ".tmp-" in n:
                 storage.delete_dir(storage.join(self.url, n))
 
     def clear(self) -> None:

@@ -10,8 +10,12 @@ not fill a batch are carried into the next window.
 
 Training reads an endless stream (``num_epochs=None``) and takes a fixed number of steps per epoch
 computed from the manifest, so every rank runs the same number of steps however unevenly the row
-groups split across ranks: no rank runs dry while the others wait in an allreduce. Negative
-downsampling and class weights are applied here, vectorized, per row group.
+groups split across ranks: no rank runs dry while the others wait in an allreduce. With
+``epoch_steps`` set, the stream is cut into epochs that depend only on (seed, rank, epoch): epoch
+``e`` starts a fresh pass seeded for ``e`` and ends after exactly ``epoch_steps`` batches (the rest
+of that pass is dropped), so a run resumed at epoch ``k`` reads what an uninterrupted run reads from
+epoch ``k`` on without re-reading epochs ``0..k-1``. Negative downsampling and class weights are
+applied here, vectorized, per row group.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import re
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -164,6 +168,8 @@ class ReadOptions:
     drop_remainder: bool = False
     block_rows: int = _BLOCK_ROWS
     extra_dtypes: dict[str, Any] = field(default_factory=dict)
+    epoch_steps: int | None = None   # endless reads only: epochs of exactly this many batches (resumable)
+    first_epoch: int = 0             # with epoch_steps: the epoch the stream starts at (0-based)
 
 
 def steps_per_epoch(rows: float, batch_size: int, workers: int) -> int:
@@ -371,9 +377,49 @@ def iter_blocks(url: str, spec: InputSpec, opts: ReadOptions,
         yield from emit(final=True)
 
 
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return zlib.crc32(f"{seed}/epoch/{epoch}".encode()) & 0x7FFFFFFF
+
+
+def iter_epoch_blocks(url: str, spec: InputSpec, opts: ReadOptions) -> Iterator[dict[str, np.ndarray]]:
+    """Blocks of an endless stream made of epochs of exactly ``opts.epoch_steps`` batches, from
+    epoch ``opts.first_epoch`` on.
+
+    Why: a continuous stream's position at an epoch boundary depends on every earlier epoch (carried
+    rows, pass boundaries, random draws), so a resumed run could only reproduce it by re-reading them.
+    Here each epoch is its own seeded stream (row-group orders, window shuffles and negative
+    downsampling all derive from ``(seed, epoch)``), so epoch ``e`` is the same data whether the run
+    started at 0 or resumed at ``e``.
+    """
+    if not opts.epoch_steps or opts.num_epochs is not None:
+        raise ValueError("iter_epoch_blocks needs epoch_steps >= 1 and an endless read (num_epochs=None)")
+    epoch = opts.first_epoch
+    while True:
+        e_opts = replace(opts, seed=_epoch_seed(opts.seed, epoch), epoch_steps=None, first_epoch=0)
+        source = iter_row_groups(url, spec, e_opts)
+        blocks = iter_blocks(url, spec, e_opts, row_groups=source)
+        left = opts.epoch_steps
+        try:
+            for block in blocks:
+                m = len(block["label"])
+                if m >= left:
+                    yield {k: v[:left] for k, v in block.items()}
+                    break
+                yield block
+                left -= m
+        finally:
+            blocks.close()
+            source.close()  # stops this epoch's petastorm reader now, not when collected
+        epoch += 1
+
+
+def _blocks(url: str, spec: InputSpec, opts: ReadOptions) -> Iterator[dict[str, np.ndarray]]:
+    return iter_epoch_blocks(url, spec, opts) if opts.epoch_steps else iter_blocks(url, spec, opts)
+
+
 def iter_batches(url: str, spec: InputSpec, opts: ReadOptions) -> Iterator[dict[str, np.ndarray]]:
     """Single batches as ``{column: array [B]}`` (numpy; for checks and non-TF consumers)."""
-    for block in iter_blocks(url, spec, opts):
+    for block in _blocks(url, spec, opts):
         for i in range(len(block["label"])):
             yield {k: v[i] for k, v in block.items()}
 
@@ -397,7 +443,7 @@ def make_dataset(url: str, spec: InputSpec, opts: ReadOptions, keras: bool = Tru
         signature: Any = (features, spec_of(tf.float32), spec_of(tf.float32))
 
         def generate() -> Iterator[Any]:
-            for block in iter_blocks(url, spec, opts):
+            for block in _blocks(url, spec, opts):
                 yield {c: block[c] for c in spec.features}, block["label"], block["weight"]
     else:
         signature = {**features, "label": spec_of(tf.float32), "weight": spec_of(tf.float32)}
@@ -405,7 +451,7 @@ def make_dataset(url: str, spec: InputSpec, opts: ReadOptions, keras: bool = Tru
             signature[c] = spec_of(tf.as_dtype(opts.extra_dtypes.get(c, tf.string)))
 
         def generate() -> Iterator[Any]:
-            yield from iter_blocks(url, spec, opts)
+            yield from _blocks(url, spec, opts)
 
     ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
     ds = ds.unbatch()  # blocks [m, B] -> batches [B] (not rows: the batching was done in numpy)

@@ -464,6 +464,9 @@ def _train_rank(plan: dict[str, Any], rank: int) -> dict[str, Any]:
     hvd.init()
     size = hvd.size()
     tf.keras.utils.set_random_seed(t.seed + 1000 * rank)
+    # dropout draws from tf.random.Generator state that cb.EpochSeededDropout reseeds every epoch,
+    # so a resumed run draws the masks an uninterrupted one draws
+    tf.keras.backend.experimental.enable_tf_random_generator()
     state_dict = plan["feature_state"]
     model = build_model(state_dict, t, devices or None)
     if rank == 0:
@@ -497,6 +500,13 @@ def _train_rank(plan: dict[str, Any], rank: int) -> dict[str, Any]:
     state = hvd_tf.broadcast_object(state, root_rank=0, name="downpour_resume_state")
     initial_epoch = int(state["epoch"]) if state else 0
     finished = bool(state and (state.get("stopped_early") or initial_epoch >= t.epochs))
+    if size > 1:
+        # Every rank starts from rank 0's weights *and* optimizer state (step, Adam moments), before
+        # the first step. Horovod's BroadcastGlobalVariablesCallback broadcasts only after batch 0, so
+        # a resumed run's first step would average rank 0's gradient with gradients of the other
+        # ranks' fresh weights, and rank 0's moments would keep that mixed step.
+        hvd_tf.broadcast_variables(model.variables, root_rank=0)
+        hvd_tf.broadcast_variables(optimizer.variables(), root_rank=0)
 
     spec = InputSpec.from_feature_state(state_dict)
     train, val = SplitInfo(**plan["train"]), SplitInfo(**plan["val"])
@@ -508,18 +518,16 @@ def _train_rank(plan: dict[str, Any], rank: int) -> dict[str, Any]:
     if not finished:
         train_ds = make_dataset(train.url, spec, ReadOptions(
             batch_size=t.batch_size, rank=rank, size=size, shard=train.row_groups >= size, num_epochs=None,
-            shuffle=True, window_row_groups=t.shuffle_window_row_groups, seed=t.seed + initial_epoch,
+            shuffle=True, window_row_groups=t.shuffle_window_row_groups, seed=t.seed,
             keep_negatives=plan["keep_negatives"], positive_weight=plan["positive_weight"],
-            reader_workers=readers, drop_remainder=True))
+            reader_workers=readers, drop_remainder=True, epoch_steps=steps, first_epoch=initial_epoch))
         val_ds = None
         if val.rows > 0:
             val_ds = make_dataset(val.url, spec, ReadOptions(
                 batch_size=t.batch_size, rank=rank, size=size, shard=val.row_groups >= size, num_epochs=1,
                 shuffle=False, seed=t.seed, reader_workers=readers))
-        callbacks: list[Any] = [
-            hvd.callbacks.BroadcastGlobalVariablesCallback(0),
-            hvd.callbacks.MetricAverageCallback(),
-        ]
+        # no BroadcastGlobalVariablesCallback: the ranks were made identical above, before step 1
+        callbacks: list[Any] = [cb.PooledMetrics(), cb.EpochSeededDropout(t.seed, rank)]
         if t.warmup_epochs > 0 and size > 1:
             callbacks.append(hvd.callbacks.LearningRateWarmupCallback(
                 initial_lr=t.learning_rate * size, warmup_epochs=t.warmup_epochs, steps_per_epoch=steps,
@@ -542,8 +550,6 @@ def _train_rank(plan: dict[str, Any], rank: int) -> dict[str, Any]:
                   validation_data=val_ds, callbacks=callbacks, verbose=2 if rank == 0 else 0)
         if rank == 0:
             state = next(c for c in callbacks if isinstance(c, cb.EpochRecorder)).state
-    elif size > 1:
-        hvd_tf.broadcast_variables(model.variables, root_rank=0)  # nothing trained: share rank 0's weights
 
     weights = hashlib.sha256()
     for w in model.get_weights():
