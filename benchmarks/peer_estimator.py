@@ -82,6 +82,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
@@ -189,8 +190,18 @@ def peer_frames(spark: SparkSession, prepared: Any, features: list[str]) -> tupl
     return fit_df, read("test").select("row_id", *keep)
 
 
-def run_peer(spark: SparkSession, cfg: Any, prepared: Any, workdir: str, scores_url: str, seed: int) -> dict[str, Any]:
-    """KerasEstimator.fit on our train/val shards, transform of the test shards; timings + history."""
+@dataclass(frozen=True)
+class PeerSetup:
+    """What the peer is given, before its clock starts: the (unfitted) estimator and its DataFrames."""
+
+    estimator: Any
+    fit_df: DataFrame  # train rows (``VAL_COL`` 0) and val rows (``VAL_COL`` 1)
+    test_df: DataFrame
+    features: list[str]
+
+
+def peer_setup(spark: SparkSession, cfg: Any, prepared: Any, workdir: str, seed: int) -> PeerSetup:
+    """The KerasEstimator run_peer fits, and the DataFrames it fits and transforms (nothing runs yet)."""
     import tensorflow as tf
     from horovod.spark.common.store import LocalStore
     from horovod.spark.keras import KerasEstimator
@@ -216,10 +227,16 @@ def run_peer(spark: SparkSession, cfg: Any, prepared: Any, workdir: str, scores_
         verbose=2,
         run_id=f"peer_{int(time.time())}",
     )
+    return PeerSetup(estimator, fit_df, test_df, features)
+
+
+def run_peer(spark: SparkSession, cfg: Any, prepared: Any, workdir: str, scores_url: str, seed: int) -> dict[str, Any]:
+    """KerasEstimator.fit on our train/val shards, transform of the test shards; timings + history."""
+    peer = peer_setup(spark, cfg, prepared, workdir, seed)
     t0 = time.perf_counter()
-    fitted = estimator.fit(fit_df)
+    fitted = peer.estimator.fit(peer.fit_df)
     t1 = time.perf_counter()
-    fitted.transform(test_df).select("row_id", "label", F.col(PEER_OUTPUT).cast("float").alias("score")) \
+    fitted.transform(peer.test_df).select("row_id", "label", F.col(PEER_OUTPUT).cast("float").alias("score")) \
         .write.mode("overwrite").parquet(scores_url)
     t2 = time.perf_counter()
     history = {k: [round(float(v), 5) for v in vals] for k, vals in (fitted.getHistory() or {}).items()}

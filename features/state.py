@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -337,7 +336,8 @@ class FeatureState:
 def serving_frame(df: DataFrame, state: FeatureState, keep: tuple[str, ...] = ()) -> DataFrame:
     """The raw columns in the serving dtypes: floats (NaN for null), strings ("" for null), int64
     (``INT64_NULL`` for null; timestamps as epoch seconds), after the ``keep`` columns (e.g. an id)
-    unchanged. Batch scoring feeds these to the model."""
+    unchanged. Batch scoring feeds these to the model (``pipelines.score`` turns each pandas batch into
+    the signature's arrays)."""
     schema = {f.name: f.dataType for f in df.schema}
     cols = [F.col(c) for c in keep]
     for name, dtype in state.raw_inputs.items():
@@ -354,20 +354,6 @@ def serving_frame(df: DataFrame, state: FeatureState, keep: tuple[str, ...] = ()
             x = _epoch_seconds(name, src) if is_time else F.col(name).cast("long")
             cols.append(F.coalesce(x, F.lit(INT64_NULL).cast("long")).alias(name))
     return df.select(*cols)
-
-
-def serving_arrays(pdf: pd.DataFrame, raw_inputs: dict[str, str]) -> dict[str, np.ndarray]:
-    """pandas (from :func:`serving_frame`) -> the numpy dict the serving signature takes."""
-    out: dict[str, np.ndarray] = {}
-    for name, dtype in raw_inputs.items():
-        col = pdf[name]
-        if dtype == "float64":
-            out[name] = pd.to_numeric(col, errors="coerce").astype("float64").to_numpy()
-        elif dtype == "int64":
-            out[name] = col.fillna(INT64_NULL).astype("int64").to_numpy()
-        else:
-            out[name] = col.fillna("").astype(str).to_numpy(dtype=object)
-    return out
 
 
 # ---- fitting internals --------------------------------------------------------------------------------

@@ -15,9 +15,10 @@ tf = pytest.importorskip("tensorflow")
 from downpour.config import load_config  # noqa: E402
 from features.hashing import fingerprint64, hash_buckets  # noqa: E402
 from features.keras_preprocessing import HashBucket, build_preprocessing, raw_input_signature  # noqa: E402
-from features.state import FeatureState, serving_arrays, serving_frame  # noqa: E402
+from features.state import FeatureState, serving_frame  # noqa: E402
 from features.windows import add_window_features  # noqa: E402
 from pipelines.columns import internal_names  # noqa: E402
+from pipelines.score import load_signature, serving_arrays  # noqa: E402 - what batch scoring feeds a signature
 
 
 def _strings(seed: int = 5) -> list[str]:
@@ -53,17 +54,18 @@ def _compare(spark_pdf, keras_out, state, ids):
 
 def _parity(spark, df, state, raw_df=None):
     """Spark's shard columns (from the cleaned rows ``df``) vs the Keras preprocessing fed the serving
-    form of the same rows before cleaning (``raw_df``, default ``df``)."""
+    form of the same rows before cleaning (``raw_df``, default ``df``), converted to arrays as batch
+    scoring converts them (``pipelines.score.serving_arrays`` with the exported signature's specs)."""
     shards = state.transform(df).toPandas().sort_values("row_id").reset_index(drop=True)
     raw_df = df if raw_df is None else raw_df
     raw = serving_frame(raw_df, state, keep=("row_id",)).toPandas().sort_values("row_id").reset_index(drop=True)
     assert shards["row_id"].tolist() == raw["row_id"].tolist()
     model = build_preprocessing(state)
-    inputs = {k: tf.constant(v) for k, v in serving_arrays(raw, state.raw_inputs).items()}
+    inputs = {k: tf.constant(v) for k, v in serving_arrays(raw, raw_input_signature(state)).items()}
     out = model(inputs)
     assert set(out) == set(shards.columns) - {"row_id", "label", "weight"}
     _compare(shards, out, state, raw["row_id"].to_numpy())
-    return model, inputs, out
+    return model, raw, out
 
 
 FRAUD_ROWS = T.StructType([
@@ -111,22 +113,22 @@ def test_spark_and_keras_agree_on_fraud_shaped_data(spark, conf_dir, tmp_path):
     assert {c["kind"] for c in state.categorical} == {"vocab", "hash", "hour", "dow"}
     assert [c["kind"] for c in state.crosses] == ["hash"]
     assert len(state.window_features) == 17 and set(state.window_features) <= set(state.raw_inputs)
-    model, inputs, out = _parity(spark, df, state)
+    model, raw, out = _parity(spark, df, state)
     df.unpersist()
 
-    # the exported form: a SavedModel whose signature takes the raw columns gives the same tensors
-    class Serving(tf.Module):
-        def __init__(self):
-            super().__init__()
-            self.pre = model
+    # the exported form: a SavedModel signature that takes the raw columns (as training.export builds
+    # serving_default), loaded and fed as batch scoring loads and feeds it, gives the same tensors
+    module = tf.Module()
+    module.pre = model
 
-        @tf.function(input_signature=[raw_input_signature(state)])
-        def __call__(self, raw):
-            return self.pre(raw)
+    @tf.function
+    def serving_default(**raw_columns):
+        return module.pre(raw_columns)
 
-    tf.saved_model.save(Serving(), str(tmp_path / "pre"))
-    loaded = tf.saved_model.load(str(tmp_path / "pre"))
-    again = loaded(inputs)
+    signature = serving_default.get_concrete_function(**raw_input_signature(state))
+    tf.saved_model.save(module, str(tmp_path / "pre"), signatures={"serving_default": signature})
+    fn, specs = load_signature(str(tmp_path / "pre"), "serving_default")
+    again = fn(**{k: tf.constant(v) for k, v in serving_arrays(raw, specs).items()})
     for k, v in out.items():
         np.testing.assert_array_equal(again[k].numpy(), v.numpy(), err_msg=k)
 

@@ -19,7 +19,6 @@ from training.input import (
     iter_row_groups,
     make_dataset,
     open_prepared,
-    steps_per_epoch,
 )
 from training.synthetic import write_prepared
 
@@ -172,10 +171,46 @@ def test_class_weight_multiplies_positive_weights(prepared):
     np.testing.assert_array_equal(w1[~pos], w0[~pos])
 
 
-def test_steps_per_epoch_is_the_same_for_every_rank_and_covers_the_rows():
-    assert steps_per_epoch(1000, 100, 1) == 10
-    assert steps_per_epoch(1001, 100, 2) == 6  # ceil(1001 / 200)
-    assert steps_per_epoch(10, 100, 4) == 1
+def test_every_rank_gets_the_plans_steps_from_its_own_uneven_shard(tmp_path):
+    """What each of 2 ranks reads for training: the driver's plan gives one ``steps_per_epoch``; each
+    rank's real input pipeline (its petastorm shard, read as ``_train_rank`` reads it) must yield that
+    many whole batches every epoch, from its own rows only, although the shards are uneven."""
+    from downpour.config import load_config
+    from training.train import make_plan, train_read_options
+
+    root = str(tmp_path)
+    # 5 row groups (200 x 4 + 100): rank 0 owns groups 0, 2, 4 (500 rows), rank 1 groups 1, 3 (400 rows)
+    write_prepared(root, {"train": 900, "val": 200, "test": 100}, row_group_rows=200, files=1, seed=3)
+    prepared = open_prepared(root)
+    size, batch, epochs = 2, 64, 3
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "conf", "fraud.yaml"), [
+        f"output.path={root}", f"training.workers={size}", f"training.batch_size={batch}", "training.imbalance=none"])
+    plan = make_plan(cfg, prepared, fresh=True)  # what the driver hands every rank
+    steps, info, t = plan["steps_per_epoch"], prepared.split("train"), cfg.training
+    assert info.row_groups >= size  # sharded: each rank reads only its row groups
+    spec = InputSpec.from_feature_state(plan["feature_state"], extra=("row_id",))
+
+    shard_ids, pass_batches = [], []
+    for rank in range(size):  # one plain pass over each rank's shard: the shards really are uneven
+        batches = list(iter_batches(info.url, spec, ReadOptions(batch_size=batch, rank=rank, size=size,
+                                                                num_epochs=1, shuffle=False, reader_workers=1)))
+        pass_batches.append(len(batches))
+        shard_ids.append(set(_ids(batches)))
+    assert [len(ids) for ids in shard_ids] == [500, 400]
+    assert pass_batches == [8, 7]  # a per-shard step count would differ between the ranks
+    assert not shard_ids[0] & shard_ids[1] and len(shard_ids[0] | shard_ids[1]) == info.rows
+    assert steps * batch * size >= info.rows  # one epoch of the plan covers the split
+
+    for rank in range(size):
+        # the rank's training stream, with the options _train_rank gives make_dataset
+        ds = make_dataset(info.url, spec, train_read_options(plan, t, rank, size, info, 0, t.reader_workers,
+                                                             extra_dtypes={"row_id": "string"}), keras=False)
+        sizes, seen = [], set()
+        for b in ds.take(steps * epochs):  # what Keras pulls for `epochs` epochs of `steps` steps
+            sizes.append(int(b["label"].shape[0]))
+            seen.update(x.decode() for x in b["row_id"].numpy())
+        assert sizes == [batch] * (steps * epochs), f"rank {rank}: {len(sizes)} batches, sizes {set(sizes)}"
+        assert seen <= shard_ids[rank]  # only its own shard's rows
 
 
 def test_missing_shard_column_is_a_data_contract_error(prepared, tmp_path):

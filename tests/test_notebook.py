@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pyspark.sql import functions as F
+
+from pipelines.ingest import salted_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "downpour_walkthrough.py"
@@ -108,9 +113,20 @@ def test_notebook_runs_end_to_end(spark, telco_path, tmp_path):
     assert namespace["evaluation"]["metrics"]["test"]["roc_auc"] > 0.6
 
     scores = spark.read.parquet(namespace["scores_url"])
-    assert {"score", "model_version"} <= set(scores.columns)
-    assert 0 < scores.count() <= 7043
-    assert "customerID" not in scores.columns or scores.filter("customerID like '%-%'").count() == 0  # hashed
+    assert {"customerID", "score", "model_version"} <= set(scores.columns)  # the id column is required
+    rows = scores.select("customerID", "model_version").collect()
+    assert 0 < len(rows) <= 7043
+    # each id is the PII hash (pii.hash, keyed by the salt) of a raw customerID, never the raw id itself,
+    # one row per customer
+    with open(telco_path, newline="") as f:
+        raw_ids = [r["customerID"].strip() for r in csv.DictReader(f)]
+    raw = spark.createDataFrame([(i,) for i in raw_ids], "id string")
+    salt = os.environ["DOWNPOUR_PII_SALT"]
+    hashed = {r[0] for r in raw.select(salted_hash(F.col("id"), salt)).collect()}
+    ids = [r["customerID"] for r in rows]
+    assert len(set(ids)) == len(ids) and set(ids) <= hashed, ids[:3]
+    assert not set(ids) & set(raw_ids)
+    assert {r["model_version"] for r in rows} == {card["model_version"]}
     assert len(displayed) >= 4 and all(hasattr(d, "columns") for d in displayed)  # DataFrames shown
     card_file = json.loads((tmp_path / "crm_telco" / "model" / "model_card.json").read_text())
     assert card_file["model_version"] == card["model_version"]
