@@ -324,6 +324,17 @@ def derive_columns(df: DataFrame, cfg: Config, names: dict[str, str]) -> DataFra
     return out.withColumn(STATUS, status)
 
 
+def serving_nulls(df: DataFrame, cfg: Config, names: dict[str, str]) -> DataFrame:
+    """Null again the values cleaning imputed *and flagged*, for a ``serving_default`` signature: it
+    imputes them itself and sets the ``n__<col>__missing`` flag from the null, as the shards have it.
+    Handing it the imputed value instead would score with the flag off (training/serving skew)."""
+    for col, flag in flag_columns(cfg, names).items():
+        if col in cfg.cleaning.nulls and cfg.cleaning.nulls[col].action == "impute" and flag in df.columns:
+            s = names[col]
+            df = df.withColumn(s, F.when(F.col(flag) == 1, F.lit(None)).otherwise(F.col(s)))
+    return df
+
+
 def tag_rows(df: DataFrame, cfg: Config, names: dict[str, str], stats: dict[str, Any] | None) -> DataFrame:
     """Policies -> de-duplication -> derived columns: every input row once, with its status."""
     tagged = derive_columns(deduplicate(apply_policies(df, cfg, names, stats), cfg, names), cfg, names)

@@ -107,7 +107,7 @@ def signature_inputs(model_url: str, signature: str, fingerprint: str | None = N
     return {k: v.dtype.name for k, v in specs.items()}
 
 
-def _arrays(pdf: pd.DataFrame, specs: dict[str, Any]) -> dict[str, np.ndarray]:
+def serving_arrays(pdf: pd.DataFrame, specs: dict[str, Any]) -> dict[str, np.ndarray]:
     """pandas columns -> the numpy arrays the signature takes (dtype and rank from its TensorSpecs)."""
     out = {}
     for name, spec in specs.items():
@@ -130,7 +130,7 @@ def _arrays(pdf: pd.DataFrame, specs: dict[str, Any]) -> dict[str, np.ndarray]:
 def _predict(fn: Any, specs: dict[str, Any], pdf: pd.DataFrame) -> np.ndarray:
     import tensorflow as tf
 
-    feeds = {k: tf.constant(v) for k, v in _arrays(pdf, specs).items()}
+    feeds = {k: tf.constant(v) for k, v in serving_arrays(pdf, specs).items()}
     return np.asarray(fn(**feeds)[SCORE], dtype=np.float32).reshape(-1)
 
 
@@ -367,7 +367,8 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
         if missing:
             raise DataContractError(f"column {missing[0]!r}: the model {version} needs it; it is not produced "
                                     f"from the input {input_url} by this config")
-        serving = serving_frame(ok, RawInputs(raw_inputs), keep=("__id", _RAW_JSON, SOURCE))
+        serving = serving_frame(clean.serving_nulls(ok, full, names), RawInputs(raw_inputs),
+                                keep=("__id", _RAW_JSON, SOURCE))
         with arrow_batch_rows(spark, batch), timed(f"score: {RAW_SIGNATURE} in mapInPandas"):
             scored = score_dataframe(serving, saved, RAW_SIGNATURE, keep=["__id", _RAW_JSON, SOURCE],
                                      batch_rows=batch, isolate_errors=True).persist(persist_level(spark))

@@ -81,6 +81,9 @@ def _handed_over(spark, tmp_path, monkeypatch, mode):
         got.update(peer_cfg=cfg, prepared=prepared, workdir=workdir, seed=seed)
         raise _Stop
 
+    import downpour.api  # noqa: F401 - bound to the real get_spark now, not to the stand-in below for good
+    import downpour.cli  # noqa: F401
+
     monkeypatch.setattr("downpour.spark.get_spark", lambda **_: spark)
     monkeypatch.setattr(run, "machine", lambda: {})
     monkeypatch.setattr(pe, "raw_data", lambda *a, **k: str(tmp_path / "raw-not-generated"))

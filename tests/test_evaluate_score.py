@@ -203,6 +203,7 @@ def test_end_to_end_gate_and_score_parity(spark, telco_path, tmp_path, conf_dir)
     """1 epoch on a Telco subset; the gate promotes it, refuses an all-zero model, and `score` on the
     raw rows (without the label column, with a dirty row) gives the evaluation's scores within 1e-5."""
     from downpour.config import load_config
+    from pipelines.ingest import pseudonym
     from pipelines.score import run_scoring
     from training.evaluate import run_evaluation
     from training.registry import Registry
@@ -244,6 +245,9 @@ def test_end_to_end_gate_and_score_parity(spark, telco_path, tmp_path, conf_dir)
     ev = pd.read_parquet(Path(res["scores"]) / "split=test")
     joined = ev.merge(scored, left_on="row_id", right_on="customerID", suffixes=("_eval", "_score"))
     assert len(joined) == len(ev) > 100
+    # rows whose TotalCharges cleaning imputed and flagged are scored with the flag on, as in the shards
+    flagged = set(pseudonym(c, "test-salt") for c in raw.loc[raw["TotalCharges"].str.strip() == "", "customerID"])
+    assert flagged & set(joined["row_id"]), "the parity check must cover imputed-and-flagged rows"
     np.testing.assert_allclose(joined["score_score"], joined["score_eval"], atol=1e-5)
 
     # a clearly worse model (all weights zero) is refused; the champion stays

@@ -175,3 +175,50 @@ def test_break_the_atomic_write_and_the_concurrent_reader_sees_it(tmp_path, monk
     monkeypatch.setattr(R, "write_json_atomic", in_place)
     with pytest.raises(AssertionError):
         trr.test_pointer_swap_is_atomic_under_concurrent_reads(tmp_path)
+
+
+# ---- unreadable input is exit 3 naming the file ----------------------------------------------------------
+def test_break_the_column_contract_and_the_exit_3_test_fails(spark, tmp_path, capsys, monkeypatch):
+    import test_prepare
+
+    monkeypatch.setattr(ingest, "_check_columns", lambda *a, **k: None)
+    with pytest.raises(AssertionError):
+        test_prepare.test_cli_exit_code_3_names_missing_column_and_file(spark, tmp_path, capsys)
+
+
+# ---- config errors name the key ---------------------------------------------------------------------------
+def test_break_error_formatting_and_the_key_path_test_fails(conf_dir, monkeypatch):
+    import test_config
+
+    from downpour import config
+
+    monkeypatch.setattr(config, "_format_error", lambda err: "the config is invalid")
+    with pytest.raises(AssertionError):
+        test_config.test_errors_name_the_key(conf_dir, ["training.workers=0"], "training.workers")
+
+
+# ---- only SavedModels are loaded --------------------------------------------------------------------------
+def test_break_the_loader_into_unpickling_and_the_marker_test_fails(tmp_path, monkeypatch):
+    import pickle
+
+    import tensorflow as tf
+    import test_hostile_input
+
+    def unpickling_load(path, *a, **k):  # what a pickle- or HDF5-based loader would do
+        with open(Path(path) / "model.pkl", "rb") as fh:
+            pickle.load(fh)  # noqa: S301 - the point: this is what the guarantee forbids
+        raise ValueError("not a SavedModel")
+
+    monkeypatch.setattr(tf.saved_model, "load", unpickling_load)
+    with pytest.raises(AssertionError):
+        test_hostile_input.test_model_dir_that_is_not_a_savedmodel_is_refused_and_never_unpickled(
+            "garbage_pb", tmp_path)
+
+
+# ---- deterministic shards: the footer is made canonical ---------------------------------------------------
+def test_break_footer_canonicalization_and_the_byte_identity_test_fails(tmp_path, monkeypatch):
+    import test_parquet_footer as tpf
+
+    monkeypatch.setattr(tpf, "canonicalize", lambda data: data)  # the JVM's order is kept as written
+    with pytest.raises(AssertionError):
+        tpf.test_encodings_order_is_made_canonical_and_byte_identical("pyarrow", None, tmp_path)

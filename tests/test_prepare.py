@@ -143,6 +143,15 @@ def test_data_version_follows_input_config_and_salt(spark, tiny, monkeypatch):
         os.utime(tiny["src"], ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+def test_break_the_input_fingerprint_and_the_version_test_fails(spark, tiny, monkeypatch):
+    """Companion: a data version blind to the input files would make a changed input a silent no-op."""
+    import pipelines.prepare as prep
+
+    monkeypatch.setattr(prep, "input_fingerprint", lambda files: "the same whatever the files")
+    with pytest.raises(AssertionError):
+        test_data_version_follows_input_config_and_salt(spark, tiny, monkeypatch)
+
+
 def test_rerun_is_a_noop(spark, tiny):
     versions = sorted(os.listdir(tiny["out"] / ".versions"))
     again = run_prepare(spark, tiny["cfg"])

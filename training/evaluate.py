@@ -208,6 +208,7 @@ def raw_split_rows(spark: SparkSession, cfg: Config, prepared: PreparedData,
                  if c in clean.statistic_columns(cfg)}
         split_df, _, _ = split_clean(tagged, cfg, names, stats)
         rows = add_window_features(split_df, cfg, names).where(F.col("split") == split)
+        rows = clean.serving_nulls(rows, cfg, names)  # serving_default imputes and flags them itself
     return rows, None
 
 

@@ -35,7 +35,7 @@ from downpour.logs import LOG, timed
 from training import storage
 from training.checkpoints import CheckpointStore, run_key
 from training.export import keep_negatives, logit_shift, positive_weight
-from training.input import PreparedData, SplitInfo, expected_train_rows, open_prepared, steps_per_epoch
+from training.input import PreparedData, ReadOptions, SplitInfo, expected_train_rows, open_prepared, steps_per_epoch
 
 WORK_DIR = "training"      # <output.path>/training/{checkpoints,tensorboard}
 MODEL_DIR = "model"        # <output.path>/model -> the published model directory
@@ -444,6 +444,18 @@ def _configure_process(cfg: Config) -> tuple[int, list[str]]:
     return threads, devices
 
 
+def train_read_options(plan: dict[str, Any], t: Any, rank: int, size: int, train: Any, first_epoch: int,
+                       readers: int, **extra: Any) -> ReadOptions:
+    """How rank ``rank`` of ``size`` reads the train split: its shard, seeded epochs of exactly the
+    plan's ``steps_per_epoch`` whole batches from ``first_epoch`` on (the one definition, tested)."""
+    return ReadOptions(
+        batch_size=t.batch_size, rank=rank, size=size, shard=train.row_groups >= size, num_epochs=None,
+        shuffle=True, window_row_groups=t.shuffle_window_row_groups, seed=t.seed,
+        keep_negatives=plan["keep_negatives"], positive_weight=plan["positive_weight"],
+        reader_workers=readers, drop_remainder=True, epoch_steps=plan["steps_per_epoch"],
+        first_epoch=first_epoch, **extra)
+
+
 def _train_rank(plan: dict[str, Any], rank: int) -> dict[str, Any]:
     from downpour.logs import setup_logging
 
@@ -457,7 +469,7 @@ def _train_rank(plan: dict[str, Any], rank: int) -> dict[str, Any]:
 
     from training import callbacks as cb
     from training.export import export_saved_model
-    from training.input import InputSpec, ReadOptions, iter_batches, make_dataset
+    from training.input import InputSpec, iter_batches, make_dataset
     from training.model import build_model
     from training.placement import describe, parameter_bytes_by_device, sparse_as_dense
 
@@ -516,11 +528,8 @@ def _train_rank(plan: dict[str, Any], rank: int) -> dict[str, Any]:
     remote_tb = not storage.is_local(plan["tensorboard"])
     tb_dir = tempfile.mkdtemp(prefix="downpour-tb-") if remote_tb else storage.local_path(plan["tensorboard"])
     if not finished:
-        train_ds = make_dataset(train.url, spec, ReadOptions(
-            batch_size=t.batch_size, rank=rank, size=size, shard=train.row_groups >= size, num_epochs=None,
-            shuffle=True, window_row_groups=t.shuffle_window_row_groups, seed=t.seed,
-            keep_negatives=plan["keep_negatives"], positive_weight=plan["positive_weight"],
-            reader_workers=readers, drop_remainder=True, epoch_steps=steps, first_epoch=initial_epoch))
+        train_ds = make_dataset(train.url, spec, train_read_options(plan, t, rank, size, train, initial_epoch,
+                                                                   readers))
         val_ds = None
         if val.rows > 0:
             val_ds = make_dataset(val.url, spec, ReadOptions(
