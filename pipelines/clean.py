@@ -25,7 +25,18 @@ from pyspark.sql import functions as F
 
 from downpour.config import Config
 from downpour.errors import ConfigError, DataContractError
-from pipelines.ingest import BLANK_PREFIX, CORRUPT, LINE, RAW, REASON, ROW_HASH, SOURCE, STAGE, lowercase_columns
+from pipelines.ingest import (
+    BLANK_PREFIX,
+    CORRUPT,
+    LINE,
+    LINE_NUMBER,
+    RAW,
+    REASON,
+    ROW_HASH,
+    SOURCE,
+    STAGE,
+    lowercase_columns,
+)
 
 STATUS = "_dp_status"
 DUP = "_dp_dup"
@@ -81,6 +92,9 @@ def check_policies(cfg: Config) -> None:
             # fitted on the train split, which this column helps decide (or de-duplicates): circular
             raise ConfigError(f"{path}.statistic: {col!r} is the {role}; impute it with a fixed value "
                               "or reject the row")
+        if pol.statistic == "mean" and col in cfg.cleaning.domains:
+            raise ConfigError(f"{path}.statistic: a mean need not be one of cleaning.domains.{col}; "
+                              "impute the median or the mode (always observed values), or a fixed value")
         if pol.statistic in ("mean", "median") and schema[col] not in NUMERIC:
             raise ConfigError(f"{path}.statistic: {pol.statistic} needs a numeric column, {col!r} is {schema[col]}")
     for col, rule in cfg.cleaning.ranges.items():
@@ -434,7 +448,7 @@ def quarantine_frame(tagged: DataFrame, cfg: Config, names: dict[str, str], data
         F.col(REASON).alias("reason"),
         F.col(STAGE).alias("stage"),
         F.col(SOURCE).alias("source_file"),
-        F.col("line_number"),
+        F.col(LINE_NUMBER).alias("line_number"),
         F.lit(data_version).alias("data_version"),
     )
 
@@ -447,7 +461,8 @@ def raw_value_columns(cfg: Config, names: dict[str, str], struct: str = RAW,
 
 
 def with_line_numbers(rows: DataFrame, lines: DataFrame | None) -> DataFrame:
-    """``line_number`` for the rows whose line hash is in ``lines`` (null elsewhere), many rows to one."""
+    """``_dp_line_number`` for the rows whose line hash is in ``lines`` (null elsewhere); ``lines`` has
+    one row per key, so no row is multiplied."""
     if lines is None:
-        return rows.withColumn("line_number", F.lit(None).cast("long"))
+        return rows.withColumn(LINE_NUMBER, F.lit(None).cast("long"))
     return rows.join(lines, [SOURCE, LINE], "left")

@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -39,6 +39,7 @@ STAGE = "_dp_stage"
 RAW = "_dp_raw"
 ROW_HASH = "_dp_row_hash"
 LINE = "_dp_line_hash"
+LINE_NUMBER = "_dp_line_number"
 EXTRA = "_dp_extra"
 BLANK_PREFIX = "_dp_blank__"
 
@@ -85,11 +86,7 @@ def read_raw(spark: SparkSession, cfg: Config, files: list[FileInfo]) -> DataFra
     names = column_names(cfg)
     paths = [f.path for f in files]
     first = next(f.path for f in files if f.size > 0)
-    opts = {k: _opt(v) for k, v in cfg.input.options.items()}
-    for k in ("mode", "columnNameOfCorruptRecord", "inferSchema", "enforceSchema", "primitivesAsString"):
-        if k in opts:
-            LOG.warning("input.options.%s is managed by downpour (bad rows are quarantined); ignored", k)
-            opts.pop(k)
+    opts = reader_options(cfg, warn=True)
     fmt = cfg.input.format
     try:
         if fmt == "csv":
@@ -127,9 +124,31 @@ def read_raw(spark: SparkSession, cfg: Config, files: list[FileInfo]) -> DataFra
                      extra.cast("boolean").alias(EXTRA))
 
 
+_MANAGED = ("mode", "columnnameofcorruptrecord", "inferschema", "enforceschema", "primitivesasstring")
+
+
+def reader_options(cfg: Config, warn: bool = False) -> dict[str, str]:
+    """``input.options`` as the readers get them: the keys downpour manages dropped (bad rows are
+    quarantined, never skipped) and CSV's ``header`` defaulting to true. Spark reads option keys
+    case-insensitively, and so does everything here that looks one up (``_get``)."""
+    opts = {k: _opt(v) for k, v in cfg.input.options.items()}
+    for k in [k for k in opts if k.lower() in _MANAGED]:
+        if warn:
+            LOG.warning("input.options.%s is managed by downpour (bad rows are quarantined); ignored", k)
+        opts.pop(k)
+    if cfg.input.format == "csv" and _get(opts, "header") is None:
+        opts["header"] = "true"
+    return opts
+
+
+def _get(opts: dict[str, str], key: str, default: str | None = None) -> str | None:
+    """An option by key, whatever its case (as Spark's case-insensitive options read it)."""
+    return next((v for k, v in opts.items() if k.lower() == key.lower()), default)
+
+
 def _read_csv(spark: SparkSession, cfg: Config, paths: list[str], first: str,
               opts: dict[str, str]) -> tuple[DataFrame, list[str]]:
-    header = opts.setdefault("header", "true").lower() == "true"
+    header = (_get(opts, "header") or "true").lower() == "true"
     if header:
         # The header of one file decides the column order; Spark checks every other file against it
         # (enforceSchema=false) and fails naming the file, which contract_errors() turns into exit 3.
@@ -167,13 +186,15 @@ def _read_json(spark: SparkSession, cfg: Config, paths: list[str],
     lines = _text_lines(spark, paths, opts).where(_non_blank(F.col("value"), JSON_BLANK))
     schema = T.StructType([T.StructField(c, T.StringType()) for c in cfg.schema_]
                           + [T.StructField(CORRUPT, T.StringType())])
-    parse_opts = {k: v for k, v in opts.items() if k not in ("lineSep", "encoding", "samplingRatio")}
+    # line splitting and decoding are done; a comment-only line must stay a (malformed) row, not vanish
+    parse_opts = {k: v for k, v in opts.items()
+                  if k.lower() not in ("linesep", "encoding", "charset", "samplingratio", "allowcomments")}
     parsed = F.from_json(F.col("value"), schema, {**parse_opts, "mode": "PERMISSIVE",
                                                   "columnNameOfCorruptRecord": CORRUPT})
     is_array = F.col("value").rlike(r"^[ \t\r\n]*\[")
     df = lines.select(parsed.alias("_r"), F.col("value"), is_array.alias("_a"), F.col(SOURCE)).select(
         *[F.when(~F.col("_a"), F.col(f"_r.{_q(c)}")).alias(c) for c in cfg.schema_],
-        F.when(F.col("_a"), F.col("value")).otherwise(F.col(f"_r.{CORRUPT}")).alias(CORRUPT),
+        F.when(F.col("_a") | F.col("_r").isNull(), F.col("value")).otherwise(F.col(f"_r.{CORRUPT}")).alias(CORRUPT),
         F.when(F.col("_a"), F.lit("json_array")).alias(REASON),
         F.col(SOURCE),
     )
@@ -185,14 +206,15 @@ CSV_BLANK = r"[\x00-\x20]"  # what Spark's CSV reader trims (String.trim) before
 
 
 def _multiline(opts: dict[str, str]) -> bool:
-    return str(opts.get("multiLine", opts.get("multiline", "false"))).lower() == "true"
+    return str(_get(opts, "multiLine", "false")).lower() == "true"
 
 
 def _text_lines(spark: SparkSession, paths: list[str], opts: dict[str, str]) -> DataFrame:
     """Every physical line of ``paths`` as decoded text (``value``) with its file (``_dp_source_file``),
     split exactly as the CSV and JSON sources split them (Hadoop's line reader, ``lineSep``)."""
-    text_opts = {"lineSep": opts["lineSep"]} if "lineSep" in opts else {}
-    charset = opts.get("encoding", opts.get("charset", "UTF-8"))
+    charset = _get(opts, "encoding") or _get(opts, "charset") or "UTF-8"
+    sep = _get(opts, "lineSep")
+    text_opts = {"lineSep": sep, "encoding": charset} if sep is not None else {}  # the separator's bytes
     lines = spark.read.options(**text_opts).format("text").load(paths)
     return lines.select(F.decode(F.col("value").cast("binary"), charset).alias("value"),
                         F.input_file_name().alias(SOURCE))
@@ -200,60 +222,6 @@ def _text_lines(spark: SparkSession, paths: list[str], opts: dict[str, str]) -> 
 
 def _non_blank(value: Column, blank: str) -> Column:
     return F.length(F.regexp_replace(value, blank, "")) > 0
-
-
-# ---- the independent count --------------------------------------------------------------------------
-def count_input_records(spark: SparkSession, cfg: Config, files: list[FileInfo]) -> int:
-    """The number of records in the input files, counted without the parsing and tagging it checks.
-
-    CSV and JSON lines: the physical non-blank lines of every file (not comment lines), less one
-    header line per CSV file that has any. Parquet: the row counts in the files' footers. A multi-line
-    CSV / JSON input has no line-based count: Spark's own reader counts its records instead.
-    """
-    paths = [f.path for f in files if f.size > 0]
-    if not paths:
-        return 0
-    fmt = cfg.input.format
-    opts = {k: _opt(v) for k, v in cfg.input.options.items()}
-    if fmt == "parquet":  # a column-less count: Spark answers it from the footers' row-group counts
-        return int(spark.read.parquet(*paths).count())
-    if _multiline(opts):
-        reader = spark.read.options(**opts)
-        return int((reader.csv(paths) if fmt == "csv" else reader.json(paths)).count())
-    lines = _text_lines(spark, paths, opts)
-    keep = _non_blank(F.col("value"), CSV_BLANK if fmt == "csv" else JSON_BLANK)
-    comment = opts.get("comment") if fmt == "csv" else None
-    if comment:
-        keep = keep & ~F.col("value").startswith(comment)
-    per_file = lines.where(keep).groupBy(SOURCE).count().collect()
-    header = fmt == "csv" and opts.get("header", "true").lower() == "true"
-    return int(sum(int(r["count"]) - (1 if header else 0) for r in per_file))
-
-
-# ---- locating malformed lines -----------------------------------------------------------------------
-def malformed_line_numbers(spark: SparkSession, cfg: Config, sources: list[str]) -> DataFrame | None:
-    """(``_dp_source_file``, ``_dp_line_hash``, ``line_number``): the first 1-based physical line of each
-    file in ``sources`` with a given text, so a malformed row can name its line without keeping text.
-
-    One lazy pass over those files only: lines are numbered per file block (the order of the line
-    reader, ``monotonically_increasing_id`` within a task) plus the lines of the blocks before it.
-    None for multi-line input, where a record is not a line.
-    """
-    opts = {k: _opt(v) for k, v in cfg.input.options.items()}
-    if not sources or _multiline(opts) or cfg.input.format == "parquet":
-        return None
-    from pyspark.sql import Window
-
-    lines = _text_lines(spark, sources, opts).select(
-        F.col(SOURCE), F.input_file_block_start().alias("_b"), F.monotonically_increasing_id().alias("_m"),
-        line_hash(F.col("value")).alias(LINE))
-    in_block = lines.withColumn("_i", F.row_number().over(Window.partitionBy(SOURCE, "_b").orderBy("_m")))
-    blocks = lines.groupBy(SOURCE, "_b").agg(F.count(F.lit(1)).alias("_n"))
-    before = F.sum("_n").over(Window.partitionBy(SOURCE).orderBy("_b")) - F.col("_n")
-    blocks = blocks.select(SOURCE, "_b", before.alias("_before"))
-    numbered = in_block.join(blocks, [SOURCE, "_b"]).select(SOURCE, LINE, (F.col("_before") + F.col("_i"))
-                                                            .alias("line_number"))
-    return numbered.groupBy(SOURCE, LINE).agg(F.min("line_number").alias("line_number"))
 
 
 def _read_parquet(spark: SparkSession, paths: list[str], opts: dict[str, str]) -> tuple[DataFrame, list[str]]:
@@ -316,6 +284,74 @@ def contract_errors(cfg: Config) -> Iterator[None]:
         ) from None
 
 
+# ---- the independent count --------------------------------------------------------------------------
+def count_input_records(spark: SparkSession, cfg: Config, files: list[FileInfo]) -> int:
+    """The number of records in the input files, counted without the parsing and tagging it checks.
+
+    CSV and JSON lines: the physical non-blank lines of every file (not comment lines), less one
+    header line per CSV file that has any. Parquet: the row counts in the files' footers. A multi-line
+    CSV / JSON input has no line-based count: Spark's own reader counts its records instead.
+    """
+    paths = [f.path for f in files if f.size > 0]
+    if not paths:
+        return 0
+    fmt = cfg.input.format
+    opts = reader_options(cfg)
+    if fmt == "parquet":  # a column-less count: Spark answers it from the footers' row-group counts
+        return int(spark.read.parquet(*paths).count())
+    if _multiline(opts):  # Spark's own reader, configured as read_raw configures it
+        reader = spark.read.options(**opts).option("mode", "PERMISSIVE")
+        return int((reader.csv(paths) if fmt == "csv" else reader.json(paths)).count())
+    lines = _text_lines(spark, paths, opts)
+    keep = _non_blank(F.col("value"), CSV_BLANK if fmt == "csv" else JSON_BLANK)
+    comment = _get(opts, "comment") if fmt == "csv" else None
+    if comment:
+        keep = keep & ~F.col("value").startswith(comment)
+    per_file = lines.where(keep).groupBy(SOURCE).count().collect()
+    header = fmt == "csv" and (_get(opts, "header") or "true").lower() == "true"
+    return int(sum(int(r["count"]) - (1 if header else 0) for r in per_file))
+
+
+# ---- locating malformed lines -----------------------------------------------------------------------
+def malformed_line_numbers(spark: SparkSession, cfg: Config, files: list[FileInfo], rows: DataFrame,
+                           salt: str | None) -> DataFrame | None:
+    """(``_dp_source_file``, ``_dp_line_hash``, ``_dp_line_number``) for the malformed ``rows``: the first
+    1-based physical line of their file with the same text, so a row can name its line without
+    keeping its text. None when there is none, or for multi-line input (a record is not a line).
+
+    One small action finds the files with malformed rows; only those are re-read. A line's number is
+    the lines of the file blocks before its block plus its place in the block, which is its
+    ``monotonically_increasing_id`` less the block's first (ids are consecutive within a block), so
+    no sort of the lines is needed; only the lines whose hash a malformed row has are kept.
+    """
+    opts = reader_options(cfg)
+    if _multiline(opts) or cfg.input.format == "parquet":
+        return None
+    wanted = rows.where(F.col(LINE).isNotNull()).select(SOURCE, LINE).distinct()
+    sources = {r[0] for r in wanted.select(SOURCE).distinct().collect()}
+    if not sources:
+        return None
+    # input_file_name() is a URL-encoded URI ("file:///a%20b.csv"), the listing has Hadoop paths
+    # ("file:/a b.csv"): match them by (scheme, authority, decoded path), read by the listed path
+    jvm = spark.sparkContext._jvm
+    assert jvm is not None
+
+    def key(uri: Any) -> tuple[str, str, str]:
+        return str(uri.getScheme()), str(uri.getAuthority() or ""), str(uri.getPath())
+
+    wanted_keys = {key(jvm.java.net.URI(src)) for src in sources}
+    paths = [f.path for f in files if key(jvm.org.apache.hadoop.fs.Path(f.path).toUri()) in wanted_keys]
+    lines = _text_lines(spark, paths, opts).select(
+        F.col(SOURCE), F.input_file_block_start().alias("_b"), F.monotonically_increasing_id().alias("_m"),
+        line_hash(F.col("value"), salt).alias(LINE))
+    blocks = lines.groupBy(SOURCE, "_b").agg(F.min("_m").alias("_m0"), F.count(F.lit(1)).alias("_n"))
+    before = F.sum("_n").over(Window.partitionBy(SOURCE).orderBy("_b")) - F.col("_n")
+    blocks = blocks.select(SOURCE, "_b", "_m0", before.alias("_before"))
+    hits = lines.join(wanted, [SOURCE, LINE], "left_semi").join(F.broadcast(blocks), [SOURCE, "_b"])
+    number = F.col("_before") + (F.col("_m") - F.col("_m0")) + 1
+    return hits.groupBy(SOURCE, LINE).agg(F.min(number).alias(LINE_NUMBER))
+
+
 # ---- parsing ----------------------------------------------------------------------------------------
 _NORM = "_dp_n__"
 
@@ -369,19 +405,20 @@ def parse_columns(raw: DataFrame, cfg: Config, names: dict[str, str], salt: str 
         if col_name in dropped:
             continue
         raw_text = F.col(s) if is_text else F.col(s).cast("string")
-        hash_fields.append(raw_text.alias(s))
         if col_name in hashed:
             value = raw_text = salted_hash(norm, salt)
+        hash_fields.append(raw_text.alias(s))  # pseudonymised: the hash can become row_id (no id column)
         typed.append(value.alias(s))
         raw_fields.append(shift_safe(raw_text, malformed, keep_line).alias(s))
-    # internal only (dropped after de-duplication): salted, over the unshifted text and the line
-    row_hash = F.sha2(F.concat(F.lit(salt or ""), F.to_json(F.struct(*hash_fields)),
-                               F.coalesce(F.col(CORRUPT), F.lit(""))), 256)
+    # the de-duplication key and tie-break, and row_id without an id column: keyed by the salt when
+    # there is one, over the parsed values (PII pseudonymised) and the malformed line
+    row_text = F.concat(F.to_json(F.struct(*hash_fields)), F.coalesce(F.col(CORRUPT), F.lit("")))
+    row_hash = salted_hash(row_text, salt) if salt else F.sha2(row_text, 256)
     return df.select(
         *typed,
         F.struct(*raw_fields).alias(RAW),
         (F.col(CORRUPT) if keep_line else F.lit(None).cast("string")).alias(CORRUPT),
-        F.when(malformed, line_hash(F.col(CORRUPT))).alias(LINE),
+        F.when(malformed, line_hash(F.col(CORRUPT), salt)).alias(LINE),
         reason.alias(REASON),
         F.when(reason.isNotNull(), F.lit("ingest")).alias(STAGE),
         F.col(SOURCE),
@@ -399,9 +436,10 @@ def shift_safe(raw_text: Column, malformed: Column, keep_line: bool) -> Column:
     return raw_text if keep_line else F.when(~malformed, raw_text)
 
 
-def line_hash(text: Column) -> Column:
-    """SHA-256 of a line's text: how a malformed row finds its line number without keeping its text."""
-    return F.sha2(text, 256)
+def line_hash(text: Column, salt: str | None) -> Column:
+    """A line's text as a key: how a malformed row finds its line number without keeping its text
+    (HMAC with the salt when there is one: the line may hold PII)."""
+    return salted_hash(text, salt) if salt else F.sha2(text, 256)
 
 
 def lowercase_columns(cfg: Config) -> set[str]:

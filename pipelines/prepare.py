@@ -30,8 +30,6 @@ from downpour.logs import LOG, timed
 from downpour.spark import persist_level
 from pipelines import clean, shards
 from pipelines.ingest import (
-    LINE,
-    SOURCE,
     column_names,
     contract_errors,
     count_input_records,
@@ -142,7 +140,8 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
                                     f"rejected or duplicates (top reasons: {top or 'duplicates'})")
 
         with _step("write quarantine", timings, "quarantine"):
-            q = clean.quarantine_frame(tagged, cfg, names, data_version, malformed_lines(spark, cfg, tagged, outcome))
+            lines = malformed_lines(spark, cfg, files, tagged, outcome, salt)
+            q = clean.quarantine_frame(tagged, cfg, names, data_version, lines)
             q_files = max(1, -(-counts["quarantined"] // 1_000_000))
             q_url = join(staging.url, "quarantine")
             q.coalesce(q_files).write.option("compression", shards._CODECS[cfg.shards.compression]) \
@@ -236,13 +235,12 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
     }
 
 
-def malformed_lines(spark: SparkSession, cfg: Config, tagged: DataFrame,
-                     outcome: dict[str, Any]) -> DataFrame | None:
-    """Line numbers for the malformed rows (one small action for their files), or None if there are none."""
+def malformed_lines(spark: SparkSession, cfg: Config, files: list[FileInfo], tagged: DataFrame,
+                    outcome: dict[str, Any], salt: str | None) -> DataFrame | None:
+    """Line numbers for the malformed rows, or None when there are none (no extra Spark work then)."""
     if not any(r in ("malformed", "json_array") for r in outcome["quarantine_reasons"]):
         return None
-    sources = [r[0] for r in tagged.where(F.col(LINE).isNotNull()).select(SOURCE).distinct().collect()]
-    return malformed_line_numbers(spark, cfg, sources)
+    return malformed_line_numbers(spark, cfg, files, tagged, salt)
 
 
 def _jsonable(v: Any) -> Any:

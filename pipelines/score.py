@@ -306,7 +306,7 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
     from features.windows import add_window_features
     from pipelines import clean
     from pipelines.ingest import (
-        LINE,
+        LINE_NUMBER,
         RAW,
         REASON,
         ROW_HASH,
@@ -380,11 +380,11 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
              .select(F.col("__id").alias(id_out), F.col(SCORE).cast("double").alias(SCORE),
                      F.lit(version).alias("model_version"))
              .write.mode("overwrite").parquet(output_url))
-            malformed = [r[0] for r in tagged.where(F.col(LINE).isNotNull()).select(SOURCE).distinct().collect()]
-            rejected = clean.with_line_numbers(tagged.where(F.col(REASON).isNotNull()),
-                                               malformed_line_numbers(spark, full, malformed)).select(
+            lines = malformed_line_numbers(spark, full, files, tagged, salt)
+            rejected = clean.with_line_numbers(tagged.where(F.col(REASON).isNotNull()), lines).select(
                 F.from_json(_RAW_JSON, raw_schema).alias("raw"), F.col(REASON).alias("reason"),
-                F.col(STAGE).alias("stage"), F.col(SOURCE).alias("source_file"), F.col("line_number"))
+                F.col(STAGE).alias("stage"), F.col(SOURCE).alias("source_file"),
+                F.col(LINE_NUMBER).alias("line_number"))
             failed = scored.where(F.col(ERROR).isNotNull()).select(
                 F.from_json(_RAW_JSON, raw_schema).alias("raw"), F.col(ERROR).alias("reason"),
                 F.lit("score").alias("stage"), F.col(SOURCE).alias("source_file"),

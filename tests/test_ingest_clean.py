@@ -123,7 +123,9 @@ def test_every_quarantine_reason_once_with_raw_values_and_no_pii(spark, tmp_path
     assert rows[h["a2"]]["label"] == 1.0 and rows[h["a1"]]["label"] == 0.0
     assert "email" not in clean.clean_frame(tagged, cfg, names).columns
 
-    q = clean.quarantine_frame(tagged, cfg, names, "dv1", malformed_lines(spark, cfg, tagged, outcome))
+    files = list_input_files(spark, cfg.input.path)
+    lines = malformed_lines(spark, cfg, files, tagged, outcome, clean.resolve_salt(cfg))
+    q = clean.quarantine_frame(tagged, cfg, names, "dv1", lines)
     assert "email" not in q.columns and {"reason", "stage", "raw_record", "data_version"} <= set(q.columns)
     assert {f.dataType.simpleString() for f in q.schema if f.name in names.values()} == {"string"}
     qrows = [r.asDict() for r in q.collect()]
@@ -139,6 +141,35 @@ def test_every_quarantine_reason_once_with_raw_values_and_no_pii(spark, tmp_path
     text = json.dumps(qrows, default=str)
     for secret in ("@example.com", '"a3"', '"a10"', "a10,"):
         assert secret not in text
+
+
+def test_malformed_lines_get_their_numbers_in_any_file_name_and_file_block(spark, tmp_path):
+    """A file name Spark URL-encodes, a declared column that is itself called ``line_number``, and a
+    file split into many blocks: each malformed row still names its own physical line."""
+    header = [*HEADER, "line_number"]
+    lines = [",".join(header)]
+    bad = []
+    for i in range(3000):
+        row = [f"r{i}", "2024-01-01 10:00:00", "1.5", "US", f"p{i}@example.com", "0", str(i)]
+        if i in (3, 1400, 2999):
+            row.append("extra")  # one field too many
+            bad.append(len(lines) + 1)
+        lines.append(",".join(row))
+    src = tmp_path / "in put" / "größe 100%.csv"
+    src.parent.mkdir()
+    src.write_text("\n".join(lines) + "\n")
+    cfg = make_cfg(src, tmp_path / "out", schema={**SCHEMA, "line_number": "string"})
+    spark.conf.set("spark.sql.files.maxPartitionBytes", str(16 * 1024))  # ~10 blocks in this file
+    try:
+        tagged, outcome, names = tag(spark, cfg)
+        assert outcome["counts"]["input"] == 3000 and outcome["quarantine_reasons"] == {"malformed": 3}
+        found = malformed_lines(spark, cfg, list_input_files(spark, cfg.input.path), tagged, outcome,
+                                clean.resolve_salt(cfg))
+        q = clean.quarantine_frame(tagged, cfg, names, "dv", found).collect()
+    finally:
+        spark.conf.unset("spark.sql.files.maxPartitionBytes")
+    assert sorted(r["line_number"] for r in q) == bad
+    assert {r["line_number_value"] for r in q} == {None}  # the declared column, renamed and blanked
 
 
 def test_raw_line_is_kept_for_malformed_rows_without_pii_policy(spark, tmp_path):
@@ -368,3 +399,13 @@ def test_invariant_holds_on_generated_dirty_data(spark, tmp_path_factory, rows):
     expected_counts, expected_reasons = _expected(rows)
     assert outcome["counts"] == expected_counts
     assert outcome["quarantine_reasons"] == expected_reasons
+
+
+def test_a_mean_cannot_impute_a_column_with_a_domain():
+    """A mean need not be an allowed value; the median and the mode are observed values, so they are."""
+    nulls = {"Amount (EUR)": {"action": "impute", "statistic": "mean"}}
+    domains = {"Amount (EUR)": [1.0, 2.0, 5.0]}
+    with pytest.raises(ConfigError, match=r"nulls\.Amount \(EUR\)\.statistic.*domains\.Amount \(EUR\)"):
+        clean.check_policies(make_cfg("x", "y", cleaning__nulls=nulls, cleaning__domains=domains))
+    nulls["Amount (EUR)"]["statistic"] = "median"
+    clean.check_policies(make_cfg("x", "y", cleaning__nulls=nulls, cleaning__domains=domains))
