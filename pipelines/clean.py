@@ -342,10 +342,9 @@ def serving_nulls(df: DataFrame, cfg: Config, names: dict[str, str]) -> DataFram
     """Null again the values cleaning imputed *and flagged*, for a ``serving_default`` signature: it
     imputes them itself and sets the ``n__<col>__missing`` flag from the null, as the shards have it.
     Handing it the imputed value instead would score with the flag off (training/serving skew)."""
-    for col, flag in flag_columns(cfg, names).items():
-        if col in cfg.cleaning.nulls and cfg.cleaning.nulls[col].action == "impute" and flag in df.columns:
-            s = names[col]
-            df = df.withColumn(s, F.when(F.col(flag) == 1, F.lit(None)).otherwise(F.col(s)))
+    for col, flag in flag_columns(cfg, names).items():  # a kept null is null already: no-op there
+        if flag in df.columns:
+            df = df.withColumn(names[col], F.when(F.col(flag) == 1, F.lit(None)).otherwise(F.col(names[col])))
     return df
 
 

@@ -148,7 +148,7 @@ def _get(opts: dict[str, str], key: str, default: str | None = None) -> str | No
 
 def _read_csv(spark: SparkSession, cfg: Config, paths: list[str], first: str,
               opts: dict[str, str]) -> tuple[DataFrame, list[str]]:
-    header = (_get(opts, "header") or "true").lower() == "true"
+    header = str(_get(opts, "header")).lower() == "true"  # reader_options defaults it to true
     if header:
         # The header of one file decides the column order; Spark checks every other file against it
         # (enforceSchema=false) and fails naming the file, which contract_errors() turns into exit 3.
@@ -308,7 +308,7 @@ def count_input_records(spark: SparkSession, cfg: Config, files: list[FileInfo])
     if comment:
         keep = keep & ~F.col("value").startswith(comment)
     per_file = lines.where(keep).groupBy(SOURCE).count().collect()
-    header = fmt == "csv" and (_get(opts, "header") or "true").lower() == "true"
+    header = fmt == "csv" and str(_get(opts, "header")).lower() == "true"
     return int(sum(int(r["count"]) - (1 if header else 0) for r in per_file))
 
 

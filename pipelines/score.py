@@ -306,6 +306,7 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
     from features.windows import add_window_features
     from pipelines import clean
     from pipelines.ingest import (
+        LINE,
         LINE_NUMBER,
         RAW,
         REASON,
@@ -358,8 +359,10 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
         tagged = tagged.withColumn("__id", ident).withColumn(_RAW_JSON, F.to_json(F.col(RAW))).drop(RAW, ROW_HASH)
         tagged = tagged.persist(persist_level(spark))
         with timed("score: ingest and clean"):
-            clean_n = {r["ok"]: int(r["count"]) for r in
-                       tagged.groupBy(F.col(REASON).isNull().alias("ok")).count().collect()}
+            by_outcome = tagged.groupBy(F.col(REASON).isNull().alias("ok"),
+                                        F.col(LINE).isNotNull().alias("malformed")).count().collect()
+            clean_n = {ok: sum(int(r["count"]) for r in by_outcome if r["ok"] == ok) for ok in (True, False)}
+            any_malformed = any(r["malformed"] for r in by_outcome)
 
         ok = tagged.where(F.col(REASON).isNull())
         ok = add_window_features(ok, full, names)
@@ -380,7 +383,7 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
              .select(F.col("__id").alias(id_out), F.col(SCORE).cast("double").alias(SCORE),
                      F.lit(version).alias("model_version"))
              .write.mode("overwrite").parquet(output_url))
-            lines = malformed_line_numbers(spark, full, files, tagged, salt)
+            lines = malformed_line_numbers(spark, full, files, tagged, salt) if any_malformed else None
             rejected = clean.with_line_numbers(tagged.where(F.col(REASON).isNotNull()), lines).select(
                 F.from_json(_RAW_JSON, raw_schema).alias("raw"), F.col(REASON).alias("reason"),
                 F.col(STAGE).alias("stage"), F.col(SOURCE).alias("source_file"),

@@ -10,8 +10,8 @@ import os
 
 import numpy as np
 import pytest
+from test_train import _config  # the same small config as the other training tests
 
-from downpour.config import Config
 from training.checkpoints import CheckpointStore
 from training.synthetic import write_prepared
 
@@ -159,18 +159,6 @@ def test_best_weights_of_another_epoch_than_the_recorded_best_are_never_loaded(t
 
 
 # ---- 4: resume == uninterrupted ----------------------------------------------------------------------
-def _config(out: str, **training) -> Config:
-    return Config.model_validate({
-        "name": "resume_test",
-        "input": {"path": "/unused"},
-        "schema": {"x0": "double", "x1": "double", "x2": "double", "x3": "double", "k0": "string",
-                   "k1": "string", "y": "int"},
-        "label": {"column": "y"},
-        "features": {"numeric": ["x0", "x1", "x2", "x3"], "categorical": ["k0", "k1"]},
-        "output": {"path": out},
-        "training": {"workers": 2, "batch_size": 64, "learning_rate": 0.01, "hidden_units": [8],
-                     "timeout_s": 420, **training},
-    })
 
 
 def test_an_epoch_of_the_training_stream_is_the_same_whether_the_stream_starts_there_or_before(tmp_path):

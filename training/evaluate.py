@@ -182,12 +182,11 @@ def _canonical(obj: Any) -> str:
 
 
 def raw_split_rows(spark: SparkSession, cfg: Config, prepared: PreparedData,
-                   split: str = "test") -> tuple[DataFrame, DataFrame | None]:
+                   split: str = "test") -> DataFrame:
     """The raw (typed, cleaned, windowed) rows of one split of the published data, rebuilt with the
     prepare stage's own functions: what a ``serving_default`` signature takes. Refused when the input
     changed since the data was prepared, since the rebuilt split would then be another one.
 
-    Returns the rows and a frame the prepare functions cached (unpersist it when done), if any.
     The imputation statistics are the published ones (fitted on that version's train split).
     """
     from features.windows import add_window_features
@@ -209,7 +208,7 @@ def raw_split_rows(spark: SparkSession, cfg: Config, prepared: PreparedData,
         split_df, _, _ = split_clean(tagged, cfg, names, stats)
         rows = add_window_features(split_df, cfg, names).where(F.col("split") == split)
         rows = clean.serving_nulls(rows, cfg, names)  # serving_default imputes and flags them itself
-    return rows, None
+    return rows
 
 
 def _raw_scores(df: DataFrame, saved_model: str, batch_rows: int) -> DataFrame:
@@ -242,7 +241,7 @@ def champion_comparison(spark: SparkSession, cfg: Config, registry: reg_mod.Regi
         LOG.info("gate: champion %s has other features than data %s: comparing on raw test rows",
                  champ["model_version"], prepared.data_version)
         with timed("gate: rebuilding the raw test rows"):
-            raw, cached = raw_split_rows(spark, cfg, prepared)
+            raw = raw_split_rows(spark, cfg, prepared)
             raw = raw.persist(persist_level(spark))
         try:
             both = (_raw_scores(raw, saved, ev.score_batch_rows).withColumn("model", F.lit("champion"))
@@ -251,8 +250,6 @@ def champion_comparison(spark: SparkSession, cfg: Config, registry: reg_mod.Regi
             by = evaluate_scores_by(both, "model", **_metric_args(cfg), what="gate (raw test rows)")
         finally:
             raw.unpersist()
-            if cached is not None:
-                cached.unpersist()
         return by["champion"], by["new"], f"raw test rows ({RAW_SIGNATURE})"
 
 
