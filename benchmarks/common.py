@@ -30,6 +30,19 @@ def alternate(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list
     return samples
 
 
+def bare_io(spark: Any, raw: str, out: str) -> None:
+    """The floor every Spark stage is compared with: read the raw CSV (text columns), write Parquet."""
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    spark.read.option("header", True).csv(raw).write.mode("overwrite").parquet(out)
+
+
+def spread(xs: list[float]) -> list[float]:
+    """(min, max) of the samples, rounded: how much a median could move."""
+    return [round(min(xs), 2), round(max(xs), 2)]
+
+
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 

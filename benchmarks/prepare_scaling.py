@@ -22,7 +22,7 @@ import os
 import shutil
 from typing import Any
 
-from benchmarks.common import alternate, fraud_config, median, raw_fraud
+from benchmarks.common import alternate, bare_io, fraud_config, median, raw_fraud
 
 
 def _prepare(spark: Any, raw: str, out: str, *overrides: str) -> dict[str, Any]:
@@ -32,8 +32,7 @@ def _prepare(spark: Any, raw: str, out: str, *overrides: str) -> dict[str, Any]:
 
 
 def _bare(spark: Any, raw: str, out: str) -> None:
-    shutil.rmtree(out, ignore_errors=True)
-    spark.read.option("header", True).csv(raw).write.mode("overwrite").parquet(out)
+    bare_io(spark, raw, out)
 
 
 def measure(spark: Any, workdir: str, rows: int = 1_000_000, repeats: int = 3, scale: int = 10,

@@ -1,8 +1,10 @@
-"""Batch scoring throughput and the peak memory of its Python workers.
+"""Batch scoring against bare I/O on the same raw rows, and the peak memory of its Python workers.
 
 ``downpour score`` on raw fraud rows (the whole path a user runs: ingest and cleaning rules, window
-features, the exported model's ``serving_default`` in ``mapInPandas``, Parquet out). Reported, not
-compared: rows/s over the wall time of the stage, and the peak RSS of any Python process under the
+features over the model's entity history plus the input, the exported model's ``serving_default`` in
+``mapInPandas``, Parquet out) alternates with a bare Spark read-CSV/write-Parquet of the same files,
+after one warm-up of each: ``score_vs_bare_io`` is the ratio of the medians. Also reported: rows/s of
+scoring with history, the history rows it joined, and the peak RSS of any Python process under the
 driver (Spark's Python workers, where the SavedModel runs), sampled from ``/proc``.
 """
 
@@ -10,33 +12,47 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from typing import Any
 
-from benchmarks.common import fraud_config
+from benchmarks.common import alternate, bare_io, fraud_config, median, spread
 
 
-def measure(spark: Any, raw: str, model_out: str, workdir: str) -> dict[str, Any]:
-    """Score ``raw`` with the model published under ``model_out``/model."""
+def measure(spark: Any, raw: str, model_out: str, workdir: str, repeats: int = 3) -> dict[str, Any]:
+    """Score ``raw`` with the model published under ``model_out``/model, beside bare I/O on ``raw``."""
     from downpour.procmem import PeakRSS
     from pipelines.score import run_scoring
 
     scores = os.path.join(workdir, "scores")
-    shutil.rmtree(scores, ignore_errors=True)
-    shutil.rmtree(scores + "_quarantine", ignore_errors=True)
     cfg = fraud_config(raw, model_out)
+    runs: list[dict[str, Any]] = []
+
+    def score() -> None:
+        for suffix in ("", "_quarantine"):
+            shutil.rmtree(scores + suffix, ignore_errors=True)
+        runs.append(run_scoring(spark, cfg, input_url=raw, output_url=scores))
+
+    def bare() -> None:
+        bare_io(spark, raw, os.path.join(workdir, "scores-bare"))
+
     with PeakRSS() as mem:
-        t0 = time.perf_counter()
-        counts = run_scoring(spark, cfg, input_url=raw, output_url=scores)
-        seconds = time.perf_counter() - t0
-    shutil.rmtree(scores, ignore_errors=True)
-    shutil.rmtree(scores + "_quarantine", ignore_errors=True)
-    summary = mem.summary()
+        alternate({"score": score, "bare_io": bare}, 1)  # warm-up: the same for both
+        s = alternate({"score": score, "bare_io": bare}, repeats)
+    for path in (scores, scores + "_quarantine", os.path.join(workdir, "scores-bare")):
+        shutil.rmtree(path, ignore_errors=True)
+    last, summary = runs[-1], mem.summary()
+    history = last.get("history") or {}
     return {
-        "scoring_rows": counts["input"],
-        "scoring_scored": counts["scored"],
-        "scoring_seconds": round(seconds, 2),
-        "scoring_rows_per_s": round(counts["input"] / seconds),
+        "scoring_rows": last["input"],
+        "scoring_scored": last["scored"],
+        "scoring_seconds": round(median(s["score"]), 2),
+        "scoring_seconds_spread": spread(s["score"]),
+        "scoring_bare_io_seconds": round(median(s["bare_io"]), 2),
+        "scoring_bare_io_seconds_spread": spread(s["bare_io"]),
+        "scoring_repeats": repeats,
+        "score_vs_bare_io": round(median(s["score"]) / median(s["bare_io"]), 2),
+        "scoring_rows_per_s": round(last["input"] / median(s["score"])),
+        "scoring_history_used": bool(history.get("used")),
+        "scoring_history_rows": sum(int(x.get("rows") or 0) for x in history.get("sources", [])),
         "scoring_peak_rss_mb": summary["peak_worker_mb"],
         "scoring_driver_rss_mb": summary["driver_mb"],
         "scoring_python_workers": summary["workers_seen"],

@@ -72,12 +72,18 @@ def evaluate(cfg: Config, spark: SparkSession | None = None, gate: bool = False)
 
 
 def score(cfg: Config, input_url: str, output_url: str, model_dir: str | None = None,
-          fmt: str | None = None, spark: SparkSession | None = None) -> dict[str, Any]:
-    """Batch-score a raw table with the exported model; returns counts."""
+          fmt: str | None = None, spark: SparkSession | None = None, history: list[str] | None = None,
+          history_out: str | None = None, history_store: str | None = None,
+          no_history: bool = False) -> dict[str, Any]:
+    """Batch-score a raw table with the exported model; returns the summary (counts, history, gap).
+
+    Window features are computed over the model's entity history plus ``history`` (raw rows or
+    history datasets); ``history_out`` / ``history_store`` roll it forward for the next run."""
     from pipelines.score import run_scoring
 
     return run_scoring(spark or get_spark(cfg), cfg, input_url=input_url, output_url=output_url,
-                       model_dir=model_dir, fmt=fmt)
+                       model_dir=model_dir, fmt=fmt, history=history, history_out=history_out,
+                       history_store=history_store, no_history=no_history)
 
 
 def run(cfg: Config, spark: SparkSession | None = None, force: bool = False,

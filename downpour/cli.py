@@ -63,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help="model directory (default: <output.path>/model)")
     s.add_argument("--format", choices=["csv", "json", "parquet"], default=None,
                    help="input format (default: input.format of the config)")
+    s.add_argument("--history", action="append", default=[], metavar="URL",
+                   help="past events for window features: raw rows in the input's format (e.g. yesterday's "
+                        "file) or a history written by --history-out (repeatable; the model's own history "
+                        "is always used)")
+    s.add_argument("--history-out", default=None, metavar="URL",
+                   help="publish the history rolled forward over this run's rows (for tomorrow's run)")
+    s.add_argument("--history-store", default=None, metavar="URL",
+                   help="a history that is read when it exists and rolled forward after scoring")
+    s.add_argument("--no-history", action="store_true",
+                   help="score window features from the input alone (every entity starts fresh)")
 
     r = sub.add_parser("run", help="prepare, train and evaluate in one go")
     _add_conf(r)
@@ -97,7 +107,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "evaluate":
         api.evaluate(cfg, gate=args.gate)
     elif args.command == "score":
-        api.score(cfg, input_url=args.input, output_url=args.output, model_dir=args.model, fmt=args.format)
+        api.score(cfg, input_url=args.input, output_url=args.output, model_dir=args.model, fmt=args.format,
+                  history=args.history, history_out=args.history_out, history_store=args.history_store,
+                  no_history=args.no_history)
     elif args.command == "run":
         api.run(cfg, force=args.force, gate=args.gate)
     return 0

@@ -56,7 +56,7 @@ _QUERY_PAIR = re.compile(r"(^|[&;])([^=&;]+)=([^&;]*)")
 # training.workers`` row groups per split. tests/test_config.py checks that every ``cfg.*`` read
 # in pipelines/shards.py is fingerprinted.
 PREPARED_DATA_KEYS: tuple[str, ...] = ("training.workers",)
-_NOT_DATA = frozenset({"training", "evaluation", "spark", "tracking"})
+_NOT_DATA = frozenset({"training", "evaluation", "scoring", "spark", "tracking"})
 
 
 class _Strict(BaseModel):
@@ -298,6 +298,21 @@ class EvaluationConfig(_Strict):
     metric_resolution: int = Field(10_000, ge=10, le=1_000_000)
 
 
+class ScoringConfig(_Strict):
+    """``downpour score``: how much time may pass between the entity history and the rows to score."""
+
+    # the gap between the end of the history and the first row to score beyond which scoring stops
+    # (exit 3): window features over a gap see no events in it. null: any gap (it is still reported).
+    max_history_gap: str | None = None
+
+    @field_validator("max_history_gap")
+    @classmethod
+    def _gap(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_duration(v)
+        return v
+
+
 class SparkConfig(_Strict):
     master: str | None = None
     app_name: str = "downpour"
@@ -330,6 +345,7 @@ class Config(_Strict):
     shards: ShardsConfig = Field(default_factory=ShardsConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     spark: SparkConfig = Field(default_factory=SparkConfig)
     output: OutputConfig
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

@@ -142,13 +142,13 @@ def add_window_features(df: DataFrame, cfg: Config, names: dict[str, str]) -> Da
         raise DataContractError(
             f"column {clash[0]!r} in {cfg.input.path}: the name is reserved for a window feature"
         )
-    for c in [ts, *_referenced(cfg, names)]:
+    for c in [ts, *referenced_columns(cfg, names)]:
         if c not in df.columns:
             raise DataContractError(
                 f"column {c!r} is missing from the data of {cfg.input.path} (needed by window features)"
             )
     original = df.columns
-    out = df.withColumn(_T, _epoch_us(df, ts, "timestamp_column", cfg.input.path))
+    out = df.withColumn(_T, epoch_us(df, ts, "timestamp_column", cfg.input.path))
 
     plans: list[tuple[str, int | None]] = []
     if vel.enabled:
@@ -169,7 +169,8 @@ def add_window_features(df: DataFrame, cfg: Config, names: dict[str, str]) -> Da
     return out.select(*original, *[f.name for f in features])
 
 
-def _referenced(cfg: Config, names: dict[str, str]) -> list[str]:
+def referenced_columns(cfg: Config, names: dict[str, str]) -> list[str]:
+    """The safe-named columns the windows read besides the event time (entities, amounts, values)."""
     vel, rfm = cfg.features.velocity, cfg.features.rfm
     raw: list[str | None] = []
     if vel.enabled:
@@ -179,7 +180,7 @@ def _referenced(cfg: Config, names: dict[str, str]) -> list[str]:
     return [names[r] for r in raw if r is not None]
 
 
-def _epoch_us(df: DataFrame, col: str, key: str, source: str) -> Column:
+def epoch_us(df: DataFrame, col: str, key: str, source: str) -> Column:
     """Event time as epoch microseconds (UTC): timestamps, dates, or integers holding epoch seconds."""
     dtype = df.schema[col].dataType
     if isinstance(dtype, T.TimestampType | T.TimestampNTZType):
@@ -386,7 +387,7 @@ def _rfm(
         df = df.withColumn("rfm_recency_days", ((t - F.col("__last_active")) / F.lit(_DAY_US)).cast("double"))
         df = df.drop("__last_active")
     if rfm.signup_column:
-        signup = _epoch_us(df, names[rfm.signup_column], "features.rfm.signup_column", cfg.input.path)
+        signup = epoch_us(df, names[rfm.signup_column], "features.rfm.signup_column", cfg.input.path)
         df = df.withColumn("rfm_tenure_days", ((t - signup) / F.lit(_DAY_US)).cast("double"))
     else:
         df = _first_seen(df, source, [e], "__first")

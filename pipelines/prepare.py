@@ -43,6 +43,7 @@ from pipelines.ingest import (
 from pipelines.publish import MANIFEST, FileInfo, Publisher, Staging, join
 from pipelines.split import SPLITS, assign_split, split_counts
 
+HISTORY_DIR = "entity_history"  # the events score needs for window features (features/history.py)
 FORMAT_VERSION = 2  # 2: PII pseudonyms are HMAC-SHA256; imputation statistics fitted on train
 _MAX_LISTED_FILES = 1000
 
@@ -170,6 +171,9 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
             raise DataContractError(f"input {cfg.input.path}: the train split is empty "
                                     f"({counts['clean']} clean rows, split {split_info})")
 
+        with _step("entity history", timings, "entity_history"):
+            entity_history = write_entity_history(windowed, cfg, names, join(staging.url, HISTORY_DIR))
+
         with _step("fit feature state on train", timings, "fit_features"):
             from features.state import FeatureState
 
@@ -233,9 +237,26 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
         "shards": {"compression": cfg.shards.compression, "row_group_rows": cfg.shards.row_group_rows,
                    "min_row_groups": shards.min_row_groups(cfg), "columns": columns},
         "feature_state": join(final, "feature_state.json"),
+        "entity_history": {"path": join(final, HISTORY_DIR), **entity_history} if entity_history else None,
         "paths": {"prepared": publisher.prepared, "version": final, "manifest": join(final, MANIFEST)},
         "timings": timings,
     }
+
+
+def write_entity_history(clean: DataFrame, cfg: Config, names: dict[str, str], url: str) -> dict[str, Any] | None:
+    """Write the events scoring needs for the window features (features/history.py) into ``url``;
+    returns its ``_history.json`` record, or None when the config has no window features."""
+    from features import history
+
+    if not history.needed(cfg):
+        return None
+    events = history.events(clean, cfg, names)
+    _, end, _ = history.span(events, cfg, names)
+    kept = history.trim(events, cfg, names, end) if end is not None else events.limit(0)
+    meta = history.write(kept, url, cfg, names, end)
+    rows = meta.rows
+    LOG.info("prepare: entity history: %d events up to %s (horizon %ds)", rows, meta.end, meta.horizon_seconds)
+    return meta.to_dict()
 
 
 def malformed_lines(spark: SparkSession, cfg: Config, files: list[FileInfo], tagged: DataFrame,

@@ -294,17 +294,38 @@ def _scoring_config(cfg: Config, input_url: str, fmt: str | None) -> tuple[Confi
     return full, unlabeled
 
 
+def _tag_raw_rows(spark: SparkSession, full: Config, unlabeled: Config, names: dict[str, str], files: list,
+                  salt: str | None, stats: dict[str, Any]) -> DataFrame:
+    """Raw scoring rows (no label) -> parsed, cleaned and tagged with the model's imputation statistics.
+
+    The one chain for the input and for raw ``--history`` rows, so both are cleaned alike."""
+    from pyspark.sql import functions as F
+
+    from pipelines import clean
+    from pipelines.ingest import parse_columns, read_raw
+
+    raw = read_raw(spark, unlabeled, files)
+    # a placeholder label satisfies the label rules (never output): scoring rows have no label
+    raw = raw.withColumn(names[full.label.column], F.lit(str(full.label.positive)))
+    return clean.apply_policies(parse_columns(raw, full, names, salt), full, names, stats)
+
+
 def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: str,
-                model_dir: str | None = None, fmt: str | None = None) -> dict[str, Any]:
-    """Score a raw table: the prepare stage's ingest and cleaning rules, window features, then the
-    model's ``serving_default`` signature; Parquet (id, ``score``, ``model_version``) to ``output_url``,
-    every row that cannot be scored to ``<output_url>_quarantine`` with its reason; returns counts."""
+                model_dir: str | None = None, fmt: str | None = None, history: list[str] | None = None,
+                history_out: str | None = None, history_store: str | None = None,
+                no_history: bool = False) -> dict[str, Any]:
+    """Score a raw table: the prepare stage's ingest and cleaning rules, window features over the entity
+    history and the input (pipelines/score_history.py), then the model's ``serving_default`` signature;
+    Parquet (id, ``score``, ``model_version``) to ``output_url``, every row that cannot be scored to
+    ``<output_url>_quarantine`` with its reason, ``<output_url>_summary.json``; returns the summary."""
     from pyspark.sql import functions as F
 
     from downpour.spark import persist_level
+    from features import history as H
     from features.state import serving_frame
     from features.windows import add_window_features
     from pipelines import clean
+    from pipelines import score_history as SH
     from pipelines.ingest import (
         LINE,
         LINE_NUMBER,
@@ -318,12 +339,12 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
         count_input_records,
         list_input_files,
         malformed_line_numbers,
-        parse_columns,
-        read_raw,
     )
     from training import storage
 
     t0 = time.perf_counter()
+    history = list(history or [])
+    SH.check_flags(history, history_store, no_history)
     clean.check_policies(cfg)
     salt = clean.resolve_salt(cfg)
     root, saved = model_paths(resolve_model_dir(cfg, model_dir))
@@ -340,32 +361,41 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
     if column_names(unlabeled) != {k: v for k, v in names.items() if k in unlabeled.schema_}:
         raise DataContractError(f"column {cfg.label.column!r}: its safe name collides with another column's; "
                                 "rename one of them to score without a label")
-    lab = names[cfg.label.column]
     id_out = cfg.id_column or "row_id"
     q_url = f"{output_url.rstrip('/')}_quarantine"
     batch = cfg.evaluation.score_batch_rows
     LOG.info("score: %s with model %s -> %s", input_url, version, output_url)
 
+    def tag_history(url: str) -> tuple[Config, DataFrame]:  # raw --history rows: the input's own chain
+        h_full, h_unlabeled = _scoring_config(cfg, url, fmt)
+        return h_full, _tag_raw_rows(spark, h_full, h_unlabeled, names, list_input_files(spark, url), salt, stats)
+
+    past = SH.load(spark, full, names, model_root=root, card=card, history=history, store=history_store,
+                   no_history=no_history, tag_raw=tag_history)
+
     with contract_errors(full):
         files = list_input_files(spark, input_url)
-        raw = read_raw(spark, unlabeled, files)
-        # a placeholder label satisfies the label rules (never output): scoring rows have no label
-        raw = raw.withColumn(lab, F.lit(str(cfg.label.positive)))
-        parsed = parse_columns(raw, full, names, salt)
-        tagged = clean.apply_policies(parsed, full, names, stats)
+        tagged = _tag_raw_rows(spark, full, unlabeled, names, files, salt, stats)
         ident = F.col(names[cfg.id_column]).cast("string") if cfg.id_column else F.col(ROW_HASH)
         raw_schema = tagged.schema[RAW].dataType
         # the raw values travel as one JSON string (the struct is dropped): one copy per row, not two
         tagged = tagged.withColumn("__id", ident).withColumn(_RAW_JSON, F.to_json(F.col(RAW))).drop(RAW, ROW_HASH)
         tagged = tagged.persist(persist_level(spark))
+        is_ok = F.col(REASON).isNull()
         with timed("score: ingest and clean"):
-            by_outcome = tagged.groupBy(F.col(REASON).isNull().alias("ok"),
-                                        F.col(LINE).isNotNull().alias("malformed")).count().collect()
+            by_outcome = tagged.groupBy(is_ok.alias("ok"), F.col(LINE).isNotNull().alias("malformed")).agg(
+                F.count(F.lit(1)).alias("count"), *SH.input_time_columns(full, names, tagged, is_ok)).collect()
             clean_n = {ok: sum(int(r["count"]) for r in by_outcome if r["ok"] == ok) for ok in (True, False)}
             any_malformed = any(r["malformed"] for r in by_outcome)
+            times = [r for r in by_outcome if r["ok"] and "t_min" in r and r["t_min"] is not None]
+            t_min = min((r["t_min"] for r in times), default=None)
+            t_max = max((r["t_max"] for r in times), default=None)
+        SH.check_gap(full, past, t_min, input_url)
 
-        ok = tagged.where(F.col(REASON).isNull())
-        ok = add_window_features(ok, full, names)
+        ok = tagged.where(is_ok)
+        if H.needed(full):
+            ok = H.drop_context(add_window_features(H.with_context(SH.clean_events(ok, full, names), past.frame),
+                                                    full, names)).drop(H.HID)
         missing = [c for c in raw_inputs if c not in ok.columns]
         if missing:
             raise DataContractError(f"column {missing[0]!r}: the model {version} needs it; it is not produced "
@@ -397,6 +427,9 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
             quarantine = rejected.unionByName(failed).select(
                 *raw_cols, "reason", "stage", "source_file", "line_number", F.lit(version).alias("model_version"))
             quarantine.write.mode("overwrite").parquet(q_url)
+        out_url = history_out or history_store
+        rolled = (SH.roll_forward(full, names, past, tagged.where(is_ok), t_min, t_max, out_url)
+                  if out_url and H.needed(full) else None)
         tagged.unpersist()
         scored.unpersist()
         records = count_input_records(spark, full, files)  # independent of the parsing it checks
@@ -408,5 +441,10 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
         raise RuntimeError(f"score: row accounting broken: the input files hold {records} records; "
                            f"{n_ok} clean rows ({n_scored} scored, {n_failed} failed in the model), "
                            f"{n_rejected} rejected")
+    summary = {**counts, "model_version": version, "output": cfg.scrub(output_url), "quarantine": cfg.scrub(q_url),
+               "history": {**past.summary(t_min, t_max), "written": rolled} if H.needed(full) else None,
+               "seconds": round(time.perf_counter() - t0, 3)}
+    storage.write_json_atomic(SH.summary_url(output_url), summary)
     LOG.info("score: %s in %.1fs", json.dumps(counts), time.perf_counter() - t0)
-    return {**counts, "model_version": version, "output": output_url, "quarantine": q_url}
+    return {**summary, "output": output_url, "quarantine": q_url}
+

@@ -145,6 +145,8 @@ def test_prepare_and_score_memory_flat_on_10x_rows(tmp_path):
         score[name] = _watched("score", "--input", str(raw[name]), "--output", str(scores), "--model", str(model),
                                "--set", f"output.path={tmp_path / 'out_1x'}", *SET_ARGS)
         assert pq.read_table(scores).num_rows == (ROWS if name == "1x" else 10 * ROWS)
+        summary = json.loads(Path(f"{scores}_summary.json").read_text())
+        assert summary["history"]["used"], "score runs with the entity history of the prepared data"
 
     print("\nresource bounds (MiB):", json.dumps({"prepare": prep, "score": score}))
     for stage, peaks in (("prepare", prep), ("score", score)):

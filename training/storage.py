@@ -25,7 +25,8 @@ _LOCAL_SCHEMES = ("", "file", "dbfs")
 
 def scheme(url: str) -> str:
     """'hdfs://nn/x' -> 'hdfs'; a plain path (also a Windows-less absolute path) -> ''."""
-    return urlparse(str(url)).scheme.lower() if "://" in str(url) or str(url).startswith("dbfs:") else ""
+    u = str(url)
+    return urlparse(u).scheme.lower() if "://" in u or u.startswith(("dbfs:", "file:")) else ""
 
 
 def is_local(url: str) -> bool:
@@ -168,6 +169,19 @@ def upload_dir(local_dir: str, url: str) -> None:
     fs, path = _arrow_fs(url)
     fs.create_dir(path, recursive=True)
     pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def copy_dir(src: str, dst: str) -> None:
+    """Copy the directory tree at ``src`` to ``dst`` (which must not exist yet), any two schemes."""
+    if is_local(src) and is_local(dst):
+        shutil.copytree(local_path(src), local_path(dst))
+        return
+    from pyarrow import fs as pafs
+
+    sfs, spath = (pafs.LocalFileSystem(), local_path(src)) if is_local(src) else _arrow_fs(src)
+    dfs, dpath = (pafs.LocalFileSystem(), local_path(dst)) if is_local(dst) else _arrow_fs(dst)
+    dfs.create_dir(dpath, recursive=True)
+    pafs.copy_files(spath, dpath, source_filesystem=sfs, destination_filesystem=dfs)
 
 
 def download_dir(url: str, local_dir: str) -> str:

@@ -39,6 +39,7 @@ from training.input import PreparedData, ReadOptions, SplitInfo, expected_train_
 
 WORK_DIR = "training"      # <output.path>/training/{checkpoints,tensorboard}
 MODEL_DIR = "model"        # <output.path>/model -> the published model directory
+MODEL_HISTORY_DIR = "entity_history"  # the data version's entity history, copied into the model (features/history.py)
 FAIL_ENV = "DOWNPOUR_FAIL_AFTER_EPOCH"
 KILL_ENV = "DOWNPOUR_KILL_WORKER"  # rank:epoch:batch -> that rank SIGKILLs itself mid-epoch
 _RANK_ERROR = "DOWNPOUR-RANK-ERROR"
@@ -338,6 +339,7 @@ def finish(cfg: Config, prepared: PreparedData, plan: dict[str, Any],
     if storage.is_local(tb) and storage.exists(tb) and storage.is_local(staging):
         shutil.copytree(storage.local_path(tb), os.path.join(storage.local_path(staging), "tensorboard"),
                         dirs_exist_ok=True)
+    history_dir = _copy_entity_history(prepared, staging)
     now = dt.datetime.now(dt.UTC)
     digest = hashlib.sha256(f"{prepared.data_version}/{plan['run_key']}/{sums[0]}".encode()).hexdigest()[:8]
     version = f"{now:%Y%m%dT%H%M%SZ}-{digest}"
@@ -379,11 +381,23 @@ def finish(cfg: Config, prepared: PreparedData, plan: dict[str, Any],
                      "raw_inputs": sorted(prepared.feature_state.get("raw_inputs") or {})},
         "config": cfg.to_public_dict(),
         "frameworks": rank0["frameworks"],
+        "entity_history": history_dir,
     }
     storage.write_json_atomic(storage.join(staging, "model_card.json"), card)
     where = storage.publish_dir(staging, storage.join(cfg.output.path, MODEL_DIR), version)
     LOG.info("model %s published: %s -> %s", version, storage.join(cfg.output.path, MODEL_DIR), where)
     return card
+
+
+def _copy_entity_history(prepared: PreparedData, staging: str) -> dict[str, Any] | None:
+    """The model carries the entity history of its data version (``entity_history/``): scoring needs
+    it for window features, and the model outlives the prepared data it was trained on."""
+    meta = prepared.manifest.get("entity_history")
+    if not meta:
+        return None
+    storage.copy_dir(storage.join(prepared.url, MODEL_HISTORY_DIR), storage.join(staging, MODEL_HISTORY_DIR))
+    return {k: v for k, v in meta.items() if k != "path"} | {"path": MODEL_HISTORY_DIR,
+                                                            "data_version": prepared.data_version}
 
 
 # ==== worker (one Horovod rank) =====================================================================

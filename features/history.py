@@ -1,0 +1,248 @@
+"""Entity history: the past events that window features need, so new rows are scored as training saw them.
+
+A velocity or RFM value of a row depends on the earlier events of its entity. Scoring a new file on its
+own would make every entity's first new event look like its first event ever (zero counts, first
+device, no time since the previous event): training/serving skew in the features the model leans on
+most. ``prepare`` therefore publishes, with every data version, the events the windows can still see
+(:func:`trim`), and ``score`` computes the windows over that history plus the new rows
+(:func:`score_frame`), keeping only the new rows.
+
+What is kept (bounded by the window horizon and by the number of entities and values, never by the
+length of the data):
+
+- every event within the longest window before the end of the data (the bounded windows);
+- per velocity entity, its last event (time since the previous event);
+- per (first entity, device) and (first entity, country), the last event (first-time flags);
+- per RFM entity, its first event (tenure without a signup column) and its last active event (recency).
+
+Every kept row is a real, cleaned event (hashed like the shards, no PII), so the windows engine treats
+it exactly as it treated it in ``prepare``: for any row later than the history's end, the window values
+equal those computed over the whole past (``tests/test_history.py`` checks this against the untrimmed
+computation). A row older than the history's end may have lost context to the trim: that is an overlap,
+reported as such by ``score``.
+
+A history dataset is Parquet (``HID`` + the columns the windows read, safe names) with ``_history.json``
+beside the files: end of the data, horizon, rows, columns. ``score --history-out`` writes the same
+format, rolled forward over the scored rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from downpour.config import Config
+from downpour.errors import DataContractError
+from features.windows import _windows, epoch_us, referenced_columns
+
+HID = "_dp_hid"  # the event's identity: the id column, else a hash of the columns the windows read
+CONTEXT = "_dp_history_context"  # True on history rows while they are unioned with the rows to score
+META = "_history.json"  # Spark and pyarrow skip files starting with "_" when they read the Parquet
+FORMAT = 1
+_US = 1_000_000
+
+
+@dataclass(frozen=True)
+class HistoryInfo:
+    """What ``_history.json`` records about a history dataset (the manifest and score summary too)."""
+
+    end: str | None  # ISO time of the latest event (UTC); None when empty
+    end_us: int | None
+    horizon_seconds: int
+    rows: int
+    columns: list[str]
+    format: int = FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HistoryInfo:
+        return cls(**{k: d.get(k) for k in ("end", "end_us", "horizon_seconds", "rows", "columns")},
+                   format=int(d.get("format", FORMAT)))
+
+
+def needed(cfg: Config) -> bool:
+    """True when the config computes window features (only those need a history)."""
+    return bool(cfg.features.velocity.enabled or cfg.features.rfm.enabled)
+
+
+def horizon_seconds(cfg: Config) -> int:
+    """The longest window of the config: how far back a bounded window can reach."""
+    spans = []
+    if cfg.features.velocity.enabled:
+        spans += [s for _, s in _windows(cfg.features.velocity.windows)]
+    if cfg.features.rfm.enabled:
+        spans += [s for _, s in _windows(cfg.features.rfm.windows)]
+    return max(spans) if spans else 0
+
+
+def columns(cfg: Config, names: dict[str, str]) -> list[str]:
+    """The safe-named columns the windows read: event time first, then entities and values."""
+    ts = names[cfg.timestamp_column] if cfg.timestamp_column else None
+    return list(dict.fromkeys([c for c in [ts, *referenced_columns(cfg, names)] if c]))
+
+
+def identity(df: DataFrame, cfg: Config, names: dict[str, str]) -> Column:
+    """The same event gets the same identity in prepare, in a history file and in a scoring input.
+
+    The id column when the config has one. Without it, a hash over the columns the windows read: the
+    row hash cannot serve, as it covers the label, which scoring inputs do not have."""
+    if cfg.id_column:
+        return F.col(names[cfg.id_column]).cast("string")
+    cols = columns(cfg, names)
+    return F.sha2(F.to_json(F.struct(*[F.col(c) for c in cols])), 256)
+
+
+def events(clean: DataFrame, cfg: Config, names: dict[str, str]) -> DataFrame:
+    """Clean rows -> history rows (``HID`` + :func:`columns`); rows without an event time are no events."""
+    cols = columns(cfg, names)
+    ts = names[cfg.timestamp_column]  # type: ignore[index]
+    return clean.select(identity(clean, cfg, names).alias(HID), *cols).where(F.col(ts).isNotNull())
+
+
+def trim(history: DataFrame, cfg: Config, names: dict[str, str], end_us: int) -> DataFrame:
+    """The rows of ``history`` that any event after ``end_us`` can still see (see the module docstring).
+
+    Lazy; one window pass per entity (partitioned by the entity, the device/country flags reuse it)."""
+    ts = names[cfg.timestamp_column]  # type: ignore[index]
+    t = epoch_us(history, ts, "timestamp_column", "the history")
+    df = history.withColumn("__t", t)
+    keep = F.col("__t") >= F.lit(end_us - horizon_seconds(cfg) * _US)
+    vel, rfm = cfg.features.velocity, cfg.features.rfm
+    partitions: list[tuple[list[str], Column]] = []  # (keys, the time to match: max unless stated)
+    if vel.enabled:
+        ents = [names[e] for e in vel.entities]
+        for i, e in enumerate(ents):
+            partitions.append(([e], F.max("__t")))
+            if i == 0:
+                for extra in (vel.device_column, vel.country_column):
+                    if extra:
+                        partitions.append(([e, names[extra]], F.max("__t")))
+    if rfm.enabled:
+        e = names[rfm.entity]  # type: ignore[index]
+        partitions.append(([e], F.min("__t")))
+        active = rfm.frequency_column or rfm.amount_column
+        if active:
+            partitions.append(([e], F.max(F.when(F.col(names[active]).cast("double") > 0, F.col("__t")))))
+    for i, (keys, agg) in enumerate(partitions):
+        df = df.withColumn(f"__k{i}", agg.over(Window.partitionBy(*keys)))
+        present = F.lit(True)
+        for k in keys:
+            present = present & F.col(k).isNotNull()
+        keep = keep | (present & (F.col("__t") == F.col(f"__k{i}")))
+    return df.where(keep).select(*history.columns)
+
+
+def before(history: DataFrame, cfg: Config, names: dict[str, str], us: int) -> DataFrame:
+    """The events of ``history`` strictly before ``us`` (epoch microseconds)."""
+    ts = names[cfg.timestamp_column]  # type: ignore[index]
+    return history.where(epoch_us(history, ts, "timestamp_column", "the history") < F.lit(us))
+
+
+def span(df: DataFrame, cfg: Config, names: dict[str, str], where: Column | None = None) -> tuple[
+        int | None, int | None, int]:
+    """(first event, last event in epoch microseconds, rows) of ``df`` in one aggregation."""
+    ts = names[cfg.timestamp_column]  # type: ignore[index]
+    t = epoch_us(df, ts, "timestamp_column", cfg.input.path)
+    if where is not None:
+        t = F.when(where, t)
+        n = F.sum(F.when(where, 1).otherwise(0))
+    else:
+        n = F.count(F.lit(1))
+    row = df.agg(F.min(t).alias("lo"), F.max(t).alias("hi"), n.alias("n")).collect()[0]
+    return row["lo"], row["hi"], int(row["n"] or 0)
+
+
+def iso(us: int | None) -> str | None:
+    if us is None:
+        return None
+    stamp = dt.datetime.fromtimestamp(us / _US, dt.UTC).isoformat(timespec="seconds")
+    return stamp.replace("+00:00", "Z")
+
+
+def info(cfg: Config, names: dict[str, str], end_us: int | None, rows: int) -> HistoryInfo:
+    return HistoryInfo(end=iso(end_us), end_us=end_us, horizon_seconds=horizon_seconds(cfg), rows=rows,
+                       columns=[HID, *columns(cfg, names)])
+
+
+def write(history: DataFrame, url: str, cfg: Config, names: dict[str, str], end_us: int | None) -> HistoryInfo:
+    """Write ``history`` (Parquet) and then ``_history.json`` into ``url``, a staging directory: the
+    caller publishes it atomically (with the data version, or as the new version of a store)."""
+    from training import storage
+
+    history.write.mode("overwrite").parquet(url)
+    rows = history.sparkSession.read.parquet(url).count()  # from the footers of what was written
+    meta = info(cfg, names, end_us, rows)
+    storage.write_json_atomic(storage.join(url, META), meta.to_dict())
+    return meta
+
+
+def is_history(url: str) -> bool:
+    """True when ``url`` is a history dataset (written by prepare or ``score --history-out``)."""
+    from training import storage
+
+    return storage.exists(storage.join(url, META))
+
+
+def read(spark: SparkSession, url: str, cfg: Config, names: dict[str, str]) -> tuple[DataFrame, HistoryInfo]:
+    """A history dataset and its ``_history.json``; its columns must be the ones this config's windows read."""
+    from training import storage
+
+    root = storage.resolve(url)  # a published store is a symlink: read the version it points at now
+    meta = HistoryInfo.from_dict(storage.read_json(storage.join(root, META)))
+    wanted = [HID, *columns(cfg, names)]
+    if meta.columns != wanted:
+        missing = [c for c in wanted if c not in meta.columns]
+        raise DataContractError(
+            f"history {url}: it holds columns {meta.columns}, the window features of this config read "
+            f"{wanted}{f' (missing {missing[0]!r})' if missing else ''}; rebuild it with this config")
+    if meta.rows == 0:
+        return spark.createDataFrame([], _empty_schema(spark, root)), meta
+    return spark.read.parquet(root).select(*wanted), meta
+
+
+def _empty_schema(spark: SparkSession, root: str) -> Any:
+    return spark.read.parquet(root).schema
+
+
+def combine(parts: list[DataFrame]) -> DataFrame | None:
+    """One history from several (published, ``--history`` files, a store): an event counts once."""
+    if not parts:
+        return None
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.unionByName(p)
+    return out.dropDuplicates([HID]) if len(parts) > 1 else out
+
+
+def with_context(rows: DataFrame, history: DataFrame | None) -> DataFrame:
+    """``rows`` (with ``HID``) plus the history rows not among them, marked ``CONTEXT``: the frame the
+    windows run over. A history row with the id of a row to score is that row: it counts once."""
+    targets = rows.withColumn(CONTEXT, F.lit(False))
+    if history is None:
+        return targets
+    ctx = history.join(rows.select(HID).distinct(), HID, "left_anti").withColumn(CONTEXT, F.lit(True))
+    return targets.unionByName(ctx, allowMissingColumns=True)
+
+
+def drop_context(windowed: DataFrame) -> DataFrame:
+    """The rows to score again, after the windows ran over them and their history."""
+    return windowed.where(~F.col(CONTEXT)).drop(CONTEXT)
+
+
+def describe_gap(gap_seconds: float) -> str:
+    """'3d 4h 0m' for the log and error messages."""
+    s = int(abs(gap_seconds))
+    d, rem = divmod(s, 86_400)
+    h, rem = divmod(rem, 3_600)
+    return f"{d}d {h}h {rem // 60}m"
+
+
+def dumps(meta: HistoryInfo) -> str:
+    return json.dumps(meta.to_dict())

@@ -1,0 +1,199 @@
+"""Entity history (features/history.py): window values of new rows computed over a trimmed history equal
+those computed over the whole past, for velocity (hot keys included) and RFM; and what breaks without it.
+
+The reference is the windows engine run over every event at once (what ``prepare`` does); the history
+side runs it over ``trim(past) + new rows`` and keeps the new rows, as ``score`` does.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+
+import numpy as np
+import pytest
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from downpour.config import config_from_dict
+from features import history as H
+from features.windows import add_window_features, window_features
+from pipelines.ingest import column_names
+
+T0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+D = 86_400
+
+
+def fraud_cfg(**velocity):
+    vel = {"enabled": True, "entities": ["card_id", "customer_id"], "amount_column": "amount",
+           "windows": ["1h", "24h", "7d"], "device_column": "device_id", "country_column": "ip_country",
+           **velocity}
+    return config_from_dict({
+        "name": "t", "input": {"path": "/data/tx.csv"},
+        "schema": {"transaction_id": "string", "event_ts": "timestamp", "card_id": "string",
+                   "customer_id": "string", "amount": "double", "device_id": "string", "ip_country": "string",
+                   "is_fraud": "int"},
+        "id_column": "transaction_id", "timestamp_column": "event_ts", "label": {"column": "is_fraud"},
+        "features": {"numeric": ["amount"], "velocity": vel}, "output": {"path": "/tmp/out"},
+    })
+
+
+def rfm_cfg(**rfm):
+    spec = {"enabled": True, "entity": "customer_id", "amount_column": "spend", "frequency_column": "sessions",
+            "windows": ["90d", "180d"], **rfm}
+    return config_from_dict({
+        "name": "t", "input": {"path": "/data/crm.csv"},
+        "schema": {"customer_id": "string", "snapshot_date": "timestamp", "sessions": "int", "spend": "double",
+                   "churned": "int"},
+        "timestamp_column": "snapshot_date", "label": {"column": "churned"},
+        "features": {"numeric": ["spend"], "rfm": spec}, "output": {"path": "/tmp/out"},
+    })
+
+
+def fraud_events(spark, n: int = 900, days: int = 40, seed: int = 7):
+    """Transactions of 40 cards over 40 days; some cards go quiet for weeks (their last event is older than
+    the horizon), devices and countries repeat, one card is hot."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        card = "HOT" if rng.random() < 0.15 else f"c{rng.randrange(40)}"
+        quiet = card in ("c1", "c2", "c3") and rng.random() < 0.9  # mostly early: state rows are needed
+        secs = rng.randrange(0, (8 if quiet else days) * D)
+        rows.append((f"t{i}", T0 + dt.timedelta(seconds=secs), card, f"u{rng.randrange(25)}",
+                     round(rng.uniform(1, 500), 2), f"d{rng.randrange(6)}", rng.choice(["US", "FR", "GB", "DE"]), 0))
+    schema = T.StructType([T.StructField(c, t) for c, t in [
+        ("transaction_id", T.StringType()), ("event_ts", T.TimestampType()), ("card_id", T.StringType()),
+        ("customer_id", T.StringType()), ("amount", T.DoubleType()), ("device_id", T.StringType()),
+        ("ip_country", T.StringType()), ("is_fraud", T.IntegerType())]])
+    return spark.createDataFrame(rows, schema)
+
+
+def crm_events(spark, customers: int = 30, months: int = 24, seed: int = 3):
+    rng = random.Random(seed)
+    rows = []
+    for c in range(customers):
+        start = rng.randrange(0, 12)
+        for m in range(start, months):
+            active = rng.random() < 0.7
+            rows.append((f"k{c}", T0 + dt.timedelta(days=30 * m), rng.randrange(1, 20) if active else 0,
+                         round(rng.uniform(0, 90), 2) if active else 0.0, 0))
+    schema = T.StructType([T.StructField(c, t) for c, t in [
+        ("customer_id", T.StringType()), ("snapshot_date", T.TimestampType()), ("sessions", T.IntegerType()),
+        ("spend", T.DoubleType()), ("churned", T.IntegerType())]])
+    return spark.createDataFrame(rows, schema)
+
+
+def _split(df, ts: str, cut: dt.datetime):
+    return df.where(F.col(ts) < F.lit(cut)), df.where(F.col(ts) >= F.lit(cut))
+
+
+def _windowed_new_rows(cfg, past_history, new):
+    names = column_names(cfg)
+    rows = new.withColumn(H.HID, H.identity(new, cfg, names))
+    out = H.drop_context(add_window_features(H.with_context(rows, past_history), cfg, names)).drop(H.HID)
+    return out
+
+
+def _features(df, cfg, key):
+    cols = [f.name for f in window_features(cfg, column_names(cfg))]
+    pdf = df.select(*key, *cols).toPandas().sort_values(key).reset_index(drop=True)
+    return pdf, cols
+
+
+def _reference_and_history(spark, cfg, df, cut, key, trim=True):
+    names = column_names(cfg)
+    ts = names[cfg.timestamp_column]
+    past, new = _split(df, ts, cut)
+    ref = add_window_features(df, cfg, names).where(F.col(ts) >= F.lit(cut))
+    events = H.events(past, cfg, names)
+    _, end, _ = H.span(events, cfg, names)
+    kept = H.trim(events, cfg, names, end) if trim else events
+    got = _windowed_new_rows(cfg, kept, new)
+    a, cols = _features(ref, cfg, key)
+    b, _ = _features(got, cfg, key)
+    return a, b, cols, kept.count(), past.count()
+
+
+def _assert_same(a, b, cols):
+    assert len(a) == len(b) > 0
+    for c in cols:
+        np.testing.assert_allclose(b[c].to_numpy(float), a[c].to_numpy(float), rtol=1e-12, atol=0, equal_nan=True,
+                                   err_msg=c)
+
+
+@pytest.mark.parametrize("hot", [None, 25], ids=["plain", "hot-key buckets"])
+def test_velocity_over_trimmed_history_equals_the_whole_past(spark, hot):
+    cfg = fraud_cfg(hot_key_rows=hot)
+    df = fraud_events(spark)
+    a, b, cols, kept, past = _reference_and_history(spark, cfg, df, T0 + dt.timedelta(days=30), ["transaction_id"])
+    _assert_same(a, b, cols)
+    assert kept < past * 0.5, "the history is trimmed to the horizon plus per-entity state"
+
+
+def test_rfm_over_trimmed_history_equals_the_whole_past(spark):
+    for cfg in (rfm_cfg(), rfm_cfg(signup_column=None)):
+        df = crm_events(spark)
+        names = column_names(cfg)
+        df = df.withColumn("_k", F.concat_ws("/", "customer_id", F.col("snapshot_date").cast("string")))
+        cut = T0 + dt.timedelta(days=30 * 20)
+        a, b, cols, kept, past = _reference_and_history(spark, cfg, df, cut, ["_k"])
+        _assert_same(a, b, cols)
+        assert kept < past and names  # trimmed: most early months are gone
+
+
+def test_without_state_rows_or_history_the_values_differ(spark):
+    """Companions: the horizon alone loses "time since previous" / first-device of quiet cards, and no
+    history at all makes each card's first new event look like its first ever (the skew prevented)."""
+    cfg = fraud_cfg(hot_key_rows=None)
+    names = column_names(cfg)
+    df = fraud_events(spark)
+    cut = T0 + dt.timedelta(days=30)
+    past, new = _split(df, "event_ts", cut)
+    events = H.events(past, cfg, names)
+    _, end, _ = H.span(events, cfg, names)
+    horizon_only = events.where(F.col("event_ts") >= F.lit(dt.datetime.fromtimestamp(end / 1e6 - 7 * D, dt.UTC)))
+    ref, cols = _features(add_window_features(df, cfg, names).where(F.col("event_ts") >= F.lit(cut)), cfg,
+                          ["transaction_id"])
+    for broken in (horizon_only, None):
+        got, _ = _features(_windowed_new_rows(cfg, broken, new), cfg, ["transaction_id"])
+        c = "vel_card_id_secs_since_prev"
+        differs = ~np.isclose(got[c].to_numpy(float), ref[c].to_numpy(float), equal_nan=True)
+        assert differs.sum() > 0, "a broken history must change some values"
+
+
+def test_a_history_row_with_the_id_of_a_new_row_counts_once(spark):
+    cfg = fraud_cfg(hot_key_rows=None)
+    names = column_names(cfg)
+    df = fraud_events(spark, n=300)
+    cut = T0 + dt.timedelta(days=30)
+    past, new = _split(df, "event_ts", cut)
+    events = H.events(df, cfg, names)  # the history already holds the new rows
+    ref, cols = _features(add_window_features(df, cfg, names).where(F.col("event_ts") >= F.lit(cut)), cfg,
+                          ["transaction_id"])
+    got, _ = _features(_windowed_new_rows(cfg, events, new), cfg, ["transaction_id"])
+    _assert_same(ref, got, cols)
+
+
+def test_history_dataset_round_trip_and_column_check(spark, tmp_path):
+    cfg = fraud_cfg(hot_key_rows=None)
+    names = column_names(cfg)
+    events = H.events(fraud_events(spark, n=200), cfg, names)
+    _, end, _ = H.span(events, cfg, names)
+    meta = H.write(H.trim(events, cfg, names, end), str(tmp_path / "h"), cfg, names, end)
+    assert H.is_history(str(tmp_path / "h")) and meta.rows > 0 and meta.horizon_seconds == 7 * D
+    df, back = H.read(spark, str(tmp_path / "h"), cfg, names)
+    assert back == meta and df.count() == meta.rows
+    other = fraud_cfg(hot_key_rows=None, device_column=None)
+    with pytest.raises(Exception, match="rebuild it with this config"):
+        H.read(spark, str(tmp_path / "h"), other, column_names(other))
+
+
+def test_storage_reads_hadoop_qualified_file_urls_as_local_paths(tmp_path):
+    """Spark qualifies local paths as ``file:/x`` (one slash); storage must write there, not under a
+    relative directory named ``file:`` (which is where prepare's history metadata once went)."""
+    from training import storage
+
+    url = f"file:{tmp_path}/d"
+    assert storage.is_local(url) and storage.local_path(url) == f"{tmp_path}/d"
+    storage.write_json_atomic(storage.join(url, "x.json"), {"a": 1})
+    assert (tmp_path / "d" / "x.json").exists() and storage.exists(storage.join(url, "x.json"))

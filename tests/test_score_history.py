@@ -1,0 +1,172 @@
+"""`downpour score` with entity history, end to end on generated data with real trained models.
+
+Fraud (velocity) and CRM (RFM): prepare and train on the early part of the data, then score the late
+part as a brand-new file. With the model's history its scores equal scoring early + late together;
+without it they do not (the skew the history prevents). The fraud model also shows: evaluation parity
+on its own test split (the test rows as a new file, the earlier rows as --history), a two-day roll
+forward with --history-out, the gap limit (exit 3) and the explicit --no-history.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from downpour.errors import ConfigError, DataContractError
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _generated(spark, kind: str, rows: int, out: Path) -> pd.DataFrame:
+    from pipelines.generate import generate, write_raw
+
+    write_raw(generate(spark, kind, rows=rows, seed=11), str(out), fmt="csv", partitions=1, rows=rows)
+    return pd.concat([pd.read_csv(f, dtype=str, keep_default_na=False) for f in sorted(out.glob("*.csv"))])
+
+
+def _train(spark, conf: str, data: Path, out: Path, extra: list[str]):
+    from downpour.config import load_config
+    from pipelines.prepare import run_prepare
+    from training.train import run_training
+
+    cfg = load_config(ROOT / "conf" / conf, [
+        f"input.path={data}", f"output.path={out}", "training.epochs=1", "training.workers=1",
+        "shards.row_group_rows=64", "evaluation.baseline=false", *extra])
+    run_prepare(spark, cfg)
+    run_training(spark, cfg)
+    return cfg
+
+
+def _score(spark, cfg, rows: pd.DataFrame, where: Path, name: str, **kw) -> pd.DataFrame:
+    from pipelines.score import run_scoring
+
+    src = where / f"{name}.csv"
+    rows.to_csv(src, index=False)
+    res = run_scoring(spark, cfg, str(src), str(where / f"{name}_scores"), **kw)
+    assert res["scored"] == len(rows)
+    return pd.read_parquet(where / f"{name}_scores")
+
+
+def _close(a: pd.DataFrame, b: pd.DataFrame, key: str, atol: float = 1e-6) -> pd.DataFrame:
+    j = a.merge(b, on=key, suffixes=("_a", "_b"))
+    assert len(j) == len(a) == len(b)
+    np.testing.assert_allclose(j["score_a"], j["score_b"], atol=atol, rtol=0)
+    return j
+
+
+def _differs(a: pd.DataFrame, b: pd.DataFrame, key: str) -> int:
+    j = a.merge(b, on=key, suffixes=("_a", "_b"))
+    return int((np.abs(j["score_a"] - j["score_b"]) > 1e-6).sum())
+
+
+@pytest.fixture(scope="module")
+def fraud(spark, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fraud_history")
+    raw = _generated(spark, "fraud", 8000, tmp / "gen")
+    raw = raw.sort_values(["event_ts", "transaction_id"]).reset_index(drop=True)
+    cut = raw["event_ts"].iloc[int(len(raw) * 0.85)]
+    early, late = raw[raw["event_ts"] < cut], raw[raw["event_ts"] >= cut]
+    early.to_csv(tmp / "early.csv", index=False)
+    cfg = _train(spark, "fraud.yaml", tmp / "early.csv", tmp / "out", [])
+    return cfg, tmp, raw, early, late.drop(columns=["is_fraud"])
+
+
+def test_fraud_new_file_scored_with_history_equals_scoring_it_with_its_past(spark, fraud):
+    cfg, tmp, raw, early, late = fraud
+    with_history = _score(spark, cfg, late, tmp, "late")
+    together = _score(spark, cfg, pd.concat([early.drop(columns=["is_fraud"]), late]), tmp, "all",
+                      no_history=True)
+    together = together[together["transaction_id"].isin(late["transaction_id"])]
+    _close(with_history, together, "transaction_id")
+    summary = json.loads((tmp / "late_scores_summary.json").read_text())
+    assert summary["history"]["sources"][0]["kind"] == "model" and summary["history"]["gap_seconds"] >= 0
+
+    alone = _score(spark, cfg, late, tmp, "late_alone", no_history=True)
+    assert _differs(alone, together, "transaction_id") > len(late) * 0.05, "without history the scores differ"
+
+
+def test_fraud_test_split_scored_as_new_file_equals_the_evaluation(spark, fraud):
+    from training.evaluate import run_evaluation
+
+    cfg, tmp, raw, early, late = fraud
+    res = run_evaluation(spark, cfg)
+    ev = pd.read_parquet(Path(res["scores"]) / "split=test")[["row_id", "score"]]
+    test_rows = early[early["transaction_id"].isin(ev["row_id"])].drop(columns=["is_fraud"])
+    before = early[~early["transaction_id"].isin(ev["row_id"])]
+    assert len(test_rows) == len(ev) > 300
+    before.drop(columns=["is_fraud"]).to_csv(tmp / "before_test.csv", index=False)
+    scored = _score(spark, cfg, test_rows, tmp, "test_rows", history=[str(tmp / "before_test.csv")])
+    _close(scored.rename(columns={"transaction_id": "row_id"}), ev, "row_id")
+    alone = _score(spark, cfg, test_rows, tmp, "test_rows_alone", no_history=True)
+    assert _differs(alone.rename(columns={"transaction_id": "row_id"}), ev, "row_id") > 0
+
+
+def test_fraud_two_days_rolled_forward_equal_both_days_together(spark, fraud):
+    """Day 1 publishes its history (--history-out), day 2 reads it as a store and rolls it on: day 2's
+    scores equal those of days 1 + 2 scored together as one new file, and scoring day 2 once more
+    against the rolled-on store (a new champion re-scoring the last day) gives them again."""
+    cfg, tmp, raw, early, late = fraud
+    mid = late["event_ts"].iloc[len(late) // 2]
+    day1, day2 = late[late["event_ts"] < mid], late[late["event_ts"] >= mid]
+    store = tmp / "store" / "history"
+    _score(spark, cfg, day1, tmp, "day1", history_out=str(store))
+    assert (store / "_history.json").exists() and store.is_symlink()
+    second = _score(spark, cfg, day2, tmp, "day2", history_store=str(store))
+    both = _score(spark, cfg, late, tmp, "days12")
+    _close(second, both[both["transaction_id"].isin(day2["transaction_id"])], "transaction_id")
+    # a new champion re-scores day 2 against the store that already holds it: the same history again
+    again = _score(spark, cfg, day2, tmp, "day2_again", history_store=str(store))
+    _close(again, second, "transaction_id")
+    meta = json.loads((store / "_history.json").read_text())
+    assert meta["end"] == pd.Timestamp(day2["event_ts"].max()).strftime("%Y-%m-%dT%H:%M:%SZ")
+    summary = json.loads((tmp / "day2_again_scores_summary.json").read_text())["history"]
+    assert [s["kind"] for s in summary["sources"]] == ["model", "store"] and summary["written"]["rows"] == meta["rows"]
+    assert summary["overlap_seconds"] > 0
+
+
+def test_fraud_gap_limit_and_explicit_no_history(spark, fraud, tmp_path):
+    from pipelines.score import run_scoring
+
+    cfg, tmp, raw, early, late = fraud
+    day2 = late[late["event_ts"] >= late["event_ts"].iloc[len(late) // 2]]
+    src = tmp_path / "day2.csv"
+    day2.to_csv(src, index=False)
+    strict = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"max_history_gap": "1m"})})
+    with pytest.raises(DataContractError, match="max_history_gap=1m") as err:
+        run_scoring(spark, strict, str(src), str(tmp_path / "s"))
+    assert err.value.exit_code == 3 and not (tmp_path / "s").exists()
+    with pytest.raises(ConfigError, match="--no-history"):
+        run_scoring(spark, cfg, str(src), str(tmp_path / "s"), no_history=True, history=[str(src)])
+
+    # a model without its history, and no prepared data of its version: an error unless --no-history
+    bare = tmp_path / "bare_model"
+    shutil.copytree(Path(cfg.output.path) / "model", bare, symlinks=False)
+    shutil.rmtree(bare / "entity_history")
+    elsewhere = cfg.model_copy(update={"output": cfg.output.model_copy(update={"path": str(tmp_path / "none")})})
+    with pytest.raises(DataContractError, match="no entity history was found"):
+        run_scoring(spark, elsewhere, str(src), str(tmp_path / "s"), model_dir=str(bare))
+    res = run_scoring(spark, elsewhere, str(src), str(tmp_path / "s"), model_dir=str(bare), no_history=True)
+    assert res["scored"] == len(day2) and res["history"]["disabled"]
+
+
+def test_crm_new_months_scored_with_history_equal_scoring_them_with_their_past(spark, tmp_path):
+    raw = _generated(spark, "crm", 6000, tmp_path / "gen")
+    months = sorted(raw["snapshot_date"].unique())
+    cut = months[-3]
+    early, late = raw[raw["snapshot_date"] < cut], raw[raw["snapshot_date"] >= cut].drop(columns=["churned"])
+    early.to_csv(tmp_path / "early.csv", index=False)
+    cfg = _train(spark, "crm.yaml", tmp_path / "early.csv", tmp_path / "out", [])
+    with_history = _score(spark, cfg, late, tmp_path, "late")
+    together = _score(spark, cfg, pd.concat([early.drop(columns=["churned"]), late]), tmp_path, "all",
+                      no_history=True)
+    key = "row_id"
+    _close(with_history, together[together[key].isin(with_history[key])], key)
+    alone = _score(spark, cfg, late, tmp_path, "alone", no_history=True)
+    assert _differs(alone, together, key) > len(late) * 0.05
