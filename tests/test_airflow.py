@@ -1,4 +1,5 @@
-"""The retraining DAG in real Apache Airflow 3 (its own venv, .venv-airflow), and the jobs it runs.
+"""The retraining and scoring DAGs in real Apache Airflow 3 (its own venv, .venv-airflow), and the jobs
+the retraining DAG runs.
 
 The Airflow tests install Airflow with `make airflow-venv` (idempotent; pip's cache makes a re-install
 fast), use an AIRFLOW_HOME in tmp with a sqlite metadata DB, and a Spark connection to local[2].
@@ -122,20 +123,26 @@ def _airflow_python(code: str, env: dict[str, str], timeout: float = 300) -> dic
     return json.loads(lines[-1][len("RESULT "):])
 
 
+# parsed as the DAG processor does: the bundle's root (dags/) is on sys.path, for dags/downpour_common.py
 DAGBAG = """
 import json
-from airflow.models.dagbag import DagBag
+from pathlib import Path
+from airflow.models.dagbag import BundleDagBag
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
-bag = DagBag(dag_folder=%r, include_examples=False)
+folder = Path(%r)
+bag = BundleDagBag(dag_folder=folder, bundle_path=folder)
 dags = {}
 for dag_id, dag in bag.dags.items():
+    assets = getattr(dag.timetable, "asset_condition", None)
     dags[dag_id] = {
         "schedule": str(dag.schedule), "catchup": dag.catchup, "max_active_runs": dag.max_active_runs,
+        "timetable": dag.timetable.summary, "assets": [a.uri for _, a in assets.iter_assets()] if assets else [],
         "params": sorted(dag.params.keys()),
         "tasks": {t.task_id: {"downstream": sorted(t.downstream_task_ids), "retries": t.retries,
                               "spark_submit": isinstance(t, SparkSubmitOperator),
                               "application": getattr(t, "application", None),
                               "stage_args": getattr(t, "stage_args", None),
+                              "inlets": [getattr(o, "uri", None) for o in t.inlets],
                               "outlets": [getattr(o, "uri", None) for o in t.outlets]}
                   for t in dag.tasks},
     }
@@ -143,11 +150,17 @@ print("RESULT " + json.dumps({"errors": {k: str(v) for k, v in bag.import_errors
 """
 
 
+@pytest.fixture(scope="module")
+def dags_info(airflow_env) -> dict:
+    """Every DAG in dags/ as Airflow parsed it (schedule, params, tasks), and the import errors."""
+    return _airflow_python(DAGBAG % str(ROOT / "dags"), airflow_env)
+
+
 @pytest.mark.slow
-def test_dag_imports_and_its_task_graph(airflow_env):
-    info = _airflow_python(DAGBAG % str(ROOT / "dags"), airflow_env)
+def test_dag_imports_and_its_task_graph(dags_info):
+    info = dags_info
     assert info["errors"] == {}
-    assert set(info["dags"]) == {f"downpour_retrain_{u}" for u in USE_CASES}
+    assert set(info["dags"]) == {f"downpour_{kind}_{u}" for kind in ("retrain", "score") for u in USE_CASES}
     for use_case, schedule in USE_CASES.items():
         dag = info["dags"][f"downpour_retrain_{use_case}"]
         assert dag["schedule"] == schedule and dag["catchup"] is False and dag["max_active_runs"] == 1
@@ -211,3 +224,131 @@ def test_dags_test_runs_the_pipeline_on_local_spark(airflow_env, telco_path, tmp
     assert card["evaluation"]["gate"]["promoted"] is True
     assert champion["model_version"] == card["model_version"]
     assert f"published model {card['model_version']} of crm_telco" in log
+
+
+# ---- the scoring DAG (dags/downpour_score.py) --------------------------------------------------------------
+SCORE_CRON = {"fraud": "0 0 * * *", "crm_telco": "0 0 * * 0"}
+
+
+@pytest.mark.slow
+def test_scoring_dag_runs_on_each_new_champion_and_each_period(dags_info):
+    assert dags_info["errors"] == {}
+    for use_case, cron in SCORE_CRON.items():
+        dag = dags_info["dags"][f"downpour_score_{use_case}"]
+        champion = dags_info["dags"][f"downpour_retrain_{use_case}"]["tasks"]["publish"]["outlets"]
+        assert champion == [f"downpour://{use_case}/champion"]
+        assert dag["assets"] == champion and dag["timetable"] == f"Asset or {cron}"
+        assert dag["catchup"] is False and dag["max_active_runs"] == 1
+        assert dag["params"] == sorted(["conf", "overrides", "spark_conn_id", "spark_conf", "input", "output",
+                                        "history_store", "model"])
+        assert list(dag["tasks"]) == ["score"]
+        score = dag["tasks"]["score"]
+        assert score["spark_submit"] and score["retries"] == 2 and score["downstream"] == []
+        assert Path(score["application"]) == ROOT / "jobs" / "score.py"
+        assert score["inlets"] == champion  # where a scheduled run finds the latest champion
+
+
+EMIT_CHAMPION = """
+import json
+from airflow.assets.manager import AssetManager
+from airflow.sdk.definitions.asset import AssetUniqueKey
+from airflow.utils.session import create_session
+with create_session() as session:
+    event = AssetManager.register_asset_change(asset=AssetUniqueKey(name=%r, uri=%r), extra=%r, session=session)
+print("RESULT " + json.dumps(event is not None))
+"""
+
+
+@pytest.mark.slow
+def test_scoring_task_submits_the_rendered_urls_with_the_latest_champion(airflow_env, tmp_path):
+    """The real task (`airflow tasks test`) against a spark-submit that records its arguments and exits
+    with the code it is given: the command line, and exit 3 failing at once instead of retrying."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "spark-submit").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/args.txt\nexit "$FAKE_EXIT"\n')
+    (fake / "spark-submit").chmod(0o755)
+    store, scores = tmp_path / "history_store", tmp_path / "scores"
+    params = {"input": "s3a://lake/telco/dt={{ ds }}", "output": f"{scores}/dt={{{{ ds_nodash }}}}"}
+
+    def score(exit_code: int, **more: str) -> str:
+        spark_env = {"PATH": os.pathsep.join([str(fake), airflow_env["PATH"]]), "FAKE_EXIT": str(exit_code)}
+        env = {**airflow_env, "AIRFLOW_VAR_DOWNPOUR_CRM_TELCO_HISTORY_STORE": str(store),
+               "AIRFLOW_VAR_DOWNPOUR_SPARK_ENV": json.dumps(spark_env)}
+        proc = subprocess.run(
+            [str(AIRFLOW_BIN / "airflow"), "tasks", "test", "downpour_score_crm_telco", "score", "2024-06-03",
+             "--task-params", json.dumps({**params, **more})],
+            capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+        return proc.stdout + proc.stderr
+
+    log = score(3, model="/models/crm_telco/registry")  # a data contract violation: no retry can fix it
+    assert "AirflowFailException: downpour score exited 3 (data contract violation), not retried" in log, log[-4000:]
+    assert "new_state=failed" in log and "up_for_retry" not in log
+
+    # a champion published on the Asset (the run above registered the DAG and its Asset); no model pinned
+    extra = {"model_version": "v7", "model_dir": "/registry/v7/model"}
+    assert _airflow_python(EMIT_CHAMPION % ("downpour_crm_telco_champion", "downpour://crm_telco/champion", extra),
+                           airflow_env)
+    log = score(0)
+    assert "new_state=success" in log, log[-4000:]
+    args = (tmp_path / "args.txt").read_text().splitlines()
+    assert args[:2] == ["--master", "local[2]"]
+    assert args[args.index(str(ROOT / "jobs" / "score.py")) + 1:] == [
+        "--conf", str(ROOT / "conf" / "crm_telco.yaml"), "--input", "s3a://lake/telco/dt=2024-06-03",
+        "--output", f"{scores}/dt=20240603", "--model", "/registry/v7/model", "--history-store", str(store)]
+
+
+SCORING_RULES = """
+import json, sys
+from datetime import datetime, timezone
+from types import SimpleNamespace
+sys.path.insert(0, %r)
+import downpour_score as s
+
+class Events(dict):  # Airflow's event accessors, keyed by the Asset
+    def __getitem__(self, asset):
+        return self.get(asset.uri, [])
+
+def event(model_dir):
+    return SimpleNamespace(extra={"model_dir": model_dir})
+
+def failure(fn, *args):
+    try:
+        fn(*args)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+fraud = "downpour://fraud/champion"
+asset_run = {"dag_run": SimpleNamespace(run_after=datetime(2024, 6, 4, 3, 0, tzinfo=timezone.utc)), "params": {}}
+daily = s.with_run_dates(asset_run, s.downpour_score_fraud.timetable)
+out = {
+    "daily": s.downpour_score_fraud.get_task("score").render_template("s3a://lake/tx/dt={{ ds }}", daily),
+    "weekly": s.with_run_dates(asset_run, s.downpour_score_crm_telco.timetable)["ds"],
+    "scheduled": s.with_run_dates({"logical_date": "kept", "ds": "2024-06-01"}, None)["ds"],
+    "param": s.scoring_model("fraud", {"params": {"model": "/pinned"}}),
+    "variable": s.scoring_model("crm_telco", {"params": {}}),
+    "triggering": s.scoring_model("fraud", {"params": {}, "inlet_events": Events({fraud: [event("/v1")]}),
+                                            "triggering_asset_events": Events({fraud: [event("/v2"), event("/v3")]})}),
+    "latest": s.scoring_model("fraud", {"params": {}, "triggering_asset_events": Events(),
+                                        "inlet_events": Events({fraud: [event("/v1"), event("/v2")]})}),
+    "no_champion": failure(s.scoring_model, "fraud", {"params": {}, "inlet_events": Events()}),
+    "no_store": failure(s.required_settings, "fraud", {"input": "in", "output": "out"}),
+}
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_scoring_run_without_a_logical_date_rescores_the_latest_period_with_the_champion(airflow_env):
+    """An Asset-triggered run has no logical date in Airflow 3: its templates get the last complete period;
+    the model is the param, else the Variable, else the champion that triggered the run, else the latest."""
+    env = {**airflow_env, "AIRFLOW_VAR_DOWNPOUR_CRM_TELCO_MODEL": "/registry/crm_telco"}
+    out = _airflow_python(SCORING_RULES % str(ROOT / "dags"), env)
+    assert out["daily"] == "s3a://lake/tx/dt=2024-06-03"  # the run at 03:00 on the 4th: the day before
+    assert out["weekly"] == "2024-05-26"  # a Tuesday: the last complete week, from Sunday
+    assert out["scheduled"] == "2024-06-01"
+    assert (out["param"], out["variable"], out["triggering"], out["latest"]) == (
+        "/pinned", "/registry/crm_telco", "/v3", "/v2")
+    assert out["no_champion"].startswith("AirflowFailException: scoring fraud: no champion has been published")
+    assert "'downpour_fraud_model'" in out["no_champion"]
+    assert out["no_store"] == ("AirflowFailException: scoring fraud: no history_store URL; set the Airflow "
+                               "Variable 'downpour_fraud_history_store' (or pass the run param 'history_store')")
