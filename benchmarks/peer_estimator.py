@@ -121,7 +121,7 @@ def ours_config(raw: str, out: str, epochs: int, workers: int, batch_size: int,
 def run_ours(spark: SparkSession, cfg: Any, scores_url: str) -> dict[str, Any]:
     """prepare -> train -> score the test split; returns the timings and what was trained."""
     from downpour import api
-    from pipelines.score import arrow_batch_rows, model_paths
+    from pipelines.serving import arrow_batch_rows, model_paths
     from training.evaluate import score_split
     from training.input import open_prepared
 

@@ -130,7 +130,7 @@ def log_evaluation(cfg: Config) -> str | None:
     check(cfg)
     import mlflow
 
-    from pipelines.score import model_paths
+    from pipelines.serving import model_paths
     from training import storage
 
     model_root, saved_model = model_paths(storage.join(cfg.output.path, "model"))

@@ -33,7 +33,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from downpour.config import Config
@@ -91,12 +91,22 @@ def columns(cfg: Config, names: dict[str, str]) -> list[str]:
 def identity(df: DataFrame, cfg: Config, names: dict[str, str]) -> Column:
     """The same event gets the same identity in prepare, in a history file and in a scoring input.
 
-    The id column when the config has one. Without it, a hash over the columns the windows read: the
-    row hash cannot serve, as it covers the label, which scoring inputs do not have."""
+    The id column when the config has one. Without it, SHA-256 over every declared column but the label
+    (scoring inputs have none) as parsed and cleaned (PII pseudonymised), times as epoch microseconds
+    (independent of the session time zone): two events identical in all of these count as one."""
     if cfg.id_column:
         return F.col(names[cfg.id_column]).cast("string")
-    cols = columns(cfg, names)
-    return F.sha2(F.to_json(F.struct(*[F.col(c) for c in cols])), 256)
+    values = []
+    for raw, typ in cfg.schema_.items():
+        if raw == cfg.label.column or raw in cfg.pii.drop or names[raw] not in df.columns:
+            continue
+        c = F.col(names[raw])
+        if typ == "timestamp":
+            c = F.unix_micros(c.cast("timestamp"))
+        elif typ == "date":
+            c = F.unix_date(c)
+        values.append(c.cast("string"))
+    return F.sha2(F.to_json(F.array(*values)), 256)
 
 
 def events(clean: DataFrame, cfg: Config, names: dict[str, str]) -> DataFrame:
@@ -106,37 +116,63 @@ def events(clean: DataFrame, cfg: Config, names: dict[str, str]) -> DataFrame:
     return clean.select(identity(clean, cfg, names).alias(HID), *cols).where(F.col(ts).isNotNull())
 
 
+@dataclass(frozen=True)
+class Keeper:
+    """State rows the bounded windows alone would lose: per ``keys``, the first event (``first``) or the
+    last one (with ``active``: the last whose column is > 0), and for ``last`` also the last strictly
+    before the end, which a new row at exactly the end time needs (velocity windows exclude equal times)."""
+
+    name: str
+    keys: tuple[str, ...]
+    first: bool = False
+    active: str | None = None
+
+
+def keepers(cfg: Config, names: dict[str, str]) -> list[Keeper]:
+    """What :func:`trim` keeps besides the horizon, for this config's window features."""
+    vel, rfm = cfg.features.velocity, cfg.features.rfm
+    out: list[Keeper] = []
+    if vel.enabled:
+        for i, raw in enumerate(vel.entities):
+            e = names[raw]
+            out.append(Keeper(f"last event per {raw}", (e,)))  # time since the previous event
+            for extra in (vel.device_column, vel.country_column) if i == 0 else ():
+                if extra:  # first-time device / country flags
+                    out.append(Keeper(f"last event per {raw} and {extra}", (e, names[extra])))
+    if rfm.enabled:
+        e = names[rfm.entity]  # type: ignore[index]
+        out.append(Keeper(f"first event per {rfm.entity}", (e,), first=True))  # tenure
+        active = rfm.frequency_column or rfm.amount_column
+        if active:  # recency
+            out.append(Keeper(f"last active event per {rfm.entity}", (e,), active=names[active]))
+    return out
+
+
 def trim(history: DataFrame, cfg: Config, names: dict[str, str], end_us: int) -> DataFrame:
     """The rows of ``history`` that any event after ``end_us`` can still see (see the module docstring).
 
-    Lazy; one window pass per entity (partitioned by the entity, the device/country flags reuse it)."""
+    Lazy. Per keeper one map-side combined aggregation by its keys and a join back (AQE splits a hot
+    key's join), never an unordered window that would put a hot key or the null keys in one task."""
     ts = names[cfg.timestamp_column]  # type: ignore[index]
-    t = epoch_us(history, ts, "timestamp_column", "the history")
-    df = history.withColumn("__t", t)
-    keep = F.col("__t") >= F.lit(end_us - horizon_seconds(cfg) * _US)
-    vel, rfm = cfg.features.velocity, cfg.features.rfm
-    partitions: list[tuple[list[str], Column]] = []  # (keys, the time to match: max unless stated)
-    if vel.enabled:
-        ents = [names[e] for e in vel.entities]
-        for i, e in enumerate(ents):
-            partitions.append(([e], F.max("__t")))
-            if i == 0:
-                for extra in (vel.device_column, vel.country_column):
-                    if extra:
-                        partitions.append(([e, names[extra]], F.max("__t")))
-    if rfm.enabled:
-        e = names[rfm.entity]  # type: ignore[index]
-        partitions.append(([e], F.min("__t")))
-        active = rfm.frequency_column or rfm.amount_column
-        if active:
-            partitions.append(([e], F.max(F.when(F.col(names[active]).cast("double") > 0, F.col("__t")))))
-    for i, (keys, agg) in enumerate(partitions):
-        df = df.withColumn(f"__k{i}", agg.over(Window.partitionBy(*keys)))
+    df = history.withColumn("__t", epoch_us(history, ts, "timestamp_column", "the history"))
+    t = F.col("__t")
+    parts = [df.where(t >= F.lit(end_us - horizon_seconds(cfg) * _US))]
+    for k in keepers(cfg, names):
         present = F.lit(True)
-        for k in keys:
-            present = present & F.col(k).isNotNull()
-        keep = keep | (present & (F.col("__t") == F.col(f"__k{i}")))
-    return df.where(keep).select(*history.columns)
+        for key in k.keys:
+            present = present & F.col(key).isNotNull()
+        base = df.where(present)
+        when = F.when(F.col(k.active).cast("double") > 0, t) if k.active else t
+        aggs = [F.min(when)] if k.first else [F.max(when), F.max(F.when(t < F.lit(end_us), when))]
+        picked = base.groupBy(*k.keys).agg(*[a.alias(f"__p{j}") for j, a in enumerate(aggs)])
+        match = F.lit(False)
+        for j in range(len(aggs)):
+            match = match | (t == F.col(f"__p{j}"))
+        parts.append(base.join(picked, list(k.keys), "inner").where(match).select(*df.columns))
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.unionByName(p)
+    return out.dropDuplicates([HID]).select(*history.columns)
 
 
 def before(history: DataFrame, cfg: Config, names: dict[str, str], us: int) -> DataFrame:
@@ -176,8 +212,8 @@ def write(history: DataFrame, url: str, cfg: Config, names: dict[str, str], end_
     caller publishes it atomically (with the data version, or as the new version of a store)."""
     from training import storage
 
-    history.write.mode("overwrite").parquet(url)
-    rows = history.sparkSession.read.parquet(url).count()  # from the footers of what was written
+    history.write.mode("overwrite").parquet(spark_url(url))
+    rows = history.sparkSession.read.parquet(spark_url(url)).count()  # the footers of what was written
     meta = info(cfg, names, end_us, rows)
     storage.write_json_atomic(storage.join(url, META), meta.to_dict())
     return meta
@@ -194,21 +230,29 @@ def read(spark: SparkSession, url: str, cfg: Config, names: dict[str, str]) -> t
     """A history dataset and its ``_history.json``; its columns must be the ones this config's windows read."""
     from training import storage
 
-    root = storage.resolve(url)  # a published store is a symlink: read the version it points at now
+    # a published store is a symlink: read the version it points at now, whatever is published next
+    root = url if storage.scheme(url) == "dbfs" else storage.resolve(url)
     meta = HistoryInfo.from_dict(storage.read_json(storage.join(root, META)))
+    if int(meta.horizon_seconds or 0) < horizon_seconds(cfg):
+        raise DataContractError(
+            f"history {url}: it keeps {meta.horizon_seconds}s of events, the longest window of this config is "
+            f"{horizon_seconds(cfg)}s; windows would miss events; rebuild it with this config")
     wanted = [HID, *columns(cfg, names)]
     if meta.columns != wanted:
         missing = [c for c in wanted if c not in meta.columns]
         raise DataContractError(
             f"history {url}: it holds columns {meta.columns}, the window features of this config read "
             f"{wanted}{f' (missing {missing[0]!r})' if missing else ''}; rebuild it with this config")
-    if meta.rows == 0:
-        return spark.createDataFrame([], _empty_schema(spark, root)), meta
-    return spark.read.parquet(root).select(*wanted), meta
+    return spark.read.parquet(spark_url(root)).select(*wanted), meta
 
 
-def _empty_schema(spark: SparkSession, root: str) -> Any:
-    return spark.read.parquet(root).schema
+def spark_url(url: str) -> str:
+    """The URL Spark must get: a local path qualified as ``file://`` (else Spark resolves it against the
+    cluster's default file system, e.g. HDFS on YARN); ``dbfs:``, ``hdfs://``, ``s3a://`` as given."""
+    from training import storage
+
+    s = storage.scheme(url)
+    return "file://" + storage.local_path(url) if s in ("", "file") else str(url)
 
 
 def combine(parts: list[DataFrame]) -> DataFrame | None:

@@ -336,7 +336,7 @@ class FeatureState:
 def serving_frame(df: DataFrame, state: FeatureState, keep: tuple[str, ...] = ()) -> DataFrame:
     """The raw columns in the serving dtypes: floats (NaN for null), strings ("" for null), int64
     (``INT64_NULL`` for null; timestamps as epoch seconds), after the ``keep`` columns (e.g. an id)
-    unchanged. Batch scoring feeds these to the model (``pipelines.score`` turns each pandas batch into
+    unchanged. Batch scoring feeds these to the model (``pipelines.serving`` turns each pandas batch into
     the signature's arrays)."""
     schema = {f.name: f.dataType for f in df.schema}
     cols = [F.col(c) for c in keep]

@@ -28,7 +28,7 @@ from downpour.errors import DataContractError, DownpourError, GateRefused
 
 def gate_decision(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """(model card, the gate decision recorded in it) for the model under ``cfg.output.path``."""
-    from pipelines.score import model_paths
+    from pipelines.serving import model_paths
     from training import storage
 
     model_root, _ = model_paths(storage.join(cfg.output.path, "model"))

@@ -28,6 +28,7 @@ from pyspark.sql import functions as F
 from downpour.config import Config, parse_duration
 from downpour.errors import ConfigError, DataContractError
 from downpour.logs import LOG, timed
+from downpour.spark import persist_level
 from features import history as H
 
 
@@ -39,6 +40,12 @@ class ScoringHistory:
     end_us: int | None = None
     sources: list[dict[str, Any]] = field(default_factory=list)
     disabled: bool = False
+    cached: list[DataFrame] = field(default_factory=list)
+
+    def release(self) -> None:
+        for df in self.cached:
+            df.unpersist()
+        self.cached.clear()
 
     def summary(self, input_start_us: int | None, input_end_us: int | None) -> dict[str, Any]:
         gap = gap_seconds(self.end_us, input_start_us)
@@ -62,10 +69,19 @@ def gap_seconds(end_us: int | None, start_us: int | None) -> float | None:
     return (start_us - end_us) / 1_000_000
 
 
-def check_flags(history: list[str], store: str | None, no_history: bool) -> None:
-    """Before any work: ``--no-history`` cannot be combined with a history to read."""
+def check_flags(history: list[str], out: str | None, store: str | None, no_history: bool) -> None:
+    """Before any work: contradictory flags, and never replace a directory that is not a history."""
     if no_history and (history or store):
         raise ConfigError("--no-history: cannot be combined with --history or --history-store")
+    if out and store:
+        raise ConfigError("--history-out: cannot be combined with --history-store (which is rolled forward "
+                          "itself); pass the store as --history to read it and --history-out to write elsewhere")
+    from training import storage
+
+    for flag, url in (("--history-out", out), ("--history-store", store)):
+        if url and storage.exists(url) and not H.is_history(url):
+            raise ConfigError(f"{flag} {url}: it exists and is not an entity history (no {H.META}); "
+                              "refusing to replace it")
 
 
 def model_history_url(cfg: Config, model_root: str, card: dict[str, Any]) -> str | None:
@@ -114,6 +130,9 @@ def load(spark: SparkSession, cfg: Config, names: dict[str, str], *, model_root:
             continue
         with timed(f"score: reading history rows {cfg.scrub(url)}"):
             events, end, n_ok, n_rejected = raw_events(cfg, names, url, tag_raw)
+        # parsed once: the windows and the roll forward read it several times
+        events = events.persist(persist_level(spark))
+        out.cached.append(events)
         parts.append(events)
         if end is not None:
             ends.append(int(end))
@@ -126,7 +145,7 @@ def load(spark: SparkSession, cfg: Config, names: dict[str, str], *, model_root:
         add_dataset(store, "store")
     elif store:
         LOG.info("score: history store %s does not exist yet; this run creates it", cfg.scrub(store))
-    if not parts and not store:
+    if not parts:
         raise DataContractError(
             f"model {card.get('model_version')}: it uses window features and no entity history was found "
             f"(looked in {model_root}/entity_history and the prepared data of data version "
@@ -177,8 +196,10 @@ def roll_forward(cfg: Config, names: dict[str, str], hist: ScoringHistory, clean
     from training import storage
 
     new_events = H.events(clean_rows, cfg, names)
-    everything = H.combine([p for p in (hist.frame, new_events) if p is not None]) if hist.frame is not None \
-        else new_events.dropDuplicates([H.HID])
+    # the input's version of an event wins over the history's (a corrected row replaces the old one)
+    everything = H.with_context(new_events, hist.frame).drop(H.CONTEXT)
+    everything = everything.persist(persist_level(clean_rows.sparkSession))
+    hist.cached.append(everything)
     end = max([e for e in (hist.end_us, input_end_us) if e is not None], default=None)
     kept = H.trim(everything, cfg, names, end) if end is not None else everything.limit(0)
     if input_start_us is not None and hist.frame is not None:

@@ -18,7 +18,7 @@ from features.keras_preprocessing import HashBucket, build_preprocessing, raw_in
 from features.state import FeatureState, serving_frame  # noqa: E402
 from features.windows import add_window_features  # noqa: E402
 from pipelines.columns import internal_names  # noqa: E402
-from pipelines.score import load_signature, serving_arrays  # noqa: E402 - what batch scoring feeds a signature
+from pipelines.serving import load_signature, serving_arrays  # noqa: E402 - what batch scoring feeds a signature
 
 
 def _strings(seed: int = 5) -> list[str]:
@@ -55,7 +55,7 @@ def _compare(spark_pdf, keras_out, state, ids):
 def _parity(spark, df, state, raw_df=None):
     """Spark's shard columns (from the cleaned rows ``df``) vs the Keras preprocessing fed the serving
     form of the same rows before cleaning (``raw_df``, default ``df``), converted to arrays as batch
-    scoring converts them (``pipelines.score.serving_arrays`` with the exported signature's specs)."""
+    scoring converts them (``pipelines.serving.serving_arrays`` with the exported signature's specs)."""
     shards = state.transform(df).toPandas().sort_values("row_id").reset_index(drop=True)
     raw_df = df if raw_df is None else raw_df
     raw = serving_frame(raw_df, state, keep=("row_id",)).toPandas().sort_values("row_id").reset_index(drop=True)

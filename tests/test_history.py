@@ -16,6 +16,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from downpour.config import config_from_dict
+from downpour.errors import DataContractError
 from features import history as H
 from features.windows import add_window_features, window_features
 from pipelines.ingest import column_names
@@ -44,7 +45,7 @@ def rfm_cfg(**rfm):
     return config_from_dict({
         "name": "t", "input": {"path": "/data/crm.csv"},
         "schema": {"customer_id": "string", "snapshot_date": "timestamp", "sessions": "int", "spend": "double",
-                   "churned": "int"},
+                   "signup_date": "date", "churned": "int"},
         "timestamp_column": "snapshot_date", "label": {"column": "churned"},
         "features": {"numeric": ["spend"], "rfm": spec}, "output": {"path": "/tmp/out"},
     })
@@ -61,6 +62,14 @@ def fraud_events(spark, n: int = 900, days: int = 40, seed: int = 7):
         secs = rng.randrange(0, (8 if quiet else days) * D)
         rows.append((f"t{i}", T0 + dt.timedelta(seconds=secs), card, f"u{rng.randrange(25)}",
                      round(rng.uniform(1, 500), 2), f"d{rng.randrange(6)}", rng.choice(["US", "FR", "GB", "DE"]), 0))
+    # a quiet card (last event long before the cut), a device and a country of card
+    # c5 seen only early: after the cut they come back (time since previous, first device / country)
+    early, late = T0 + dt.timedelta(days=2), T0 + dt.timedelta(days=33)
+    rows += [("q1", early, "QUIET", None, 10.0, None, None, 0),  # only the per-card state keeps it
+             ("q2", late, "QUIET", "uq", 20.0, "dq", "US", 0),
+             ("q3", early, "c5", "u1", 30.0, "d-old", "JP", 0), ("q4", late, "c5", "u1", 40.0, "d-old", "JP", 0),
+             # a customer quiet on a busy card (only the per-customer state keeps its last event)
+             ("q5", early, "HOT", "uq2", 50.0, "d0", "US", 0), ("q6", late, "c7", "uq2", 60.0, "d1", "FR", 0)]
     schema = T.StructType([T.StructField(c, t) for c, t in [
         ("transaction_id", T.StringType()), ("event_ts", T.TimestampType()), ("card_id", T.StringType()),
         ("customer_id", T.StringType()), ("amount", T.DoubleType()), ("device_id", T.StringType()),
@@ -69,17 +78,20 @@ def fraud_events(spark, n: int = 900, days: int = 40, seed: int = 7):
 
 
 def crm_events(spark, customers: int = 30, months: int = 24, seed: int = 3):
+    """Monthly snapshots; every third customer is dormant (no active month) for the 8 months before the
+    cut at month 20, so its last active month is older than the 180-day horizon (recency needs state)."""
     rng = random.Random(seed)
     rows = []
     for c in range(customers):
         start = rng.randrange(0, 12)
         for m in range(start, months):
-            active = rng.random() < 0.7
+            active = rng.random() < 0.7 and not (c % 3 == 0 and 12 <= m < 20)
             rows.append((f"k{c}", T0 + dt.timedelta(days=30 * m), rng.randrange(1, 20) if active else 0,
-                         round(rng.uniform(0, 90), 2) if active else 0.0, 0))
+                         round(rng.uniform(0, 90), 2) if active else 0.0,
+                         (T0 - dt.timedelta(days=40 * c)).date(), 0))
     schema = T.StructType([T.StructField(c, t) for c, t in [
         ("customer_id", T.StringType()), ("snapshot_date", T.TimestampType()), ("sessions", T.IntegerType()),
-        ("spend", T.DoubleType()), ("churned", T.IntegerType())]])
+        ("spend", T.DoubleType()), ("signup_date", T.DateType()), ("churned", T.IntegerType())]])
     return spark.createDataFrame(rows, schema)
 
 
@@ -131,7 +143,7 @@ def test_velocity_over_trimmed_history_equals_the_whole_past(spark, hot):
 
 
 def test_rfm_over_trimmed_history_equals_the_whole_past(spark):
-    for cfg in (rfm_cfg(), rfm_cfg(signup_column=None)):
+    for cfg in (rfm_cfg(), rfm_cfg(signup_column="signup_date")):
         df = crm_events(spark)
         names = column_names(cfg)
         df = df.withColumn("_k", F.concat_ws("/", "customer_id", F.col("snapshot_date").cast("string")))
@@ -141,24 +153,55 @@ def test_rfm_over_trimmed_history_equals_the_whole_past(spark):
         assert kept < past and names  # trimmed: most early months are gone
 
 
-def test_without_state_rows_or_history_the_values_differ(spark):
-    """Companions: the horizon alone loses "time since previous" / first-device of quiet cards, and no
-    history at all makes each card's first new event look like its first ever (the skew prevented)."""
-    cfg = fraud_cfg(hot_key_rows=None)
+def _differing(ref, got, cols) -> set[str]:
+    return {c for c in cols if not np.allclose(got[c].to_numpy(float), ref[c].to_numpy(float), equal_nan=True)}
+
+
+@pytest.mark.parametrize("kind", ["fraud", "crm"])
+def test_without_any_state_row_or_history_the_values_differ(spark, monkeypatch, kind):
+    """Companions: drop one kind of state row from the trim at a time (or the whole history) and the
+    window values of the new rows change: every part of the trim is needed, and the check sees it."""
+    if kind == "fraud":
+        cfg, df, key, cut = fraud_cfg(hot_key_rows=None), fraud_events(spark), ["transaction_id"], \
+            T0 + dt.timedelta(days=30)
+    else:
+        cfg = rfm_cfg()
+        df = crm_events(spark).withColumn("_k", F.concat_ws("/", "customer_id", F.col("snapshot_date").cast("string")))
+        key, cut = ["_k"], T0 + dt.timedelta(days=30 * 20)
     names = column_names(cfg)
-    df = fraud_events(spark)
-    cut = T0 + dt.timedelta(days=30)
-    past, new = _split(df, "event_ts", cut)
+    ts = names[cfg.timestamp_column]
+    past, new = _split(df, ts, cut)
     events = H.events(past, cfg, names)
     _, end, _ = H.span(events, cfg, names)
-    horizon_only = events.where(F.col("event_ts") >= F.lit(dt.datetime.fromtimestamp(end / 1e6 - 7 * D, dt.UTC)))
-    ref, cols = _features(add_window_features(df, cfg, names).where(F.col("event_ts") >= F.lit(cut)), cfg,
-                          ["transaction_id"])
-    for broken in (horizon_only, None):
-        got, _ = _features(_windowed_new_rows(cfg, broken, new), cfg, ["transaction_id"])
-        c = "vel_card_id_secs_since_prev"
-        differs = ~np.isclose(got[c].to_numpy(float), ref[c].to_numpy(float), equal_nan=True)
-        assert differs.sum() > 0, "a broken history must change some values"
+    ref, cols = _features(add_window_features(df, cfg, names).where(F.col(ts) >= F.lit(cut)), cfg, key)
+    full = H.keepers(cfg, names)
+    assert len(full) == (4 if kind == "fraud" else 2)
+    for dropped in full:
+        monkeypatch.setattr(H, "keepers", lambda *a, d=dropped: [k for k in full if k != d])
+        got, _ = _features(_windowed_new_rows(cfg, H.trim(events, cfg, names, end), new), cfg, key)
+        assert _differing(ref, got, cols), f"without the {dropped.name} rows nothing changed"
+    monkeypatch.undo()
+    got, _ = _features(_windowed_new_rows(cfg, None, new), cfg, key)
+    assert _differing(ref, got, cols), "without any history nothing changed"
+
+
+def test_a_new_row_at_the_exact_end_of_the_history_sees_the_event_before_it(spark):
+    """Velocity windows exclude events of the same instant: a new row at the history's last time needs
+    the entity's last event strictly before it, which may be older than the horizon."""
+    cfg = fraud_cfg(hot_key_rows=None)
+    names = column_names(cfg)
+    df = fraud_events(spark, n=0)
+    end_t = T0 + dt.timedelta(days=33)
+    past = df.where(F.col("event_ts") < F.lit(end_t + dt.timedelta(seconds=1)))  # QUIET: days 2 and 33
+    extra = spark.createDataFrame([("q9", end_t, "QUIET", "uq", 5.0, "dq", "US", 0)], df.schema)
+    events = H.events(past, cfg, names)
+    _, end, _ = H.span(events, cfg, names)
+    assert end == int(end_t.timestamp() * 1e6)
+    ref, cols = _features(add_window_features(past.unionByName(extra), cfg, names)
+                          .where(F.col("transaction_id") == "q9"), cfg, ["transaction_id"])
+    got, _ = _features(_windowed_new_rows(cfg, H.trim(events, cfg, names, end), extra), cfg, ["transaction_id"])
+    _assert_same(ref, got, cols)
+    assert ref["vel_card_id_secs_since_prev"][0] == 31 * D
 
 
 def test_a_history_row_with_the_id_of_a_new_row_counts_once(spark):
@@ -183,9 +226,10 @@ def test_history_dataset_round_trip_and_column_check(spark, tmp_path):
     assert H.is_history(str(tmp_path / "h")) and meta.rows > 0 and meta.horizon_seconds == 7 * D
     df, back = H.read(spark, str(tmp_path / "h"), cfg, names)
     assert back == meta and df.count() == meta.rows
-    other = fraud_cfg(hot_key_rows=None, device_column=None)
-    with pytest.raises(Exception, match="rebuild it with this config"):
-        H.read(spark, str(tmp_path / "h"), other, column_names(other))
+    for other in (fraud_cfg(hot_key_rows=None, device_column=None),  # other columns
+                  fraud_cfg(hot_key_rows=None, windows=["1h", "30d"])):  # a longer window than it keeps
+        with pytest.raises(DataContractError, match="rebuild it with this config"):
+            H.read(spark, str(tmp_path / "h"), other, column_names(other))
 
 
 def test_storage_reads_hadoop_qualified_file_urls_as_local_paths(tmp_path):

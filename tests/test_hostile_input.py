@@ -327,7 +327,7 @@ class _Payload:
 def test_model_dir_that_is_not_a_savedmodel_is_refused_and_never_unpickled(case, tmp_path):
     import pickle
 
-    from pipelines.score import load_signature
+    from pipelines.serving import load_signature
 
     _count("model")
     model = tmp_path / "model"

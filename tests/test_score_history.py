@@ -144,6 +144,16 @@ def test_fraud_gap_limit_and_explicit_no_history(spark, fraud, tmp_path):
     assert err.value.exit_code == 3 and not (tmp_path / "s").exists()
     with pytest.raises(ConfigError, match="--no-history"):
         run_scoring(spark, cfg, str(src), str(tmp_path / "s"), no_history=True, history=[str(src)])
+    with pytest.raises(ConfigError, match="--history-out"):
+        run_scoring(spark, cfg, str(src), str(tmp_path / "s"), history_out=str(tmp_path / "a"),
+                    history_store=str(tmp_path / "b"))
+    data = tmp_path / "not_a_history"
+    data.mkdir()
+    (data / "keep.csv").write_text("precious\n")
+    for flag in ("history_out", "history_store"):  # a mistyped store never replaces a directory
+        with pytest.raises(ConfigError, match="not an entity history"):
+            run_scoring(spark, cfg, str(src), str(tmp_path / "s"), **{flag: str(data)})
+    assert (data / "keep.csv").read_text() == "precious\n"
 
     # a model without its history, and no prepared data of its version: an error unless --no-history
     bare = tmp_path / "bare_model"

@@ -35,14 +35,8 @@ from downpour.errors import DataContractError
 from downpour.logs import LOG, timed
 from downpour.spark import persist_level
 from features.state import serving_frame
-from pipelines.score import (
-    RAW_SIGNATURE,
-    RawInputs,
-    arrow_batch_rows,
-    model_paths,
-    score_dataframe,
-    signature_inputs,
-)
+from pipelines.score import RAW_SIGNATURE, RawInputs
+from pipelines.serving import arrow_batch_rows, model_paths, score_dataframe, signature_inputs
 from training import registry as reg_mod
 from training import storage
 from training.input import PreparedData, open_prepared
