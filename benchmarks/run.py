@@ -80,6 +80,19 @@ def machine() -> dict[str, Any]:
     }
 
 
+def commit() -> str | None:
+    """The commit measured, marked ``-dirty`` when the working tree had uncommitted changes."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+    head = git("rev-parse", "--short=12", "HEAD")
+    if not head:
+        return None
+    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def verdict(key: str, value: Any) -> str:
     goal = GOALS[key][1]
     if value is None:
@@ -105,7 +118,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"peer comparison {sec['peer']['rows']:,} rows" if "peer" in sec else "",
     ) if x)
     lines = [
-        f"Measured by `python -m benchmarks.run` on {result.get('finished_at', '?')}: {m.get('cpus')} CPUs, "
+        f"Measured by `python -m benchmarks.run` on {result.get('finished_at', '?')} (commit "
+        f"{result.get('commit') or 'not recorded'}): {m.get('cpus')} CPUs, "
         f"{m.get('memory_gib')} GiB, {m.get('gpus', 0)} GPUs; TensorFlow {v.get('tensorflow')}, Horovod "
         f"{v.get('horovod')}, PySpark {v.get('pyspark')}, petastorm {v.get('petastorm')}, pyarrow "
         f"{v.get('pyarrow')}; load average at start {m.get('load_average_at_start')}. Sizes: {sizes or '-'}. "
@@ -202,8 +216,9 @@ def run(mode: str, only: set[str], workdir: str) -> dict[str, Any]:
                                                        rows=size["peer_rows"], epochs=size["peer_epochs"],
                                                        overrides=["training.imbalance=none"]))
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    return {"mode": mode, "finished_at": now, "machine": info, "sizes": size, "figures": _figures(sections),
-            "sections": sections, "section_seconds": timings, "notes": previous.get("notes", [])}
+    return {"mode": mode, "finished_at": now, "commit": commit(), "machine": info, "sizes": size,
+            "figures": _figures(sections), "sections": sections, "section_seconds": timings,
+            "notes": previous.get("notes", [])}
 
 
 def _input(module: Any, size: dict[str, Any], workdir: str, spark: Any) -> dict[str, Any]:
