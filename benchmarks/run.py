@@ -167,6 +167,7 @@ def run(mode: str, only: set[str], workdir: str) -> dict[str, Any]:
     from downpour.spark import get_spark
 
     size = SIZES[mode]
+    measured = commit()  # the code measured: taken before the run, whatever is edited meanwhile
     previous: dict[str, Any] = {}
     if os.path.exists(LATEST) and only != set(SECTIONS):
         with open(LATEST) as f:
@@ -216,7 +217,7 @@ def run(mode: str, only: set[str], workdir: str) -> dict[str, Any]:
                                                        rows=size["peer_rows"], epochs=size["peer_epochs"],
                                                        overrides=["training.imbalance=none"]))
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    return {"mode": mode, "finished_at": now, "commit": commit(), "machine": info, "sizes": size,
+    return {"mode": mode, "finished_at": now, "commit": measured, "machine": info, "sizes": size,
             "figures": _figures(sections), "sections": sections, "section_seconds": timings,
             "notes": previous.get("notes", [])}
 
