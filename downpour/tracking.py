@@ -110,7 +110,7 @@ def _gate_tags(card: Mapping[str, Any]) -> dict[str, str]:
 
 def _local_copy(url: str, tmp: str) -> str | None:
     """A local directory holding ``url`` (downloaded when remote), or None if it does not exist."""
-    from training import storage
+    from downpour import storage
 
     if not storage.exists(url):
         return None
@@ -130,8 +130,8 @@ def log_evaluation(cfg: Config) -> str | None:
     check(cfg)
     import mlflow
 
+    from downpour import storage
     from pipelines.serving import model_paths
-    from training import storage
 
     model_root, saved_model = model_paths(storage.join(cfg.output.path, "model"))
     card_url = storage.join(model_root, "model_card.json")

@@ -210,7 +210,7 @@ def info(cfg: Config, names: dict[str, str], end_us: int | None, rows: int) -> H
 def write(history: DataFrame, url: str, cfg: Config, names: dict[str, str], end_us: int | None) -> HistoryInfo:
     """Write ``history`` (Parquet) and then ``_history.json`` into ``url``, a staging directory: the
     caller publishes it atomically (with the data version, or as the new version of a store)."""
-    from training import storage
+    from downpour import storage
 
     history.write.mode("overwrite").parquet(spark_url(url))
     rows = history.sparkSession.read.parquet(spark_url(url)).count()  # the footers of what was written
@@ -221,14 +221,14 @@ def write(history: DataFrame, url: str, cfg: Config, names: dict[str, str], end_
 
 def is_history(url: str) -> bool:
     """True when ``url`` is a history dataset (written by prepare or ``score --history-out``)."""
-    from training import storage
+    from downpour import storage
 
     return storage.exists(storage.join(url, META))
 
 
 def read(spark: SparkSession, url: str, cfg: Config, names: dict[str, str]) -> tuple[DataFrame, HistoryInfo]:
     """A history dataset and its ``_history.json``; its columns must be the ones this config's windows read."""
-    from training import storage
+    from downpour import storage
 
     # a published store is a symlink: read the version it points at now, whatever is published next
     root = url if storage.scheme(url) == "dbfs" else storage.resolve(url)
@@ -249,7 +249,7 @@ def read(spark: SparkSession, url: str, cfg: Config, names: dict[str, str]) -> t
 def spark_url(url: str) -> str:
     """The URL Spark must get: a local path qualified as ``file://`` (else Spark resolves it against the
     cluster's default file system, e.g. HDFS on YARN); ``dbfs:``, ``hdfs://``, ``s3a://`` as given."""
-    from training import storage
+    from downpour import storage
 
     s = storage.scheme(url)
     return "file://" + storage.local_path(url) if s in ("", "file") else str(url)

@@ -28,8 +28,8 @@ from downpour.errors import DataContractError, DownpourError, GateRefused
 
 def gate_decision(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """(model card, the gate decision recorded in it) for the model under ``cfg.output.path``."""
+    from downpour import storage
     from pipelines.serving import model_paths
-    from training import storage
 
     model_root, _ = model_paths(storage.join(cfg.output.path, "model"))
     card_url = storage.join(model_root, "model_card.json")

@@ -42,7 +42,7 @@ class RawInputs:
 
 def resolve_model_dir(cfg: Config, model_dir: str | None) -> str:
     """``--model`` (a model directory, or a registry directory: its champion), else ``<output>/model``."""
-    from training import storage
+    from downpour import storage
 
     if model_dir is None:
         return storage.join(cfg.output.path, "model")
@@ -58,7 +58,7 @@ def _impute_statistics(cfg: Config, model_root: str, card: dict[str, Any]) -> di
     """The imputation statistics of the model's training data (scoring must never recompute them on the
     rows it scores): from the model card, a manifest beside the model (registry versions), or the
     prepared manifest of the same data version."""
-    from training import storage
+    from downpour import storage
 
     wanted = {c for c, p in cfg.cleaning.nulls.items() if p.action == "impute" and p.statistic}
     if not wanted:
@@ -133,6 +133,7 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
     ``<output_url>_quarantine`` with its reason, ``<output_url>_summary.json``; returns the summary."""
     from pyspark.sql import functions as F
 
+    from downpour import storage
     from downpour.spark import persist_level
     from features import history as H
     from features.state import serving_frame
@@ -153,7 +154,6 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
         list_input_files,
         malformed_line_numbers,
     )
-    from training import storage
 
     t0 = time.perf_counter()
     history = list(history or [])

@@ -76,7 +76,7 @@ def check_flags(history: list[str], out: str | None, store: str | None, no_histo
     if out and store:
         raise ConfigError("--history-out: cannot be combined with --history-store (which is rolled forward "
                           "itself); pass the store as --history to read it and --history-out to write elsewhere")
-    from training import storage
+    from downpour import storage
 
     for flag, url in (("--history-out", out), ("--history-store", store)):
         if url and storage.exists(url) and not H.is_history(url):
@@ -86,7 +86,7 @@ def check_flags(history: list[str], out: str | None, store: str | None, no_histo
 
 def model_history_url(cfg: Config, model_root: str, card: dict[str, Any]) -> str | None:
     """The model's own entity history, or that of its data version's prepared data, or None."""
-    from training import storage
+    from downpour import storage
 
     rec = card.get("entity_history") or {}
     candidates = [storage.join(model_root, rec.get("path") or "entity_history")]
@@ -193,7 +193,7 @@ def roll_forward(cfg: Config, names: dict[str, str], hist: ScoringHistory, clean
 
     It also keeps what the input itself needed (the trim as of the input's first event), so scoring the
     same input again, e.g. a re-score with a new champion, sees the same history as this run did."""
-    from training import storage
+    from downpour import storage
 
     new_events = H.events(clean_rows, cfg, names)
     # the input's version of an event wins over the history's (a corrected row replaces the old one)

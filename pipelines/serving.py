@@ -38,7 +38,7 @@ _LOCK = threading.Lock()
 
 def _local_model_dir(model_url: str, fingerprint: str) -> str:
     """The SavedModel directory on this machine: itself when local/mounted, else one download per worker."""
-    from training import storage
+    from downpour import storage
 
     if storage.is_local(model_url):
         return storage.local_path(model_url)
@@ -50,7 +50,7 @@ def _local_model_dir(model_url: str, fingerprint: str) -> str:
 
 def model_fingerprint(model_url: str) -> str:
     """Changes whenever the SavedModel at ``model_url`` is replaced (the worker cache is keyed by it)."""
-    from training import storage
+    from downpour import storage
 
     pb = storage.join(model_url, "saved_model.pb")
     try:
@@ -211,7 +211,7 @@ def arrow_batch_rows(spark: SparkSession, rows: int) -> Iterator[None]:
 
 def model_paths(model_dir: str) -> tuple[str, str]:
     """(model directory, its saved_model directory), symlinks resolved so a re-publish cannot swap it."""
-    from training import storage
+    from downpour import storage
 
     root = storage.resolve(model_dir)
     return root, storage.join(root, "saved_model")

@@ -235,7 +235,7 @@ def test_history_dataset_round_trip_and_column_check(spark, tmp_path):
 def test_storage_reads_hadoop_qualified_file_urls_as_local_paths(tmp_path):
     """Spark qualifies local paths as ``file:/x`` (one slash); storage must write there, not under a
     relative directory named ``file:`` (which is where prepare's history metadata once went)."""
-    from training import storage
+    from downpour import storage
 
     url = f"file:{tmp_path}/d"
     assert storage.is_local(url) and storage.local_path(url) == f"{tmp_path}/d"

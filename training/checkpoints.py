@@ -28,9 +28,9 @@ import tempfile
 import uuid
 from typing import Any
 
+from downpour import storage
 from downpour.config import Config
 from downpour.logs import LOG
-from training import storage
 
 LATEST = "latest.json"
 BEST = "best"  # prefix of best-<epoch> directories (a bare "best/" is what older versions wrote)

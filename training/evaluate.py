@@ -30,6 +30,7 @@ from pyspark.ml.functions import vector_to_array
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from downpour import storage
 from downpour.config import Config
 from downpour.errors import DataContractError
 from downpour.logs import LOG, timed
@@ -38,7 +39,6 @@ from features.state import serving_frame
 from pipelines.score import RAW_SIGNATURE, RawInputs
 from pipelines.serving import arrow_batch_rows, model_paths, score_dataframe, signature_inputs
 from training import registry as reg_mod
-from training import storage
 from training.input import PreparedData, open_prepared
 from training.metrics import evaluate_scores, evaluate_scores_by, scalar_metrics
 from training.report import write_report

@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from downpour import storage
 from downpour.errors import DataContractError
 from downpour.logs import LOG
-from training import storage
 
 SPLITS = ("train", "val", "test")
 # petastorm 0.13 reads through pyarrow's legacy ParquetDataset, which warns on every reader it opens

@@ -165,7 +165,7 @@ def check_pointer(root: str | os.PathLike[str], pointer: Any, where: str) -> str
 def champion_model_url(registry_url: str, rec: Mapping[str, Any]) -> str:
     """``<registry>/<champion path>/model`` for a champion record read from ``registry_url`` (any storage
     URL), after :func:`check_pointer`: what ``downpour score --model <registry>`` must load."""
-    from training import storage
+    from downpour import storage
 
     where = storage.join(registry_url, CHAMPION)
     if not isinstance(rec, Mapping):

@@ -29,10 +29,10 @@ import threading
 from dataclasses import asdict
 from typing import Any
 
+from downpour import storage
 from downpour.config import Config
 from downpour.errors import ConfigError, DataContractError, DownpourError
 from downpour.logs import LOG, timed
-from training import storage
 from training.checkpoints import CheckpointStore, run_key
 from training.export import keep_negatives, logit_shift, positive_weight
 from training.input import PreparedData, ReadOptions, SplitInfo, expected_train_rows, open_prepared, steps_per_epoch
