@@ -64,7 +64,8 @@ class _Rank0(dict):
 
 def _write_model_card(cfg: Config, tmp_path: Path) -> Path:
     """Training's ``finish`` (the real writer of model_card.json and history.json), minus the training."""
-    from downpour import storage, train
+    from downpour import storage
+    from training import train
 
     staging = storage.staging_dir(storage.join(cfg.output.path, train.MODEL_DIR))
     plan = {"staging": staging, "tensorboard": str(tmp_path / "no-tensorboard"), "steps_per_epoch": 3,
