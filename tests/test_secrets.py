@@ -66,6 +66,7 @@ def _write_model_card(cfg: Config, tmp_path: Path) -> Path:
     """Training's ``finish`` (the real writer of model_card.json and history.json), minus the training."""
     from downpour import storage
     from training import train
+    from training.input import PreparedData
 
     staging = storage.staging_dir(storage.join(cfg.output.path, train.MODEL_DIR))
     plan = {"staging": staging, "tensorboard": str(tmp_path / "no-tensorboard"), "steps_per_epoch": 3,
@@ -74,7 +75,8 @@ def _write_model_card(cfg: Config, tmp_path: Path) -> Path:
                                           "positives": 3, "row_groups": 2, "files": 2}}
     rank0 = _Rank0(weights_sha256="w", history=[{"epoch": 0, "loss": 0.5, "examples_per_s": 10.0}],
                    initial_epoch=0, epochs_completed=1, signatures={}, frameworks={})
-    prepared = type("Prepared", (), {"data_version": "dv1", "feature_state": {"raw_inputs": {}}})()
+    prepared = PreparedData(url=str(tmp_path / "prepared"), manifest={"data_version": "dv1"},
+                            feature_state={"raw_inputs": {}})
     train.finish(cfg, prepared, plan, [rank0])
     return Path(cfg.output.path) / train.MODEL_DIR / "model_card.json"
 
