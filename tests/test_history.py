@@ -133,24 +133,20 @@ def _assert_same(a, b, cols):
                                    err_msg=c)
 
 
-@pytest.mark.parametrize("hot", [None, 25], ids=["plain", "hot-key buckets"])
-def test_velocity_over_trimmed_history_equals_the_whole_past(spark, hot):
-    cfg = fraud_cfg(hot_key_rows=hot)
+def test_velocity_with_hot_key_buckets_over_trimmed_history_equals_the_whole_past(spark):
+    cfg = fraud_cfg(hot_key_rows=25)
     df = fraud_events(spark)
     a, b, cols, kept, past = _reference_and_history(spark, cfg, df, T0 + dt.timedelta(days=30), ["transaction_id"])
     _assert_same(a, b, cols)
     assert kept < past * 0.5, "the history is trimmed to the horizon plus per-entity state"
 
 
-def test_rfm_over_trimmed_history_equals_the_whole_past(spark):
-    for cfg in (rfm_cfg(), rfm_cfg(signup_column="signup_date")):
-        df = crm_events(spark)
-        names = column_names(cfg)
-        df = df.withColumn("_k", F.concat_ws("/", "customer_id", F.col("snapshot_date").cast("string")))
-        cut = T0 + dt.timedelta(days=30 * 20)
-        a, b, cols, kept, past = _reference_and_history(spark, cfg, df, cut, ["_k"])
-        _assert_same(a, b, cols)
-        assert kept < past and names  # trimmed: most early months are gone
+def test_rfm_with_signup_over_trimmed_history_equals_the_whole_past(spark):
+    cfg = rfm_cfg(signup_column="signup_date")
+    df = crm_events(spark).withColumn("_k", F.concat_ws("/", "customer_id", F.col("snapshot_date").cast("string")))
+    a, b, cols, kept, past = _reference_and_history(spark, cfg, df, T0 + dt.timedelta(days=30 * 20), ["_k"])
+    _assert_same(a, b, cols)
+    assert kept < past  # trimmed: most early months are gone
 
 
 def _differing(ref, got, cols) -> set[str]:
@@ -158,9 +154,10 @@ def _differing(ref, got, cols) -> set[str]:
 
 
 @pytest.mark.parametrize("kind", ["fraud", "crm"])
-def test_without_any_state_row_or_history_the_values_differ(spark, monkeypatch, kind):
-    """Companions: drop one kind of state row from the trim at a time (or the whole history) and the
-    window values of the new rows change: every part of the trim is needed, and the check sees it."""
+def test_trimmed_history_is_exact_and_without_any_state_row_or_history_the_values_differ(spark, monkeypatch, kind):
+    """Over ``trim(past)`` the new rows' window values equal those over the whole past (velocity without
+    hot keys; RFM without signup). Companions: drop one kind of state row from the trim at a time (or the
+    whole history) and they change: every part of the trim is needed, and the check sees it."""
     if kind == "fraud":
         cfg, df, key, cut = fraud_cfg(hot_key_rows=None), fraud_events(spark), ["transaction_id"], \
             T0 + dt.timedelta(days=30)
@@ -174,6 +171,10 @@ def test_without_any_state_row_or_history_the_values_differ(spark, monkeypatch, 
     events = H.events(past, cfg, names)
     _, end, _ = H.span(events, cfg, names)
     ref, cols = _features(add_window_features(df, cfg, names).where(F.col(ts) >= F.lit(cut)), cfg, key)
+    kept = H.trim(events, cfg, names, end)
+    got, _ = _features(_windowed_new_rows(cfg, kept, new), cfg, key)
+    _assert_same(ref, got, cols)
+    assert kept.count() < past.count() * (0.5 if kind == "fraud" else 1), "the history is trimmed"
     full = H.keepers(cfg, names)
     assert len(full) == (4 if kind == "fraud" else 2)
     for dropped in full:

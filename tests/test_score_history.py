@@ -78,12 +78,19 @@ def fraud(spark, tmp_path_factory):
     return cfg, tmp, raw, early, late.drop(columns=["is_fraud"])
 
 
-def test_fraud_new_file_scored_with_history_equals_scoring_it_with_its_past(spark, fraud):
+@pytest.fixture(scope="module")
+def fraud_together(spark, fraud) -> pd.DataFrame:
+    """The reference: the late rows' scores when early and late are scored together as one file."""
     cfg, tmp, raw, early, late = fraud
-    with_history = _score(spark, cfg, late, tmp, "late")
     together = _score(spark, cfg, pd.concat([early.drop(columns=["is_fraud"]), late]), tmp, "all",
                       no_history=True)
-    together = together[together["transaction_id"].isin(late["transaction_id"])]
+    return together[together["transaction_id"].isin(late["transaction_id"])]
+
+
+def test_fraud_new_file_scored_with_history_equals_scoring_it_with_its_past(spark, fraud, fraud_together):
+    cfg, tmp, raw, early, late = fraud
+    together = fraud_together
+    with_history = _score(spark, cfg, late, tmp, "late")
     _close(with_history, together, "transaction_id")
     summary = json.loads((tmp / "late_scores_summary.json").read_text())
     assert summary["history"]["sources"][0]["kind"] == "model" and summary["history"]["gap_seconds"] >= 0
@@ -108,10 +115,10 @@ def test_fraud_test_split_scored_as_new_file_equals_the_evaluation(spark, fraud)
     assert _differs(alone.rename(columns={"transaction_id": "row_id"}), ev, "row_id") > 0
 
 
-def test_fraud_two_days_rolled_forward_equal_both_days_together(spark, fraud):
+def test_fraud_two_days_rolled_forward_equal_both_days_together(spark, fraud, fraud_together):
     """Day 1 publishes its history (--history-out), day 2 reads it as a store and rolls it on: day 2's
-    scores equal those of days 1 + 2 scored together as one new file, and scoring day 2 once more
-    against the rolled-on store (a new champion re-scoring the last day) gives them again."""
+    scores equal those of everything scored together as one file, and scoring day 2 once more against
+    the rolled-on store (a new champion re-scoring the last day) gives them again."""
     cfg, tmp, raw, early, late = fraud
     mid = late["event_ts"].iloc[len(late) // 2]
     day1, day2 = late[late["event_ts"] < mid], late[late["event_ts"] >= mid]
@@ -119,8 +126,7 @@ def test_fraud_two_days_rolled_forward_equal_both_days_together(spark, fraud):
     _score(spark, cfg, day1, tmp, "day1", history_out=str(store))
     assert (store / "_history.json").exists() and store.is_symlink()
     second = _score(spark, cfg, day2, tmp, "day2", history_store=str(store))
-    both = _score(spark, cfg, late, tmp, "days12")
-    _close(second, both[both["transaction_id"].isin(day2["transaction_id"])], "transaction_id")
+    _close(second, fraud_together[fraud_together["transaction_id"].isin(day2["transaction_id"])], "transaction_id")
     # a new champion re-scores day 2 against the store that already holds it: the same history again
     again = _score(spark, cfg, day2, tmp, "day2_again", history_store=str(store))
     _close(again, second, "transaction_id")
