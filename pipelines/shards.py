@@ -142,8 +142,11 @@ def _write(df: DataFrame, base_url: str, names: list[str], columns: list[str], c
     idx = F.col(_OFF) + F.row_number().over(w) - 1
     per_split = {i: plans[n].rows_per_group for i, n in enumerate(names) if plans[n].rows}
     gid = _by_split(group_base) + F.floor(F.col(_IDX) / _by_split(per_split)).cast("long")
+    # A task writes one file per group it holds (sorted by group, then position): fewer tasks than
+    # groups, since each task costs a writer and a commit (126 tiny tasks were most of a small prepare).
+    tasks = min(total_groups, max(1, int(df.sparkSession.conf.get("spark.sql.shuffle.partitions", "8") or 8)))
     rows = (keyed.join(off, [_S, _B]).withColumn(_IDX, idx).withColumn(_GID, gid)
-            .repartition(total_groups, _GID).sortWithinPartitions(_S, _GID, _IDX).select(*columns, _S, _GID))
+            .repartition(tasks, _GID).sortWithinPartitions(_S, _GID, _IDX).select(*columns, _S, _GID))
     tmp = join(base_url, _TMP)
     rows.write.options(**writer_options(cfg)).partitionBy(_S, _GID).parquet(tmp)
     _move_groups(df.sparkSession, tmp, base_url, names, group_base, plans)
@@ -163,8 +166,8 @@ def _move_groups(spark: SparkSession, tmp: str, base_url: str, names: list[str],
     fs = HadoopFS(spark)
     moves: dict[str, str] = {}
     seen: set[str] = set()
-    for f in fs.list_files(tmp):
-        m = _WRITTEN.search(f.path)
+    for path in _written_files(fs, tmp):
+        m = _WRITTEN.search(path)
         if not m:
             continue
         i, g = int(m.group(1)), int(m.group(2))
@@ -172,13 +175,24 @@ def _move_groups(spark: SparkSession, tmp: str, base_url: str, names: list[str],
         if dest in seen:
             raise RuntimeError(f"shards: row group {g} of {names[i]} was written to more than one file")
         seen.add(dest)
-        moves[f.path] = dest
+        moves[path] = dest
+    local = is_local(tmp) and is_local(base_url)
     for name in names:
         if plans[name].rows:
-            fs.mkdirs(join(base_url, name))
+            os.makedirs(local_path(join(base_url, name)), exist_ok=True) if local else fs.mkdirs(join(base_url, name))
     for src, dest in moves.items():
-        fs.rename(src, dest)
+        os.rename(local_path(src), local_path(dest)) if local else fs.rename(src, dest)
     fs.delete(tmp, recursive=True)
+
+
+def _written_files(fs: HadoopFS, tmp: str) -> list[str]:
+    """The data files under ``tmp``: local directories walked directly (a Hadoop listing costs a JVM
+    round trip per file), anything else through Hadoop."""
+    if not is_local(tmp):
+        return [f.path for f in fs.list_files(tmp)]
+    root = local_path(tmp)
+    return sorted(os.path.join(d, n) for d, _, files in os.walk(root) for n in files
+                  if not n.startswith((".", "_")))
 
 
 def _rename_only_file(spark: SparkSession, url: str) -> None:
