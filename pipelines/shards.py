@@ -9,9 +9,10 @@ file holding exactly one row group. All splits are written by one Spark job:
    ``xxhash64(seed, row_id)``, one grouped count gives each (split, bucket) its offset, and a window
    numbers the rows inside a bucket by (hash, row_id, every other column) -- a total order, so the same
    data always gets the same positions, whatever the partitioning or cluster size;
-2. ``group = position // R``; rows are repartitioned by group, sorted by (group, position) and
-   written with ``partitionBy(split, group)`` and a ``parquet.block.size`` far above any row group,
-   so each group becomes exactly one file with exactly one row group;
+2. ``group = position // R``; rows are repartitioned by group (a task holds whole groups, several
+   of them), sorted by (group, position) and written with ``partitionBy(split, group)`` and a
+   ``parquet.block.size`` far above any row group, so each group becomes exactly one file with exactly
+   one row group, whatever the number of tasks;
 3. each file is moved to ``<split>/part-<group>.parquet``: the name comes from the data, not from
    Spark's task numbers or job UUID.
 
