@@ -282,6 +282,8 @@ class TrainingConfig(_Strict):
 class GateConfig(_Strict):
     metric: Literal["roc_auc", "pr_auc"] = "roc_auc"
     tolerance: float = Field(0.005, ge=0)
+    # also refuse a model whose test metric is below the LR baseline's by more than this; null: off
+    vs_baseline: float | None = Field(None, ge=0)
 
 
 class EvaluationConfig(_Strict):
@@ -296,6 +298,12 @@ class EvaluationConfig(_Strict):
     baseline_max_iter: int = Field(100, ge=1)  # L-BFGS iterations of the baseline (one Spark job each)
     # score buckets per unit of logit for the one-pass metrics (see training/metrics.py "Precision")
     metric_resolution: int = Field(10_000, ge=10, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _baseline_for_the_gate(self) -> EvaluationConfig:
+        if self.gate.vs_baseline is not None and not self.baseline:
+            raise ValueError("gate.vs_baseline compares the model with the baseline: it needs baseline: true")
+        return self
 
 
 class ScoringConfig(_Strict):

@@ -162,6 +162,42 @@ def test_gate_promotes_first_refuses_worse_keeps_champion(spark, workdir, tmp_pa
     assert [h["promoted"] for h in reg.history()] == [True, False]
 
 
+def test_the_gate_can_require_the_model_to_match_its_baseline(spark, workdir, tmp_path, caplog):
+    """A model that trails the LR baseline is reported as such on the card, in the report and in the log;
+    with ``evaluation.gate.vs_baseline`` the gate refuses it even with no champion to lose to, and still
+    promotes a model that matches the baseline. Without the option the same trailing model is promoted:
+    the rule is what refuses it."""
+    from training.evaluate import run_evaluation
+    from training.registry import Registry
+
+    root, data_version = workdir
+    rng = np.random.default_rng(0)
+    _save_model(root, "m-scrambled", rng.normal(size=NUMERIC), [rng.normal(size=CARD) for _ in range(CATEGORICAL)],
+                data_version)
+    with caplog.at_level("WARNING", logger="downpour"):
+        res = run_evaluation(spark, _cfg(root, registry=str(tmp_path / "plain")), gate=True)
+    assert res["gate"]["promoted"] and res["gate"]["baseline_value"] is None
+    worse = res["vs_baseline"]["worse"]
+    assert any(w.startswith("test roc_auc") for w in worse), res["vs_baseline"]
+    test_auc = res["vs_baseline"]["splits"]["test"]["roc_auc"]
+    assert test_auc["delta"] == pytest.approx(res["metrics"]["test"]["roc_auc"] - res["baseline"]["test"]["roc_auc"])
+    assert any("worse than the LR baseline" in r.getMessage() for r in caplog.records)
+    card = json.loads((root / "model" / "model_card.json").read_text())
+    assert card["vs_baseline"]["worse"] == worse
+    assert "MODEL TRAILS THE BASELINE" in (root / "report" / "report.html").read_text()
+
+    strict = _cfg(root, registry=str(tmp_path / "strict"), gate={"vs_baseline": 0.01})
+    with pytest.raises(GateRefused, match="LR baseline") as exc:
+        run_evaluation(spark, strict, gate=True)
+    assert exc.value.exit_code == 4 and Registry(tmp_path / "strict").champion() is None
+
+    _save_model(root, "m-true", *_true_coefficients(), data_version)
+    res = run_evaluation(spark, strict, gate=True)
+    assert res["gate"]["promoted"] and res["vs_baseline"]["worse"] == []
+    assert res["gate"]["baseline_value"] == pytest.approx(res["baseline"]["test"]["roc_auc"])
+    assert Registry(tmp_path / "strict").champion()["model_version"] == "m-true"
+
+
 def test_evaluate_without_a_model_says_what_to_run(spark, tmp_path):
     from downpour.errors import DataContractError
     from training.evaluate import run_evaluation

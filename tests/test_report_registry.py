@@ -38,6 +38,19 @@ def test_decide_rules():
     assert not R.decide("roc_auc", 0.0, "v2", float("nan"), None, None).promoted  # never promote blind
 
 
+def test_the_baseline_rule_refuses_a_model_that_trails_the_baseline():
+    first = R.decide("roc_auc", 0.005, "v1", 0.80, None, None)
+    ok = R.against_baseline(first, 0.80, 0.805, 0.01)
+    assert ok.promoted and ok.baseline_value == 0.805 and "LR baseline 0.8050" in ok.reason
+    trails = R.against_baseline(first, 0.80, 0.83, 0.01)  # no champion to lose to, still refused
+    assert not trails.promoted and "0.8000 < LR baseline 0.8300" in trails.reason and "vs_baseline" in trails.reason
+    beaten = R.decide("roc_auc", 0.005, "v2", 0.70, "v1", 0.80)  # refused by both: both reasons kept
+    both = R.against_baseline(beaten, 0.70, 0.75, 0.0)
+    assert not both.promoted and "champion v1" in both.reason and "LR baseline 0.7500" in both.reason
+    assert not R.against_baseline(first, 0.80, float("nan"), 0.01).promoted  # never promote blind
+    assert not R.against_baseline(first, 0.80, None, 0.01).promoted
+
+
 # ---- registry --------------------------------------------------------------------------------------
 
 def test_first_model_is_promoted_then_worse_one_refused(tmp_path):
@@ -143,7 +156,9 @@ def test_report_renders_every_section(tmp_path):
                    "test": {"rows": 1072, "positives": 290, "files": 1, "row_groups": 5}},
     }
     card = {"name": "crm_telco", "model_version": "mv1", "data_version": "dv1",
-            "training": {"workers": 2, "epochs_completed": 3}}
+            "training": {"workers": 2, "epochs_completed": 3},
+            "vs_baseline": {"tolerance": 0.005, "worse": ["test pr_auc 0.5000 < baseline 0.6000 (by 0.1000)"],
+                            "splits": {"test": {"pr_auc": {"model": 0.5, "baseline": 0.6, "delta": -0.1}}}}}
     history = [{"epoch": 0, "loss": 0.6, "val_loss": 0.55, "val_auc": 0.7},
                {"epoch": 1, "loss": 0.5, "val_loss": 0.5, "val_auc": 0.8}]
     path = write_report(tmp_path / "report", metrics={"val": _metrics(2000, 1.8, 1), "test": _metrics(2000, 1.8, 2)},
@@ -159,7 +174,8 @@ def test_report_renders_every_section(tmp_path):
         assert f.stat().st_size > 5000 and f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f'src="{png}.png"' in doc
     for text in ("baseline test", "model val", "champion test", "recall_at_fpr_0.001", "precision_at_100",
-                 "TotalCharges: negative", "REFUSED", "mv1", "7,043"):
+                 "TotalCharges: negative", "REFUSED", "mv1", "7,043", "MODEL TRAILS THE BASELINE",
+                 "test pr_auc 0.5000 &lt; baseline 0.6000"):
         assert text in doc, text
     assert not re.search(r"<script|https?://", doc)  # self-contained: no scripts, nothing fetched
 

@@ -20,6 +20,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -247,6 +248,34 @@ def champion_comparison(spark: SparkSession, cfg: Config, registry: reg_mod.Regi
         return by["champion"], by["new"], f"raw test rows ({RAW_SIGNATURE})"
 
 
+# ---- model against baseline ------------------------------------------------------------------------------
+COMPARED = ("roc_auc", "pr_auc")
+
+
+def compare_with_baseline(model: Mapping[str, Mapping[str, Any]], baseline: Mapping[str, Mapping[str, Any]] | None,
+                          tolerance: float) -> dict[str, Any] | None:
+    """Per split and headline metric: the model's figure, the baseline's and the difference; ``worse``
+    lists where the model trails by more than ``tolerance`` (a deep model that loses to the linear one
+    beside it should not go unnoticed). None without a baseline."""
+    if not baseline:
+        return None
+    splits: dict[str, dict[str, Any]] = {}
+    worse: list[str] = []
+    for split, m in model.items():
+        b = baseline.get(split)
+        if not b:
+            continue
+        splits[split] = {}
+        for k in COMPARED:
+            mv, bv = m.get(k), b.get(k)
+            defined = isinstance(mv, float | int) and isinstance(bv, float | int) and mv == mv and bv == bv
+            delta = float(mv) - float(bv) if defined else None
+            splits[split][k] = {"model": mv, "baseline": bv, "delta": delta}
+            if delta is not None and delta < -tolerance:
+                worse.append(f"{split} {k} {mv:.4f} < baseline {bv:.4f} (by {-delta:.4f}, tolerance {tolerance:g})")
+    return {"tolerance": tolerance, "splits": splits, "worse": worse}
+
+
 # ---- the stage -----------------------------------------------------------------------------------------
 
 def run_evaluation(spark: SparkSession, cfg: Config, gate: bool = False) -> dict[str, Any]:
@@ -307,9 +336,15 @@ def run_evaluation(spark: SparkSession, cfg: Config, gate: bool = False) -> dict
             champ["model_version"] if champ else None,
             (champion_metrics or {}).get(metric, metrics["test"][metric]) if champ else None,
         )
+        if ev.gate.vs_baseline is not None:
+            decision = reg_mod.against_baseline(decision, metrics["test"][metric],
+                                                (baseline or {}).get("test", {}).get(metric), ev.gate.vs_baseline)
 
     scalars = {s: scalar_metrics(m) for s, m in metrics.items()}
     base_scalars = {s: scalar_metrics(m) for s, m in baseline.items()} if baseline else None
+    versus = compare_with_baseline(scalars, base_scalars, ev.gate.tolerance)
+    for item in (versus or {}).get("worse", []):
+        LOG.warning("evaluate: model %s is worse than the LR baseline: %s", version, item)
     gate_info = None
     if decision is not None:
         gate_info = {**reg_mod.jsonable(asdict(decision)), "compared_on": compared_on,
@@ -317,6 +352,7 @@ def run_evaluation(spark: SparkSession, cfg: Config, gate: bool = False) -> dict
     report_url = storage.join(out, "report")
     card["metrics"] = scalars
     card["baseline"] = base_scalars
+    card["vs_baseline"] = versus
     card["evaluation"] = {
         "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "data_version": prepared.data_version, "scores": scores_url,
@@ -336,7 +372,7 @@ def run_evaluation(spark: SparkSession, cfg: Config, gate: bool = False) -> dict
 
     result: dict[str, Any] = {
         "model_version": version, "data_version": prepared.data_version, "metrics": scalars,
-        "baseline": base_scalars, "report": report, "scores": scores_url, "gate": gate_info,
+        "baseline": base_scalars, "vs_baseline": versus, "report": report, "scores": scores_url, "gate": gate_info,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     if decision is not None and registry is not None:

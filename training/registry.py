@@ -32,7 +32,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +106,35 @@ class GateDecision:
     champion_value: float | None
     promoted: bool
     reason: str
+    baseline_value: float | None = None  # the LR baseline's test metric, when the gate compared with it
+    baseline_tolerance: float | None = None
 
     def message(self) -> str:
         return self.reason
+
+
+def against_baseline(decision: GateDecision, value: float, baseline_value: float | None,
+                     tolerance: float) -> GateDecision:
+    """``decision`` also requiring the model's ``value >= baseline_value - tolerance``, both on the same
+    test split (pure): a deep model that loses to the logistic regression beside it is refused even
+    when it beats the champion. An undefined figure refuses too: never promote blind."""
+    if baseline_value is None or baseline_value != baseline_value:
+        ok, why = False, f"the baseline's test {decision.metric} is undefined"
+    elif value != value:
+        ok, why = False, f"test {decision.metric} is undefined"
+    else:
+        ok = value >= baseline_value - tolerance
+        why = (f"test {decision.metric} {value:.4f} {'>=' if ok else '<'} LR baseline {baseline_value:.4f} "
+               f"- tolerance {tolerance:g}")
+    if ok:
+        reason = f"{decision.reason}; {why}"
+    else:
+        reason = (f"model {decision.model_version} refused: {why} (evaluation.gate.vs_baseline)"
+                  + ("" if not decision.promoted else f"; champion check: {decision.reason}"))
+        if not decision.promoted:
+            reason = f"{decision.reason}; and {why}"
+    return replace(decision, promoted=decision.promoted and ok, reason=reason,
+                   baseline_value=baseline_value, baseline_tolerance=tolerance)
 
 
 def decide(metric: str, tolerance: float, model_version: str, value: float,

@@ -242,6 +242,19 @@ def _metrics_table(metrics: Mapping[str, Mapping[str, Any]], baseline: Mapping[s
     return _table(["metric"] + [c for c, _ in cols], rows)
 
 
+def _baseline_section(versus: Mapping[str, Any] | None) -> str:
+    """Model minus baseline per split on the headline metrics, and a warning where the model trails."""
+    if not versus:
+        return ""
+    rows = [[f"{split} {k}", v.get("model"), v.get("baseline"), v.get("delta")]
+            for split, per in (versus.get("splits") or {}).items() for k, v in per.items()]
+    worse = versus.get("worse") or []
+    verdict = (f"<p><span class='bad'>MODEL TRAILS THE BASELINE</span>: {html.escape('; '.join(worse))}</p>"
+               if worse else "<p><span class='ok'>not worse than the baseline</span> "
+               f"(within tolerance {html.escape(str(versus.get('tolerance')))})</p>")
+    return "<h3>Model against the baseline</h3>" + verdict + _table(["", "model", "baseline", "model - baseline"], rows)
+
+
 def _decile_table(m: Mapping[str, Any]) -> str:
     rows = [[d["decile"], d["rows"], d["positives"], d["rate"], d["lift"], d["cumulative_gain"],
              d["cumulative_lift"], d["min_score"]] for d in m.get("deciles") or []]
@@ -328,6 +341,7 @@ def write_report(out_dir: str | Path, *, metrics: Mapping[str, Mapping[str, Any]
             "train. recall_at_fpr_X: recall at the lowest threshold whose false-positive rate is at most X."
             "</p>",
             _metrics_table(metrics, baseline, champion),
+            _baseline_section(card.get("vs_baseline")),
             "<h2 id='roc'>ROC</h2>", img("roc", "ROC curves"),
             "<h2 id='pr'>Precision-recall</h2>", img("pr", "precision-recall curves"),
             "<h2 id='gains'>Lift and cumulative gains</h2>", img("gains", "lift and gains"),
