@@ -74,6 +74,9 @@ def load_signature(model_url: str, signature: str, threads: int | None = None,
     key = (model_url, signature, fingerprint or model_fingerprint(model_url))
     with _LOCK:
         if key not in _CACHE:
+            # TensorFlow's INFO banners (oneDNN, CPU features) would repeat for every Python worker;
+            # warnings and errors still show, and a TF_CPP_MIN_LOG_LEVEL set by the user wins
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
             import tensorflow as tf
 
             if threads:

@@ -313,3 +313,36 @@ def test_end_to_end_gate_and_score_parity(spark, telco_path, tmp_path, conf_dir)
     assert raw_gate["compared_on"].startswith("raw test rows")
     assert raw_gate["champion_value"] == pytest.approx(res["metrics"]["test"]["roc_auc"], abs=1e-4)
     assert raw_gate["value"] == pytest.approx(0.5)
+
+
+# ---- worker logs -------------------------------------------------------------------------------------
+
+_BANNERS = ("oneDNN custom operations", "cpu_feature_guard")
+
+
+def _load_in_a_fresh_process(model_dir: Path, level: str | None) -> str:
+    """stderr of a new Python process that loads the model as a scoring worker does (``load_signature``)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    if level is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = level
+    code = ("import sys; from pipelines.serving import load_signature; "
+            "fn, specs = load_signature(sys.argv[1], 'serve_features'); assert specs")
+    proc = subprocess.run([sys.executable, "-c", code, str(model_dir)], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+
+def test_a_scoring_worker_prints_no_tensorflow_banner(tmp_path):
+    """Every Python worker that scores loads TensorFlow, whose INFO banners (oneDNN, CPU features) would
+    repeat in the logs once per worker; loading a model silences them unless the user sets
+    TF_CPP_MIN_LOG_LEVEL. With it at 0 they show: the check sees them when they are there."""
+    w, tables = _true_coefficients()
+    model_dir = _save_model(tmp_path, "m-logs", w, tables, "dv") / "saved_model"
+    quiet = _load_in_a_fresh_process(model_dir, None)
+    assert not [b for b in _BANNERS if b in quiet], quiet[-2000:]
+    loud = _load_in_a_fresh_process(model_dir, "0")
+    assert any(b in loud for b in _BANNERS), loud[-2000:]
