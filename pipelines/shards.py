@@ -91,7 +91,8 @@ def writer_options(cfg: Config) -> dict[str, str]:
 def write_shards(frames: Mapping[str, DataFrame], base_url: str, cfg: Config,
                  seed: int) -> dict[str, tuple[ShardPlan, list[dict[str, Any]]]]:
     """Write each frame (same model-ready columns incl. ``row_id``) to ``<base_url>/<name>/`` as
-    balanced, deterministic Parquet; returns per name the plan and the files as written."""
+    balanced, deterministic Parquet; returns per name the plan and the files as written. ``base_url``
+    must be qualified (``file:/x``, ``hdfs://...``): a bare path is taken as local."""
     names = list(frames)
     columns = frames[names[0]].columns
     union = reduce(DataFrame.unionByName,
@@ -145,13 +146,22 @@ def _write(df: DataFrame, base_url: str, names: list[str], columns: list[str], c
     gid = _by_split(group_base) + F.floor(F.col(_IDX) / _by_split(per_split)).cast("long")
     # A task writes one file per group it holds (sorted by group, then position): fewer tasks than
     # groups, since each task costs a writer and a commit (126 tiny tasks were most of a small prepare).
-    tasks = min(total_groups, max(1, int(df.sparkSession.conf.get("spark.sql.shuffle.partitions", "8") or 8)))
+    tasks = min(total_groups, _write_tasks(df.sparkSession, total_groups))
     rows = (keyed.join(off, [_S, _B]).withColumn(_IDX, idx).withColumn(_GID, gid)
             .repartition(tasks, _GID).sortWithinPartitions(_S, _GID, _IDX).select(*columns, _S, _GID))
     tmp = join(base_url, _TMP)
     rows.write.options(**writer_options(cfg)).partitionBy(_S, _GID).parquet(tmp)
     _move_groups(df.sparkSession, tmp, base_url, names, group_base, plans)
     return plans
+
+
+def _write_tasks(spark: SparkSession, groups: int) -> int:
+    """The session's shuffle partitions; one task per group when that is not a number (Databricks'
+    ``auto``). The bytes do not depend on it: each group is one file, written by one task."""
+    try:
+        return max(1, int(spark.conf.get("spark.sql.shuffle.partitions", "200") or 200))
+    except ValueError:
+        return groups
 
 
 def _by_split(values: Mapping[int, int]) -> Column:
@@ -179,10 +189,17 @@ def _move_groups(spark: SparkSession, tmp: str, base_url: str, names: list[str],
         moves[path] = dest
     local = is_local(tmp) and is_local(base_url)
     for name in names:
-        if plans[name].rows:
-            os.makedirs(local_path(join(base_url, name)), exist_ok=True) if local else fs.mkdirs(join(base_url, name))
+        if not plans[name].rows:
+            continue
+        if local:
+            os.makedirs(local_path(join(base_url, name)), exist_ok=True)
+        else:
+            fs.mkdirs(join(base_url, name))
     for src, dest in moves.items():
-        os.rename(local_path(src), local_path(dest)) if local else fs.rename(src, dest)
+        if local:
+            os.rename(local_path(src), local_path(dest))
+        else:
+            fs.rename(src, dest)
     fs.delete(tmp, recursive=True)
 
 
@@ -191,9 +208,11 @@ def _written_files(fs: HadoopFS, tmp: str) -> list[str]:
     round trip per file), anything else through Hadoop."""
     if not is_local(tmp):
         return [f.path for f in fs.list_files(tmp)]
-    root = local_path(tmp)
-    return sorted(os.path.join(d, n) for d, _, files in os.walk(root) for n in files
-                  if not n.startswith((".", "_")))
+    out = []
+    for d, dirs, files in os.walk(local_path(tmp)):
+        dirs[:] = [x for x in dirs if "=" in x or not x.startswith(("_", "."))]  # Spark's hidden rule
+        out += [os.path.join(d, n) for n in files if not n.startswith((".", "_"))]
+    return sorted(out)
 
 
 def _rename_only_file(spark: SparkSession, url: str) -> None:

@@ -48,6 +48,9 @@ def test_the_baseline_rule_refuses_a_model_that_trails_the_baseline():
     both = R.against_baseline(beaten, 0.70, 0.75, 0.0)
     assert not both.promoted and "champion v1" in both.reason and "LR baseline 0.7500" in both.reason
     assert not R.against_baseline(first, 0.80, float("nan"), 0.01).promoted  # never promote blind
+    assert not R.against_baseline(first, float("nan"), 0.80, 0.01).promoted
+    kept = R.against_baseline(beaten, 0.70, 0.60, 0.0)  # beats the baseline, still loses to the champion
+    assert not kept.promoted and kept.reason.startswith(beaten.reason)
     assert not R.against_baseline(first, 0.80, None, 0.01).promoted
 
 

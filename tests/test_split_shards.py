@@ -112,8 +112,14 @@ def test_shards_are_balanced_complete_and_byte_identical(spark, tmp_path):
     a, b = tmp_path / "one" / "train", tmp_path / "two" / "train"
     written = shards.write_shards({"train": _model_frame(spark, 203, 3), "val": _model_frame(spark, 30, 2)},
                                   str(tmp_path / "one"), cfg, seed=7)
-    shards.write_shards({"train": _model_frame(spark, 203, 5), "val": _model_frame(spark, 30, 1)},
-                        str(tmp_path / "two"), cfg, seed=7)
+    before = spark.conf.get("spark.sql.shuffle.partitions")
+    try:  # another input partitioning and other write tasks: one task for every group, then one per group
+        for where, tasks in (("two", "1"), ("three", "64")):
+            spark.conf.set("spark.sql.shuffle.partitions", tasks)
+            shards.write_shards({"train": _model_frame(spark, 203, 5), "val": _model_frame(spark, 30, 1)},
+                                str(tmp_path / where), cfg, seed=7)
+    finally:
+        spark.conf.set("spark.sql.shuffle.partitions", before)
     plan, described = written["train"]
     val_plan, val_files = written["val"]
     assert val_plan.groups == 8 and [len(f["row_groups"]) for f in val_files] == [1] * 8  # 30 rows: 7 x 4 + 2
@@ -126,8 +132,9 @@ def test_shards_are_balanced_complete_and_byte_identical(spark, tmp_path):
     body = sorted(groups)[1:]  # the last (smallest) row group is excepted
     assert max(body) / min(body) <= 1.25 and max(groups) <= 16
     assert [f["file"] for f in got] == [f"part-{i:05d}.parquet" for i in range(len(got))]
-    # same rows, same bytes, whatever the input partitioning
-    assert [(f["file"], f["sha"]) for f in got] == [(f["file"], f["sha"]) for f in _read_back(b)]
+    # same rows, same bytes, whatever the input partitioning and the number of write tasks
+    for other in (b, tmp_path / "three" / "train"):
+        assert [(f["file"], f["sha"]) for f in got] == [(f["file"], f["sha"]) for f in _read_back(other)], other
     ids = set(pq.read_table(a, columns=["row_id"]).column("row_id").to_pylist())
     assert len(ids) == 203
 

@@ -342,7 +342,9 @@ def run_evaluation(spark: SparkSession, cfg: Config, gate: bool = False) -> dict
 
     scalars = {s: scalar_metrics(m) for s, m in metrics.items()}
     base_scalars = {s: scalar_metrics(m) for s, m in baseline.items()} if baseline else None
-    versus = compare_with_baseline(scalars, base_scalars, ev.gate.tolerance)
+    # the gate's own tolerance when it compares with the baseline, so the report never contradicts it
+    versus = compare_with_baseline(scalars, base_scalars,
+                                   ev.gate.tolerance if ev.gate.vs_baseline is None else ev.gate.vs_baseline)
     for item in (versus or {}).get("worse", []):
         LOG.warning("evaluate: model %s is worse than the LR baseline: %s", version, item)
     gate_info = None

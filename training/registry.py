@@ -115,24 +115,23 @@ class GateDecision:
 
 def against_baseline(decision: GateDecision, value: float, baseline_value: float | None,
                      tolerance: float) -> GateDecision:
-    """``decision`` also requiring the model's ``value >= baseline_value - tolerance``, both on the same
-    test split (pure): a deep model that loses to the logistic regression beside it is refused even
-    when it beats the champion. An undefined figure refuses too: never promote blind."""
-    if baseline_value is None or baseline_value != baseline_value:
-        ok, why = False, f"the baseline's test {decision.metric} is undefined"
-    elif value != value:
-        ok, why = False, f"test {decision.metric} is undefined"
+    """``decision`` also requiring the model's ``value >= baseline_value - tolerance``, both on the test
+    shards (pure): a deep model that loses to the logistic regression beside it is refused even when it
+    beats the champion. An undefined figure refuses too: never promote blind."""
+    if value is None or value != value:
+        ok, why = False, f"its test {decision.metric} is undefined"
+    elif baseline_value is None or baseline_value != baseline_value:
+        ok, why = False, f"the LR baseline's test {decision.metric} is undefined"
     else:
         ok = value >= baseline_value - tolerance
-        why = (f"test {decision.metric} {value:.4f} {'>=' if ok else '<'} LR baseline {baseline_value:.4f} "
-               f"- tolerance {tolerance:g}")
+        why = (f"test {decision.metric} on the test shards {value:.4f} {'>=' if ok else '<'} LR baseline "
+               f"{baseline_value:.4f} - tolerance {tolerance:g}")
     if ok:
         reason = f"{decision.reason}; {why}"
+    elif decision.promoted:
+        reason = f"model {decision.model_version} refused: {why} (evaluation.gate.vs_baseline)"
     else:
-        reason = (f"model {decision.model_version} refused: {why} (evaluation.gate.vs_baseline)"
-                  + ("" if not decision.promoted else f"; champion check: {decision.reason}"))
-        if not decision.promoted:
-            reason = f"{decision.reason}; and {why}"
+        reason = f"{decision.reason}; also {why} (evaluation.gate.vs_baseline)"
     return replace(decision, promoted=decision.promoted and ok, reason=reason,
                    baseline_value=baseline_value, baseline_tolerance=tolerance)
 
