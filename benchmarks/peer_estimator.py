@@ -35,7 +35,8 @@ which is conservative for ours.
 The peer's model is the same network written with stock Keras layers, as a KerasEstimator user would:
 one ``Embedding`` per categorical with the dimension and cardinality of our feature state, concatenated
 with the numerics, ``Dense(ReLU) + Dropout`` per ``training.hidden_units`` (same dropout), a ``Dense(1)``
-deep logit plus a wide linear part (a 1-dim zero-initialised ``Embedding`` per cross), sigmoid.
+deep logit plus a wide linear part (a 1-dim zero-initialised ``Embedding`` per categorical and cross,
+a zero-initialised ``Dense(1)`` over the numerics), sigmoid.
 Binary cross-entropy, ``tf.keras.optimizers.Adam(training.learning_rate)`` (the estimator itself scales
 it by ``num_proc``, as ours does), metrics AUC and PR-AUC, ``random_seed=seed``, every other parameter
 at its documented default (shuffling on, petastorm thread pool, ``partitions_per_process=10``),
@@ -113,6 +114,8 @@ def ours_config(raw: str, out: str, epochs: int, workers: int, batch_size: int,
 
     return api.load(CONF, [f"input.path={raw}", f"output.path={out}", f"training.epochs={epochs}",
                            f"training.workers={workers}", f"training.batch_size={batch_size}",
+                           # the peer's Adam runs at a constant rate: so does ours here
+                           "training.learning_rate_schedule=constant",
                            "evaluation.baseline=false", *(extra or [])])
 
 
@@ -170,10 +173,15 @@ def peer_model(state: dict[str, Any], tcfg: Any) -> tuple[Any, list[str]]:
         x = tf.keras.layers.Dense(units, activation="relu", name=f"hidden_{i}")(x)
         x = tf.keras.layers.Dropout(tcfg.dropout)(x)
     logits = [tf.keras.layers.Dense(1, name="deep_logit")(x)]
-    for c in state.get("crosses") or []:
+    # the wide part: a linear model over every feature, as ours (training/model.py WideLinear)
+    for c in [*(state.get("categorical") or []), *(state.get("crosses") or [])]:
         w = tf.keras.layers.Embedding(int(c["cardinality"]), 1, embeddings_initializer="zeros",
                                       name=f"wide_{c['name']}")(inputs[c["name"]])
         logits.append(tf.keras.layers.Flatten()(w))
+    if numeric:
+        dense_in = (tf.keras.layers.Concatenate()([inputs[n] for n in numeric]) if len(numeric) > 1
+                    else inputs[numeric[0]])
+        logits.append(tf.keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros", name="wide_dense")(dense_in))
     logit = tf.keras.layers.Add()(logits) if len(logits) > 1 else logits[0]
     score = tf.keras.layers.Activation("sigmoid", name="score")(logit)
     return tf.keras.Model(inputs=[inputs[c] for c in cols], outputs=score, name="peer_wide_deep"), list(cols)

@@ -14,6 +14,7 @@ from downpour.config import TrainingConfig
 from downpour.errors import DataContractError
 from training.model import (
     ShardedEmbedding,
+    _names,
     build_model,
     default_embedding_dim,
     input_columns,
@@ -84,10 +85,30 @@ def test_model_inputs_output_and_named_parts():
     assert ((out > 0) & (out < 1)).all()
 
 
+def test_the_wide_part_is_a_linear_model_over_every_feature():
+    """With the deep logit at zero, the model is exactly a logistic regression over all features."""
+    model = build_model(SPEC, TCFG)
+    wide = model.get_layer("wide")
+    linear = [*_names(SPEC["categorical"]), *_names(SPEC["crosses"])]
+    assert [t.name for t in wide.tables] == linear
+    dense = [*_names(SPEC["numeric"]), *_names(SPEC.get("flags") or [])]
+    assert wide.dense == dense
+    rng = np.random.default_rng(3)
+    for t in wide.tables:
+        t.set_full_table(rng.normal(size=(t.cardinality, 1)))
+    wide.kernel.assign(rng.normal(size=(len(dense), 1)).astype(np.float32))
+    head = model.get_layer("head")
+    head.logit.kernel.assign(tf.zeros_like(head.logit.kernel))
+    head.logit.bias.assign([0.25])
+    x = batch(32)
+    expected = 0.25 + sum(wide.tables[i].full_table()[x[c].astype(int), 0] for i, c in enumerate(linear))
+    expected = expected + np.stack([x[n] for n in dense], axis=-1).astype(np.float32) @ wide.kernel.numpy()[:, 0]
+    np.testing.assert_allclose(model(x).numpy()[:, 0], 1 / (1 + np.exp(-expected)), rtol=1e-5, atol=1e-6)
+
+
 def test_model_without_crosses_or_numerics():
-    no_wide = build_model({**SPEC, "crosses": []}, TCFG)
-    with pytest.raises(ValueError):
-        no_wide.get_layer("wide")
+    no_crosses = build_model({**SPEC, "crosses": []}, TCFG)
+    assert [t.name for t in no_crosses.get_layer("wide").tables] == _names(SPEC["categorical"])
     only_cat = build_model({"categorical": SPEC["categorical"]}, TCFG)
     x = {k: v for k, v in batch(4).items() if k in ("c__country", "c__plan")}
     assert only_cat(x).shape == (4, 1)

@@ -176,7 +176,7 @@ big = build_model({"categorical": [{"name": "c__id", "cardinality": 10001, "embe
                   devs)
 out["big_bytes"] = parameter_bytes_by_device(big)
 out["big_table_bytes"] = 10001 * 8 * 4
-out["big_dense_bytes"] = sum(int(np.prod(w.shape)) * 4 for p in ("deep_tower", "head")
+out["big_dense_bytes"] = sum(int(np.prod(w.shape)) * 4 for p in ("wide", "deep_tower", "head")
                              for w in big.get_layer(p).weights)
 print(json.dumps(out))
 """
@@ -270,6 +270,7 @@ def logical(model):
     for part in ("embeddings", "wide"):
         for t in model.get_layer(part).tables:
             out[f"{part}/{t.name}"] = t.full_table()
+    out["wide/dense_kernel"] = model.get_layer("wide").kernel.numpy()
     for part in ("deep_tower", "head"):
         for i, w in enumerate(model.get_layer(part).get_weights()):
             out[f"{part}/{i}"] = w
@@ -296,6 +297,7 @@ for dense in (False, True):
         for part in ("embeddings", "wide"):
             for t in ref.get_layer(part).tables:
                 t.set_full_table(init[f"{part}/{t.name}"])
+        ref.get_layer("wide").kernel.assign(init["wide/dense_kernel"])
         for part in ("deep_tower", "head"):
             layer = ref.get_layer(part)
             layer.set_weights([init[f"{part}/{i}"] for i in range(len(layer.get_weights()))])
@@ -339,5 +341,5 @@ def test_horovod_two_ranks_with_two_devices_each_match_single_process_sgd(tmp_pa
             np.testing.assert_allclose(r0[key], ref[key], atol=1e-5, err_msg=f"{key} (sparse_as_dense={dense})")
         # every part trained (equal-to-reference would hold vacuously for frozen weights)
         init = np.load(tmp_path / f"init_dense{dense}.npz")
-        for key in ("embeddings/c__y", "wide/c__x_x_y", "deep_tower/0", "head/0"):
+        for key in ("embeddings/c__y", "wide/c__x_x_y", "wide/dense_kernel", "deep_tower/0", "head/0"):
             assert np.abs(r0[key] - init[key]).max() > 1e-4, key

@@ -1,8 +1,9 @@
 """Wide & deep network over the model-ready shard columns, built from ``feature_state.json``.
 
 Deep part: one embedding table per categorical (``c__*``), concatenated with the numerics and flags
-(``n__*``) and fed to a ReLU MLP. Wide part: a linear model over the crosses (an embedding of
-dimension 1 per cross). Head: deep logit + wide logit -> sigmoid, output ``score`` of shape [B, 1].
+(``n__*``) and fed to a ReLU MLP. Wide part: a linear model over every feature (one weight per
+categorical value and per cross value, one per numeric or flag), i.e. the logistic regression the
+model is compared with. Head: deep logit + wide logit -> sigmoid, output ``score`` of shape [B, 1].
 
 The model is a Keras 2 functional model whose four parts are named custom layers (``embeddings``,
 ``wide``, ``deep_tower``, ``head``) so that ``training.placement`` can put each on a device. Every
@@ -274,16 +275,46 @@ class CategoricalEmbeddings(_TablesPart):
 
 @tf.keras.utils.register_keras_serializable(package=_PKG)
 class WideLinear(_TablesPart):
-    """The ``wide`` part: a linear model over the crosses (one weight per cross value) -> [B, 1].
-    Starts at zero, as the linear part of wide & deep usually does; the bias lives in the head."""
+    """The ``wide`` part: a linear model over every feature -> [B, 1].
+
+    One weight per value of each categorical and each cross (a 1-dim table) plus one weight per
+    numeric or flag column, so the model can represent the logistic regression it is compared
+    with and the deep part only has to add what a linear model misses. Starts at zero, as the
+    linear part of wide & deep usually does; the bias lives in the head. Inputs: the tables' ids in
+    ``columns`` order, then the ``dense`` columns' values.
+    """
 
     table_dim = 1
     table_init = "zeros"
 
+    def __init__(self, columns: Sequence[Mapping[str, Any]], dense: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(columns, **kwargs)
+        self.dense = [str(d) for d in dense]
+        self.kernel: tf.Variable | None = None
+
+    def build(self, input_shape: Any) -> None:
+        shapes = _as_list(input_shape)
+        for table, shape in zip(self.tables, shapes[: len(self.tables)], strict=True):
+            with tf.name_scope(table.name):
+                table.build(shape)
+        if self.dense:
+            with _on(self.home):
+                self.kernel = self.add_weight(name="dense_kernel", shape=(len(self.dense), 1), dtype=tf.float32,
+                                              initializer="zeros", trainable=True)
+        tf.keras.layers.Layer.build(self, input_shape)
+
     def call(self, inputs: Sequence[tf.Tensor]) -> tf.Tensor:
-        looked_up = [table(x) for table, x in zip(self.tables, _as_list(inputs), strict=True)]
+        inputs = _as_list(inputs)
+        ids, values = inputs[: len(self.tables)], inputs[len(self.tables):]
+        looked_up = [table(x) for table, x in zip(self.tables, ids, strict=True)]
         with _on(self.home):
+            if values:
+                x = tf.stack([tf.cast(tf.reshape(v, [-1]), tf.float32) for v in values], axis=-1)
+                looked_up.append(tf.matmul(x, self.kernel))
             return tf.add_n(looked_up)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "dense": list(self.dense)}
 
 
 @tf.keras.utils.register_keras_serializable(package=_PKG)
@@ -450,9 +481,10 @@ def build_model(
     deep_in += [inputs[n] for n in dense_names]
     tower = DeepTower(tcfg.hidden_units, tcfg.dropout, plan["deep_tower"].home, tcfg.seed, name="deep_tower")
     head_in = [tower(deep_in)]
-    if crosses:
-        wide = WideLinear(crosses, plan["wide"].devices, plan["wide"].sharded, tcfg.seed, name="wide")
-        head_in.append(wide([inputs[c["name"]] for c in crosses]))
+    linear = [{"name": c["name"], "cardinality": c["cardinality"]} for c in categorical] + crosses
+    wide = WideLinear(linear, dense_names, devices=plan["wide"].devices, sharded=plan["wide"].sharded,
+                      seed=tcfg.seed, name="wide")
+    head_in.append(wide([inputs[c["name"]] for c in linear] + [inputs[n] for n in dense_names]))
     logit = Head(plan["head"].home, tcfg.seed, name="head")(head_in)
     score = tf.keras.layers.Activation("sigmoid", dtype="float32", name="score")(logit)
     return tf.keras.Model(inputs=inputs, outputs=score, name="wide_deep")
@@ -469,5 +501,7 @@ def transfer_weights(src: tf.keras.Model, dst: tf.keras.Model) -> None:
         if isinstance(s, _TablesPart):
             for st, dt in zip(s.tables, d.tables, strict=True):
                 dt.set_full_table(st.full_table())
+            if isinstance(s, WideLinear) and s.kernel is not None:
+                d.kernel.assign(s.kernel)
         else:
             d.set_weights(s.get_weights())
