@@ -247,12 +247,21 @@ class ShardsConfig(_Strict):
     compression: Literal["snappy", "zstd", "gzip", "none"] = "snappy"
 
 
+BUDGET_KEYS = ("steps", "examples", "epochs")
+DEFAULT_EPOCHS = 5
+
+
 class TrainingConfig(_Strict):
     workers: int = Field(2, ge=1)
-    epochs: int = Field(5, ge=1)
+    # the budget: one of steps, examples or epochs (training/budget.py); none given: 5 epochs
+    epochs: int | None = Field(None, ge=1)
+    steps: int | None = Field(None, ge=1)       # optimizer steps in total (each: batch_size rows per worker)
+    examples: int | None = Field(None, ge=1)    # training examples in total, all workers together
+    validation_every_steps: int | None = Field(None, ge=1)  # a round; None: budget/10, or one pass (epochs)
     batch_size: int = Field(1024, ge=1)
     learning_rate: float = Field(0.001, gt=0)
-    warmup_epochs: int = Field(1, ge=0)
+    learning_rate_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0)  # None: one pass, at most a tenth of the budget
     devices_per_worker: int = Field(1, ge=1)
     placement: dict[str, str | int] = Field(default_factory=dict)
     hidden_units: list[int] = Field(default_factory=lambda: [128, 64])
@@ -269,6 +278,17 @@ class TrainingConfig(_Strict):
     positive_weight: float | None = Field(None, gt=0)  # imbalance=class_weight; None: negatives/positives
     reader_workers: int = Field(2, ge=1)  # petastorm reader threads per worker
     deterministic: bool = False  # bit-reproducible runs for a seed: 1 reader thread, deterministic TF ops
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_budget(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        said = [k for k in BUDGET_KEYS if data.get(k) is not None]
+        if len(said) > 1:
+            raise ValueError(f"give the budget once: {' and '.join('training.' + k for k in said)} are both set "
+                             "(one of training.steps, training.examples, training.epochs)")
+        return data if said else {**data, "epochs": DEFAULT_EPOCHS}
 
     @field_validator("early_stopping_metric")
     @classmethod
@@ -296,6 +316,12 @@ class EvaluationConfig(_Strict):
     # the logistic-regression baseline is fitted on at most this many (sampled) train rows
     baseline_max_train_rows: int = Field(1_000_000, ge=100)
     baseline_max_iter: int = Field(100, ge=1)  # L-BFGS iterations of the baseline (one Spark job each)
+    # a second baseline: gradient-boosted trees (Spark ML GBTClassifier) on a bounded train sample;
+    # ``baseline: false`` turns off both
+    gbt_baseline: bool = False
+    gbt_max_train_rows: int = Field(200_000, ge=100)
+    gbt_max_iter: int = Field(50, ge=1)  # trees (a few Spark jobs each)
+    gbt_max_depth: int = Field(5, ge=1, le=30)
     # score buckets per unit of logit for the one-pass metrics (see training/metrics.py "Precision")
     metric_resolution: int = Field(10_000, ge=10, le=1_000_000)
 
@@ -639,6 +665,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a mapping")
             node = nxt
         node[parts[-1]] = value
+        if parts[:-1] == ["training"] and parts[-1] in BUDGET_KEYS and value is not None:
+            for other in BUDGET_KEYS:  # an override replaces the file's budget, whichever key it used
+                if other != parts[-1] and node.get(other) is not None:
+                    node[other] = None
     return raw
 
 

@@ -149,7 +149,7 @@ def test_one_worker_with_a_fixed_seed_is_reproducible_and_calibrated(spark, tmp_
     out = str(tmp_path)
     manifest = _prepared(out, positive_rate=0.05)
     cfg = _config(out, workers=1, epochs=2, deterministic=True, seed=7, imbalance="downsample",
-                  downsample_negatives=0.3)
+                  downsample_negatives=0.3, learning_rate_schedule="constant")  # 2 short epochs: no decay
     first = run_training(spark, cfg, fresh=True)
     second = run_training(spark, cfg, fresh=True)
     assert first["training"]["rank_weights_sha256"] == second["training"]["rank_weights_sha256"]

@@ -204,7 +204,7 @@ def test_resumed_two_worker_run_ends_with_the_weights_of_an_uninterrupted_run(sp
     # uneven shards: 5 train row groups (3 + 2 per rank), 3 val row groups (2 + 1)
     write_prepared(out, {"train": 2000, "val": 1200, "test": 400}, row_group_rows=400,
                    files={"train": 1, "val": 1, "test": 1})
-    cfg = _config(out, epochs=3, deterministic=True, seed=11, dropout=0.1, warmup_epochs=1,
+    cfg = _config(out, epochs=3, deterministic=True, seed=11, dropout=0.1, warmup_steps=5,
                   early_stopping_patience=0)
     ckpts = os.path.join(out, "training", "checkpoints")
 

@@ -31,17 +31,22 @@ from typing import Any
 from downpour import storage
 from downpour.config import Config
 from downpour.logs import LOG
+from training.budget import Budget
 
 LATEST = "latest.json"
 BEST = "best"  # prefix of best-<epoch> directories (a bare "best/" is what older versions wrote)
 _KEEP = 2  # epoch checkpoints kept (the newest and the one before it)
 
 
-def run_key(cfg: Config, data_version: str) -> str:
+def run_key(cfg: Config, data_version: str, budget: Budget) -> str:
     """What a checkpoint must match to be resumed: the data version and everything that shapes the
-    model, its optimizer or its input stream (not ``epochs``: raising it continues training)."""
+    model, its optimizer, its learning-rate schedule or its input stream. Not the budget's length
+    under a constant schedule: raising it continues training. A cosine schedule is shaped by the
+    length, so a longer cosine budget starts fresh."""
     t = cfg.training
     relevant = {
+        "round_steps": budget.round_steps, "warmup_steps": budget.warmup_steps, "schedule": budget.schedule,
+        "schedule_steps": budget.steps if budget.schedule != "constant" else None,
         "data_version": data_version,
         "hidden_units": t.hidden_units, "dropout": t.dropout, "placement": t.placement,
         "devices_per_worker": t.devices_per_worker, "imbalance": t.imbalance,

@@ -20,7 +20,6 @@ applied here, vectorized, per row group.
 
 from __future__ import annotations
 
-import math
 import re
 import warnings
 import zlib
@@ -170,11 +169,6 @@ class ReadOptions:
     extra_dtypes: dict[str, Any] = field(default_factory=dict)
     epoch_steps: int | None = None   # endless reads only: epochs of exactly this many batches (resumable)
     first_epoch: int = 0             # with epoch_steps: the epoch the stream starts at (0-based)
-
-
-def steps_per_epoch(rows: float, batch_size: int, workers: int) -> int:
-    """Steps each rank takes per epoch so that all ranks together see about ``rows`` rows."""
-    return max(1, math.ceil(rows / (batch_size * workers)))
 
 
 def expected_train_rows(info: SplitInfo, keep_negatives: float) -> float:

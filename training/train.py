@@ -33,15 +33,18 @@ from downpour import storage
 from downpour.config import Config
 from downpour.errors import ConfigError, DataContractError, DownpourError
 from downpour.logs import LOG, timed
+from training.budget import Budget, plan_budget
 from training.checkpoints import CheckpointStore, run_key
 from training.export import keep_negatives, logit_shift, positive_weight
-from training.input import PreparedData, ReadOptions, SplitInfo, expected_train_rows, open_prepared, steps_per_epoch
+from training.input import PreparedData, ReadOptions, SplitInfo, expected_train_rows, open_prepared
 
 WORK_DIR = "training"      # <output.path>/training/{checkpoints,tensorboard}
 MODEL_DIR = "model"        # <output.path>/model -> the published model directory
 MODEL_HISTORY_DIR = "entity_history"  # the data version's entity history, copied into the model (features/history.py)
 FAIL_ENV = "DOWNPOUR_FAIL_AFTER_EPOCH"
 KILL_ENV = "DOWNPOUR_KILL_WORKER"  # rank:epoch:batch -> that rank SIGKILLs itself mid-epoch
+# thresholds of the train/val AUCs (callbacks.SpreadAUC); evenly spaced ones update in O(batch + thresholds)
+METRIC_THRESHOLDS = 5000
 _RANK_ERROR = "DOWNPOUR-RANK-ERROR"
 _COMM_ERRORS = ("HorovodInternalError", "ConnectionResetError", "BrokenPipeError")
 _HVD_SHUTDOWN = "Horovod has been shut down"  # what a rank's collective raises once a peer is gone
@@ -57,10 +60,11 @@ class TrainingFailed(DownpourError):
 def run_training(spark: Any, cfg: Config, fresh: bool = False) -> dict[str, Any]:
     """Train on ``<output.path>/prepared`` and publish ``<output.path>/model``; returns the model card."""
     t = cfg.training
-    with timed(f"train {cfg.name}: {t.workers} worker(s), {t.epochs} epoch(s)") as took:
+    with timed(f"train {cfg.name}: {t.workers} worker(s)") as took:
         prepared = open_prepared(cfg.output.path)
         _check_slots(spark, t.workers)
         plan = make_plan(cfg, prepared, fresh)
+        rounds = plan["budget"]["rounds"]
         try:
             store = CheckpointStore(plan["checkpoints"], plan["run_key"])
             workers = t.workers
@@ -70,7 +74,7 @@ def run_training(spark: Any, cfg: Config, fresh: bool = False) -> dict[str, Any]
                 LOG.info("train --fresh: checkpoints and TensorBoard logs cleared")
             else:
                 done = store.latest()
-                if done and (done.get("stopped_early") or int(done["epoch"]) >= t.epochs):
+                if done and (done.get("stopped_early") or int(done["epoch"]) >= rounds):
                     LOG.info("train: the checkpoint in %s is complete (epoch %d%s); exporting it without "
                              "training (use --fresh to retrain)", store.url, done["epoch"],
                              ", stopped early" if done.get("stopped_early") else "")
@@ -95,7 +99,8 @@ def make_plan(cfg: Config, prepared: PreparedData, fresh: bool) -> dict[str, Any
                     t.imbalance)
     keep = keep_negatives(t)
     pos_w = positive_weight(t, train.positives, train.negatives)
-    steps = steps_per_epoch(expected_train_rows(train, keep), t.batch_size, t.workers)
+    budget = plan_budget(t, expected_train_rows(train, keep))
+    steps = budget.round_steps
     monitor = t.early_stopping_metric
     if monitor.startswith("val_") and val.rows == 0:
         LOG.warning("train: the val split is empty; early stopping watches %s instead of %s", monitor[4:], monitor)
@@ -120,14 +125,18 @@ def make_plan(cfg: Config, prepared: PreparedData, fresh: bool) -> dict[str, Any
         "checkpoints": storage.join(work, "checkpoints"),
         "tensorboard": storage.join(work, "tensorboard"),
         "staging": storage.staging_dir(storage.join(cfg.output.path, MODEL_DIR)),
-        "run_key": run_key(cfg, prepared.data_version),
+        "run_key": run_key(cfg, prepared.data_version, budget),
+        "budget": budget.as_dict(),
         "fresh": fresh,
         "fail_after_epoch": _fail_after_epoch(),
-        "kill_worker": _kill_worker(t.workers, t.epochs, steps),
+        "kill_worker": _kill_worker(t.workers, budget.rounds, steps),
     }
-    LOG.info("train plan: data_version=%s, %d train rows (%d positives), %d steps/epoch x %d workers x "
-             "batch %d, imbalance=%s (keep negatives %.3g, positive weight %.3g)", prepared.data_version,
-             train.rows, train.positives, steps, t.workers, t.batch_size, t.imbalance, keep, pos_w)
+    LOG.info("train plan: data_version=%s, %d train rows (%d positives); budget %d steps (%d rounds of %d, "
+             "given in %s; a pass is %d steps) x %d workers x batch %d = %d examples; learning rate %s, "
+             "warm-up %d steps; imbalance=%s (keep negatives %.3g, positive weight %.3g)",
+             prepared.data_version, train.rows, train.positives, budget.steps, budget.rounds, steps,
+             budget.said_as, budget.pass_steps, t.workers, t.batch_size, budget.examples, budget.schedule,
+             budget.warmup_steps, t.imbalance, keep, pos_w)
     return plan
 
 
@@ -143,7 +152,8 @@ def _fail_after_epoch() -> int | None:
 
 def _kill_worker(workers: int, epochs: int, steps: int) -> dict[str, int] | None:
     """The worker-loss drill: ``DOWNPOUR_KILL_WORKER=rank:epoch:batch`` makes that rank kill itself
-    (SIGKILL) after ``batch`` steps of ``epoch`` (1-based). A drill that could never fire is an error."""
+    (SIGKILL) after ``batch`` steps of round ``epoch`` (1-based; a round is a Keras epoch). A drill
+    that could never fire is an error."""
     text = os.environ.get(KILL_ENV, "").strip()
     if not text:
         return None
@@ -154,9 +164,9 @@ def _kill_worker(workers: int, epochs: int, steps: int) -> dict[str, int] | None
     if rank >= workers:
         raise ConfigError(f"{KILL_ENV}: rank {rank} does not exist with training.workers={workers}")
     if not 1 <= epoch <= epochs:
-        raise ConfigError(f"{KILL_ENV}: epoch {epoch} is not in 1..{epochs} (training.epochs)")
+        raise ConfigError(f"{KILL_ENV}: epoch {epoch} is not in 1..{epochs} (the budget's validation rounds)")
     if not 1 <= batch <= steps:
-        raise ConfigError(f"{KILL_ENV}: batch {batch} is not in 1..{steps} (the steps per epoch)")
+        raise ConfigError(f"{KILL_ENV}: batch {batch} is not in 1..{steps} (the steps per round)")
     return {"rank": rank, "epoch": epoch, "batch": batch}
 
 
@@ -362,6 +372,7 @@ def finish(cfg: Config, prepared: PreparedData, plan: dict[str, Any],
             "exported_weights": rank0["exported_weights"],
             "monitor": plan["monitor"],
             "steps_per_epoch": plan["steps_per_epoch"],
+            "budget": plan["budget"],
             "batch_size_per_worker": t.batch_size,
             "global_batch_size": t.batch_size * t.workers,
             "learning_rate": t.learning_rate,
@@ -504,7 +515,8 @@ def _train_rank(plan: dict[str, Any], rank: int) -> dict[str, Any]:
     model.compile(
         optimizer=optimizer,
         loss=tf.keras.losses.BinaryCrossentropy(),
-        metrics=[tf.keras.metrics.AUC(name="auc"), tf.keras.metrics.AUC(curve="PR", name="pr_auc")],
+        metrics=[cb.SpreadAUC(num_thresholds=METRIC_THRESHOLDS, name="auc"),
+                 cb.SpreadAUC(num_thresholds=METRIC_THRESHOLDS, curve="PR", name="pr_auc")],
     )
     # Create the optimizer's slots now, in one fixed order on every rank. Left to the first step, a
     # rank that restored a checkpoint creates them in restoration order instead, and Horovod's
@@ -525,7 +537,8 @@ def _train_rank(plan: dict[str, Any], rank: int) -> dict[str, Any]:
 
     state = hvd_tf.broadcast_object(state, root_rank=0, name="downpour_resume_state")
     initial_epoch = int(state["epoch"]) if state else 0
-    finished = bool(state and (state.get("stopped_early") or initial_epoch >= t.epochs))
+    budget = Budget(**{k: v for k, v in plan["budget"].items() if k != "examples"})
+    finished = bool(state and (state.get("stopped_early") or initial_epoch >= budget.rounds))
     if size > 1:
         # Every rank starts from rank 0's weights *and* optimizer state (step, Adam moments), before
         # the first step. Horovod's BroadcastGlobalVariablesCallback broadcasts only after batch 0, so
@@ -551,10 +564,7 @@ def _train_rank(plan: dict[str, Any], rank: int) -> dict[str, Any]:
                 shuffle=False, seed=t.seed, reader_workers=readers))
         # no BroadcastGlobalVariablesCallback: the ranks were made identical above, before step 1
         callbacks: list[Any] = [cb.PooledMetrics(), cb.EpochSeededDropout(t.seed, rank)]
-        if t.warmup_epochs > 0 and size > 1:
-            callbacks.append(hvd.callbacks.LearningRateWarmupCallback(
-                initial_lr=t.learning_rate * size, warmup_epochs=t.warmup_epochs, steps_per_epoch=steps,
-                verbose=0))
+        callbacks.append(cb.StepLearningRate(budget, t.learning_rate, size))
         if t.early_stopping_patience > 0:
             early = cb.ResumableEarlyStopping(plan["monitor"], t.early_stopping_patience,
                                               (state or {}).get("early_stopping"))
@@ -569,7 +579,7 @@ def _train_rank(plan: dict[str, Any], rank: int) -> dict[str, Any]:
         kill = plan.get("kill_worker")
         if kill and kill["rank"] == rank:
             callbacks.append(cb.KillMidEpoch(kill["epoch"], kill["batch"]))
-        model.fit(train_ds, steps_per_epoch=steps, epochs=t.epochs, initial_epoch=initial_epoch,
+        model.fit(train_ds, steps_per_epoch=steps, epochs=budget.rounds, initial_epoch=initial_epoch,
                   validation_data=val_ds, callbacks=callbacks, verbose=2 if rank == 0 else 0)
         if rank == 0:
             state = next(c for c in callbacks if isinstance(c, cb.EpochRecorder)).state
