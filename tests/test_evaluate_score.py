@@ -98,7 +98,7 @@ def test_evaluate_scores_metrics_card_and_report(spark, workdir):
     root, data_version = workdir
     w, tables = _true_coefficients()
     _save_model(root, "m-true", w, tables, data_version)
-    cfg = _cfg(root)
+    cfg = _cfg(root, gbt_baseline=True, gbt_max_iter=10, gbt_max_depth=3, gbt_max_train_rows=2000)
     res = run_evaluation(spark, cfg)
 
     # scores from mapInPandas (Arrow batches cut to 97 rows) equal the model computed in numpy
@@ -118,6 +118,10 @@ def test_evaluate_scores_metrics_card_and_report(spark, workdir):
     # the baseline (LR on numerics + one-hot) can learn this linear truth: close to the true model
     b = res["baseline"]["test"]
     assert 0.6 < b["roc_auc"] <= t["roc_auc"] + 0.02
+    # the second baseline, gradient-boosted trees on a 2,000-row train sample: its own figures, not the LR's
+    g = res["baseline_gbt"]["test"]
+    assert 0.6 < g["roc_auc"] <= t["roc_auc"] + 0.02 and g["roc_auc"] != b["roc_auc"]
+    assert g["rows"] == 1500 and set(res["vs_baseline_gbt"]["splits"]) == {"val", "test"}
 
     card = json.loads((root / "model" / "model_card.json").read_text())
     assert card["metrics"]["val"]["roc_auc"] == pytest.approx(res["metrics"]["val"]["roc_auc"])
@@ -127,6 +131,9 @@ def test_evaluate_scores_metrics_card_and_report(spark, workdir):
     report = Path(res["report"])
     doc = report.read_text()
     assert "m-true" in doc and "baseline test" in doc and (report.parent / "training.png").exists()
+    assert "GBT baseline test" in doc and "Model against the GBT baseline" in doc
+    assert card["baseline_gbt"]["test"]["roc_auc"] == pytest.approx(g["roc_auc"])
+    assert "GBTClassifier (10 trees, depth 3" in card["evaluation"]["gbt_baseline_model"]
     assert "r0000" not in doc  # no row ids in the report
     full = json.loads((report.parent / "metrics.json").read_text())
     assert full["model"]["test"]["curves"]["fpr"][-1] == 1.0

@@ -25,7 +25,7 @@ from dataclasses import asdict
 from typing import Any
 
 from pyspark.ml import Pipeline, PipelineModel
-from pyspark.ml.classification import LogisticRegression
+from pyspark.ml.classification import GBTClassifier, LogisticRegression
 from pyspark.ml.feature import OneHotEncoder, VectorAssembler
 from pyspark.ml.functions import vector_to_array
 from pyspark.sql import DataFrame, SparkSession
@@ -85,9 +85,11 @@ def _cardinalities(state: dict[str, Any]) -> dict[str, int]:
             if c.get("cardinality")}
 
 
-def baseline_frame(df: DataFrame, state: dict[str, Any]) -> tuple[DataFrame, list[str], list[str]]:
-    """The shard columns the baseline reads, categoricals tagged with their cardinality (ML metadata),
-    so the one-hot width comes from the feature state, not from whichever indices train happens to hold."""
+def baseline_frame(df: DataFrame, state: dict[str, Any],
+                   nominal: bool = True) -> tuple[DataFrame, list[str], list[str]]:
+    """The shard columns the baseline reads, categoricals tagged with their cardinality (ML metadata)
+    when ``nominal``, so the one-hot width comes from the feature state, not from whichever indices
+    train happens to hold."""
     cards = _cardinalities(state)
     numeric = [c for c in df.columns if c.startswith("n__")]
     categorical = [c for c in df.columns if c.startswith("c__")]
@@ -99,7 +101,7 @@ def baseline_frame(df: DataFrame, state: dict[str, Any]) -> tuple[DataFrame, lis
         cols.append(F.col(weight).cast("double").alias("__weight"))
     cols += [F.col(c).cast("double").alias(c) for c in numeric]
     for c in categorical:
-        meta = {"ml_attr": {"type": "nominal", "num_vals": cards[c], "name": c}} if c in cards else {}
+        meta = {"ml_attr": {"type": "nominal", "num_vals": cards[c], "name": c}} if nominal and c in cards else {}
         cols.append(F.col(c).cast("double").alias(c, metadata=meta))
     return df.select(*cols), numeric, categorical
 
@@ -122,6 +124,29 @@ def fit_baseline(train: DataFrame, state: dict[str, Any], max_rows: int, train_r
         lr.setWeightCol("__weight")
     stages.append(lr)
     return Pipeline(stages=stages).fit(frame)
+
+
+def fit_gbt_baseline(train: DataFrame, state: dict[str, Any], max_rows: int, train_rows: int,
+                     seed: int = 42, max_iter: int = 50, max_depth: int = 5) -> PipelineModel:
+    """Gradient-boosted trees (Spark ML ``GBTClassifier``) on numerics + categorical codes, fitted on
+    a bounded sample of train: what a tabular-data team compares a deep model with. Codes are read
+    as ordered numbers (no nominal metadata): hashed and crossed columns have thousands of values,
+    more than trees' bins, and depth lets the trees cut out the codes that matter."""
+    frame, numeric, categorical = baseline_frame(train, state, nominal=False)
+    if train_rows > max_rows:
+        frame = frame.sample(fraction=min(1.0, 1.05 * max_rows / train_rows), seed=seed).limit(max_rows)
+    gbt = GBTClassifier(featuresCol="__features", labelCol="label", maxIter=max_iter, maxDepth=max_depth,
+                        stepSize=0.1, seed=seed, predictionCol="__prediction")
+    gbt.setProbabilityCol("__probability").setRawPredictionCol("__raw")
+    if "__weight" in frame.columns:
+        gbt.setWeightCol("__weight")
+    assemble = VectorAssembler(inputCols=numeric + categorical, outputCol="__features", handleInvalid="keep")
+    return Pipeline(stages=[assemble, gbt]).fit(frame)
+
+
+def gbt_scores(model: PipelineModel, df: DataFrame, state: dict[str, Any]) -> DataFrame:
+    frame, _, _ = baseline_frame(df, state, nominal=False)
+    return model.transform(frame).select("split", "label", vector_to_array("__probability")[1].alias("score"))
 
 
 def baseline_scores(model: PipelineModel, df: DataFrame, state: dict[str, Any]) -> DataFrame:
@@ -314,6 +339,14 @@ def run_evaluation(spark: SparkSession, cfg: Config, gate: bool = False) -> dict
                               seed=cfg.training.seed, max_iter=ev.baseline_max_iter)
             baseline = evaluate_scores_by(baseline_scores(lr, both, prepared.feature_state), "split",
                                           **_metric_args(cfg), what="baseline")
+    gbt: dict[str, dict[str, Any]] | None = None
+    if ev.baseline and ev.gbt_baseline:
+        with timed(f"evaluate: gradient-boosted trees baseline ({ev.gbt_max_iter} trees)"):
+            trees = fit_gbt_baseline(spark.read.parquet(train_info.url), prepared.feature_state,
+                                     ev.gbt_max_train_rows, train_info.rows, seed=cfg.training.seed,
+                                     max_iter=ev.gbt_max_iter, max_depth=ev.gbt_max_depth)
+            gbt = evaluate_scores_by(gbt_scores(trees, both, prepared.feature_state), "split",
+                                     **_metric_args(cfg), what="GBT baseline")
 
     decision: reg_mod.GateDecision | None = None
     registry: reg_mod.Registry | None = None
@@ -347,6 +380,10 @@ def run_evaluation(spark: SparkSession, cfg: Config, gate: bool = False) -> dict
                                    ev.gate.tolerance if ev.gate.vs_baseline is None else ev.gate.vs_baseline)
     for item in (versus or {}).get("worse", []):
         LOG.warning("evaluate: model %s is worse than the LR baseline: %s", version, item)
+    gbt_scalars = {s: scalar_metrics(m) for s, m in gbt.items()} if gbt else None
+    versus_gbt = compare_with_baseline(scalars, gbt_scalars, ev.gate.tolerance)
+    for item in (versus_gbt or {}).get("worse", []):
+        LOG.warning("evaluate: model %s is worse than the GBT baseline: %s", version, item)
     gate_info = None
     if decision is not None:
         gate_info = {**reg_mod.jsonable(asdict(decision)), "compared_on": compared_on,
@@ -355,26 +392,31 @@ def run_evaluation(spark: SparkSession, cfg: Config, gate: bool = False) -> dict
     card["metrics"] = scalars
     card["baseline"] = base_scalars
     card["vs_baseline"] = versus
+    card["baseline_gbt"] = gbt_scalars
+    card["vs_baseline_gbt"] = versus_gbt
     card["evaluation"] = {
         "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "data_version": prepared.data_version, "scores": scores_url,
         "report": storage.join(report_url, "report.html"),
         "baseline_model": "spark.ml LogisticRegression (L2 1e-4, numerics + one-hot)" if baseline else None,
+        "gbt_baseline_model": (f"spark.ml GBTClassifier ({ev.gbt_max_iter} trees, depth {ev.gbt_max_depth}, "
+                               f"<= {ev.gbt_max_train_rows} train rows)") if gbt else None,
         "gate": gate_info,
     }
     storage.write_json_atomic(storage.join(model_root, "model_card.json"), reg_mod.jsonable(card))
 
-    full = {"model": metrics, "baseline": baseline, "champion_test": champion_metrics}
+    full = {"model": metrics, "baseline": baseline, "baseline_gbt": gbt, "champion_test": champion_metrics}
     with timed("evaluate: report"):
         report = _write_report_to(
-            report_url, metrics=metrics, baseline=baseline, model_card=card, manifest=prepared.manifest,
+            report_url, metrics=metrics, baseline=baseline, gbt=gbt, model_card=card, manifest=prepared.manifest,
             history=_read_history(model_root), gate=gate_info, champion=champion_metrics,
         )
         storage.write_json_atomic(storage.join(report_url, "metrics.json"), reg_mod.jsonable(full))
 
     result: dict[str, Any] = {
         "model_version": version, "data_version": prepared.data_version, "metrics": scalars,
-        "baseline": base_scalars, "vs_baseline": versus, "report": report, "scores": scores_url, "gate": gate_info,
+        "baseline": base_scalars, "vs_baseline": versus, "baseline_gbt": gbt_scalars, "vs_baseline_gbt": versus_gbt,
+        "report": report, "scores": scores_url, "gate": gate_info,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     if decision is not None and registry is not None:

@@ -22,7 +22,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from downpour.logs import timed  # noqa: E402
 
 SECTIONS = ("summary", "metrics", "roc", "pr", "gains", "calibration", "scores", "training", "data")
-_COLORS = {"model": "#1f77b4", "baseline": "#ff7f0e", "champion": "#9467bd", "random": "#999999"}
+_COLORS = {"model": "#1f77b4", "baseline": "#ff7f0e", "GBT baseline": "#2ca02c", "champion": "#9467bd",
+           "random": "#999999"}
 _TRAINING_SUMMARY = ("workers", "devices_per_worker", "epochs_completed", "best_epoch", "stopped_early",
                      "global_batch_size", "learning_rate", "examples_per_s", "duration_s")
 _TABLE_METRICS = ("roc_auc", "pr_auc", "log_loss", "brier", "ece", "lift_top_decile")
@@ -48,10 +49,11 @@ def _save(fig: plt.Figure, path: Path) -> str:
 
 
 def _series(metrics: Mapping[str, Mapping[str, Any]], baseline: Mapping[str, Mapping[str, Any]] | None,
-            champion: Mapping[str, Any] | None = None) -> list[tuple[str, str, str, Mapping[str, Any]]]:
-    """(label, color, linestyle, metrics) for every curve: model and baseline on test/val, champion on test."""
+            champion: Mapping[str, Any] | None = None, gbt: Mapping[str, Mapping[str, Any]] | None = None,
+            ) -> list[tuple[str, str, str, Mapping[str, Any]]]:
+    """(label, color, linestyle, metrics) for every curve: model and baselines on test/val, champion on test."""
     out = []
-    for who, group in (("model", metrics), ("baseline", baseline or {})):
+    for who, group in (("model", metrics), ("baseline", baseline or {}), ("GBT baseline", gbt or {})):
         for split, style in (("test", "-"), ("val", "--")):
             if split in group:
                 out.append((f"{who} ({split})", _COLORS[who], style, group[split]))
@@ -225,13 +227,16 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def _metrics_table(metrics: Mapping[str, Mapping[str, Any]], baseline: Mapping[str, Mapping[str, Any]] | None,
-                   champion: Mapping[str, Any] | None = None) -> str:
+                   champion: Mapping[str, Any] | None = None,
+                   gbt: Mapping[str, Mapping[str, Any]] | None = None) -> str:
     cols: list[tuple[str, Mapping[str, Any]]] = []
     for split in ("val", "test"):
         if split in metrics:
             cols.append((f"model {split}", metrics[split]))
         if baseline and split in baseline:
             cols.append((f"baseline {split}", baseline[split]))
+        if gbt and split in gbt:
+            cols.append((f"GBT baseline {split}", gbt[split]))
     if champion:
         cols.append(("champion test", champion))
     names = list(_TABLE_METRICS)
@@ -242,17 +247,18 @@ def _metrics_table(metrics: Mapping[str, Mapping[str, Any]], baseline: Mapping[s
     return _table(["metric"] + [c for c, _ in cols], rows)
 
 
-def _baseline_section(versus: Mapping[str, Any] | None) -> str:
+def _baseline_section(versus: Mapping[str, Any] | None, who: str = "the baseline") -> str:
     """Model minus baseline per split on the headline metrics, and a warning where the model trails."""
     if not versus:
         return ""
     rows = [[f"{split} {k}", v.get("model"), v.get("baseline"), v.get("delta")]
             for split, per in (versus.get("splits") or {}).items() for k, v in per.items()]
     worse = versus.get("worse") or []
-    verdict = (f"<p><span class='bad'>MODEL TRAILS THE BASELINE</span>: {html.escape('; '.join(worse))}</p>"
-               if worse else "<p><span class='ok'>not worse than the baseline</span> "
+    verdict = (f"<p><span class='bad'>MODEL TRAILS {who.upper()}</span>: {html.escape('; '.join(worse))}</p>"
+               if worse else f"<p><span class='ok'>not worse than {who}</span> "
                f"(within tolerance {html.escape(str(versus.get('tolerance')))})</p>")
-    return "<h3>Model against the baseline</h3>" + verdict + _table(["", "model", "baseline", "model - baseline"], rows)
+    return (f"<h3>Model against {who}</h3>" + verdict
+            + _table(["", "model", "baseline", "model - baseline"], rows))
 
 
 def _decile_table(m: Mapping[str, Any]) -> str:
@@ -301,19 +307,20 @@ def _gate_section(gate: Mapping[str, Any] | None) -> str:
 
 def write_report(out_dir: str | Path, *, metrics: Mapping[str, Mapping[str, Any]],
                  baseline: Mapping[str, Mapping[str, Any]] | None = None,
+                 gbt: Mapping[str, Mapping[str, Any]] | None = None,
                  model_card: Mapping[str, Any] | None = None, manifest: Mapping[str, Any] | None = None,
                  history: Any = None, gate: Mapping[str, Any] | None = None,
                  champion: Mapping[str, Any] | None = None) -> Path:
     """Render ``report.html`` and its PNGs into ``out_dir``; returns the HTML path.
 
-    ``metrics``/``baseline`` map a split (``val``, ``test``) to the dict of ``metrics.evaluate_scores``;
+    ``metrics``/``baseline``/``gbt`` map a split (``val``, ``test``) to the dict of ``metrics.evaluate_scores``;
     ``champion`` is the current champion's on the same test split (when the gate compared them).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     card = model_card or {}
     with timed(f"report -> {out}"):
-        series = _series(metrics, baseline, champion)
+        series = _series(metrics, baseline, champion, gbt)
         imgs = {
             "roc": plot_roc(series, out / "roc.png"),
             "pr": plot_pr(series, out / "pr.png"),
@@ -338,10 +345,11 @@ def write_report(out_dir: str | Path, *, metrics: Mapping[str, Mapping[str, Any]
             "<h3>Quality gate</h3>", _gate_section(gate),
             "<h2 id='metrics'>Metrics</h2>",
             "<p class='muted'>Baseline: logistic regression (Spark ML) on the same features, fitted on "
-            "train. recall_at_fpr_X: recall at the lowest threshold whose false-positive rate is at most X."
-            "</p>",
-            _metrics_table(metrics, baseline, champion),
+            "train" + ("; GBT baseline: gradient-boosted trees (Spark ML) on a sample of train" if gbt else "")
+            + ". recall_at_fpr_X: recall at the lowest threshold whose false-positive rate is at most X.</p>",
+            _metrics_table(metrics, baseline, champion, gbt),
             _baseline_section(card.get("vs_baseline")),
+            _baseline_section(card.get("vs_baseline_gbt"), "the GBT baseline"),
             "<h2 id='roc'>ROC</h2>", img("roc", "ROC curves"),
             "<h2 id='pr'>Precision-recall</h2>", img("pr", "precision-recall curves"),
             "<h2 id='gains'>Lift and cumulative gains</h2>", img("gains", "lift and gains"),
