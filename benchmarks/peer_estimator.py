@@ -18,7 +18,8 @@ learning rate, and both are judged on exactly the same test rows with the same m
   (``training.evaluate.score_split``, what ``downpour evaluate`` runs), written to Parquet.
 
 Config overrides: ``input.path``, ``output.path``, ``training.epochs``, ``training.workers``,
-``training.batch_size``, ``evaluation.baseline=false``; nothing else is changed.
+``training.batch_size``, ``training.learning_rate_schedule=constant`` (the peer's Adam runs at a
+constant rate), ``evaluation.baseline=false``; nothing else is changed.
 
 **The peer** (timed: ``peer_seconds`` = ``KerasEstimator.fit`` + ``KerasModel.transform``, written to
 Parquet). It is fed *our prepared, model-ready splits* (``n__*`` float32 and ``c__*`` int64 index

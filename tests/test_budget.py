@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -10,6 +11,8 @@ import yaml
 from downpour.config import TrainingConfig, load_config
 from downpour.errors import ConfigError
 from training.budget import COSINE_FLOOR, learning_rate_at, plan_budget
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_steps_budget_does_not_depend_on_the_data_size():
@@ -50,7 +53,7 @@ def test_the_learning_rate_warms_up_from_one_worker_rate_then_decays_to_the_floo
 def test_the_budget_is_given_once_and_an_override_replaces_it(tmp_path):
     with pytest.raises(ValueError, match="training.steps and training.epochs"):
         TrainingConfig(steps=10, epochs=2)
-    raw = yaml.safe_load(open("conf/crm.yaml"))
+    raw = yaml.safe_load((ROOT / "conf" / "crm.yaml").read_text())
     raw["training"].update({"steps": 3000, "epochs": 2})
     (tmp_path / "both.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="give the budget once"):
@@ -62,5 +65,5 @@ def test_the_budget_is_given_once_and_an_override_replaces_it(tmp_path):
 
 
 def test_shipped_configs_accept_the_readme_epochs_override():
-    cfg = load_config("conf/crm_telco.yaml", ["training.epochs=1"])
+    cfg = load_config(ROOT / "conf" / "crm_telco.yaml", ["training.epochs=1"])
     assert cfg.training.epochs == 1 and cfg.training.steps is None and cfg.training.examples is None

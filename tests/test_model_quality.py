@@ -1,7 +1,8 @@
-"""The deep model earns its place: on generated fraud data, with the shipped config's training
-choices, its test ROC-AUC and PR-AUC are at least the LR baseline's (within 0.002 and 0.01).
+"""The deep model earns its place: on the demo's data (generated fraud, 200k rows, seed 42, 1 % dirty
+rows) with the shipped config, its val and test ROC-AUC and PR-AUC are at least the LR baseline's
+(within 0.002 and 0.01). Slow (about 6 minutes), because the claim is about the demo users run.
 
-The budget is the shipped one scaled to the smaller data and the whole run goes through the product
+The whole run goes through the product
 (generate -> prepare -> train on 2 Horovod workers -> evaluate in Spark), so a change anywhere in it
 that makes the model trail its baseline again fails here.
 """
@@ -18,16 +19,15 @@ def test_the_deep_model_is_not_worse_than_its_lr_baseline_on_generated_fraud(spa
 
     monkeypatch.setenv("DOWNPOUR_PII_SALT", "quality-test-salt")
     raw = tmp_path / "raw"
-    write_raw(generate(spark, "fraud", rows=60_000, seed=11), str(raw), fmt="csv", partitions=2)
+    write_raw(generate(spark, "fraud", rows=200_000, seed=42, dirty_rate=0.01), str(raw), fmt="csv", partitions=2)
     cfg = api.load(str(conf_dir / "fraud.yaml"), [
-        f"input.path={raw}", f"output.path={tmp_path / 'out'}", "shards.row_group_rows=4096",
-        "training.steps=400", "evaluation.gbt_baseline=false",
+        f"input.path={raw}", f"output.path={tmp_path / 'out'}", "evaluation.gbt_baseline=false",
     ])
     api.prepare(cfg, spark=spark)
     api.train(cfg, spark=spark)
     result = api.evaluate(cfg, spark=spark)
-    model, baseline = result["metrics"]["test"], result["baseline"]["test"]
-    assert model["positives"] >= 30, model  # enough positives for the figures to mean something
-    assert model["roc_auc"] >= baseline["roc_auc"] - 0.002, (model, baseline)
-    assert model["pr_auc"] >= baseline["pr_auc"] - 0.01, (model, baseline)
-    assert result["vs_baseline"]["worse"] == []
+    for split in ("val", "test"):
+        model, baseline = result["metrics"][split], result["baseline"][split]
+        assert model["positives"] >= 50, model  # enough positives for the figures to mean something
+        assert model["roc_auc"] >= baseline["roc_auc"] - 0.002, (split, model, baseline)
+        assert model["pr_auc"] >= baseline["pr_auc"] - 0.01, (split, model, baseline)

@@ -69,7 +69,10 @@ def _write_model_card(cfg: Config, tmp_path: Path) -> Path:
     from training.input import PreparedData
 
     staging = storage.staging_dir(storage.join(cfg.output.path, train.MODEL_DIR))
+    from training.budget import plan_budget
+
     plan = {"staging": staging, "tensorboard": str(tmp_path / "no-tensorboard"), "steps_per_epoch": 3,
+            "budget": plan_budget(cfg.training, 10).as_dict(),
             "monitor": "val_auc", "run_key": "k", "keep_negatives": 1.0, "positive_weight": 1.0,
             "logit_shift": 0.0, "train": {"name": "train", "url": str(tmp_path / "train"), "rows": 10,
                                           "positives": 3, "row_groups": 2, "files": 2}}
@@ -146,7 +149,7 @@ def test_public_view_details(tmp_path, monkeypatch):
     ])
     public = cfg.to_public_dict()
     assert cfg.training.workers == 2 and public["training"]["workers"] == "${DOWNPOUR_TEST_SHORT}"
-    assert public["training"]["epochs"] == 30  # short values are not scrubbed out of other values
+    assert public["training"]["batch_size"] == 128  # short values are not scrubbed out of other values
     assert public["input"]["options"] == {"header": True, "password": REDACTED, "sep": ","}
     assert public["spark"]["conf"] == {"spark.executorEnv.DOWNPOUR_PII_SALT": REDACTED, "spark.app.name": "x"}
     assert public["tracking"]["mlflow_uri"] == f"https://h.example.com/x?sig={REDACTED}&token={REDACTED}&v=1"

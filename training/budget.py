@@ -2,7 +2,7 @@
 and the learning rate at each step.
 
 Why: a budget in epochs ties the run length to the data size and the sampling (200k fraud rows with
-negatives downsampled to 10% are 7 steps an epoch), not to what the model needs. A budget in steps or
+negatives downsampled to 10% are 8 steps a pass), not to what the model needs. A budget in steps or
 examples does not. The run is cut into *rounds* of ``round_steps`` steps; each round ends with a
 validation pass, a checkpoint and the early-stopping check, so a Keras "epoch" here is a round. With
 an epochs budget a round is one pass over the (downsampled) train split, as before.

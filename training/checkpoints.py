@@ -40,9 +40,10 @@ _KEEP = 2  # epoch checkpoints kept (the newest and the one before it)
 
 def run_key(cfg: Config, data_version: str, budget: Budget) -> str:
     """What a checkpoint must match to be resumed: the data version and everything that shapes the
-    model, its optimizer, its learning-rate schedule or its input stream. Not the budget's length
-    under a constant schedule: raising it continues training. A cosine schedule is shaped by the
-    length, so a longer cosine budget starts fresh."""
+    model, its optimizer, its learning-rate schedule or its input stream: the round length and the
+    warm-up (by default both derived from the budget's length) and, for a cosine schedule, the
+    length itself. So raising the budget continues training only under a constant schedule with
+    ``validation_every_steps`` and ``warmup_steps`` set; otherwise it starts fresh."""
     t = cfg.training
     relevant = {
         "round_steps": budget.round_steps, "warmup_steps": budget.warmup_steps, "schedule": budget.schedule,
