@@ -79,9 +79,11 @@ def _finite(v: Any) -> bool:
 
 
 def metrics_of(card: Mapping[str, Any]) -> dict[str, float]:
-    """``val_roc_auc``, ``test_pr_auc``, ``baseline_test_roc_auc``, ... from the model card (numbers only)."""
+    """``val_roc_auc``, ``test_pr_auc``, ``baseline_test_roc_auc``, ``baseline_gbt_test_roc_auc``, ...
+    from the model card (numbers only)."""
     out: dict[str, float] = {}
-    for prefix, block in (("", card.get("metrics")), ("baseline_", card.get("baseline"))):
+    for prefix, block in (("", card.get("metrics")), ("baseline_", card.get("baseline")),
+                          ("baseline_gbt_", card.get("baseline_gbt"))):
         for split, values in (block or {}).items():
             for name, v in (values or {}).items():
                 if _finite(v):

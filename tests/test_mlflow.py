@@ -20,6 +20,7 @@ CARD = {
     "metrics": {"val": {"roc_auc": 0.84, "pr_auc": 0.61, "rows": 1000, "precision@100": 0.7, "brier": None},
                 "test": {"roc_auc": 0.83, "pr_auc": 0.60, "rows": 1000}},
     "baseline": {"test": {"roc_auc": 0.80, "pr_auc": float("nan")}},
+    "baseline_gbt": {"test": {"roc_auc": 0.82}},
     "training": {"workers": 2, "epochs_completed": 2},
     "evaluation": {"gate": {"promoted": True, "reason": "model 20240601T000000Z-abcd1234 promoted: no champion yet"}},
 }
@@ -48,6 +49,7 @@ def test_metrics_params_curves_from_the_card(tmp_path):
     metrics = tracking.metrics_of(CARD)
     assert metrics["val_roc_auc"] == 0.84 and metrics["test_pr_auc"] == 0.60
     assert metrics["baseline_test_roc_auc"] == 0.80 and "baseline_test_pr_auc" not in metrics  # NaN dropped
+    assert metrics["baseline_gbt_test_roc_auc"] == 0.82
     assert metrics["val_precision_at_100"] == 0.7 and "val_brier" not in metrics
     params = tracking.params_of(_cfg(tmp_path), CARD)
     assert params["training.workers"] == "2" and params["model_version"] == CARD["model_version"]

@@ -148,6 +148,7 @@ def logical_grads(model, grads):
     for part in ("embeddings", "wide"):
         for t in model.get_layer(part).tables:
             out.append(np.concatenate([tf.convert_to_tensor(by_var[s.ref()]).numpy() for s in t.shards]))
+    out.append(by_var[model.get_layer("wide").kernel.ref()].numpy())
     for part in ("deep_tower", "head"):
         out += [by_var[w.ref()].numpy() for w in model.get_layer(part).trainable_weights]
     return out
@@ -199,9 +200,10 @@ def test_worker_devices_creates_logical_cpus_once(device_report):
 def test_variables_live_where_the_placement_map_says(device_report):
     rep, _ = device_report
     devs = rep["var_devices"]
-    for name in ("embeddings/c__x", "embeddings/c__y", "wide/c__x_x_y"):
+    for name in ("embeddings/c__x", "embeddings/c__y", "wide/c__x", "wide/c__y", "wide/c__x_x_y"):
         assert devs[f"{name}/shard_0:0"] == "/CPU:0"
         assert devs[f"{name}/shard_1:0"] == "/CPU:1"
+    assert devs["wide/dense_kernel:0"] == "/CPU:0"  # the wide part's home: its first device
     tower = [d for n, d in devs.items() if n.startswith("deep_tower/")]
     head = [d for n, d in devs.items() if n.startswith("head/")]
     assert len(tower) == 4 and set(tower) == {"/CPU:1"}
