@@ -10,7 +10,7 @@ import yaml
 
 from downpour.config import TrainingConfig, load_config
 from downpour.errors import ConfigError
-from training.budget import COSINE_FLOOR, learning_rate_at, plan_budget
+from training.budget import COSINE_FLOOR, Budget, learning_rate_at, plan_budget
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,6 +22,7 @@ def test_a_steps_budget_does_not_depend_on_the_data_size():
     assert small.rounds == large.rounds == 10 and small.round_steps == 300
     assert small.pass_steps == 7 and large.pass_steps == math.ceil(14_000_000 / 2048)
     assert small.examples == 3000 * 2048 and small.said_as == "steps"
+    assert Budget.from_dict(small.as_dict()) == small  # the plan's copy, as a worker reads it
 
 
 def test_an_examples_budget_counts_rows_of_every_worker():

@@ -14,7 +14,7 @@ follows the same schedule as an uninterrupted one: the step count is part of the
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from downpour.config import TrainingConfig
@@ -43,6 +43,11 @@ class Budget:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "examples": self.examples}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Budget:
+        """The budget ``as_dict`` wrote (the plan's copy, on a worker); derived keys are ignored."""
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
 
 
 def plan_budget(t: TrainingConfig, train_rows: float) -> Budget:

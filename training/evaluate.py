@@ -110,8 +110,7 @@ def fit_baseline(train: DataFrame, state: dict[str, Any], max_rows: int, train_r
                  seed: int = 42, max_iter: int = 100) -> PipelineModel:
     """Logistic regression (L2, standardized) on numerics + one-hot categoricals, fitted on train."""
     frame, numeric, categorical = baseline_frame(train, state)
-    if train_rows > max_rows:
-        frame = frame.sample(fraction=min(1.0, 1.05 * max_rows / train_rows), seed=seed).limit(max_rows)
+    frame = _bounded(frame, max_rows, train_rows, seed)
     onehot = [f"{c}__oh" for c in categorical]
     stages: list[Any] = []
     if categorical:
@@ -133,8 +132,7 @@ def fit_gbt_baseline(train: DataFrame, state: dict[str, Any], max_rows: int, tra
     as ordered numbers (no nominal metadata): hashed and crossed columns have thousands of values,
     more than trees' bins, and depth lets the trees cut out the codes that matter."""
     frame, numeric, categorical = baseline_frame(train, state, nominal=False)
-    if train_rows > max_rows:
-        frame = frame.sample(fraction=min(1.0, 1.05 * max_rows / train_rows), seed=seed).limit(max_rows)
+    frame = _bounded(frame, max_rows, train_rows, seed)
     gbt = GBTClassifier(featuresCol="__features", labelCol="label", maxIter=max_iter, maxDepth=max_depth,
                         stepSize=0.1, seed=seed, predictionCol="__prediction")
     gbt.setProbabilityCol("__probability").setRawPredictionCol("__raw")
@@ -144,13 +142,16 @@ def fit_gbt_baseline(train: DataFrame, state: dict[str, Any], max_rows: int, tra
     return Pipeline(stages=[assemble, gbt]).fit(frame)
 
 
-def gbt_scores(model: PipelineModel, df: DataFrame, state: dict[str, Any]) -> DataFrame:
-    frame, _, _ = baseline_frame(df, state, nominal=False)
-    return model.transform(frame).select("split", "label", vector_to_array("__probability")[1].alias("score"))
+def _bounded(frame: DataFrame, max_rows: int, train_rows: int, seed: int) -> DataFrame:
+    """At most ``max_rows`` rows of ``frame`` (``train_rows`` long), sampled without a count."""
+    if train_rows <= max_rows:
+        return frame
+    return frame.sample(fraction=min(1.0, 1.05 * max_rows / train_rows), seed=seed).limit(max_rows)
 
 
-def baseline_scores(model: PipelineModel, df: DataFrame, state: dict[str, Any]) -> DataFrame:
-    frame, _, _ = baseline_frame(df, state)
+def baseline_scores(model: PipelineModel, df: DataFrame, state: dict[str, Any], nominal: bool = True) -> DataFrame:
+    """A baseline's scores of ``df``; ``nominal`` as the baseline was fitted (False for the trees)."""
+    frame, _, _ = baseline_frame(df, state, nominal)
     out = model.transform(frame)
     return out.select("split", "label", vector_to_array("__probability")[1].alias("score"))
 
@@ -342,10 +343,10 @@ def run_evaluation(spark: SparkSession, cfg: Config, gate: bool = False) -> dict
     gbt: dict[str, dict[str, Any]] | None = None
     if ev.baseline and ev.gbt_baseline:
         with timed(f"evaluate: gradient-boosted trees baseline ({ev.gbt_max_iter} trees)"):
-            trees = fit_gbt_baseline(spark.read.parquet(train_info.url), prepared.feature_state,
+            trees = fit_gbt_baseline(train, prepared.feature_state,
                                      ev.gbt_max_train_rows, train_info.rows, seed=cfg.training.seed,
                                      max_iter=ev.gbt_max_iter, max_depth=ev.gbt_max_depth)
-            gbt = evaluate_scores_by(gbt_scores(trees, both, prepared.feature_state), "split",
+            gbt = evaluate_scores_by(baseline_scores(trees, both, prepared.feature_state, nominal=False), "split",
                                      **_metric_args(cfg), what="GBT baseline")
 
     decision: reg_mod.GateDecision | None = None

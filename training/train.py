@@ -537,7 +537,7 @@ def _train_rank(plan: dict[str, Any], rank: int) -> dict[str, Any]:
 
     state = hvd_tf.broadcast_object(state, root_rank=0, name="downpour_resume_state")
     initial_epoch = int(state["epoch"]) if state else 0
-    budget = Budget(**{k: v for k, v in plan["budget"].items() if k != "examples"})
+    budget = Budget.from_dict(plan["budget"])
     finished = bool(state and (state.get("stopped_early") or initial_epoch >= budget.rounds))
     if size > 1:
         # Every rank starts from rank 0's weights *and* optimizer state (step, Adam moments), before
