@@ -350,7 +350,7 @@ class ScoringConfig(_Strict):
 class SparkConfig(_Strict):
     master: str | None = None
     app_name: str = "downpour"
-    conf: dict[str, Any] = Field(default_factory=dict)
+    conf: dict[str, str | bool | int | float] = Field(default_factory=dict)  # Spark's keys, flat
 
 
 class OutputConfig(_Strict):
@@ -657,6 +657,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ConfigError(f"--set {key}: value is not valid YAML ({exc.__class__.__name__})") from None
         node = raw
         parts = key.split(".")
+        if parts[:2] == ["spark", "conf"] and len(parts) > 3:
+            parts = [*parts[:2], ".".join(parts[2:])]  # Spark's own keys are dotted: one key, not a tree
         for i, part in enumerate(parts[:-1]):
             nxt = node.get(part)
             if nxt is None:

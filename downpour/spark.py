@@ -55,7 +55,7 @@ def get_spark(cfg: Config | None = None, master: str | None = None) -> SparkSess
     if submitted is not None:
         defaults = {k: v for k, v in defaults.items() if not submitted.contains(k)}
     for k, v in {**defaults, **(cfg.spark.conf if cfg else {})}.items():
-        builder = builder.config(k, str(v))
+        builder = builder.config(k, str(v).lower() if isinstance(v, bool) else str(v))
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("DOWNPOUR_SPARK_LOG_LEVEL", "WARN"))
     return spark

@@ -68,3 +68,14 @@ def test_the_budget_is_given_once_and_an_override_replaces_it(tmp_path):
 def test_shipped_configs_accept_the_readme_epochs_override():
     cfg = load_config(ROOT / "conf" / "crm_telco.yaml", ["training.epochs=1"])
     assert cfg.training.epochs == 1 and cfg.training.steps is None and cfg.training.examples is None
+    # one pass means one pass, even where the file's validation rounds are longer than a pass
+    assert cfg.training.validation_every_steps == 40
+    b = plan_budget(cfg.training, 1053)
+    assert (b.pass_steps, b.round_steps, b.rounds, b.steps) == (5, 5, 1, 5)
+
+
+def test_a_budget_shorter_than_a_round_is_one_round_of_the_budget_and_longer_ones_round_up():
+    short = plan_budget(TrainingConfig(steps=30, validation_every_steps=40), 10_000)
+    assert (short.steps, short.rounds, short.round_steps) == (30, 1, 30)
+    long = plan_budget(TrainingConfig(steps=90, validation_every_steps=40), 10_000)
+    assert (long.steps, long.rounds, long.round_steps) == (120, 3, 40)

@@ -34,6 +34,16 @@ def test_overrides_and_env(conf_dir, monkeypatch):
     assert cfg.training.placement == {"embeddings": "sharded"}
 
 
+def test_a_spark_setting_is_one_dotted_key(conf_dir):
+    """Spark's own keys contain dots: ``--set spark.conf.spark.sql.shuffle.partitions=8`` sets that key,
+    not a tree of mappings that Spark would be handed as a string."""
+    cfg = load_config(conf_dir / "crm_telco.yaml", ["spark.conf.spark.sql.shuffle.partitions=8",
+                                                     "spark.conf.spark.ui.enabled=false"])
+    assert cfg.spark.conf == {"spark.sql.shuffle.partitions": 8, "spark.ui.enabled": False}
+    with pytest.raises(ConfigError, match="spark.conf"):
+        load_config(conf_dir / "crm_telco.yaml", ['spark.conf={"spark": {"sql": 1}}'])
+
+
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [

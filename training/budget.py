@@ -62,6 +62,7 @@ def plan_budget(t: TrainingConfig, train_rows: float) -> Budget:
         said_as = "epochs"
         wanted = t.epochs * pass_steps
         round_steps = t.validation_every_steps or pass_steps
+    round_steps = min(round_steps, wanted)  # a budget shorter than a round is one round of the budget
     rounds = max(1, math.ceil(wanted / round_steps))
     steps = rounds * round_steps
     warmup = t.warmup_steps if t.warmup_steps is not None else min(pass_steps, max(1, steps // 10))
