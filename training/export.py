@@ -77,11 +77,11 @@ def export_saved_model(model: Any, feature_state: Mapping[str, Any], shift: floa
     class Scorer(tf.Module):
         def __init__(self) -> None:
             super().__init__(name="downpour_scorer")
-            self.model = model
-            self.preprocessing = None
+            self.weights = _state_of(model)
+            self.preprocessing: list[Any] = []
 
         def score(self, cols: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-            p = tf.reshape(tf.cast(self.model({c: cols[c] for c in columns}, training=False), tf.float32), [-1])
+            p = tf.reshape(tf.cast(model({c: cols[c] for c in columns}, training=False), tf.float32), [-1])
             if shift_t:
                 p = tf.clip_by_value(p, _EPS, 1 - _EPS)
                 p = tf.sigmoid(tf.math.log(p) - tf.math.log1p(-p) + shift_t)
@@ -118,14 +118,28 @@ def _raw_signature(scorer: Any, feature_state: Mapping[str, Any]) -> tuple[Any, 
     except ImportError:
         return None
     state = FeatureState.from_dict(dict(feature_state))
-    scorer.preprocessing = build_preprocessing(state)
+    preprocessing = build_preprocessing(state)
+    scorer.preprocessing = _state_of(preprocessing)
     raw_specs = raw_input_signature(state)
 
     @tf.function
     def serving_default(**raw: tf.Tensor) -> dict[str, tf.Tensor]:
-        return scorer.score(scorer.preprocessing(raw))
+        return scorer.score(preprocessing(raw))
 
     return serving_default.get_concrete_function(**raw_specs), list(raw_specs)
+
+
+def _state_of(keras_model: Any) -> list[Any]:
+    """What a signature that calls ``keras_model`` captures: its variables and lookup tables.
+
+    The scorer tracks these rather than the Keras model itself: tracking a Keras object makes
+    ``tf.saved_model.save`` trace every layer's call for Keras' own loader, which took half of the
+    export's time (and nothing loads the Keras objects back: serving uses the two signatures). A
+    captured object that is missed here is not silently dropped: saving refuses an untracked resource.
+    """
+    tables = [layer.lookup_table for layer in getattr(keras_model, "layers", [])
+              if getattr(layer, "lookup_table", None) is not None]
+    return [*keras_model.variables, *tables]
 
 
 def _check(model: Any, path: str, batch: dict[str, np.ndarray], shift: float) -> None:
