@@ -48,7 +48,7 @@ def resolve_model_dir(cfg: Config, model_dir: str | None) -> str:
         return storage.join(cfg.output.path, "model")
     champion = storage.join(model_dir, "champion.json")
     if storage.exists(champion):
-        from training.registry import champion_model_url
+        from downpour.champion import champion_model_url
 
         return champion_model_url(model_dir, storage.read_json(champion))
     return model_dir

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from downpour import champion as C
 from downpour.errors import DataContractError
 from training import registry as R
 
@@ -56,7 +57,7 @@ def _followed_outside(reg: R.Registry, tmp_path: Path) -> dict[str, str]:
     loaders = {
         "Registry.champion": lambda: reg.root / reg.champion()["path"] / "model",
         "Registry.champion_model_dir": reg.champion_model_dir,
-        "champion_model_url": lambda: R.champion_model_url(
+        "champion_model_url": lambda: C.champion_model_url(
             str(reg.root), json.loads((reg.root / R.CHAMPION).read_text())),
     }
     outcome: dict[str, str] = {}
@@ -80,7 +81,7 @@ def _followed_outside(reg: R.Registry, tmp_path: Path) -> dict[str, str]:
 def test_tampered_champion_pointer_is_refused_by_every_loading_path(tmp_path):
     reg = _registry(tmp_path)
     assert (reg.champion_model_dir() / "saved_model" / "saved_model.pb").read_bytes() == b"champion"
-    assert R.champion_model_url(str(reg.root), reg.champion()) == str(reg.root / "versions" / "v1" / "model")
+    assert C.champion_model_url(str(reg.root), reg.champion()) == str(reg.root / "versions" / "v1" / "model")
     outcome = _followed_outside(reg, tmp_path)
     assert outcome == {name: "refused" for name in _tampered_pointers(tmp_path)}
 
@@ -121,13 +122,13 @@ def test_a_normal_pointer_in_any_form_promote_writes_still_works(tmp_path):
     # a registry reached through a symlink (e.g. a mount) is still "inside"
     os.symlink(reg.root, tmp_path / "reg-link")
     assert R.Registry(tmp_path / "reg-link").champion()["model_version"] == "20240601T000000Z-abcd1234"
-    assert R.champion_model_url("s3a://bucket/reg", {"path": "versions/v9"}) == "s3a://bucket/reg/versions/v9/model"
+    assert C.champion_model_url("s3a://bucket/reg", {"path": "versions/v9"}) == "s3a://bucket/reg/versions/v9/model"
 
 
 def test_containment_check_is_what_refuses(tmp_path, monkeypatch):
     """With the check disabled, the same tampered pointers are followed out of the registry: the test
     above fails without the fix."""
-    monkeypatch.setattr(R, "check_pointer", lambda root, pointer, where: pointer)
+    monkeypatch.setattr(C, "check_pointer", lambda root, pointer, where: pointer)
     reg = _registry(tmp_path)
     outcome = _followed_outside(reg, tmp_path)
     escaped = {n for n, o in outcome.items() if "followed to" in o and "elsewhere" in o}

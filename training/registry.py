@@ -13,10 +13,8 @@ Readers never see a half-written pointer or version: both are written beside the
 renamed into place. Promotion holds an exclusive lock and re-checks the champion it compared against,
 so two evaluations racing cannot both "win" against a stale champion.
 
-Nor does a reader follow a pointer out of the registry: ``champion.json``'s ``path`` must be a plain
-relative path (letters, digits, ``._-``; no ``..``, no scheme or host, not absolute) that resolves,
-symlinks followed, inside the registry. Anything else is refused with a DataContractError (exit 3)
-naming the file: a tampered pointer would otherwise make scoring and publishing load any model.
+Nor does a reader follow a pointer out of the registry (downpour/champion.py owns that rule, because
+scoring follows the pointer too).
 """
 
 from __future__ import annotations
@@ -26,26 +24,22 @@ import fcntl
 import json
 import math
 import os
-import posixpath
-import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from downpour import champion
+from downpour.champion import CHAMPION
 from downpour.config import Config
 from downpour.errors import ConfigError, DataContractError, DownpourError, GateRefused
 from downpour.logs import LOG
 
-CHAMPION = "champion.json"
 HISTORY = "history.jsonl"
 VERSIONS = "versions"
-# What champion.json's "path" may look like: relative, "/"-separated plain names (what promote writes:
-# versions/<model_version>). No scheme ("s3a:", "file:"), host ("//h"), absolute path, "~", "\\" or "%".
-_POINTER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
 
 
 def local_path(url: str, key: str) -> Path:
@@ -159,46 +153,6 @@ def decide(metric: str, tolerance: float, model_version: str, value: float,
     )
 
 
-def _refuse(where: str, pointer: Any, why: str) -> DataContractError:
-    return DataContractError(
-        f"{where}: champion path {pointer!r} {why}; refusing to follow it (champion.json may have been "
-        "tampered with: restore it from history.jsonl, or run `downpour evaluate --gate` again)")
-
-
-def check_pointer(root: str | os.PathLike[str], pointer: Any, where: str) -> str:
-    """The champion's ``path`` after checking that it stays inside the registry ``root`` (a local path or
-    any storage URL); returns it normalized. DataContractError (exit 3, naming ``where``) otherwise.
-
-    Why exit 3: the user's config and command are fine; a file the registry wrote no longer holds
-    what the registry writes, just like input data that breaks its contract.
-    """
-    if isinstance(pointer, str) and ".." in re.split(r"[/\\]", pointer):
-        raise _refuse(where, pointer, "climbs out of the registry ('..')")
-    if not isinstance(pointer, str) or not _POINTER.fullmatch(pointer):
-        raise _refuse(where, pointer, "is not a plain relative path inside the registry "
-                                      "(absolute, another scheme or host, or odd characters)")
-    root_s = os.fspath(root)
-    if "://" not in root_s and not root_s.startswith("dbfs:"):  # local: symlinks must not escape either
-        real_root = os.path.realpath(root_s)
-        for target in (os.path.join(root_s, pointer), os.path.join(root_s, pointer, "model")):
-            real = os.path.realpath(target)
-            if os.path.commonpath([real_root, real]) != real_root or real == real_root:
-                raise _refuse(where, pointer, f"resolves to {real}, outside the registry {real_root}")
-    return posixpath.normpath(pointer)
-
-
-def champion_model_url(registry_url: str, rec: Mapping[str, Any]) -> str:
-    """``<registry>/<champion path>/model`` for a champion record read from ``registry_url`` (any storage
-    URL), after :func:`check_pointer`: what ``downpour score --model <registry>`` must load."""
-    from downpour import storage
-
-    where = storage.join(registry_url, CHAMPION)
-    if not isinstance(rec, Mapping):
-        raise DataContractError(f"{where}: not a champion record (a JSON object with model_version and path)")
-    root = storage.local_path(registry_url) if storage.is_local(registry_url) else registry_url
-    return storage.join(registry_url, check_pointer(root, rec.get("path"), where), "model")
-
-
 class Registry:
     """Versions, the champion pointer and the decision log under one local directory."""
 
@@ -213,7 +167,7 @@ class Registry:
         rec = json.loads(p.read_text())
         if not isinstance(rec, dict):
             raise DataContractError(f"{p}: not a champion record (a JSON object with model_version and path)")
-        rec["path"] = check_pointer(self.root, rec.get("path"), str(p))
+        rec["path"] = champion.check_pointer(self.root, rec.get("path"), str(p))
         if not (self.root / rec["path"] / "model").is_dir():
             raise DownpourError(f"registry {self.root}: champion {rec.get('model_version')} points to "
                                 f"{rec['path']}, which is missing; restore it or remove {p}")
