@@ -44,7 +44,7 @@ def _count_fn() -> Any:
 
 
 def _ensure_data(workdir: str, rows: int, row_group_rows: int) -> str:
-    from training.synthetic import write_prepared
+    from benchmarks.synthetic import write_prepared
 
     root = os.path.join(workdir, f"rows-{rows}-rg-{row_group_rows}")
     if not os.path.exists(os.path.join(root, "done")):

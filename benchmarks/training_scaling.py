@@ -66,7 +66,7 @@ def measure_scaling(spark: Any, raw: str, out: str, repeats: int = 2, epochs: in
 
 def measure_memory(spark: Any, raw_small: str, out_small: str, raw_big: str, out_big: str) -> dict[str, Any]:
     """Peak Python-process RSS training one epoch (shipped config) on 1x and on 10x prepared rows."""
-    from downpour.procmem import PeakRSS
+    from benchmarks.procmem import PeakRSS
 
     peaks = {}
     for name, raw, out in (("1x", raw_small, out_small), ("10x", raw_big, out_big)):

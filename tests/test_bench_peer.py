@@ -66,8 +66,8 @@ def _handed_over(spark, tmp_path, monkeypatch, mode):
     ``measure()`` gave our side and the peer's."""
     from benchmarks import peer_estimator as pe
     from benchmarks import run
+    from benchmarks.synthetic import write_prepared
     from training.input import open_prepared
-    from training.synthetic import write_prepared
 
     got = {}
 

@@ -1,6 +1,6 @@
 """Evaluation, gate and batch scoring against real Spark and real TensorFlow SavedModels.
 
-The fast tests use a synthetic ``prepared/`` directory (``training.synthetic``) and small SavedModels
+The fast tests use a synthetic ``prepared/`` directory (``benchmarks.synthetic``) and small SavedModels
 built here with TensorFlow (the known true logistic model of that data, and a scrambled one), so the
 evaluation stage is exercised without the minutes a Horovod training run takes. The slow test at the
 end runs the real thing: prepare -> train -> evaluate -> gate -> score.
@@ -17,15 +17,15 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from benchmarks import synthetic
 from downpour.config import config_from_dict
 from downpour.errors import GateRefused
-from training import synthetic
 
 NUMERIC, CATEGORICAL, CARD = 3, 2, 6
 
 
 def _true_coefficients() -> tuple[np.ndarray, list[np.ndarray]]:
-    """The coefficients ``training.synthetic`` draws its labels from (same generator, same order)."""
+    """The coefficients ``benchmarks.synthetic`` draws its labels from (same generator, same order)."""
     rng = np.random.default_rng(12345)
     w = np.array([rng.normal(0, 1.0) for _ in range(NUMERIC)])
     tables = [rng.normal(0, 1.0, CARD) for _ in range(CATEGORICAL)]

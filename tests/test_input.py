@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 
+from benchmarks.synthetic import write_prepared
 from downpour.errors import DataContractError
 from training.export import correct, logit_shift
 from training.input import (
@@ -20,7 +21,6 @@ from training.input import (
     make_dataset,
     open_prepared,
 )
-from training.synthetic import write_prepared
 
 # petastorm 0.13 warns about pyarrow's legacy dataset API on every reader it opens
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")

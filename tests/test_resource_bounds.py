@@ -9,7 +9,7 @@ one entry per non-empty time bucket, at most 100,000, so the driver collects ~10
 ~60k at 10x here (measured: +16 MiB of driver RSS, 129 -> 145 MiB); from ~100k events on it is flat.
 
 How it is measured. Every run is its own ``python -m downpour`` process on ``local[2]``, watched from
-outside by :class:`downpour.procmem.PeakRSS` (``/proc`` sampling plus the kernel's high-water marks):
+outside by :class:`benchmarks.procmem.PeakRSS` (``/proc`` sampling plus the kernel's high-water marks):
 fresh processes, because Spark reuses its Python workers, so inside one long-lived session a worker
 grown by an earlier job (or test) would set both peaks and hide any growth. Arrow batches are cut at
 1,000 rows, so even the 1x run is many batches per task, and with two shuffle partitions 10x the rows
@@ -40,7 +40,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from downpour.procmem import PeakRSS
+from benchmarks.procmem import PeakRSS
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAUD = ROOT / "conf" / "fraud.yaml"

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from test_train import _config  # the same small config as the other training tests
 
+from benchmarks.synthetic import write_prepared
 from training.checkpoints import CheckpointStore
-from training.synthetic import write_prepared
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

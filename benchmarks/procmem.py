@@ -73,11 +73,6 @@ def _descendants(root: int) -> dict[int, tuple[str, int, int]]:
     return found
 
 
-def descendants(root: int) -> dict[int, str]:
-    """``{pid: command name}`` of every live process under ``root`` (not ``root`` itself)."""
-    return {pid: st[0] for pid, st in _descendants(root).items()}
-
-
 @dataclass
 class PeakRSS:
     """Context manager: the peak RSS (MiB) of each Python process under this one while it is open.
