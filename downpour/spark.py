@@ -61,6 +61,21 @@ def get_spark(cfg: Config | None = None, master: str | None = None) -> SparkSess
     return spark
 
 
+def sized_partitions(spark: SparkSession, input_bytes: int) -> int:
+    """How many partitions a frame persisted right after a shuffle keeps: one per advisory partition
+    size (``spark.sql.adaptive.advisoryPartitionSizeInBytes``, 64 MiB by default) of input, and at
+    least the default parallelism, so every core still gets work.
+
+    Why: AQE merges small shuffle partitions within a query, but not the output of a persisted frame,
+    which keeps ``spark.sql.shuffle.partitions`` (200 on a cluster). Every later pass over it then
+    ran 200 tasks: a 7,043-row ``prepare`` on two executors took three minutes. Coalescing to more
+    partitions than the frame has is a no-op, so large inputs keep the session's partitioning.
+    """
+    text = spark.conf.get("spark.sql.adaptive.advisoryPartitionSizeInBytes", None) or "64m"
+    advisory = max(1, int(spark.sparkContext._jvm.org.apache.spark.network.util.JavaUtils.byteStringAsBytes(text)))
+    return max(spark.sparkContext.defaultParallelism, -(-max(0, input_bytes) // advisory), 1)
+
+
 def persist_level(spark: SparkSession) -> StorageLevel:
     """The storage level of the frames a stage persists: ``DISK_ONLY`` unless
     ``spark.downpour.persistLevel`` says otherwise.

@@ -28,7 +28,7 @@ from pyspark.sql import functions as F
 from downpour.config import Config
 from downpour.errors import DataContractError
 from downpour.logs import LOG, timed
-from downpour.spark import persist_level
+from downpour.spark import persist_level, sized_partitions
 from pipelines import clean, shards
 from pipelines.ingest import (
     column_names,
@@ -134,7 +134,8 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
     final = publisher.final_url(staging)
     with contract_errors(cfg):
         with _step("ingest, clean, count", timings, "ingest_clean"):
-            tagged = ingest_and_tag(spark, cfg, files, salt, names).persist(persist_level(spark))
+            parts = sized_partitions(spark, sum(f.size for f in files))
+            tagged = ingest_and_tag(spark, cfg, files, salt, names).coalesce(parts).persist(persist_level(spark))
             outcome, invariant = account(spark, cfg, files, tagged, names)
         counts = outcome["counts"]
         LOG.info("prepare: rows %s; quarantine reasons %s", counts, outcome["quarantine_reasons"])
@@ -160,7 +161,7 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
         with _step("window features", timings, "window_features"):
             from features.windows import add_window_features
 
-            windowed = add_window_features(split_df, cfg, names).persist(persist_level(spark))
+            windowed = add_window_features(split_df, cfg, names).coalesce(parts).persist(persist_level(spark))
             per_split = split_counts(windowed)
             tagged.unpersist()
         split_rows = sum(s["rows"] for s in per_split.values())
@@ -184,7 +185,7 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
             frames = {s: state.transform(windowed.where(F.col("split") == s)) for s in SPLITS}
             for model_df in frames.values():
                 _assert_no_pii(model_df, cfg, names)
-            written = shards.write_shards(frames, staging.url, cfg, cfg.split.seed)
+            written = shards.write_shards(frames, staging.url, cfg, cfg.split.seed, partitions=parts)
         for s, (plan, described) in written.items():
             url = join(staging.url, s)
             ratio = shards.check_balance(described, plan, f"{s} ({url})")

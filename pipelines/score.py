@@ -134,7 +134,7 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
     from pyspark.sql import functions as F
 
     from downpour import storage
-    from downpour.spark import persist_level
+    from downpour.spark import persist_level, sized_partitions
     from features import history as H
     from features.state import serving_frame
     from features.windows import add_window_features
@@ -195,7 +195,8 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
             raw_schema = tagged.schema[RAW].dataType
             # the raw values travel as one JSON string (the struct is dropped): one copy per row, not two
             tagged = tagged.withColumn("__id", ident).withColumn(_RAW_JSON, F.to_json(F.col(RAW))).drop(RAW, ROW_HASH)
-            tagged = tagged.persist(persist_level(spark))
+            parts = sized_partitions(spark, sum(f.size for f in files))
+            tagged = tagged.coalesce(parts).persist(persist_level(spark))
             cached.append(tagged)
             is_ok = F.col(REASON).isNull()
             with timed("score: ingest and clean"):
@@ -217,7 +218,7 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
                 raise DataContractError(f"column {missing[0]!r}: the model {version} needs it; it is not produced "
                                         f"from the input {input_url} by this config")
             serving = serving_frame(clean.serving_nulls(ok, full, names), RawInputs(raw_inputs),
-                                    keep=("__id", _RAW_JSON, SOURCE))
+                                    keep=("__id", _RAW_JSON, SOURCE)).coalesce(parts)
             with arrow_batch_rows(spark, batch), timed(f"score: {RAW_SIGNATURE} in mapInPandas"):
                 scored = score_dataframe(serving, saved, RAW_SIGNATURE, keep=["__id", _RAW_JSON, SOURCE],
                                          batch_rows=batch, isolate_errors=True).persist(persist_level(spark))

@@ -88,15 +88,18 @@ def writer_options(cfg: Config) -> dict[str, str]:
     }
 
 
-def write_shards(frames: Mapping[str, DataFrame], base_url: str, cfg: Config,
-                 seed: int) -> dict[str, tuple[ShardPlan, list[dict[str, Any]]]]:
+def write_shards(frames: Mapping[str, DataFrame], base_url: str, cfg: Config, seed: int,
+                 partitions: int | None = None) -> dict[str, tuple[ShardPlan, list[dict[str, Any]]]]:
     """Write each frame (same model-ready columns incl. ``row_id``) to ``<base_url>/<name>/`` as
     balanced, deterministic Parquet; returns per name the plan and the files as written. ``base_url``
-    must be qualified (``file:/x``, ``hdfs://...``): a bare path is taken as local."""
+    must be qualified (``file:/x``, ``hdfs://...``): a bare path is taken as local. ``partitions``
+    (``downpour.spark.sized_partitions``) caps the partitions of the cached union of the frames."""
     names = list(frames)
     columns = frames[names[0]].columns
     union = reduce(DataFrame.unionByName,
                    [frames[n].select(*columns).withColumn(_S, F.lit(i)) for i, n in enumerate(names)])
+    if partitions is not None:
+        union = union.coalesce(partitions)
     cached = union.persist(persist_level(union.sparkSession))  # counted once, written once
     try:
         plans = _write(cached, base_url, names, columns, cfg, seed)

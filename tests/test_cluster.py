@@ -18,11 +18,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Exactly the local run's settings (tests/test_spark_submit.py); only spark.master differs. A session on a
-# cluster keeps Spark's 200 shuffle partitions, and a persisted shuffled frame keeps them (AQE does not
-# coalesce a cached plan's output): 7,043 rows in 200-task stages would be most of the test's time.
-SMALL_DATA = ["spark.conf.spark.sql.shuffle.partitions=8"]
-TINY = ["training.epochs=1", "training.workers=2", "evaluation.baseline=false", *SMALL_DATA]
+# Exactly the local run's settings (tests/test_spark_submit.py); only spark.master differs (so the session
+# keeps Spark's 200 shuffle partitions, and the stages size their persisted frames to the input).
+TINY = ["training.epochs=1", "training.workers=2", "evaluation.baseline=false"]
 
 
 def _cluster_module():
@@ -234,7 +232,7 @@ def test_losing_a_worker_mid_prepare_changes_no_shard(spark, telco_path, tmp_pat
     try:
         cmd = [sys.executable, "-m", "downpour", "prepare", "--conf", str(ROOT / "conf" / "crm_telco.yaml"),
                "--set", f"input.path={telco_path}", "--set", f"output.path={out}",
-               "--set", f"spark.master={state.master_url}", *[x for o in SMALL_DATA for x in ("--set", o)]]
+               "--set", f"spark.master={state.master_url}"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYSPARK_GATEWAY")}
         env["DOWNPOUR_SPARK_LOG_LEVEL"] = "INFO"  # the driver's account of the loss and the retries
         with open(log, "wb") as fh:

@@ -231,3 +231,41 @@ def test_real_telco_table_end_to_end(spark, telco_path, conf_dir, tmp_path):
     text = (tmp_path / "prepared" / "manifest.json").read_text()
     ids = pq.read_table(tmp_path / "prepared" / "train", columns=["row_id"]).column("row_id").to_pylist()
     assert "7590-VHVEG" not in text and "7590-VHVEG" not in ids and all(len(i) == 64 for i in ids)
+
+
+def _prepare_stage_tasks(spark, cfg: Config, group: str) -> list[int]:
+    """Run prepare with 64 shuffle partitions (as a cluster session's 200 would be) and return the task
+    count of every stage it ran, read from Spark's status tracker."""
+    sc = spark.sparkContext
+    before = spark.conf.get("spark.sql.shuffle.partitions")
+    spark.conf.set("spark.sql.shuffle.partitions", "64")
+    sc.setJobGroup(group, "prepare stage sizes")
+    try:
+        run_prepare(spark, cfg)
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+        spark.conf.set("spark.sql.shuffle.partitions", before)
+    tracker = sc.statusTracker()
+    stages = [s for j in tracker.getJobIdsForGroup(group) for s in (tracker.getJobInfo(j).stageIds or [])]
+    return [info.numTasks for info in map(tracker.getStageInfo, stages) if info is not None]
+
+
+def test_persisted_frames_are_sized_to_the_input_not_to_shuffle_partitions(spark, tiny):
+    """AQE does not merge the partitions of a persisted frame: without sizing, every pass over prepare's
+    cached frames of a 245-row input runs one task per shuffle partition (64 here, 200 on a cluster).
+    With it no stage runs that many, and the shards are byte-identical to the 4-partition run's."""
+    cfg = config_from_dict(_raw_cfg(tiny["src"], tiny["base"] / "sized"))
+    tasks = _prepare_stage_tasks(spark, cfg, "sized")
+    assert tasks and max(tasks) < 64, tasks
+    for split in ("train", "val", "test"):
+        assert _shard_checksums(tiny["base"] / "sized" / "prepared", split) == \
+            _shard_checksums(tiny["out"] / "prepared", split)
+
+
+def test_without_sizing_prepare_runs_a_task_per_shuffle_partition(spark, tiny, monkeypatch):
+    """The companion: with the sizing disabled, stages of 64 tasks come back, so the test above can fail."""
+    import pipelines.prepare as prepare
+
+    monkeypatch.setattr(prepare, "sized_partitions", lambda spark, input_bytes: 10**6)
+    cfg = config_from_dict(_raw_cfg(tiny["src"], tiny["base"] / "unsized"))
+    assert 64 in _prepare_stage_tasks(spark, cfg, "unsized")
