@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 from pyspark import SparkConf, SparkContext, StorageLevel
 from pyspark.sql import SparkSession
@@ -61,19 +63,28 @@ def get_spark(cfg: Config | None = None, master: str | None = None) -> SparkSess
     return spark
 
 
-def sized_partitions(spark: SparkSession, input_bytes: int) -> int:
+_PACKED = (".gz", ".bz2", ".zst", ".zstd", ".lz4", ".snappy", ".deflate", ".xz")
+
+
+def sized_partitions(spark: SparkSession, files: Sequence[Any], fmt: str) -> int:
     """How many partitions a frame persisted right after a shuffle keeps: one per advisory partition
-    size (``spark.sql.adaptive.advisoryPartitionSizeInBytes``, 64 MiB by default) of input, and at
-    least the default parallelism, so every core still gets work.
+    size (``spark.sql.adaptive.advisoryPartitionSizeInBytes``, 64 MiB by default) of the rows it holds,
+    and at least the default parallelism, so every core still gets work.
 
     Why: AQE merges small shuffle partitions within a query, but not the output of a persisted frame,
     which keeps ``spark.sql.shuffle.partitions`` (200 on a cluster). Every later pass over it then
     ran 200 tasks: a 7,043-row ``prepare`` on two executors took three minutes. Coalescing to more
     partitions than the frame has is a no-op, so large inputs keep the session's partitioning.
+
+    The rows are estimated from the input files (objects with a ``path`` and a ``size``): twice their
+    bytes (the stages keep a raw copy beside the typed columns), four times for columnar or compressed
+    files, which grow more once decoded. An underestimate only makes partitions larger than advised.
     """
+    packed = fmt.lower() not in ("csv", "json", "text")
+    est = sum(f.size * (4 if packed or str(f.path).lower().endswith(_PACKED) else 2) for f in files)
     text = spark.conf.get("spark.sql.adaptive.advisoryPartitionSizeInBytes", None) or "64m"
     advisory = max(1, int(spark.sparkContext._jvm.org.apache.spark.network.util.JavaUtils.byteStringAsBytes(text)))
-    return max(spark.sparkContext.defaultParallelism, -(-max(0, input_bytes) // advisory), 1)
+    return max(spark.sparkContext.defaultParallelism, -(-est // advisory), 1)
 
 
 def persist_level(spark: SparkSession) -> StorageLevel:

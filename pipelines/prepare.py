@@ -134,7 +134,7 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
     final = publisher.final_url(staging)
     with contract_errors(cfg):
         with _step("ingest, clean, count", timings, "ingest_clean"):
-            parts = sized_partitions(spark, sum(f.size for f in files))
+            parts = sized_partitions(spark, files, cfg.input.format)
             tagged = ingest_and_tag(spark, cfg, files, salt, names).coalesce(parts).persist(persist_level(spark))
             outcome, invariant = account(spark, cfg, files, tagged, names)
         counts = outcome["counts"]

@@ -195,8 +195,9 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
             raw_schema = tagged.schema[RAW].dataType
             # the raw values travel as one JSON string (the struct is dropped): one copy per row, not two
             tagged = tagged.withColumn("__id", ident).withColumn(_RAW_JSON, F.to_json(F.col(RAW))).drop(RAW, ROW_HASH)
-            parts = sized_partitions(spark, sum(f.size for f in files))
-            tagged = tagged.coalesce(parts).persist(persist_level(spark))
+            # the input batch alone (not the windows over it and the history: coalescing has no shuffle
+            # of its own, so it would also squeeze those)
+            tagged = tagged.coalesce(sized_partitions(spark, files, full.input.format)).persist(persist_level(spark))
             cached.append(tagged)
             is_ok = F.col(REASON).isNull()
             with timed("score: ingest and clean"):
@@ -218,7 +219,7 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
                 raise DataContractError(f"column {missing[0]!r}: the model {version} needs it; it is not produced "
                                         f"from the input {input_url} by this config")
             serving = serving_frame(clean.serving_nulls(ok, full, names), RawInputs(raw_inputs),
-                                    keep=("__id", _RAW_JSON, SOURCE)).coalesce(parts)
+                                    keep=("__id", _RAW_JSON, SOURCE))
             with arrow_batch_rows(spark, batch), timed(f"score: {RAW_SIGNATURE} in mapInPandas"):
                 scored = score_dataframe(serving, saved, RAW_SIGNATURE, keep=["__id", _RAW_JSON, SOURCE],
                                          batch_rows=batch, isolate_errors=True).persist(persist_level(spark))

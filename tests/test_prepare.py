@@ -266,6 +266,19 @@ def test_without_sizing_prepare_runs_a_task_per_shuffle_partition(spark, tiny, m
     """The companion: with the sizing disabled, stages of 64 tasks come back, so the test above can fail."""
     import pipelines.prepare as prepare
 
-    monkeypatch.setattr(prepare, "sized_partitions", lambda spark, input_bytes: 10**6)
+    monkeypatch.setattr(prepare, "sized_partitions", lambda spark, files, fmt: 10**6)
     cfg = config_from_dict(_raw_cfg(tiny["src"], tiny["base"] / "unsized"))
     assert 64 in _prepare_stage_tasks(spark, cfg, "unsized")
+
+
+def test_partitions_follow_the_estimated_rows_of_the_input(spark):
+    from types import SimpleNamespace as File
+
+    from downpour.spark import sized_partitions
+
+    floor = spark.sparkContext.defaultParallelism
+    assert sized_partitions(spark, [File(path="s3a://b/t.csv", size=1 << 20)], "csv") == floor
+    gib = 1 << 30
+    assert sized_partitions(spark, [File(path="/d/t.csv", size=gib)], "csv") == 32  # 2 GiB / 64 MiB
+    assert sized_partitions(spark, [File(path="/d/t.csv.gz", size=gib)], "csv") == 64  # decoded grows more
+    assert sized_partitions(spark, [File(path="/d/p", size=gib)] * 2, "parquet") == 128

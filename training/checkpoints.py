@@ -43,7 +43,8 @@ def run_key(cfg: Config, data_version: str, budget: Budget) -> str:
     model, its optimizer, its learning-rate schedule or its input stream: the round length and the
     warm-up (by default both derived from the budget's length) and, for a cosine schedule, the
     length itself. So raising the budget continues training only under a constant schedule with
-    ``validation_every_steps`` and ``warmup_steps`` set; otherwise it starts fresh."""
+    ``validation_every_steps`` and ``warmup_steps`` set, from a budget of at least one round (a
+    shorter one is a round of its own length); otherwise it starts fresh."""
     t = cfg.training
     relevant = {
         "round_steps": budget.round_steps, "warmup_steps": budget.warmup_steps, "schedule": budget.schedule,

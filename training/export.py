@@ -137,7 +137,7 @@ def _state_of(keras_model: Any) -> list[Any]:
     export's time (and nothing loads the Keras objects back: serving uses the two signatures). A
     captured object that is missed here is not silently dropped: saving refuses an untracked resource.
     """
-    tables = [layer.lookup_table for layer in getattr(keras_model, "layers", [])
+    tables = [layer.lookup_table for layer in keras_model.submodules  # nested layers included
               if getattr(layer, "lookup_table", None) is not None]
     return [*keras_model.variables, *tables]
 
