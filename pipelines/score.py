@@ -46,10 +46,10 @@ def resolve_model_dir(cfg: Config, model_dir: str | None) -> str:
 
     if model_dir is None:
         return storage.join(cfg.output.path, "model")
-    champion = storage.join(model_dir, "champion.json")
-    if storage.exists(champion):
-        from downpour.champion import champion_model_url
+    from downpour.champion import CHAMPION, champion_model_url
 
+    champion = storage.join(model_dir, CHAMPION)
+    if storage.exists(champion):
         return champion_model_url(model_dir, storage.read_json(champion))
     return model_dir
 
