@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -U pip "setuptools<70" wheel
 	$(PIP) install -q -c constraints.txt tensorflow-cpu==2.15.1
 	$(HOROVOD_ENV) $(PIP) install -q --no-build-isolation -c constraints.txt "horovod[spark]==0.28.1"
-	$(PIP) install -q -c constraints.txt -e ".[dev,mlflow]"
+	$(PIP) install -q -c constraints.txt -e ".[spark,dev,mlflow]"
 	$(PY) -c "import horovod.tensorflow.keras, horovod.spark, petastorm, pyspark, tensorflow" 2>/dev/null
 	@touch $(STAMP)
 

@@ -60,7 +60,7 @@ def measure(rows: int = 1_000_000, rounds: int = 3, stock_rows: int = 200_000, r
     """Rows/s of ours, the stock converter and a raw pyarrow scan (medians of alternating rounds)."""
     import pyarrow.parquet as pq
 
-    from training.input import InputSpec, ReadOptions, iter_blocks, make_dataset, open_prepared
+    from downpour.training.input import InputSpec, ReadOptions, iter_blocks, make_dataset, open_prepared
 
     root = _ensure_data(workdir, rows, row_group_rows)
     prepared = open_prepared(root)

@@ -125,9 +125,9 @@ def ours_config(raw: str, out: str, epochs: int, workers: int, batch_size: int,
 def run_ours(spark: SparkSession, cfg: Any, scores_url: str) -> dict[str, Any]:
     """prepare -> train -> score the test split; returns the timings and what was trained."""
     from downpour import api
-    from pipelines.serving import arrow_batch_rows, model_paths
-    from training.evaluate import score_split
-    from training.input import open_prepared
+    from downpour.pipelines.serving import arrow_batch_rows, model_paths
+    from downpour.training.evaluate import score_split
+    from downpour.training.input import open_prepared
 
     t0 = time.perf_counter()
     manifest = api.prepare(cfg, spark=spark, force=True)
@@ -156,7 +156,7 @@ def peer_model(state: dict[str, Any], tcfg: Any) -> tuple[Any, list[str]]:
     """
     import tensorflow as tf
 
-    from training.model import default_embedding_dim, input_columns
+    from downpour.training.model import default_embedding_dim, input_columns
 
     cols = input_columns(state)
     inputs = {c: tf.keras.Input(shape=(1,), name=c, dtype=dt) for c, dt in cols.items()}
@@ -255,7 +255,7 @@ def run_peer(spark: SparkSession, cfg: Any, prepared: Any, workdir: str, scores_
 # ---- the comparison ------------------------------------------------------------------------------------
 
 def _test_metrics(spark: SparkSession, url: str, what: str) -> dict[str, float]:
-    from training.metrics import evaluate_scores
+    from downpour.training.metrics import evaluate_scores
 
     m = evaluate_scores(spark.read.parquet(url), what=what)
     return {"rows": int(m["rows"]), "roc_auc": float(m["roc_auc"]), "pr_auc": float(m["pr_auc"])}

@@ -20,7 +20,7 @@ from benchmarks.common import alternate, bare_io, fraud_config, median, spread
 def measure(spark: Any, raw: str, model_out: str, workdir: str, repeats: int = 3) -> dict[str, Any]:
     """Score ``raw`` with the model published under ``model_out``/model, beside bare I/O on ``raw``."""
     from benchmarks.procmem import PeakRSS
-    from pipelines.score import run_scoring
+    from downpour.pipelines.score import run_scoring
 
     scores = os.path.join(workdir, "scores")
     cfg = fraud_config(raw, model_out)

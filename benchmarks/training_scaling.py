@@ -21,7 +21,7 @@ from benchmarks.common import fraud_config, median
 
 
 def train(spark: Any, raw: str, out: str, *overrides: str) -> dict[str, Any]:
-    from training.train import run_training
+    from downpour.training.train import run_training
 
     return run_training(spark, fraud_config(raw, out, "evaluation.baseline=false", *overrides), fresh=True)
 

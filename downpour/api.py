@@ -28,7 +28,7 @@ def generate(kind: str, rows: int, out: str, seed: int = 42, dirty_rate: float =
              partitions: int | None = None, master: str | None = None,
              spark: SparkSession | None = None) -> str:
     """Write a synthetic raw dataset (``fraud`` or ``crm``) with a Spark job; returns the URL."""
-    from pipelines import generate as gen
+    from downpour.pipelines import generate as gen
 
     spark = spark or get_spark(master=master)
     with timed(f"generate {kind} rows={rows:,} dirty_rate={dirty_rate}"):
@@ -40,14 +40,14 @@ def generate(kind: str, rows: int, out: str, seed: int = 42, dirty_rate: float =
 
 def prepare(cfg: Config, spark: SparkSession | None = None, force: bool = False) -> dict[str, Any]:
     """Ingest, clean, quarantine, split, fit features on train, write shards; returns the manifest."""
-    from pipelines.prepare import run_prepare
+    from downpour.pipelines.prepare import run_prepare
 
     return run_prepare(spark or get_spark(cfg), cfg, force=force)
 
 
 def train(cfg: Config, spark: SparkSession | None = None, fresh: bool = False) -> dict[str, Any]:
     """Horovod-on-Spark training from the shards; exports the model; returns the model card."""
-    from training.train import run_training
+    from downpour.training.train import run_training
 
     return run_training(spark or get_spark(cfg), cfg, fresh=fresh)
 
@@ -59,7 +59,7 @@ def evaluate(cfg: Config, spark: SparkSession | None = None, gate: bool = False)
     """
     from downpour import tracking
     from downpour.errors import GateRefused
-    from training.evaluate import run_evaluation
+    from downpour.training.evaluate import run_evaluation
 
     tracking.check(cfg)
     try:
@@ -79,7 +79,7 @@ def score(cfg: Config, input_url: str, output_url: str, model_dir: str | None = 
 
     Window features are computed over the model's entity history plus ``history`` (raw rows or
     history datasets); ``history_out`` / ``history_store`` roll it forward for the next run."""
-    from pipelines.score import run_scoring
+    from downpour.pipelines.score import run_scoring
 
     return run_scoring(spark or get_spark(cfg), cfg, input_url=input_url, output_url=output_url,
                        model_dir=model_dir, fmt=fmt, history=history, history_out=history_out,

@@ -133,7 +133,7 @@ def log_evaluation(cfg: Config) -> str | None:
     import mlflow
 
     from downpour import storage
-    from pipelines.serving import model_paths
+    from downpour.pipelines.serving import model_paths
 
     model_root, saved_model = model_paths(storage.join(cfg.output.path, "model"))
     card_url = storage.join(model_root, "model_card.json")

@@ -38,7 +38,7 @@ from pyspark.sql import functions as F
 
 from downpour.config import Config
 from downpour.errors import DataContractError
-from features.windows import _windows, epoch_us, referenced_columns
+from downpour.features.windows import _windows, epoch_us, referenced_columns
 
 HID = "_dp_hid"  # the event's identity: the id column, else a hash of the columns the windows read
 CONTEXT = "_dp_history_context"  # True on history rows while they are unioned with the rows to score

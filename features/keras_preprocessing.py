@@ -16,7 +16,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from features.state import CROSS_MULT, CROSS_PRIME, INT64_NULL, TRIM_PATTERN, FeatureState
+from downpour.features.state import CROSS_MULT, CROSS_PRIME, INT64_NULL, TRIM_PATTERN, FeatureState
 
 _DTYPES = {"float64": tf.float64, "int64": tf.int64, "string": tf.string}
 _OOV_TOKEN = "\x00downpour-oov\x00"  # never a real (normalized) category

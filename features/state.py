@@ -27,9 +27,9 @@ from pyspark.sql import types as T
 
 from downpour.config import Config
 from downpour.errors import ConfigError, DataContractError
+from downpour.features.hashing import hash_buckets
+from downpour.features.windows import window_features
 from downpour.logs import LOG, timed
-from features.hashing import hash_buckets
-from features.windows import window_features
 
 VERSION = 1
 INT64_NULL = -(2**63)  # how serving spells a null integer category or timestamp (int64 has no null)

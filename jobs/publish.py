@@ -29,7 +29,7 @@ from downpour.errors import DataContractError, DownpourError, GateRefused
 def gate_decision(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """(model card, the gate decision recorded in it) for the model under ``cfg.output.path``."""
     from downpour import storage
-    from pipelines.serving import model_paths
+    from downpour.pipelines.serving import model_paths
 
     model_root, _ = model_paths(storage.join(cfg.output.path, "model"))
     card_url = storage.join(model_root, "model_card.json")
@@ -45,7 +45,7 @@ def gate_decision(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def publish(cfg: Any) -> dict[str, Any]:
     """The champion record when this run's model was promoted; GateRefused with the reason otherwise."""
-    from training.registry import Registry
+    from downpour.training.registry import Registry
 
     card, gate = gate_decision(cfg)
     version = str(card["model_version"])

@@ -25,7 +25,7 @@ from pyspark.sql import functions as F
 
 from downpour.config import Config
 from downpour.errors import ConfigError, DataContractError
-from pipelines.ingest import (
+from downpour.pipelines.ingest import (
     BLANK_PREFIX,
     CORRUPT,
     LINE,

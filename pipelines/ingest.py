@@ -28,8 +28,8 @@ from pyspark.sql import types as T
 from downpour.config import Config
 from downpour.errors import DataContractError
 from downpour.logs import LOG
-from pipelines.columns import internal_names
-from pipelines.publish import FileInfo, HadoopFS
+from downpour.pipelines.columns import internal_names
+from downpour.pipelines.publish import FileInfo, HadoopFS
 
 # Internal helper columns (safe names never start with "_", so these cannot clash).
 CORRUPT = "_dp_corrupt"

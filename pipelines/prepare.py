@@ -28,9 +28,8 @@ from pyspark.sql import functions as F
 from downpour.config import Config
 from downpour.errors import DataContractError
 from downpour.logs import LOG, timed
-from downpour.spark import persist_level, sized_partitions
-from pipelines import clean, shards
-from pipelines.ingest import (
+from downpour.pipelines import clean, shards
+from downpour.pipelines.ingest import (
     column_names,
     contract_errors,
     count_input_records,
@@ -40,8 +39,9 @@ from pipelines.ingest import (
     parse_columns,
     read_raw,
 )
-from pipelines.publish import MANIFEST, FileInfo, Publisher, Staging, join
-from pipelines.split import SPLITS, assign_split, split_counts
+from downpour.pipelines.publish import MANIFEST, FileInfo, Publisher, Staging, join
+from downpour.pipelines.split import SPLITS, assign_split, split_counts
+from downpour.spark import persist_level, sized_partitions
 
 HISTORY_DIR = "entity_history"  # the events score needs for window features (features/history.py)
 FORMAT_VERSION = 2  # 2: PII pseudonyms are HMAC-SHA256; imputation statistics fitted on train
@@ -159,7 +159,7 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
             split_df, split_info, stats = split_clean(tagged, cfg, names)
 
         with _step("window features", timings, "window_features"):
-            from features.windows import add_window_features
+            from downpour.features.windows import add_window_features
 
             windowed = add_window_features(split_df, cfg, names).coalesce(parts).persist(persist_level(spark))
             per_split = split_counts(windowed)
@@ -176,7 +176,7 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
             entity_history = write_entity_history(windowed, cfg, names, join(staging.url, HISTORY_DIR))
 
         with _step("fit feature state on train", timings, "fit_features"):
-            from features.state import FeatureState
+            from downpour.features.state import FeatureState
 
             state = FeatureState.fit(windowed.where(F.col("split") == "train"), cfg, names)
 
@@ -247,7 +247,7 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
 def write_entity_history(clean: DataFrame, cfg: Config, names: dict[str, str], url: str) -> dict[str, Any] | None:
     """Write the events scoring needs for the window features (features/history.py) into ``url``;
     returns its ``_history.json`` record, or None when the config has no window features."""
-    from features import history
+    from downpour.features import history
 
     if not history.needed(cfg):
         return None

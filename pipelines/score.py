@@ -14,7 +14,7 @@ from pyspark.sql import DataFrame, SparkSession
 from downpour.config import Config
 from downpour.errors import DataContractError
 from downpour.logs import LOG, timed
-from pipelines.serving import (
+from downpour.pipelines.serving import (
     ERROR,
     SCORE,
     arrow_batch_rows,
@@ -114,8 +114,8 @@ def _tag_raw_rows(spark: SparkSession, full: Config, unlabeled: Config, names: d
     The one chain for the input and for raw ``--history`` rows, so both are cleaned alike."""
     from pyspark.sql import functions as F
 
-    from pipelines import clean
-    from pipelines.ingest import parse_columns, read_raw
+    from downpour.pipelines import clean
+    from downpour.pipelines.ingest import parse_columns, read_raw
 
     raw = read_raw(spark, unlabeled, files)
     # a placeholder label satisfies the label rules (never output): scoring rows have no label
@@ -134,13 +134,12 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
     from pyspark.sql import functions as F
 
     from downpour import storage
-    from downpour.spark import persist_level, sized_partitions
-    from features import history as H
-    from features.state import serving_frame
-    from features.windows import add_window_features
-    from pipelines import clean
-    from pipelines import score_history as SH
-    from pipelines.ingest import (
+    from downpour.features import history as H
+    from downpour.features.state import serving_frame
+    from downpour.features.windows import add_window_features
+    from downpour.pipelines import clean
+    from downpour.pipelines import score_history as SH
+    from downpour.pipelines.ingest import (
         LINE,
         LINE_NUMBER,
         RAW,
@@ -154,6 +153,7 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
         list_input_files,
         malformed_line_numbers,
     )
+    from downpour.spark import persist_level, sized_partitions
 
     t0 = time.perf_counter()
     history = list(history or [])

@@ -27,9 +27,9 @@ from pyspark.sql import functions as F
 
 from downpour.config import Config, parse_duration
 from downpour.errors import ConfigError, DataContractError
+from downpour.features import history as H
 from downpour.logs import LOG, timed
 from downpour.spark import persist_level
-from features import history as H
 
 
 @dataclass
@@ -158,7 +158,7 @@ def load(spark: SparkSession, cfg: Config, names: dict[str, str], *, model_root:
 
 def raw_events(cfg: Config, names: dict[str, str], url: str, tag_raw: Any) -> tuple[DataFrame, int | None, int, int]:
     """(events, last event time, clean rows, rejected rows) of raw ``--history`` rows, in one pass."""
-    from pipelines.ingest import REASON, contract_errors
+    from downpour.pipelines.ingest import REASON, contract_errors
 
     full, tagged = tag_raw(url)
     with contract_errors(full):

@@ -37,9 +37,9 @@ from pyspark.sql import functions as F
 
 from downpour.config import Config
 from downpour.logs import LOG
+from downpour.pipelines.parquet_footer import canonicalize, canonicalize_file
+from downpour.pipelines.publish import HadoopFS, is_local, join, local_path
 from downpour.spark import persist_level
-from pipelines.parquet_footer import canonicalize, canonicalize_file
-from pipelines.publish import HadoopFS, is_local, join, local_path
 
 BUCKETS = 4096
 MAX_RATIO = 1.25

@@ -25,7 +25,7 @@ from pyspark.sql import functions as F
 
 from downpour.config import Config
 from downpour.errors import DataContractError
-from pipelines.clean import literal
+from downpour.pipelines.clean import literal
 
 SPLITS = ("train", "val", "test")
 _BUCKETS = 100_000

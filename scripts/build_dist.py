@@ -4,8 +4,9 @@
 
 writes, under the given folder:
 
-* ``downpour-pyfiles.zip``: the project's packages (``downpour``, ``pipelines``, ``features``,
-  ``training``) for ``spark-submit --py-files``; the third-party stack (TensorFlow, Horovod,
+* ``downpour-pyfiles.zip``: the ``downpour`` package (with the folders ``pipelines``, ``features``
+  and ``training`` inside it as ``downpour.pipelines``, ..., as the wheel installs them) for
+  ``spark-submit --py-files``; the third-party stack (TensorFlow, Horovod,
   petastorm, ...) must already be on the executors (cluster image, or a packed environment shipped
   with ``--archives``, see README "Running on a cluster").
 * ``jobs/``: the thin entry scripts spark-submit runs (one per stage).
@@ -24,7 +25,9 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("downpour", "pipelines", "features", "training")
+# folder in the repository -> its place in the zip (the wheel's layout: pyproject's package-dir)
+PACKAGES = {"downpour": "downpour", "pipelines": "downpour/pipelines", "features": "downpour/features",
+            "training": "downpour/training"}
 SKIP_DIRS = {"__pycache__"}
 SKIP_SUFFIXES = {".pyc", ".pyo"}
 
@@ -60,25 +63,26 @@ In YARN cluster mode also set spark.yarn.appMasterEnv.PYSPARK_PYTHON=./env/bin/p
 """
 
 
-def _package_files(root: Path) -> list[Path]:
+def _package_files(root: Path) -> list[tuple[Path, str]]:
+    """(file, its name in the zip) for every file of the project's packages."""
     files = []
-    for pkg in PACKAGES:
-        base = root / pkg
+    for folder, arc in PACKAGES.items():
+        base = root / folder
         if not (base / "__init__.py").is_file():
             raise SystemExit(f"build_dist: {base} is not a package (no __init__.py)")
         for p in sorted(base.rglob("*")):
             if p.is_file() and p.suffix not in SKIP_SUFFIXES and not SKIP_DIRS & set(p.parts):
-                files.append(p)
+                files.append((p, f"{arc}/{p.relative_to(base).as_posix()}"))
     return files
 
 
 def build_pyfiles_zip(dest: Path, root: Path = ROOT) -> Path:
-    """Zip the project's packages with paths relative to the repo root (importable from the zip)."""
+    """Zip the project's packages in the wheel's layout (importable from the zip)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".zip.tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for p in _package_files(root):
-            zf.write(p, p.relative_to(root).as_posix())
+        for p, arc in _package_files(root):
+            zf.write(p, arc)
     tmp.replace(dest)
     return dest
 

@@ -65,7 +65,7 @@ def _card(out: Path, version: str, gate: dict | None) -> None:
 
 
 def test_publish_job_acts_on_the_gate_decision(tmp_path, capsys):
-    from training.registry import Registry, decide, enforce
+    from downpour.training.registry import Registry, decide, enforce
 
     out, registry = tmp_path / "out", tmp_path / "out" / "registry"
     _card(out, "v1", None)

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 def test_peer_network_matches_ours() -> None:
     from benchmarks.peer_estimator import peer_model
-    from training.model import build_model, input_columns
+    from downpour.training.model import build_model, input_columns
 
     tcfg = TrainingConfig(hidden_units=[32, 16], dropout=0.1)
     ours = build_model(STATE, tcfg)
@@ -67,7 +67,7 @@ def _handed_over(spark, tmp_path, monkeypatch, mode):
     from benchmarks import peer_estimator as pe
     from benchmarks import run
     from benchmarks.synthetic import write_prepared
-    from training.input import open_prepared
+    from downpour.training.input import open_prepared
 
     got = {}
 
@@ -103,7 +103,7 @@ def _row_hashes(pdf: pd.DataFrame, cols: list[str]) -> np.ndarray:
 
 def _ours_rows(info, spec, size, batch, keep_negatives=1.0, positive_weight=1.0) -> pd.DataFrame:
     """One pass over a split as our ranks' input pipeline reads it (every rank's shard)."""
-    from training.input import ReadOptions, iter_batches
+    from downpour.training.input import ReadOptions, iter_batches
 
     parts = []
     for rank in range(size):
@@ -120,8 +120,8 @@ def test_both_contenders_get_the_same_rows_epochs_batches_and_steps(spark, tmp_p
     from pyspark.sql import functions as F
 
     from benchmarks import peer_estimator as pe
-    from training.input import InputSpec
-    from training.train import make_plan
+    from downpour.training.input import InputSpec
+    from downpour.training.train import make_plan
 
     got = _handed_over(spark, tmp_path, monkeypatch, mode)
     cfg, prepared = got["ours_cfg"], got["prepared"]

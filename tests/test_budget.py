@@ -10,7 +10,7 @@ import yaml
 
 from downpour.config import TrainingConfig, load_config
 from downpour.errors import ConfigError
-from training.budget import COSINE_FLOOR, Budget, learning_rate_at, plan_budget
+from downpour.training.budget import COSINE_FLOOR, Budget, learning_rate_at, plan_budget
 
 ROOT = Path(__file__).resolve().parents[1]
 

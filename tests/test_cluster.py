@@ -214,7 +214,7 @@ def test_losing_a_worker_mid_prepare_changes_no_shard(spark, telco_path, tmp_pat
     partitioning): the manifests' per-file SHA-256s must be equal, and equal to the files on disk.
     """
     from downpour.config import load_config
-    from pipelines.prepare import run_prepare
+    from downpour.pipelines.prepare import run_prepare
 
     run_prepare(spark, load_config(ROOT / "conf" / "crm_telco.yaml",
                                    [f"input.path={telco_path}", f"output.path={tmp_path / 'reference'}"]))

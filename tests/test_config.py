@@ -117,7 +117,7 @@ SHARDS_SOURCE = Path(__file__).resolve().parents[1] / "pipelines" / "shards.py"
 def test_fingerprint_follows_the_shard_layout_not_other_training_keys(conf_dir):
     """Shards are laid out for ``training.workers``: another worker count is another data version,
     while epochs or the learning rate keep the prepared data."""
-    from pipelines.prepare import compute_data_version
+    from downpour.pipelines.prepare import compute_data_version
 
     base = load_config(conf_dir / "crm_telco.yaml", ["training.workers=2"])
     workers = load_config(conf_dir / "crm_telco.yaml", ["training.workers=3"])

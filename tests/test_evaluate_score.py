@@ -93,7 +93,7 @@ def workdir(tmp_path_factory):
 
 
 def test_evaluate_scores_metrics_card_and_report(spark, workdir):
-    from training.evaluate import run_evaluation
+    from downpour.training.evaluate import run_evaluation
 
     root, data_version = workdir
     w, tables = _true_coefficients()
@@ -140,8 +140,8 @@ def test_evaluate_scores_metrics_card_and_report(spark, workdir):
 
 
 def test_gate_promotes_first_refuses_worse_keeps_champion(spark, workdir, tmp_path):
-    from training.evaluate import run_evaluation
-    from training.registry import Registry
+    from downpour.training.evaluate import run_evaluation
+    from downpour.training.registry import Registry
 
     root, data_version = workdir
     cfg = _cfg(root, baseline=False, registry=str(tmp_path / "registry"))
@@ -174,8 +174,8 @@ def test_the_gate_can_require_the_model_to_match_its_baseline(spark, workdir, tm
     with ``evaluation.gate.vs_baseline`` the gate refuses it even with no champion to lose to, and still
     promotes a model that matches the baseline. Without the option the same trailing model is promoted:
     the rule is what refuses it."""
-    from training.evaluate import run_evaluation
-    from training.registry import Registry
+    from downpour.training.evaluate import run_evaluation
+    from downpour.training.registry import Registry
 
     root, data_version = workdir
     rng = np.random.default_rng(0)
@@ -207,7 +207,7 @@ def test_the_gate_can_require_the_model_to_match_its_baseline(spark, workdir, tm
 
 def test_evaluate_without_a_model_says_what_to_run(spark, tmp_path):
     from downpour.errors import DataContractError
-    from training.evaluate import run_evaluation
+    from downpour.training.evaluate import run_evaluation
 
     synthetic.write_prepared(str(tmp_path), {"train": 50, "val": 20, "test": 20}, numeric=1, categorical=1,
                              cardinality=3)
@@ -246,11 +246,11 @@ def test_end_to_end_gate_and_score_parity(spark, telco_path, tmp_path, conf_dir)
     """1 epoch on a Telco subset; the gate promotes it, refuses an all-zero model, and `score` on the
     raw rows (without the label column, with a dirty row) gives the evaluation's scores within 1e-5."""
     from downpour.config import load_config
-    from pipelines.ingest import pseudonym
-    from pipelines.score import run_scoring
-    from training.evaluate import run_evaluation
-    from training.registry import Registry
-    from training.train import run_training
+    from downpour.pipelines.ingest import pseudonym
+    from downpour.pipelines.score import run_scoring
+    from downpour.training.evaluate import run_evaluation
+    from downpour.training.registry import Registry
+    from downpour.training.train import run_training
 
     raw = pd.read_csv(telco_path, dtype=str, keep_default_na=False).head(1500)
     data = tmp_path / "telco.csv"
@@ -260,7 +260,7 @@ def test_end_to_end_gate_and_score_parity(spark, telco_path, tmp_path, conf_dir)
         f"input.path={data}", f"output.path={out}", f"evaluation.registry={tmp_path / 'registry'}",
         "training.epochs=1", "training.workers=1", "shards.row_group_rows=64", "evaluation.baseline=false",
     ])
-    from pipelines.prepare import run_prepare
+    from downpour.pipelines.prepare import run_prepare
 
     run_prepare(spark, cfg)
     card = run_training(spark, cfg)
@@ -335,7 +335,7 @@ def _load_in_a_fresh_process(model_dir: Path, level: str | None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     if level is not None:
         env["TF_CPP_MIN_LOG_LEVEL"] = level
-    code = ("import sys; from pipelines.serving import load_signature; "
+    code = ("import sys; from downpour.pipelines.serving import load_signature; "
             "fn, specs = load_signature(sys.argv[1], 'serve_features'); assert specs")
     proc = subprocess.run([sys.executable, "-c", code, str(model_dir)], capture_output=True, text=True,
                           env=env, cwd=Path(__file__).resolve().parents[1], timeout=300)

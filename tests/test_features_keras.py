@@ -13,12 +13,12 @@ from pyspark.sql import types as T
 tf = pytest.importorskip("tensorflow")
 
 from downpour.config import load_config  # noqa: E402
-from features.hashing import fingerprint64, hash_buckets  # noqa: E402
-from features.keras_preprocessing import HashBucket, build_preprocessing, raw_input_signature  # noqa: E402
-from features.state import FeatureState, serving_frame  # noqa: E402
-from features.windows import add_window_features  # noqa: E402
-from pipelines.columns import internal_names  # noqa: E402
-from pipelines.serving import load_signature, serving_arrays  # noqa: E402 - what batch scoring feeds a signature
+from downpour.features.hashing import fingerprint64, hash_buckets  # noqa: E402
+from downpour.features.keras_preprocessing import HashBucket, build_preprocessing, raw_input_signature  # noqa: E402
+from downpour.features.state import FeatureState, serving_frame  # noqa: E402
+from downpour.features.windows import add_window_features  # noqa: E402
+from downpour.pipelines.columns import internal_names  # noqa: E402
+from downpour.pipelines.serving import load_signature, serving_arrays  # noqa: E402 - what batch scoring feeds a signature
 
 
 def _strings(seed: int = 5) -> list[str]:

@@ -12,8 +12,8 @@ from pyspark.sql import types as T
 
 from downpour.config import config_from_dict
 from downpour.errors import ConfigError, DataContractError
-from features.state import FeatureState, _hadoop_read, _hadoop_write
-from pipelines.columns import internal_names
+from downpour.features.state import FeatureState, _hadoop_read, _hadoop_write
+from downpour.pipelines.columns import internal_names
 
 SCHEMA = {"Customer ID": "string", "Monthly Charges": "double", "tenure": "int", "Contract": "string",
           "Payment Method": "string", "SeniorCitizen": "int", "signup_ts": "timestamp", "Churn": "string",
@@ -166,7 +166,7 @@ def test_json_round_trip_and_save_load(spark, tmp_path, monkeypatch):
     assert FeatureState.from_json(_hadoop_read(url)) == state
     loaded = FeatureState.load(str(local))
     a = state.transform(frame(spark)).orderBy("row_id").collect()
-    monkeypatch.setattr("features.state.SMALL_VOCAB", 0)  # large-vocabulary path: broadcast joins
+    monkeypatch.setattr("downpour.features.state.SMALL_VOCAB", 0)  # large-vocabulary path: broadcast joins
     b = loaded.transform(frame(spark)).orderBy("row_id").collect()
     assert a == b
     assert all(0 <= row["c__contract_x_payment_method"] < 20 for row in a)

@@ -10,8 +10,8 @@ from pyspark.sql import types as T
 
 from downpour.config import config_from_dict
 from downpour.errors import ConfigError
-from features.windows import _hot_keys, add_window_features, window_features
-from pipelines.columns import internal_names
+from downpour.features.windows import _hot_keys, add_window_features, window_features
+from downpour.pipelines.columns import internal_names
 
 T0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
 H, D = 3600, 86400

@@ -12,7 +12,7 @@ from pyspark.sql import functions as F
 
 from downpour.config import load_config
 from downpour.errors import ConfigError
-from pipelines.generate import CRM_SCHEMA, FRAUD_SCHEMA, generate, luhn_valid, per_operator_codegen, write_raw
+from downpour.pipelines.generate import CRM_SCHEMA, FRAUD_SCHEMA, generate, luhn_valid, per_operator_codegen, write_raw
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = ROOT / ".venv" / "bin" / "downpour"

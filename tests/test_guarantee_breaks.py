@@ -20,9 +20,9 @@ from pyspark.sql import Column
 from pyspark.sql import functions as F
 
 from downpour.config import config_from_dict
-from pipelines import clean, ingest
-from pipelines.ingest import REASON, column_names, contract_errors, list_input_files
-from pipelines.prepare import account, ingest_and_tag, run_prepare
+from downpour.pipelines import clean, ingest
+from downpour.pipelines.ingest import REASON, column_names, contract_errors, list_input_files
+from downpour.pipelines.prepare import account, ingest_and_tag, run_prepare
 
 HEADER = ["id", "ts", "amount", "country", "customer_name", "email", "label"]
 PII = {"customer_name", "email"}
@@ -162,7 +162,7 @@ def test_break_the_pseudonym_and_the_hmac_check_fails(spark):
 def test_break_the_atomic_write_and_the_concurrent_reader_sees_it(tmp_path, monkeypatch):
     import test_report_registry as trr
 
-    from training import registry as R
+    from downpour.training import registry as R
 
     def in_place(path: Path, obj: Any) -> None:  # truncate-and-write: what atomic replace prevents
         Path(path).parent.mkdir(parents=True, exist_ok=True)

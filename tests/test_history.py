@@ -17,9 +17,9 @@ from pyspark.sql import types as T
 
 from downpour.config import config_from_dict
 from downpour.errors import DataContractError
-from features import history as H
-from features.windows import add_window_features, window_features
-from pipelines.ingest import column_names
+from downpour.features import history as H
+from downpour.features.windows import add_window_features, window_features
+from downpour.pipelines.ingest import column_names
 
 T0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
 D = 86_400

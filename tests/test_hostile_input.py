@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 
 from downpour.config import Config, config_from_dict
 from downpour.errors import DataContractError
-from pipelines import clean
-from pipelines.ingest import column_names, contract_errors, list_input_files
-from pipelines.prepare import account, ingest_and_tag, split_clean
+from downpour.pipelines import clean
+from downpour.pipelines.ingest import column_names, contract_errors, list_input_files
+from downpour.pipelines.prepare import account, ingest_and_tag, split_clean
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = ["id", "ts", "amount", "country", "email", "label"]
@@ -327,7 +327,7 @@ class _Payload:
 def test_model_dir_that_is_not_a_savedmodel_is_refused_and_never_unpickled(case, tmp_path):
     import pickle
 
-    from pipelines.serving import load_signature
+    from downpour.pipelines.serving import load_signature
 
     _count("model")
     model = tmp_path / "model"

@@ -14,9 +14,9 @@ from pyspark.sql import functions as F
 
 from downpour.config import Config, config_from_dict
 from downpour.errors import ConfigError, DataContractError
-from pipelines import clean
-from pipelines.ingest import RAW, ROW_HASH, SOURCE, column_names, contract_errors, list_input_files, pseudonym
-from pipelines.prepare import account, ingest_and_tag, malformed_lines, run_prepare, split_clean
+from downpour.pipelines import clean
+from downpour.pipelines.ingest import RAW, ROW_HASH, SOURCE, column_names, contract_errors, list_input_files, pseudonym
+from downpour.pipelines.prepare import account, ingest_and_tag, malformed_lines, run_prepare, split_clean
 
 HEADER = ["txn id", "event_ts", "Amount (EUR)", "country", "email", "is_fraud"]
 SCHEMA = {"txn id": "string", "event_ts": "timestamp", "Amount (EUR)": "double", "country": "string",

@@ -12,8 +12,8 @@ import pytest
 
 from benchmarks.synthetic import write_prepared
 from downpour.errors import DataContractError
-from training.export import correct, logit_shift
-from training.input import (
+from downpour.training.export import correct, logit_shift
+from downpour.training.input import (
     InputSpec,
     ReadOptions,
     iter_batches,
@@ -176,7 +176,7 @@ def test_every_rank_gets_the_plans_steps_from_its_own_uneven_shard(tmp_path):
     rank's real input pipeline (its petastorm shard, read as ``_train_rank`` reads it) must yield that
     many whole batches every epoch, from its own rows only, although the shards are uneven."""
     from downpour.config import load_config
-    from training.train import make_plan, train_read_options
+    from downpour.training.train import make_plan, train_read_options
 
     root = str(tmp_path)
     # 5 row groups (200 x 4 + 100): rank 0 owns groups 0, 2, 4 (500 rows), rank 1 groups 1, 3 (400 rows)

@@ -16,7 +16,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from training import metrics as M
+from downpour.training import metrics as M
 
 
 def _sample(kind: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from downpour.config import TrainingConfig
 from downpour.errors import DataContractError
-from training.model import (
+from downpour.training.model import (
     ShardedEmbedding,
     _names,
     build_model,

@@ -15,7 +15,7 @@ import pytest
 @pytest.mark.slow
 def test_the_deep_model_is_not_worse_than_its_lr_baseline_on_generated_fraud(spark, tmp_path, conf_dir, monkeypatch):
     from downpour import api
-    from pipelines.generate import generate, write_raw
+    from downpour.pipelines.generate import generate, write_raw
 
     monkeypatch.setenv("DOWNPOUR_PII_SALT", "quality-test-salt")
     raw = tmp_path / "raw"

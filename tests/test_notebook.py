@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pyspark.sql import functions as F
 
-from pipelines.ingest import salted_hash
+from downpour.pipelines.ingest import salted_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "downpour_walkthrough.py"

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.parquet_footer import canonicalize, canonicalize_file
+from downpour.pipelines.parquet_footer import canonicalize, canonicalize_file
 
 # parquet.thrift: enum Encoding
 ENCODING = {"PLAIN": 0, "PLAIN_DICTIONARY": 2, "RLE": 3, "BIT_PACKED": 4, "DELTA_BINARY_PACKED": 5,

@@ -39,7 +39,7 @@ def _texts(path: Path) -> list[str]:
 @pytest.mark.slow
 def test_no_pii_or_salt_in_any_output_or_log(spark, tmp_path, conf_dir, caplog, capfd, monkeypatch):
     from downpour import api
-    from pipelines.generate import generate, write_raw
+    from downpour.pipelines.generate import generate, write_raw
 
     salt = f"pii-scan-salt-{uuid.uuid4().hex}"
     monkeypatch.setenv("DOWNPOUR_PII_SALT", salt)

@@ -20,8 +20,8 @@ import tensorflow as tf
 
 from downpour.config import TrainingConfig
 from downpour.errors import ConfigError
-from training.model import build_model
-from training.placement import (
+from downpour.training.model import build_model
+from downpour.training.placement import (
     parameter_bytes_by_device,
     resolve_placement,
     sparse_as_dense,
@@ -95,11 +95,11 @@ def test_single_device_accounting_and_sparse_as_dense_choice():
 DEVICES_SCRIPT = r"""
 import json, sys
 import numpy as np
-from training.placement import worker_devices, parameter_bytes_by_device, describe, canonical_device
+from downpour.training.placement import worker_devices, parameter_bytes_by_device, describe, canonical_device
 devs = worker_devices(4)                     # first TF call of the process
 import tensorflow as tf
 from downpour.config import TrainingConfig
-from training.model import build_model, transfer_weights
+from downpour.training.model import build_model, transfer_weights
 
 out = {"devices": devs, "logical": [d.name for d in tf.config.list_logical_devices("CPU")]}
 out["again"] = worker_devices(2)             # TF initialised, the existing 4 suffice
@@ -244,13 +244,13 @@ def test_model_saved_on_four_devices_loads_on_one(device_report):
 HVD_SCRIPT = r"""
 import json, sys
 import numpy as np
-from training.placement import worker_devices
+from downpour.training.placement import worker_devices
 devs = worker_devices(2)
 import tensorflow as tf
 import horovod.tensorflow as hvd_tf
 import horovod.tensorflow.keras as hvd
 from downpour.config import TrainingConfig
-from training.model import build_model
+from downpour.training.model import build_model
 
 hvd.init()
 rank, size = hvd.rank(), hvd.size()

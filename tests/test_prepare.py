@@ -16,9 +16,9 @@ import yaml
 
 from downpour import cli
 from downpour.config import Config, config_from_dict, load_config
-from pipelines.ingest import list_input_files, pseudonym
-from pipelines.prepare import compute_data_version, run_prepare
-from pipelines.publish import Publisher, join
+from downpour.pipelines.ingest import list_input_files, pseudonym
+from downpour.pipelines.prepare import compute_data_version, run_prepare
+from downpour.pipelines.publish import Publisher, join
 
 HEADER = ["Customer ID", "signup", "Monthly Charges", "plan", "email", "churned"]
 
@@ -145,7 +145,7 @@ def test_data_version_follows_input_config_and_salt(spark, tiny, monkeypatch):
 
 def test_break_the_input_fingerprint_and_the_version_test_fails(spark, tiny, monkeypatch):
     """Companion: a data version blind to the input files would make a changed input a silent no-op."""
-    import pipelines.prepare as prep
+    import downpour.pipelines.prepare as prep
 
     monkeypatch.setattr(prep, "input_fingerprint", lambda files: "the same whatever the files")
     with pytest.raises(AssertionError):
@@ -264,7 +264,7 @@ def test_persisted_frames_are_sized_to_the_input_not_to_shuffle_partitions(spark
 
 def test_without_sizing_prepare_runs_a_task_per_shuffle_partition(spark, tiny, monkeypatch):
     """The companion: with the sizing disabled, stages of 64 tasks come back, so the test above can fail."""
-    import pipelines.prepare as prepare
+    import downpour.pipelines.prepare as prepare
 
     monkeypatch.setattr(prepare, "sized_partitions", lambda spark, files, fmt: 10**6)
     cfg = config_from_dict(_raw_cfg(tiny["src"], tiny["base"] / "unsized"))

@@ -11,7 +11,7 @@ import pytest
 
 from downpour import champion as C
 from downpour.errors import DataContractError
-from training import registry as R
+from downpour.training import registry as R
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,7 +139,7 @@ def test_containment_check_is_what_refuses(tmp_path, monkeypatch):
 def test_score_follows_only_a_contained_champion(tmp_path):
     from types import SimpleNamespace
 
-    from pipelines.score import resolve_model_dir
+    from downpour.pipelines.score import resolve_model_dir
 
     reg = _registry(tmp_path)
     cfg = SimpleNamespace(output=SimpleNamespace(path=str(tmp_path / "out")))

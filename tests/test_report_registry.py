@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from downpour.errors import ConfigError, DownpourError, GateRefused
-from training import metrics as M
-from training import registry as R
-from training.report import SECTIONS, history_series, write_report
+from downpour.training import metrics as M
+from downpour.training import registry as R
+from downpour.training.report import SECTIONS, history_series, write_report
 
 
 def _model_dir(tmp: Path, version: str) -> Path:

@@ -111,8 +111,8 @@ def _export_untrained_model(prepared: Path, dest: Path) -> Path:
     signatures), untrained: scoring costs the same whatever the weights, and training would cost
     a minute of Horovod this test is not about."""
     from downpour.config import load_config
-    from training.export import export_saved_model
-    from training.model import build_model
+    from downpour.training.export import export_saved_model
+    from downpour.training.model import build_model
 
     state = json.loads((prepared / "feature_state.json").read_text())
     manifest = json.loads((prepared / "manifest.json").read_text())

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _generated(spark, kind: str, rows: int, out: Path) -> pd.DataFrame:
-    from pipelines.generate import generate, write_raw
+    from downpour.pipelines.generate import generate, write_raw
 
     write_raw(generate(spark, kind, rows=rows, seed=11), str(out), fmt="csv", partitions=1, rows=rows)
     return pd.concat([pd.read_csv(f, dtype=str, keep_default_na=False) for f in sorted(out.glob("*.csv"))])
@@ -33,8 +33,8 @@ def _generated(spark, kind: str, rows: int, out: Path) -> pd.DataFrame:
 
 def _train(spark, conf: str, data: Path, out: Path, extra: list[str]):
     from downpour.config import load_config
-    from pipelines.prepare import run_prepare
-    from training.train import run_training
+    from downpour.pipelines.prepare import run_prepare
+    from downpour.training.train import run_training
 
     cfg = load_config(ROOT / "conf" / conf, [
         f"input.path={data}", f"output.path={out}", "training.epochs=1", "training.workers=1",
@@ -45,7 +45,7 @@ def _train(spark, conf: str, data: Path, out: Path, extra: list[str]):
 
 
 def _score(spark, cfg, rows: pd.DataFrame, where: Path, name: str, **kw) -> pd.DataFrame:
-    from pipelines.score import run_scoring
+    from downpour.pipelines.score import run_scoring
 
     src = where / f"{name}.csv"
     rows.to_csv(src, index=False)
@@ -100,7 +100,7 @@ def test_fraud_new_file_scored_with_history_equals_scoring_it_with_its_past(spar
 
 
 def test_fraud_test_split_scored_as_new_file_equals_the_evaluation(spark, fraud):
-    from training.evaluate import run_evaluation
+    from downpour.training.evaluate import run_evaluation
 
     cfg, tmp, raw, early, late = fraud
     res = run_evaluation(spark, cfg)
@@ -138,7 +138,7 @@ def test_fraud_two_days_rolled_forward_equal_both_days_together(spark, fraud, fr
 
 
 def test_fraud_gap_limit_and_explicit_no_history(spark, fraud, tmp_path):
-    from pipelines.score import run_scoring
+    from downpour.pipelines.score import run_scoring
 
     cfg, tmp, raw, early, late = fraud
     day2 = late[late["event_ts"] >= late["event_ts"].iloc[len(late) // 2]]

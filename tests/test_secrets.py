@@ -65,11 +65,11 @@ class _Rank0(dict):
 def _write_model_card(cfg: Config, tmp_path: Path) -> Path:
     """Training's ``finish`` (the real writer of model_card.json and history.json), minus the training."""
     from downpour import storage
-    from training import train
-    from training.input import PreparedData
+    from downpour.training import train
+    from downpour.training.input import PreparedData
 
     staging = storage.staging_dir(storage.join(cfg.output.path, train.MODEL_DIR))
-    from training.budget import plan_budget
+    from downpour.training.budget import plan_budget
 
     plan = {"staging": staging, "tensorboard": str(tmp_path / "no-tensorboard"), "steps_per_epoch": 3,
             "budget": plan_budget(cfg.training, 10).as_dict(),

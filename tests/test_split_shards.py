@@ -13,8 +13,8 @@ import pytest
 from pyspark.sql import functions as F
 
 from downpour.config import Config, config_from_dict
-from pipelines import shards
-from pipelines.split import assign_split, hash_unit, hash_unit_py, split_counts
+from downpour.pipelines import shards
+from downpour.pipelines.split import assign_split, hash_unit, hash_unit_py, split_counts
 
 
 def cfg_for(**split: Any) -> Config:

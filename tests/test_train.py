@@ -14,8 +14,8 @@ import pytest
 from benchmarks.synthetic import write_prepared
 from downpour.config import Config
 from downpour.errors import ConfigError
-from training.checkpoints import LATEST
-from training.train import KILL_ENV, TrainingFailed, _kill_worker, _worker_error, run_training
+from downpour.training.checkpoints import LATEST
+from downpour.training.train import KILL_ENV, TrainingFailed, _kill_worker, _worker_error, run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
 

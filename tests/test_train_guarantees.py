@@ -13,7 +13,7 @@ import pytest
 from test_train import _config  # the same small config as the other training tests
 
 from benchmarks.synthetic import write_prepared
-from training.checkpoints import CheckpointStore
+from downpour.training.checkpoints import CheckpointStore
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -51,7 +51,7 @@ def _compiled_model():
 def test_early_stopping_sees_the_auc_of_all_ranks_rows_not_the_mean_of_per_rank_aucs():
     from sklearn.metrics import roc_auc_score
 
-    from training.callbacks import PooledMetrics, additive_metrics
+    from downpour.training.callbacks import PooledMetrics, additive_metrics
 
     (y0, p0), (y1, p1) = _rank_data(3)
     y, p = np.concatenate([y0, y1]), np.concatenate([p0, p1])
@@ -99,8 +99,8 @@ def _crash_before_latest_json(url: str, monkeypatch: pytest.MonkeyPatch) -> tupl
     """Epoch 1 is checkpointed as the best; epoch 2 is better, and the process dies after its weights
     were written but before ``latest.json`` was replaced. Returns what the resume/export path then
     reads: the state, the best weights it loads (None when it refuses them), each epoch's weights."""
-    from training import checkpoints
-    from training.callbacks import EpochRecorder
+    from downpour.training import checkpoints
+    from downpour.training.callbacks import EpochRecorder
 
     model = _tiny_model()
     recorder = EpochRecorder(CheckpointStore(url, "key"), {}, "val_auc", None, 64)
@@ -163,7 +163,7 @@ def test_best_weights_of_another_epoch_than_the_recorded_best_are_never_loaded(t
 
 def test_an_epoch_of_the_training_stream_is_the_same_whether_the_stream_starts_there_or_before(tmp_path):
     # what makes a resumed run read the data an uninterrupted one reads, without re-reading epochs
-    from training.input import InputSpec, ReadOptions, iter_epoch_blocks, open_prepared
+    from downpour.training.input import InputSpec, ReadOptions, iter_epoch_blocks, open_prepared
 
     write_prepared(str(tmp_path), {"train": 1000, "val": 100, "test": 100}, row_group_rows=100, files=1)
     prepared = open_prepared(str(tmp_path))
@@ -197,8 +197,8 @@ def _checkpoint(path: str) -> dict[str, np.ndarray]:
 
 @pytest.mark.slow
 def test_resumed_two_worker_run_ends_with_the_weights_of_an_uninterrupted_run(spark, tmp_path):
-    from training.checkpoints import LATEST
-    from training.train import run_training
+    from downpour.training.checkpoints import LATEST
+    from downpour.training.train import run_training
 
     out = str(tmp_path)
     # uneven shards: 5 train row groups (3 + 2 per rank), 3 val row groups (2 + 1)

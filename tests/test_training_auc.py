@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from training.callbacks import SpreadAUC
-from training.train import METRIC_THRESHOLDS
+from downpour.training.callbacks import SpreadAUC
+from downpour.training.train import METRIC_THRESHOLDS
 
 
 def _exact_roc_auc(y: np.ndarray, p: np.ndarray) -> float:

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from training.budget import Budget, learning_rate_at
-from training.checkpoints import CheckpointStore
+from downpour.training.budget import Budget, learning_rate_at
+from downpour.training.checkpoints import CheckpointStore
 
 
 class StepLearningRate(tf.keras.callbacks.Callback):

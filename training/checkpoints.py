@@ -31,7 +31,7 @@ from typing import Any
 from downpour import storage
 from downpour.config import Config
 from downpour.logs import LOG
-from training.budget import Budget
+from downpour.training.budget import Budget
 
 LATEST = "latest.json"
 BEST = "best"  # prefix of best-<epoch> directories (a bare "best/" is what older versions wrote)

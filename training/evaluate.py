@@ -34,15 +34,15 @@ from pyspark.sql import functions as F
 from downpour import storage
 from downpour.config import Config
 from downpour.errors import DataContractError
+from downpour.features.state import serving_frame
 from downpour.logs import LOG, timed
+from downpour.pipelines.score import RAW_SIGNATURE, RawInputs
+from downpour.pipelines.serving import arrow_batch_rows, model_paths, score_dataframe, signature_inputs
 from downpour.spark import persist_level
-from features.state import serving_frame
-from pipelines.score import RAW_SIGNATURE, RawInputs
-from pipelines.serving import arrow_batch_rows, model_paths, score_dataframe, signature_inputs
-from training import registry as reg_mod
-from training.input import PreparedData, open_prepared
-from training.metrics import evaluate_scores, evaluate_scores_by, scalar_metrics
-from training.report import write_report
+from downpour.training import registry as reg_mod
+from downpour.training.input import PreparedData, open_prepared
+from downpour.training.metrics import evaluate_scores, evaluate_scores_by, scalar_metrics
+from downpour.training.report import write_report
 
 SPLITS = ("val", "test")
 FEATURE_SIGNATURE = "serve_features"
@@ -210,10 +210,10 @@ def raw_split_rows(spark: SparkSession, cfg: Config, prepared: PreparedData,
 
     The imputation statistics are the published ones (fitted on that version's train split).
     """
-    from features.windows import add_window_features
-    from pipelines import clean
-    from pipelines.ingest import column_names, contract_errors, list_input_files
-    from pipelines.prepare import compute_data_version, ingest_and_tag, split_clean
+    from downpour.features.windows import add_window_features
+    from downpour.pipelines import clean
+    from downpour.pipelines.ingest import column_names, contract_errors, list_input_files
+    from downpour.pipelines.prepare import compute_data_version, ingest_and_tag, split_clean
 
     salt = clean.resolve_salt(cfg)
     names = column_names(cfg)

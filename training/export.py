@@ -69,7 +69,7 @@ def export_saved_model(model: Any, feature_state: Mapping[str, Any], shift: floa
     """
     import tensorflow as tf
 
-    from training.model import input_columns
+    from downpour.training.model import input_columns
 
     columns = input_columns(feature_state)
     shift_t = float(shift)
@@ -113,8 +113,8 @@ def _raw_signature(scorer: Any, feature_state: Mapping[str, Any]) -> tuple[Any, 
     import tensorflow as tf
 
     try:
-        from features.keras_preprocessing import build_preprocessing, raw_input_signature
-        from features.state import FeatureState
+        from downpour.features.keras_preprocessing import build_preprocessing, raw_input_signature
+        from downpour.features.state import FeatureState
     except ImportError:
         return None
     state = FeatureState.from_dict(dict(feature_state))

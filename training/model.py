@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from downpour.config import TrainingConfig
 from downpour.errors import DataContractError
-from training.placement import PartPlacement, resolve_placement
+from downpour.training.placement import PartPlacement, resolve_placement
 
 _PKG = "downpour"
 _INIT_CHUNK_ROWS = 4096  # rows per deterministic init block; independent of the sharding

@@ -33,10 +33,10 @@ from downpour import storage
 from downpour.config import Config
 from downpour.errors import ConfigError, DataContractError, DownpourError
 from downpour.logs import LOG, timed
-from training.budget import Budget, plan_budget
-from training.checkpoints import CheckpointStore, run_key
-from training.export import keep_negatives, logit_shift, positive_weight
-from training.input import PreparedData, ReadOptions, SplitInfo, expected_train_rows, open_prepared
+from downpour.training.budget import Budget, plan_budget
+from downpour.training.checkpoints import CheckpointStore, run_key
+from downpour.training.export import keep_negatives, logit_shift, positive_weight
+from downpour.training.input import PreparedData, ReadOptions, SplitInfo, expected_train_rows, open_prepared
 
 WORK_DIR = "training"      # <output.path>/training/{checkpoints,tensorboard}
 MODEL_DIR = "model"        # <output.path>/model -> the published model directory
@@ -463,7 +463,7 @@ def _configure_process(cfg: Config) -> tuple[int, list[str]]:
         tf.config.experimental.enable_op_determinism()
     devices: list[str] = []
     if t.devices_per_worker > 1 or t.placement:
-        from training.placement import worker_devices
+        from downpour.training.placement import worker_devices
 
         devices = worker_devices(t.devices_per_worker)
     return threads, devices
@@ -492,11 +492,11 @@ def _train_rank(plan: dict[str, Any], rank: int) -> dict[str, Any]:
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
 
-    from training import callbacks as cb
-    from training.export import export_saved_model
-    from training.input import InputSpec, iter_batches, make_dataset
-    from training.model import build_model
-    from training.placement import describe, parameter_bytes_by_device, sparse_as_dense
+    from downpour.training import callbacks as cb
+    from downpour.training.export import export_saved_model
+    from downpour.training.input import InputSpec, iter_batches, make_dataset
+    from downpour.training.model import build_model
+    from downpour.training.placement import describe, parameter_bytes_by_device, sparse_as_dense
 
     hvd.init()
     size = hvd.size()
@@ -639,7 +639,7 @@ def _unplaced(model: Any, state: dict[str, Any], t: Any, build_model: Any) -> An
     so the SavedModel runs on any scorer, GPU or not."""
     if t.devices_per_worker == 1 and not t.placement:
         return model
-    from training.model import transfer_weights
+    from downpour.training.model import transfer_weights
 
     plain = build_model(state, t.model_copy(update={"devices_per_worker": 1, "placement": {}}), None)
     transfer_weights(model, plain)
