@@ -125,7 +125,9 @@ def ours_config(raw: str, out: str, epochs: int, workers: int, batch_size: int,
 def run_ours(spark: SparkSession, cfg: Any, scores_url: str) -> dict[str, Any]:
     """prepare -> train -> score the test split; returns the timings and what was trained."""
     from downpour import api
-    from downpour.pipelines.serving import arrow_batch_rows, model_paths
+    from downpour.artifact import ModelArtifact
+    from downpour.layout import RunLayout
+    from downpour.pipelines.serving import arrow_batch_rows
     from downpour.training.evaluate import score_split
     from downpour.training.input import open_prepared
 
@@ -135,7 +137,7 @@ def run_ours(spark: SparkSession, cfg: Any, scores_url: str) -> dict[str, Any]:
     card = api.train(cfg, spark=spark, fresh=True)
     t2 = time.perf_counter()
     prepared = open_prepared(cfg.output.path)
-    _, saved_model = model_paths(os.path.join(cfg.output.path, "model"))
+    saved_model = ModelArtifact.at(RunLayout(cfg.output.path).model).saved_model
     rows = cfg.evaluation.score_batch_rows
     with arrow_batch_rows(spark, rows):
         test = spark.read.parquet(prepared.split("test").url)

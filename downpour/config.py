@@ -306,9 +306,24 @@ class GateConfig(_Strict):
     vs_baseline: float | None = Field(None, ge=0)
 
 
+class DecisionConfig(_Strict):
+    """Scores into actions (training/decision.py): evaluate picks the threshold with the lowest cost on val;
+    score writes ``decision`` (score >= threshold). Costs are in the user's currency, per row."""
+
+    enabled: bool = False
+    action_cost: float = Field(0.0, ge=0)  # every row acted on: a review, a call
+    # on top of action_cost, when the row acted on is a negative (a good customer blocked)
+    false_positive_cost: float = Field(0.0, ge=0)
+    missed_cost: float = Field(1.0, ge=0)  # a positive not acted on (missed fraud, a churner not called)
+    # per row instead of missed_cost: a numeric raw column (e.g. the amount at risk); rebuilds val and test once
+    missed_cost_column: str | None = None
+    max_action_rate: float | None = Field(None, gt=0, le=1)  # alert budget: at most this share of rows acted on
+
+
 class EvaluationConfig(_Strict):
     registry: str | None = None
     gate: GateConfig = Field(default_factory=GateConfig)
+    decision: DecisionConfig = Field(default_factory=DecisionConfig)
     baseline: bool = True
     precision_at_k: list[int] = Field(default_factory=lambda: [100, 1000])
     fpr_points: list[float] = Field(default_factory=lambda: [0.001, 0.01])
@@ -419,6 +434,7 @@ class Config(_Strict):
             ("features.rfm.amount_column", self.features.rfm.amount_column),
             ("features.rfm.signup_column", self.features.rfm.signup_column),
             ("features.rfm.frequency_column", self.features.rfm.frequency_column),
+            ("evaluation.decision.missed_cost_column", self.evaluation.decision.missed_cost_column),
         ]
         refs += [(f"pii.drop[{i}]", c) for i, c in enumerate(self.pii.drop)]
         refs += [(f"pii.hash[{i}]", c) for i, c in enumerate(self.pii.hash)]
@@ -444,6 +460,14 @@ class Config(_Strict):
                 raise _KeyError("pii", f"PII column {c!r} cannot also be a model feature")
         if self.label.column in feature_cols:
             raise _KeyError("features", f"the label column {self.label.column!r} cannot be a feature")
+        cost_col = self.evaluation.decision.missed_cost_column
+        if cost_col is not None:
+            key = "evaluation.decision.missed_cost_column"
+            if cost_col in self.pii.drop + self.pii.hash:
+                raise _KeyError(key, f"column {cost_col!r} is PII; a cost must come from a non-PII column")
+            if self.schema_[cost_col].split("(")[0] not in ("double", "float", "int", "integer", "long", "bigint",
+                                                              "short", "smallint", "decimal"):
+                raise _KeyError(key, f"column {cost_col!r} is {self.schema_[cost_col]}; a cost must be numeric")
         if self.split.method == "time":
             if not (self.split.column or self.timestamp_column):
                 raise _KeyError("split.column", "a time split needs split.column or timestamp_column")

@@ -1,11 +1,19 @@
-"""URLs for training's inputs and outputs: local paths, ``file://``, ``dbfs:/``, ``hdfs://``, ``s3a://``.
+"""Every file-system access of the product: local paths, ``file:``, ``dbfs:/``, ``hdfs://``, ``s3a://``.
 
-Training reads shards through petastorm (which takes URLs) and writes checkpoints, TensorBoard logs
-and the exported model under ``output.path``. TensorFlow itself cannot write every scheme (no S3 in
-TF 2.15), so everything TF writes is first written to a local directory and then copied with
-pyarrow's filesystems; small JSON files are written whole and renamed into place, so a reader never
-sees half a file. On local disks directory publication is atomic (rename / symlink swap); on object
-stores it is as atomic as the store allows (copy to a staging name, then move).
+Two ways in, one set of URL rules:
+
+* **Python's view** (the functions below): what training ranks, TensorFlow, scoring workers and the
+  registry read and write. Local and mounted paths are plain files; other URLs go through pyarrow's
+  file systems. TensorFlow cannot write every scheme (no S3 in TF 2.15), so what it writes is
+  written locally first and then copied.
+* **The driver's Hadoop view** (:class:`HadoopFS`): what the Spark stages (prepare, score) use for
+  listings, renames and small files, so they see exactly what Spark sees, with Spark's credentials.
+
+The one ``dbfs:`` rule: ``dbfs:/x`` is the Databricks FUSE mount ``/dbfs/x`` for Python (every node
+mounts it), a Hadoop URL for Spark, and has no symbolic links, so a directory is published there by
+renames, as on other remote file systems. Small JSON files are written whole and renamed into place,
+so a reader never sees half a file. Directory publication is atomic where the file system allows
+(symlink swap on local disks, rename on HDFS), otherwise a staged copy moved into place.
 """
 
 from __future__ import annotations
@@ -15,10 +23,14 @@ import os
 import posixpath
 import shutil
 import uuid
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from downpour.fsutil import swap_symlink
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 _LOCAL_SCHEMES = ("", "file", "dbfs")
 
@@ -30,7 +42,18 @@ def scheme(url: str) -> str:
 
 
 def is_local(url: str) -> bool:
+    """Python reads and writes it as a file (``dbfs:`` through its FUSE mount)."""
     return scheme(url) in _LOCAL_SCHEMES
+
+
+def is_file_url(url: str) -> bool:
+    """A path on this machine's own file system, for Python and the JVM alike (no ``dbfs:``)."""
+    return scheme(url) in ("", "file")
+
+
+def has_symlinks(url: str) -> bool:
+    """Whether a directory can be published at ``url`` by a symlink swap (not on DBFS's FUSE mount)."""
+    return is_file_url(url)
 
 
 def local_path(url: str) -> str:
@@ -83,6 +106,20 @@ def exists(url: str) -> bool:
 
     fs, path = _arrow_fs(url)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def file_stamp(url: str) -> str:
+    """A string that changes whenever the file at ``url`` is replaced (caches key on it)."""
+    if is_local(url):
+        st = os.stat(local_path(url))
+        return f"{st.st_mtime_ns}-{st.st_size}-{st.st_ino}"
+    from pyarrow import fs as pafs
+
+    fs, path = _arrow_fs(url)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(url)
+    return f"{info.mtime_ns}-{info.size}"
 
 
 def read_text(url: str) -> str:
@@ -210,12 +247,14 @@ def staging_dir(url: str) -> str:
     """A fresh directory next to ``url`` into which a new version of ``url`` is assembled before
     :func:`publish_dir` swaps it in (same filesystem, so publishing is a rename)."""
     name = posixpath.basename(str(url).rstrip("/"))
-    if is_local(url):
+    if has_symlinks(url):
         parent = os.path.dirname(local_path(url))
         path = os.path.join(parent, f".{name}.versions", f".staging-{uuid.uuid4().hex[:12]}")
         os.makedirs(path)
         return path
-    staging = f"{str(url).rstrip('/')}.staging-{uuid.uuid4().hex[:12]}"
+    # a mounted path stays a path (dbfs: -> /dbfs/...): TensorFlow writes into it directly
+    base = local_path(url) if is_local(url) else str(url).rstrip("/")
+    staging = f"{base}.staging-{uuid.uuid4().hex[:12]}"
     makedirs(staging)
     return staging
 
@@ -226,10 +265,10 @@ def publish_dir(staging: str, url: str, version: str, keep_previous: int = 1) ->
     Local: the staging directory is renamed to ``.<name>.versions/<version>`` and ``url`` becomes a
     symlink to it, swapped with an atomic rename, so a reader resolves either the old or the new
     tree, never a mix; versions beyond the new one and ``keep_previous`` older ones are removed.
-    Other filesystems have no symlinks: the old tree is moved aside, the staged one moved in (two
-    renames: atomic each on HDFS, copies on object stores) and the old one deleted.
+    Other filesystems have no symlinks (``dbfs:`` included): the old tree is moved aside, the staged
+    one moved in (two renames: atomic each on HDFS, copies on object stores) and the old one deleted.
     """
-    if is_local(url):
+    if has_symlinks(url):
         target = local_path(url)
         parent = os.path.dirname(target)
         versions = os.path.join(parent, f".{posixpath.basename(target)}.versions")
@@ -246,15 +285,148 @@ def publish_dir(staging: str, url: str, version: str, keep_previous: int = 1) ->
         for e in old[: max(0, len(old) - keep_previous)]:
             shutil.rmtree(os.path.join(versions, e), ignore_errors=True)
         return dest
-    from pyarrow import fs as pafs
-
-    fs, path = _arrow_fs(url)
-    _, staged = _arrow_fs(staging)
-    old = f"{path}.old-{uuid.uuid4().hex[:8]}"
-    had_old = fs.get_file_info(path).type != pafs.FileType.NotFound
+    old = f"{str(url).rstrip('/')}.old-{uuid.uuid4().hex[:8]}"
+    had_old = exists(url)
     if had_old:
-        fs.move(path, old)
-    fs.move(staged, path)
+        move(url, old)
+    move(staging, url)
     if had_old:
-        fs.delete_dir(old)
+        delete_dir(old)
     return str(url).rstrip("/")
+
+
+# ---- the driver's Hadoop view -------------------------------------------------------------------
+@dataclass(frozen=True)
+class FileInfo:
+    path: str
+    size: int
+    mtime: int  # milliseconds since the epoch, as Hadoop reports it
+
+
+# ---- Hadoop FileSystem through the JVM --------------------------------------------------------------
+class HadoopFS:
+    """The few Hadoop ``FileSystem`` calls the pipeline needs, for any URL Spark can read.
+
+    Small files we write ourselves (manifest, markers) go through Python on local paths (atomic
+    tmp + os.replace, no Hadoop ``.crc`` side files) and through ``FileSystem.create`` elsewhere.
+    """
+
+    def __init__(self, spark: SparkSession) -> None:
+        self._jvm = spark.sparkContext._jvm
+        self._conf = spark.sparkContext._jsc.hadoopConfiguration()
+
+    def _p(self, url: str) -> Any:
+        return self._jvm.org.apache.hadoop.fs.Path(url)
+
+    def _fs(self, url: str) -> tuple[Any, Any]:
+        p = self._p(url)
+        return p.getFileSystem(self._conf), p
+
+    def qualify(self, url: str) -> str:
+        """Fully qualified URL (``file:/abs/p``, ``hdfs://nn:8020/p``): a scheme-less path means the
+        cluster's default file system, as it does for Spark; a relative local one is made absolute."""
+        p = self._p(url)
+        fs = p.getFileSystem(self._conf)
+        if not urlparse(url).scheme and fs.getUri().getScheme() == "file":
+            p = self._p(os.path.abspath(url))
+        return str(fs.makeQualified(p).toString())
+
+    def uri_key(self, url: str, encoded: bool = False) -> tuple[str, str, str]:
+        """(scheme, authority, decoded path): the same file whether named by a URI-encoded URL
+        (``encoded``: what ``input_file_name()`` gives) or a Hadoop path (what listings give)."""
+        uri = self._jvm.java.net.URI(url) if encoded else self._p(url).toUri()
+        return str(uri.getScheme()), str(uri.getAuthority() or ""), str(uri.getPath())
+
+    def exists(self, url: str) -> bool:
+        fs, p = self._fs(url)
+        return bool(fs.exists(p))
+
+    def is_dir(self, url: str) -> bool:
+        fs, p = self._fs(url)
+        return bool(fs.exists(p) and fs.getFileStatus(p).isDirectory())
+
+    def mkdirs(self, url: str) -> None:
+        fs, p = self._fs(url)
+        fs.mkdirs(p)
+
+    def delete(self, url: str, recursive: bool = True) -> bool:
+        fs, p = self._fs(url)
+        return bool(fs.delete(p, recursive))
+
+    def rename(self, src: str, dst: str) -> None:
+        fs, p = self._fs(src)
+        if not fs.rename(p, self._p(dst)):
+            raise OSError(f"could not rename {src} -> {dst}")
+
+    def list_dir(self, url: str) -> list[tuple[str, bool, int]]:
+        """(name, is_dir, size) of the direct children; [] when the directory does not exist."""
+        fs, p = self._fs(url)
+        if not fs.exists(p):
+            return []
+        return [(st.getPath().getName(), bool(st.isDirectory()), int(st.getLen())) for st in fs.listStatus(p)]
+
+    def list_files(self, url: str) -> list[FileInfo]:
+        """Every data file under a path, directory or glob; hidden files (``_*``, ``.*``) skipped."""
+        fs, p = self._fs(url)
+        statuses = fs.globStatus(p)
+        out: list[FileInfo] = []
+        for st in statuses or []:
+            if st.isDirectory():
+                root = st.getPath().toString().rstrip("/")
+                it = fs.listFiles(st.getPath(), True)
+                while it.hasNext():
+                    f = it.next()
+                    path = f.getPath().toString()
+                    if not _hidden(path[len(root):]):
+                        out.append(FileInfo(path, int(f.getLen()), int(f.getModificationTime())))
+            elif not _hidden(st.getPath().getName()):
+                out.append(FileInfo(st.getPath().toString(), int(st.getLen()), int(st.getModificationTime())))
+        return sorted(out, key=lambda f: f.path)
+
+    def write_bytes(self, url: str, data: bytes) -> None:
+        """Write a small file whole; on local paths atomically (tmp file + fsync + os.replace)."""
+        if is_file_url(url):
+            path = local_path(url)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            return
+        fs, p = self._fs(url)
+        out = fs.create(p, True)
+        try:
+            out.write(bytearray(data))
+        finally:
+            out.close()
+
+    def read_bytes(self, url: str) -> bytes:
+        if is_file_url(url):
+            with open(local_path(url), "rb") as fh:
+                return fh.read()
+        fs, p = self._fs(url)
+        stream = fs.open(p)
+        try:
+            return bytes(self._jvm.org.apache.commons.io.IOUtils.toByteArray(stream))
+        finally:
+            stream.close()
+
+    def write_json(self, url: str, obj: Any) -> None:
+        self.write_bytes(url, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+    def read_json(self, url: str) -> Any | None:
+        """The parsed JSON file, or None when it does not exist or is not valid JSON (a torn write)."""
+        try:
+            if not self.exists(url):
+                return None
+            return json.loads(self.read_bytes(url))
+        except (OSError, ValueError):
+            return None
+
+
+def _hidden(relative: str) -> bool:
+    """Spark's rule: a path component starting with ``_`` or ``.`` is hidden (``k=v`` dirs are not)."""
+    parts = [p for p in relative.split("/") if p]
+    return any((p.startswith(("_", ".")) and "=" not in p) for p in parts)

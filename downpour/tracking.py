@@ -133,16 +133,17 @@ def log_evaluation(cfg: Config) -> str | None:
     import mlflow
 
     from downpour import storage
-    from downpour.pipelines.serving import model_paths
+    from downpour.artifact import CARD, HISTORY, ModelArtifact
+    from downpour.layout import RunLayout
 
-    model_root, saved_model = model_paths(storage.join(cfg.output.path, "model"))
-    card_url = storage.join(model_root, "model_card.json")
-    if not storage.exists(card_url):
-        LOG.warning("tracking: %s is missing; nothing to log to MLflow", card_url)
+    layout = RunLayout(cfg.output.path)
+    model = ModelArtifact.at(layout.model)
+    if not storage.exists(model.card_url):
+        LOG.warning("tracking: %s is missing; nothing to log to MLflow", model.card_url)
         return None
-    card = storage.read_json(card_url)
-    history_url = storage.join(model_root, "history.json")
-    history = storage.read_json(history_url) if storage.exists(history_url) else None
+    card = storage.read_json(model.card_url)
+    history = model.history()
+    saved_model = model.saved_model
     card, history = cfg.scrub(card), cfg.scrub(history)  # written before this config? scrub again
     version = str(card.get("model_version"))
     where = public_uri(cfg)
@@ -162,10 +163,10 @@ def log_evaluation(cfg: Config) -> str | None:
                 mlflow.log_metrics(metrics_of(card))
                 for name, value, step in curves_of(history):
                     mlflow.log_metric(name, value, step=step)
-                mlflow.log_dict(card, "model_card.json")
+                mlflow.log_dict(card, CARD)
                 if history is not None:
-                    mlflow.log_dict(history, "history.json")
-                report = _local_copy(storage.join(cfg.output.path, "report"), tmp)
+                    mlflow.log_dict(history, HISTORY)
+                report = _local_copy(layout.report, tmp)
                 if report:
                     mlflow.log_artifacts(report, "report")
                 if cfg.tracking.log_model:

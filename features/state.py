@@ -15,9 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -25,11 +22,13 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from downpour import storage
 from downpour.config import Config
 from downpour.errors import ConfigError, DataContractError
 from downpour.features.hashing import hash_buckets
 from downpour.features.windows import window_features
 from downpour.logs import LOG, timed
+from downpour.storage import HadoopFS
 
 VERSION = 1
 INT64_NULL = -(2**63)  # how serving spells a null integer category or timestamp (int64 has no null)
@@ -301,26 +300,20 @@ class FeatureState:
 
     def save(self, path: str) -> None:
         """Write the JSON to a local path (atomically) or any Hadoop URL (hdfs://, s3a://, dbfs:/)."""
-        local = _local_path(path)
         text = self.to_json()
-        if local is None:
-            _hadoop_write(path, text)
+        if storage.is_file_url(path):
+            storage.write_text_atomic(path, text)
         else:
-            local.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=".feature_state.")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, local)
+            _hadoop(path).write_bytes(path, text.encode("utf-8"))
         LOG.info("feature state written to %s", path)
 
     @classmethod
     def load(cls, path: str) -> FeatureState:
-        local = _local_path(path)
-        if local is None:
-            return cls.from_json(_hadoop_read(path))
-        if not local.is_file():
+        local = storage.is_file_url(path)
+        if not (os.path.isfile(storage.local_path(path)) if local else _hadoop(path).exists(path)):
             raise DataContractError(f"feature_state.json: no such file {path} (run `downpour prepare` first)")
-        return cls.from_json(local.read_text(encoding="utf-8"))
+        text = storage.read_text(path) if local else _hadoop(path).read_bytes(path).decode("utf-8")
+        return cls.from_json(text)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, FeatureState) and self.to_dict() == other.to_dict()
@@ -597,45 +590,9 @@ def _fit_vocabularies(df: DataFrame, plan: dict[str, Any]) -> dict[str, list[str
 
 
 # ---- file systems -------------------------------------------------------------------------------------
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
-
-
-def _local_path(path: str) -> Path | None:
-    """A local Path for plain paths and file: URLs; None for other URLs (read through Hadoop)."""
-    m = _SCHEME.match(path)
-    if not m:
-        return Path(path)
-    if m.group(1).lower() == "file":
-        return Path(re.sub(r"^file:(//)?", "", path))
-    return None
-
-
-def _hadoop_fs(path: str) -> tuple[Any, Any]:
+def _hadoop(path: str) -> HadoopFS:
+    """The driver's Hadoop view, for URLs that are not this machine's files (Spark's credentials)."""
     spark = SparkSession.getActiveSession()
     if spark is None:
         raise ConfigError(f"{path}: a non-local URL needs an active SparkSession (its Hadoop file systems)")
-    jvm = spark._jvm  # type: ignore[attr-defined]
-    p = jvm.org.apache.hadoop.fs.Path(path)
-    return p.getFileSystem(spark._jsc.hadoopConfiguration()), p  # type: ignore[attr-defined]
-
-
-def _hadoop_write(path: str, text: str) -> None:
-    fs, p = _hadoop_fs(path)
-    stream = fs.create(p, True)
-    try:
-        stream.write(bytearray(text.encode("utf-8")))
-    finally:
-        stream.close()
-
-
-def _hadoop_read(path: str) -> str:
-    fs, p = _hadoop_fs(path)
-    if not fs.exists(p):
-        raise DataContractError(f"feature_state.json: no such file {path} (run `downpour prepare` first)")
-    spark = SparkSession.getActiveSession()
-    stream = fs.open(p)
-    try:
-        data = spark._jvm.org.apache.commons.io.IOUtils.toByteArray(stream)  # type: ignore[union-attr]
-    finally:
-        stream.close()
-    return bytes(data).decode("utf-8")
+    return HadoopFS(spark)

@@ -28,17 +28,14 @@ from downpour.errors import DataContractError, DownpourError, GateRefused
 
 def gate_decision(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """(model card, the gate decision recorded in it) for the model under ``cfg.output.path``."""
-    from downpour import storage
-    from downpour.pipelines.serving import model_paths
+    from downpour.artifact import ModelArtifact
+    from downpour.layout import RunLayout
 
-    model_root, _ = model_paths(storage.join(cfg.output.path, "model"))
-    card_url = storage.join(model_root, "model_card.json")
-    if not storage.exists(card_url):
-        raise DataContractError(f"{card_url}: no exported model (model_card.json is missing); run train first")
-    card = storage.read_json(card_url)
+    model = ModelArtifact.at(RunLayout(cfg.output.path).model)
+    card = model.card(hint="run train first")
     gate = (card.get("evaluation") or {}).get("gate")
     if not gate:
-        raise DataContractError(f"{card_url}: model {card.get('model_version')} has no quality-gate decision; "
+        raise DataContractError(f"{model.card_url}: model {card.get('model_version')} has no quality-gate decision; "
                                 "run `downpour evaluate --gate` first")
     return card, gate
 

@@ -29,7 +29,7 @@ from downpour.config import Config
 from downpour.errors import DataContractError
 from downpour.logs import LOG
 from downpour.pipelines.columns import internal_names
-from downpour.pipelines.publish import FileInfo, HadoopFS
+from downpour.storage import FileInfo, HadoopFS
 
 # Internal helper columns (safe names never start with "_", so these cannot clash).
 CORRUPT = "_dp_corrupt"
@@ -333,14 +333,9 @@ def malformed_line_numbers(spark: SparkSession, cfg: Config, files: list[FileInf
         return None
     # input_file_name() is a URL-encoded URI ("file:///a%20b.csv"), the listing has Hadoop paths
     # ("file:/a b.csv"): match them by (scheme, authority, decoded path), read by the listed path
-    jvm = spark.sparkContext._jvm
-    assert jvm is not None
-
-    def key(uri: Any) -> tuple[str, str, str]:
-        return str(uri.getScheme()), str(uri.getAuthority() or ""), str(uri.getPath())
-
-    wanted_keys = {key(jvm.java.net.URI(src)) for src in sources}
-    paths = [f.path for f in files if key(jvm.org.apache.hadoop.fs.Path(f.path).toUri()) in wanted_keys]
+    fs = HadoopFS(spark)
+    wanted_keys = {fs.uri_key(src, encoded=True) for src in sources}
+    paths = [f.path for f in files if fs.uri_key(f.path) in wanted_keys]
     lines = _text_lines(spark, paths, opts).select(
         F.col(SOURCE), F.input_file_block_start().alias("_b"), F.monotonically_increasing_id().alias("_m"),
         line_hash(F.col("value"), salt).alias(LINE))

@@ -27,6 +27,7 @@ from pyspark.sql import functions as F
 
 from downpour.config import Config
 from downpour.errors import DataContractError
+from downpour.layout import PreparedLayout
 from downpour.logs import LOG, timed
 from downpour.pipelines import clean, shards
 from downpour.pipelines.ingest import (
@@ -39,11 +40,11 @@ from downpour.pipelines.ingest import (
     parse_columns,
     read_raw,
 )
-from downpour.pipelines.publish import MANIFEST, FileInfo, Publisher, Staging, join
+from downpour.pipelines.publish import Publisher, Staging
 from downpour.pipelines.split import SPLITS, assign_split, split_counts
 from downpour.spark import persist_level, sized_partitions
+from downpour.storage import FileInfo
 
-HISTORY_DIR = "entity_history"  # the events score needs for window features (features/history.py)
 FORMAT_VERSION = 2  # 2: PII pseudonyms are HMAC-SHA256; imputation statistics fitted on train
 _MAX_LISTED_FILES = 1000
 
@@ -132,6 +133,7 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
            files: list[FileInfo], data_version: str, publisher: Publisher, staging: Staging,
            timings: dict[str, float]) -> dict[str, Any]:
     final = publisher.final_url(staging)
+    staged, published = PreparedLayout(staging.url), PreparedLayout(final)
     with contract_errors(cfg):
         with _step("ingest, clean, count", timings, "ingest_clean"):
             parts = sized_partitions(spark, files, cfg.input.format)
@@ -148,7 +150,7 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
             lines = malformed_lines(spark, cfg, files, tagged, outcome, salt)
             q = clean.quarantine_frame(tagged, cfg, names, data_version, lines)
             q_files = max(1, -(-counts["quarantined"] // 1_000_000))
-            q_url = join(staging.url, "quarantine")
+            q_url = staged.quarantine
             q.coalesce(q_files).write.option("compression", shards._CODECS[cfg.shards.compression]) \
                 .option("mapreduce.fileoutputcommitter.marksuccessfuljobs", "false").parquet(q_url)
             q_written = sum(f["rows"] for f in shards.inspect_shards(spark, q_url))
@@ -173,7 +175,7 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
                                     f"({counts['clean']} clean rows, split {split_info})")
 
         with _step("entity history", timings, "entity_history"):
-            entity_history = write_entity_history(windowed, cfg, names, join(staging.url, HISTORY_DIR))
+            entity_history = write_entity_history(windowed, cfg, names, staged.entity_history)
 
         with _step("fit feature state on train", timings, "fit_features"):
             from downpour.features.state import FeatureState
@@ -187,20 +189,20 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
                 _assert_no_pii(model_df, cfg, names)
             written = shards.write_shards(frames, staging.url, cfg, cfg.split.seed, partitions=parts)
         for s, (plan, described) in written.items():
-            url = join(staging.url, s)
+            url = staged.split(s)
             ratio = shards.check_balance(described, plan, f"{s} ({url})")
             summary = shards.summarize(described)
             if summary["shard_rows"] != per_split[s]["rows"]:
                 raise RuntimeError(f"shards {s}: {summary['shard_rows']} rows written, {per_split[s]['rows']} "
                                    "in the split")
             splits[s] = {**per_split[s], **summary, "row_group_rows_target": plan.rows_per_group,
-                         "balance_ratio": round(ratio, 4), "path": join(final, s)}
+                         "balance_ratio": round(ratio, 4), "path": published.split(s)}
             LOG.info("prepare: %s: %d rows, %d positives, %d files, %d row groups (%d..%d rows each)", s,
                      splits[s]["rows"], splits[s]["positives"], splits[s]["files"], splits[s]["row_groups"],
                      splits[s]["row_group_rows_min"], splits[s]["row_group_rows_max"])
         windowed.unpersist()
         columns = list(frames["train"].columns)
-        state.save(join(staging.url, "feature_state.json"))
+        state.save(staged.feature_state)
 
     shard_rows = sum(s["shard_rows"] for s in splits.values())
     invariant.update(shard_rows=shard_rows, quarantine_rows=q_written,
@@ -223,7 +225,7 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
         "counts": counts,
         "invariant": invariant,
         "quarantine_reasons": outcome["quarantine_reasons"],
-        "quarantine": {"path": join(final, "quarantine"), "rows": q_written, "stages": outcome["quarantine_stages"]},
+        "quarantine": {"path": published.quarantine, "rows": q_written, "stages": outcome["quarantine_stages"]},
         "cleaning": {
             "imputed": outcome["imputed"],
             "impute_values": {**impute_values, **{c: _jsonable(v) for c, v in stats.items()}},
@@ -237,9 +239,9 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
         "splits": splits,
         "shards": {"compression": cfg.shards.compression, "row_group_rows": cfg.shards.row_group_rows,
                    "min_row_groups": shards.min_row_groups(cfg), "columns": columns},
-        "feature_state": join(final, "feature_state.json"),
-        "entity_history": {"path": join(final, HISTORY_DIR), **entity_history} if entity_history else None,
-        "paths": {"prepared": publisher.prepared, "version": final, "manifest": join(final, MANIFEST)},
+        "feature_state": published.feature_state,
+        "entity_history": {"path": published.entity_history, **entity_history} if entity_history else None,
+        "paths": {"prepared": publisher.prepared, "version": final, "manifest": published.manifest},
         "timings": timings,
     }
 

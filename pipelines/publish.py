@@ -26,171 +26,23 @@ written last. One ``prepare`` per output path at a time (there is no cross-proce
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
 import uuid
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
 
 from pyspark.sql import SparkSession
 
 from downpour.fsutil import swap_symlink
+from downpour.layout import MANIFEST, VERSIONS
+from downpour.layout import PREPARED as POINTER
 from downpour.logs import LOG
+from downpour.storage import HadoopFS, join, local_path
+from downpour.storage import is_file_url as is_local
 
-VERSIONS = ".versions"
-POINTER = "prepared"
-MANIFEST = "manifest.json"
 _STAGING_PREFIX = ".staging-"
-
-
-# ---- URLs ------------------------------------------------------------------------------------------
-def is_local(url: str) -> bool:
-    """A ``file:`` URL (qualify scheme-less paths first with ``HadoopFS.qualify``)."""
-    return urlparse(url).scheme in ("", "file")
-
-
-def local_path(url: str) -> str:
-    """``file:///a/b``, ``file:/a/b`` or ``a/b`` -> absolute local path."""
-    if url.startswith("file:"):
-        url = urlparse(url).path
-    return os.path.abspath(url)
-
-
-def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
-
-
-@dataclass(frozen=True)
-class FileInfo:
-    path: str
-    size: int
-    mtime: int  # milliseconds since the epoch, as Hadoop reports it
-
-
-# ---- Hadoop FileSystem through the JVM --------------------------------------------------------------
-class HadoopFS:
-    """The few Hadoop ``FileSystem`` calls the pipeline needs, for any URL Spark can read.
-
-    Small files we write ourselves (manifest, markers) go through Python on local paths (atomic
-    tmp + os.replace, no Hadoop ``.crc`` side files) and through ``FileSystem.create`` elsewhere.
-    """
-
-    def __init__(self, spark: SparkSession) -> None:
-        self._jvm = spark.sparkContext._jvm
-        self._conf = spark.sparkContext._jsc.hadoopConfiguration()
-
-    def _p(self, url: str) -> Any:
-        return self._jvm.org.apache.hadoop.fs.Path(url)
-
-    def _fs(self, url: str) -> tuple[Any, Any]:
-        p = self._p(url)
-        return p.getFileSystem(self._conf), p
-
-    def qualify(self, url: str) -> str:
-        """Fully qualified URL (``file:/abs/p``, ``hdfs://nn:8020/p``): a scheme-less path means the
-        cluster's default file system, as it does for Spark; a relative local one is made absolute."""
-        p = self._p(url)
-        fs = p.getFileSystem(self._conf)
-        if not urlparse(url).scheme and fs.getUri().getScheme() == "file":
-            p = self._p(os.path.abspath(url))
-        return str(fs.makeQualified(p).toString())
-
-    def exists(self, url: str) -> bool:
-        fs, p = self._fs(url)
-        return bool(fs.exists(p))
-
-    def is_dir(self, url: str) -> bool:
-        fs, p = self._fs(url)
-        return bool(fs.exists(p) and fs.getFileStatus(p).isDirectory())
-
-    def mkdirs(self, url: str) -> None:
-        fs, p = self._fs(url)
-        fs.mkdirs(p)
-
-    def delete(self, url: str, recursive: bool = True) -> bool:
-        fs, p = self._fs(url)
-        return bool(fs.delete(p, recursive))
-
-    def rename(self, src: str, dst: str) -> None:
-        fs, p = self._fs(src)
-        if not fs.rename(p, self._p(dst)):
-            raise OSError(f"could not rename {src} -> {dst}")
-
-    def list_dir(self, url: str) -> list[tuple[str, bool, int]]:
-        """(name, is_dir, size) of the direct children; [] when the directory does not exist."""
-        fs, p = self._fs(url)
-        if not fs.exists(p):
-            return []
-        return [(st.getPath().getName(), bool(st.isDirectory()), int(st.getLen())) for st in fs.listStatus(p)]
-
-    def list_files(self, url: str) -> list[FileInfo]:
-        """Every data file under a path, directory or glob; hidden files (``_*``, ``.*``) skipped."""
-        fs, p = self._fs(url)
-        statuses = fs.globStatus(p)
-        out: list[FileInfo] = []
-        for st in statuses or []:
-            if st.isDirectory():
-                root = st.getPath().toString().rstrip("/")
-                it = fs.listFiles(st.getPath(), True)
-                while it.hasNext():
-                    f = it.next()
-                    path = f.getPath().toString()
-                    if not _hidden(path[len(root):]):
-                        out.append(FileInfo(path, int(f.getLen()), int(f.getModificationTime())))
-            elif not _hidden(st.getPath().getName()):
-                out.append(FileInfo(st.getPath().toString(), int(st.getLen()), int(st.getModificationTime())))
-        return sorted(out, key=lambda f: f.path)
-
-    def write_bytes(self, url: str, data: bytes) -> None:
-        """Write a small file whole; on local paths atomically (tmp file + fsync + os.replace)."""
-        if is_local(url):
-            path = local_path(url)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-            return
-        fs, p = self._fs(url)
-        out = fs.create(p, True)
-        try:
-            out.write(bytearray(data))
-        finally:
-            out.close()
-
-    def read_bytes(self, url: str) -> bytes:
-        if is_local(url):
-            with open(local_path(url), "rb") as fh:
-                return fh.read()
-        fs, p = self._fs(url)
-        stream = fs.open(p)
-        try:
-            return bytes(self._jvm.org.apache.commons.io.IOUtils.toByteArray(stream))
-        finally:
-            stream.close()
-
-    def write_json(self, url: str, obj: Any) -> None:
-        self.write_bytes(url, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-    def read_json(self, url: str) -> Any | None:
-        """The parsed JSON file, or None when it does not exist or is not valid JSON (a torn write)."""
-        try:
-            if not self.exists(url):
-                return None
-            return json.loads(self.read_bytes(url))
-        except (OSError, ValueError):
-            return None
-
-
-def _hidden(relative: str) -> bool:
-    """Spark's rule: a path component starting with ``_`` or ``.`` is hidden (``k=v`` dirs are not)."""
-    parts = [p for p in relative.split("/") if p]
-    return any((p.startswith(("_", ".")) and "=" not in p) for p in parts)
 
 
 # ---- versions -------------------------------------------------------------------------------------

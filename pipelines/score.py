@@ -11,22 +11,22 @@ from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 
+from downpour.artifact import MANIFEST, RAW_SIGNATURE, ModelArtifact
 from downpour.config import Config
 from downpour.errors import DataContractError
+from downpour.layout import RunLayout
 from downpour.logs import LOG, timed
 from downpour.pipelines.serving import (
     ERROR,
     SCORE,
     arrow_batch_rows,
     model_fingerprint,
-    model_paths,
     score_dataframe,
     signature_inputs,
 )
 
 # ---- `downpour score`: any raw table -> scores ------------------------------------------------------
 
-RAW_SIGNATURE = "serving_default"
 _RAW_JSON = "_dp_raw_json"
 
 
@@ -45,13 +45,21 @@ def resolve_model_dir(cfg: Config, model_dir: str | None) -> str:
     from downpour import storage
 
     if model_dir is None:
-        return storage.join(cfg.output.path, "model")
+        return RunLayout(cfg.output.path).model
     from downpour.champion import CHAMPION, champion_model_url
 
     champion = storage.join(model_dir, CHAMPION)
     if storage.exists(champion):
         return champion_model_url(model_dir, storage.read_json(champion))
     return model_dir
+
+
+def _decision(rule: dict[str, Any] | None) -> Any:
+    """``decision`` for a model card's rule: act when the score is at least its threshold (None: on no row)."""
+    from pyspark.sql import functions as F
+
+    threshold = (rule or {}).get("threshold")
+    return F.lit(False) if threshold is None else F.col(SCORE).cast("double") >= F.lit(float(threshold))
 
 
 def _impute_statistics(cfg: Config, model_root: str, card: dict[str, Any]) -> dict[str, Any]:
@@ -64,8 +72,9 @@ def _impute_statistics(cfg: Config, model_root: str, card: dict[str, Any]) -> di
     if not wanted:
         return {}
     sources = [card.get("cleaning") or {}]
-    for url in (storage.join(model_root, "manifest.json"), storage.join(model_root, "..", "manifest.json"),
-                storage.join(cfg.output.path, "prepared", "manifest.json")):
+    # a registry version keeps the data version's manifest beside its model directory
+    for url in (storage.join(model_root, MANIFEST), storage.join(model_root, "..", MANIFEST),
+                RunLayout(cfg.output.path).prepared.manifest):
         if storage.exists(url):
             man = storage.read_json(url)
             if man.get("data_version") == card.get("data_version"):
@@ -160,12 +169,11 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
     SH.check_flags(history, history_out, history_store, no_history)
     clean.check_policies(cfg)
     salt = clean.resolve_salt(cfg)
-    root, saved = model_paths(resolve_model_dir(cfg, model_dir))
-    card_url = storage.join(root, "model_card.json")
-    if not storage.exists(card_url):
-        raise DataContractError(f"{card_url}: no exported model here; run `downpour train` or pass --model")
-    card = storage.read_json(card_url)
-    version = str(card.get("model_version", "unknown"))
+    model = ModelArtifact.at(resolve_model_dir(cfg, model_dir))
+    root, saved = model.root, model.saved_model
+    card = model.card(hint="run `downpour train` or pass --model")
+    version = str(card["model_version"])
+    rule = card.get("decision")  # evaluate's threshold (training/decision.py); None: no decision column
     stats = _impute_statistics(cfg, root, card)
     raw_inputs = signature_inputs(saved, RAW_SIGNATURE, model_fingerprint(saved))
 
@@ -224,13 +232,15 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
                 scored = score_dataframe(serving, saved, RAW_SIGNATURE, keep=["__id", _RAW_JSON, SOURCE],
                                          batch_rows=batch, isolate_errors=True).persist(persist_level(spark))
                 cached.append(scored)
-                outcome = {r["failed"]: r["count"] for r in
-                           scored.groupBy(F.col(ERROR).isNotNull().alias("failed")).count().collect()}
+                acted = _decision(rule)
+                by = scored.groupBy(F.col(ERROR).isNotNull().alias("failed"), acted.alias("acted")).count().collect()
+                outcome = {f: sum(r["count"] for r in by if r["failed"] == f) for f in {r["failed"] for r in by}}
+                acted_n = sum(r["count"] for r in by if not r["failed"] and r["acted"])
 
             with timed("score: write scores and quarantine"):
                 (scored.where(F.col(ERROR).isNull())
                  .select(F.col("__id").alias(id_out), F.col(SCORE).cast("double").alias(SCORE),
-                         F.lit(version).alias("model_version"))
+                         *([acted.alias("decision")] if rule else []), F.lit(version).alias("model_version"))
                  .write.mode("overwrite").parquet(output_url))
                 lines = malformed_line_numbers(spark, full, files, tagged, salt) if any_malformed else None
                 rejected = clean.with_line_numbers(tagged.where(F.col(REASON).isNotNull()), lines).select(
@@ -257,6 +267,7 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
         past.release()
     summary = {**counts, "model_version": version, "output": cfg.scrub(output_url), "quarantine": cfg.scrub(q_url),
                "history": {**past.summary(t_min, t_max), "written": rolled} if H.needed(full) else None,
+               "decision": {"threshold": rule.get("threshold"), "acted": acted_n} if rule else None,
                "seconds": round(time.perf_counter() - t0, 3)}
     storage.write_json_atomic(SH.summary_url(output_url), summary)
     LOG.info("score: %s in %.1fs", json.dumps(counts), time.perf_counter() - t0)

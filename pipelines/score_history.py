@@ -25,9 +25,11 @@ from typing import Any
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from downpour.artifact import ModelArtifact
 from downpour.config import Config, parse_duration
 from downpour.errors import ConfigError, DataContractError
 from downpour.features import history as H
+from downpour.layout import RunLayout
 from downpour.logs import LOG, timed
 from downpour.spark import persist_level
 
@@ -88,13 +90,12 @@ def model_history_url(cfg: Config, model_root: str, card: dict[str, Any]) -> str
     """The model's own entity history, or that of its data version's prepared data, or None."""
     from downpour import storage
 
-    rec = card.get("entity_history") or {}
-    candidates = [storage.join(model_root, rec.get("path") or "entity_history")]
-    manifest_url = storage.join(cfg.output.path, "prepared", "manifest.json")
-    if storage.exists(manifest_url):
-        man = storage.read_json(manifest_url)
+    prepared = RunLayout(cfg.output.path).prepared
+    candidates = [ModelArtifact(model_root).entity_history(card)]
+    if storage.exists(prepared.manifest):
+        man = storage.read_json(prepared.manifest)
         if man.get("data_version") == card.get("data_version") and man.get("entity_history"):
-            candidates.append(storage.join(cfg.output.path, "prepared", "entity_history"))
+            candidates.append(prepared.entity_history)
     return next((c for c in candidates if H.is_history(c)), None)
 
 

@@ -54,15 +54,7 @@ def model_fingerprint(model_url: str) -> str:
 
     pb = storage.join(model_url, "saved_model.pb")
     try:
-        if storage.is_local(model_url):
-            st = os.stat(storage.local_path(pb))
-            return f"{st.st_mtime_ns}-{st.st_size}-{st.st_ino}"
-        from pyarrow import fs as pafs
-
-        uri = pb.replace("s3a://", "s3://", 1).replace("s3n://", "s3://", 1)
-        fs, path = pafs.FileSystem.from_uri(uri)
-        info = fs.get_file_info(path)
-        return f"{info.mtime_ns}-{info.size}"
+        return storage.file_stamp(pb)
     except (OSError, ValueError) as exc:
         raise DataContractError(f"model {model_url}: saved_model.pb is missing or unreadable ({exc}); "
                                 "run `downpour train` first or pass the model directory") from exc
@@ -210,11 +202,3 @@ def arrow_batch_rows(spark: SparkSession, rows: int) -> Iterator[None]:
             spark.conf.unset(ARROW_BATCH)
         else:
             spark.conf.set(ARROW_BATCH, old)
-
-
-def model_paths(model_dir: str) -> tuple[str, str]:
-    """(model directory, its saved_model directory), symlinks resolved so a re-publish cannot swap it."""
-    from downpour import storage
-
-    root = storage.resolve(model_dir)
-    return root, storage.join(root, "saved_model")

@@ -38,8 +38,9 @@ from pyspark.sql import functions as F
 from downpour.config import Config
 from downpour.logs import LOG
 from downpour.pipelines.parquet_footer import canonicalize, canonicalize_file
-from downpour.pipelines.publish import HadoopFS, is_local, join, local_path
 from downpour.spark import persist_level
+from downpour.storage import HadoopFS, join, local_path
+from downpour.storage import is_file_url as is_local
 
 BUCKETS = 4096
 MAX_RATIO = 1.25

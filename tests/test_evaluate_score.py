@@ -98,7 +98,8 @@ def test_evaluate_scores_metrics_card_and_report(spark, workdir):
     root, data_version = workdir
     w, tables = _true_coefficients()
     _save_model(root, "m-true", w, tables, data_version)
-    cfg = _cfg(root, gbt_baseline=True, gbt_max_iter=10, gbt_max_depth=3, gbt_max_train_rows=2000)
+    cfg = _cfg(root, gbt_baseline=True, gbt_max_iter=10, gbt_max_depth=3, gbt_max_train_rows=2000,
+               decision={"enabled": True, "action_cost": 1.0, "false_positive_cost": 2.0, "missed_cost": 10.0})
     res = run_evaluation(spark, cfg)
 
     # scores from mapInPandas (Arrow batches cut to 97 rows) equal the model computed in numpy
@@ -137,6 +138,21 @@ def test_evaluate_scores_metrics_card_and_report(spark, workdir):
     assert "r0000" not in doc  # no row ids in the report
     full = json.loads((report.parent / "metrics.json").read_text())
     assert full["model"]["test"]["curves"]["fpr"][-1] == 1.0
+
+    # the decision threshold: chosen on val, no cheaper one among the val scores (brute force over the
+    # written scores); its test figures recomputed from the test scores
+    from test_decision import assert_minimises, brute_force_cost
+
+    from downpour.training.decision import Costs
+
+    costs = Costs(1.0, 2.0, 10.0)
+    chosen = card["decision"]
+    assert chosen == res["decision"] and chosen["threshold"] is not None
+    val = pd.read_parquet(res["scores"] + "/split=val").assign(missed_cost=0.0)
+    assert_minimises(val, chosen["threshold"], costs, per_row=False)
+    assert chosen["test"]["cost"] == pytest.approx(brute_force_cost(scores.assign(missed_cost=0.0),
+                                                                    chosen["threshold"], costs, False))
+    assert (report.parent / "decision.png").exists() and "Decision" in doc
 
 
 def test_gate_promotes_first_refuses_worse_keeps_champion(spark, workdir, tmp_path):
@@ -259,6 +275,8 @@ def test_end_to_end_gate_and_score_parity(spark, telco_path, tmp_path, conf_dir)
     cfg = load_config(conf_dir / "crm_telco.yaml", [
         f"input.path={data}", f"output.path={out}", f"evaluation.registry={tmp_path / 'registry'}",
         "training.epochs=1", "training.workers=1", "shards.row_group_rows=64", "evaluation.baseline=false",
+        # the decision's missed cost per row, read from the rebuilt raw rows
+        "evaluation.decision.missed_cost_column=MonthlyCharges", "evaluation.decision.action_cost=5",
     ])
     from downpour.pipelines.prepare import run_prepare
 
@@ -270,6 +288,16 @@ def test_end_to_end_gate_and_score_parity(spark, telco_path, tmp_path, conf_dir)
     reg = Registry(tmp_path / "registry")
     assert reg.champion()["model_version"] == card["model_version"]
 
+    # the decision: acting on nothing costs the val churners' MonthlyCharges, summed from the raw table
+    # (val rows found by their pseudonymous ids); the threshold is on the card
+    decision = res["decision"]
+    val_ids = set(pd.read_parquet(Path(res["scores"]) / "split=val")["row_id"])
+    raw_val = raw[raw["customerID"].map(lambda c: pseudonym(c, "test-salt")).isin(val_ids)]
+    churned = raw_val.loc[raw_val["Churn"] == "Yes", "MonthlyCharges"].astype(float).sum()
+    assert len(raw_val) == len(val_ids) > 100
+    assert decision["val"]["cost_if_no_action"] == pytest.approx(churned)
+    assert decision["threshold"] is not None and decision["val"]["savings"] > 0
+
     # `score` on raw rows: no label column, plus one row that cannot be parsed
     scoring = raw.drop(columns=["Churn"])
     bad = scoring.iloc[[0]].assign(customerID="BAD-ROW", tenure="twelve")
@@ -280,7 +308,9 @@ def test_end_to_end_gate_and_score_parity(spark, telco_path, tmp_path, conf_dir)
     assert counts["input"] == 1501 and counts["scored"] == 1500 and counts["quarantined"] == 1
     assert counts["model_version"] == card["model_version"]
     scored = pd.read_parquet(tmp_path / "scores")
-    assert list(scored.columns) == ["customerID", "score", "model_version"]
+    assert list(scored.columns) == ["customerID", "score", "decision", "model_version"]
+    assert (scored["decision"] == (scored["score"] >= decision["threshold"])).all()
+    assert counts["decision"] == {"threshold": decision["threshold"], "acted": int(scored["decision"].sum())}
     assert not scored["customerID"].isin(raw["customerID"]).any()  # PII ids are hashed
     q = pd.read_parquet(str(tmp_path / "scores") + "_quarantine")
     assert q["reason"].tolist() == ["cast_failed:tenure"] and "churn" not in q.columns

@@ -12,8 +12,9 @@ from pyspark.sql import types as T
 
 from downpour.config import config_from_dict
 from downpour.errors import ConfigError, DataContractError
-from downpour.features.state import FeatureState, _hadoop_read, _hadoop_write
+from downpour.features.state import FeatureState
 from downpour.pipelines.columns import internal_names
+from downpour.storage import HadoopFS
 
 SCHEMA = {"Customer ID": "string", "Monthly Charges": "double", "tenure": "int", "Contract": "string",
           "Payment Method": "string", "SeniorCitizen": "int", "signup_ts": "timestamp", "Churn": "string",
@@ -162,8 +163,8 @@ def test_json_round_trip_and_save_load(spark, tmp_path, monkeypatch):
     assert FeatureState.load(str(local)) == state
     assert FeatureState.load(f"file://{local}") == state
     url = f"file://{tmp_path}/hadoop/feature_state.json"  # the Hadoop FileSystem path (hdfs://, s3a://...)
-    _hadoop_write(url, state.to_json())
-    assert FeatureState.from_json(_hadoop_read(url)) == state
+    HadoopFS(spark).write_bytes(url, state.to_json().encode())
+    assert FeatureState.from_json(HadoopFS(spark).read_bytes(url).decode()) == state
     loaded = FeatureState.load(str(local))
     a = state.transform(frame(spark)).orderBy("row_id").collect()
     monkeypatch.setattr("downpour.features.state.SMALL_VOCAB", 0)  # large-vocabulary path: broadcast joins

@@ -20,7 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FOUNDATION = {"downpour", "downpour.config", "downpour.errors", "downpour.logs", "downpour.spark",
-              "downpour.storage", "downpour.fsutil", "downpour.champion"}
+              "downpour.storage", "downpour.fsutil", "downpour.champion", "downpour.layout",
+              "downpour.artifact"}
 FRONT_DOOR = {"downpour.api", "downpour.cli", "downpour.__main__", "downpour.docs", "downpour.tracking"}
 FOLDERS = {"features": 1, "pipelines": 2, "training": 3}
 NAMES = {0: "foundation", 1: "features", 2: "pipelines", 3: "training", 4: "front door"}

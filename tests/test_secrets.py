@@ -65,10 +65,11 @@ class _Rank0(dict):
 def _write_model_card(cfg: Config, tmp_path: Path) -> Path:
     """Training's ``finish`` (the real writer of model_card.json and history.json), minus the training."""
     from downpour import storage
+    from downpour.layout import RunLayout
     from downpour.training import train
     from downpour.training.input import PreparedData
 
-    staging = storage.staging_dir(storage.join(cfg.output.path, train.MODEL_DIR))
+    staging = storage.staging_dir(RunLayout(cfg.output.path).model)
     from downpour.training.budget import plan_budget
 
     plan = {"staging": staging, "tensorboard": str(tmp_path / "no-tensorboard"), "steps_per_epoch": 3,
@@ -81,7 +82,7 @@ def _write_model_card(cfg: Config, tmp_path: Path) -> Path:
     prepared = PreparedData(url=str(tmp_path / "prepared"), manifest={"data_version": "dv1"},
                             feature_state={"raw_inputs": {}})
     train.finish(cfg, prepared, plan, [rank0])
-    return Path(cfg.output.path) / train.MODEL_DIR / "model_card.json"
+    return Path(cfg.output.path) / "model" / "model_card.json"
 
 
 def _run_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Config, dict[str, Any]]:

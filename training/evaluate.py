@@ -32,20 +32,23 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from downpour import storage
+from downpour.artifact import FEATURES_SIGNATURE as FEATURE_SIGNATURE
+from downpour.artifact import RAW_SIGNATURE, ModelArtifact
 from downpour.config import Config
 from downpour.errors import DataContractError
 from downpour.features.state import serving_frame
+from downpour.layout import REPORT_HTML, RunLayout
 from downpour.logs import LOG, timed
-from downpour.pipelines.score import RAW_SIGNATURE, RawInputs
-from downpour.pipelines.serving import arrow_batch_rows, model_paths, score_dataframe, signature_inputs
+from downpour.pipelines.score import RawInputs
+from downpour.pipelines.serving import arrow_batch_rows, score_dataframe, signature_inputs
 from downpour.spark import persist_level
 from downpour.training import registry as reg_mod
+from downpour.training.decision import Curve, Decision, decide
 from downpour.training.input import PreparedData, open_prepared
 from downpour.training.metrics import evaluate_scores, evaluate_scores_by, scalar_metrics
 from downpour.training.report import write_report
 
 SPLITS = ("val", "test")
-FEATURE_SIGNATURE = "serve_features"
 
 
 # ---- scoring the shards --------------------------------------------------------------------------------
@@ -158,34 +161,19 @@ def baseline_scores(model: PipelineModel, df: DataFrame, state: dict[str, Any], 
 
 # ---- files ---------------------------------------------------------------------------------------------
 
-def _read_card(model_root: str) -> dict[str, Any]:
-    url = storage.join(model_root, "model_card.json")
-    if not storage.exists(url):
-        raise DataContractError(f"{url}: no exported model (model_card.json is missing); "
-                                "run `downpour train` first")
-    card = storage.read_json(url)
-    if not card.get("model_version"):
-        raise DataContractError(f"{url}: has no model_version")
-    return card
-
-
-def _read_history(model_root: str) -> Any:
-    url = storage.join(model_root, "history.json")
-    try:
-        return storage.read_json(url) if storage.exists(url) else None
-    except ValueError:
-        LOG.warning("evaluate: %s is not valid JSON; no training curves in the report", url)
-        return None
-
-
 def _write_report_to(url: str, **kwargs: Any) -> str:
     """Render locally, then publish (in place when the output is local, else upload and swap)."""
     if storage.is_local(url):
         return str(write_report(storage.local_path(url), **kwargs))
     tmp = tempfile.mkdtemp(prefix="downpour-report-")
-    write_report(tmp, **kwargs)
-    storage.publish_dir(tmp, url)
-    return storage.join(url, "report.html")
+    try:
+        write_report(tmp, **kwargs)
+        staging = storage.staging_dir(url)
+        storage.upload_dir(tmp, staging)
+        storage.publish_dir(staging, url, "report")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return storage.join(url, REPORT_HTML)
 
 
 def _local_model_copy(model_root: str) -> tuple[str, str | None]:
@@ -212,6 +200,20 @@ def raw_split_rows(spark: SparkSession, cfg: Config, prepared: PreparedData,
     """
     from downpour.features.windows import add_window_features
     from downpour.pipelines import clean
+    from downpour.pipelines.ingest import contract_errors
+
+    split_df, names = _rebuilt_splits(spark, cfg, prepared)
+    with contract_errors(cfg):
+        rows = add_window_features(split_df, cfg, names).where(F.col("split") == split)
+        rows = clean.serving_nulls(rows, cfg, names)  # serving_default imputes and flags them itself
+    return rows
+
+
+def _rebuilt_splits(spark: SparkSession, cfg: Config, prepared: PreparedData) -> tuple[DataFrame, dict[str, str]]:
+    """(the clean rows with ``split`` and ``row_id``, column names) of the published data version, rebuilt
+    from the input with prepare's own chain and the published imputation statistics (lazy). Refused when
+    the input or the config changed since that version was prepared: the rows would be other rows."""
+    from downpour.pipelines import clean
     from downpour.pipelines.ingest import column_names, contract_errors, list_input_files
     from downpour.pipelines.prepare import compute_data_version, ingest_and_tag, split_clean
 
@@ -221,15 +223,30 @@ def raw_split_rows(spark: SparkSession, cfg: Config, prepared: PreparedData,
     if compute_data_version(files, cfg, salt) != prepared.data_version:
         raise DataContractError(
             f"input.path {cfg.input.path}: the input or the config changed since data version "
-            f"{prepared.data_version} was prepared; run `downpour prepare` again before gating")
+            f"{prepared.data_version} was prepared; run `downpour prepare` again before evaluating")
     with contract_errors(cfg):
         tagged = ingest_and_tag(spark, cfg, files, salt, names)
         stats = {c: v for c, v in ((prepared.manifest.get("cleaning") or {}).get("impute_values") or {}).items()
                  if c in clean.statistic_columns(cfg)}
         split_df, _, _ = split_clean(tagged, cfg, names, stats)
-        rows = add_window_features(split_df, cfg, names).where(F.col("split") == split)
-        rows = clean.serving_nulls(rows, cfg, names)  # serving_default imputes and flags them itself
-    return rows
+    return split_df, names
+
+
+def _decision(spark: SparkSession, cfg: Config, prepared: PreparedData, scores: DataFrame,
+              splits: set[str]) -> tuple[Decision, Curve]:
+    """The threshold chosen on val and its operating point on test; a per-row missed cost is read from
+    the rebuilt raw rows (by ``row_id``), the only extra pass it costs."""
+    d = cfg.evaluation.decision
+    if "val" not in splits:
+        raise DataContractError(f"{prepared.url}: the val split is empty; evaluation.decision chooses its "
+                                "threshold on val")
+    if d.missed_cost_column:
+        split_df, names = _rebuilt_splits(spark, cfg, prepared)
+        cost = split_df.select("split", "row_id",
+                               F.col(names[d.missed_cost_column]).cast("double").alias("missed_cost"))
+        scores = scores.join(cost, ["split", "row_id"], "left")
+    test = scores.where(F.col("split") == "test") if "test" in splits else None
+    return decide(scores.where(F.col("split") == "val"), test, d)
 
 
 def _raw_scores(df: DataFrame, saved_model: str, batch_rows: int) -> DataFrame:
@@ -307,14 +324,15 @@ def compare_with_baseline(model: Mapping[str, Mapping[str, Any]], baseline: Mapp
 def run_evaluation(spark: SparkSession, cfg: Config, gate: bool = False) -> dict[str, Any]:
     """Score val/test, compute metrics and the baseline, write the card and the report; gate if asked."""
     ev = cfg.evaluation
-    out = cfg.output.path
-    prepared = open_prepared(out)
-    model_root, saved_model = model_paths(storage.join(out, "model"))
-    card = _read_card(model_root)
+    layout = RunLayout(cfg.output.path)
+    prepared = open_prepared(layout.root)
+    model = ModelArtifact.at(layout.model)
+    saved_model = model.saved_model
+    card = model.card()
     version = str(card["model_version"])
     if card.get("data_version") and str(card["data_version"]) != prepared.data_version:
         raise DataContractError(
-            f"{storage.join(model_root, 'model_card.json')}: model {version} was trained on data_version "
+            f"{model.card_url}: model {version} was trained on data_version "
             f"{card['data_version']}, but {prepared.url} holds {prepared.data_version}; "
             "run `downpour train` again (or prepare the data it was trained on)")
     LOG.info("evaluate: model %s on data %s", version, prepared.data_version)
@@ -324,12 +342,21 @@ def run_evaluation(spark: SparkSession, cfg: Config, gate: bool = False) -> dict
     if not frames:
         raise DataContractError(f"{prepared.url}: both the val and the test split are empty; nothing to evaluate")
     both = _with_split(frames)
-    scores_url = storage.join(out, "evaluation", "scores")
+    scores_url = layout.evaluation_scores
     with arrow_batch_rows(spark, ev.score_batch_rows), timed(f"evaluate: scoring {sorted(frames)}"):
         scored = score_dataframe(both, saved_model, FEATURE_SIGNATURE, keep=["split", "row_id", "label"],
                                  batch_rows=ev.score_batch_rows)
         scored.write.mode("overwrite").partitionBy("split").parquet(scores_url)
     metrics = evaluate_scores_by(spark.read.parquet(scores_url), "split", **_metric_args(cfg), what="model")
+    chosen: Decision | None = None
+    curve: Curve | None = None
+    if ev.decision.enabled:
+        with timed("evaluate: decision threshold, chosen on val"):
+            chosen, curve = _decision(spark, cfg, prepared, spark.read.parquet(scores_url), set(metrics))
+        LOG.info("evaluate: act when score >= %s: val cost %.2f (%.2f with no action), test cost %s, "
+                 "%s of test rows acted on", chosen.threshold, chosen.val["cost"], chosen.val["cost_if_no_action"],
+                 f"{chosen.test['cost']:.2f}" if chosen.test else "-",
+                 f"{chosen.test['action_rate']:.4%}" if chosen.test else "-")
 
     baseline: dict[str, dict[str, Any]] | None = None
     if ev.baseline:
@@ -389,39 +416,41 @@ def run_evaluation(spark: SparkSession, cfg: Config, gate: bool = False) -> dict
     if decision is not None:
         gate_info = {**reg_mod.jsonable(asdict(decision)), "compared_on": compared_on,
                      "registry": str(registry.root) if registry else None}
-    report_url = storage.join(out, "report")
+    report_url = layout.report
     card["metrics"] = scalars
     card["baseline"] = base_scalars
     card["vs_baseline"] = versus
     card["baseline_gbt"] = gbt_scalars
     card["vs_baseline_gbt"] = versus_gbt
+    card["decision"] = chosen.to_card() if chosen else None  # None: score writes no decision column
     card["evaluation"] = {
         "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "data_version": prepared.data_version, "scores": scores_url,
-        "report": storage.join(report_url, "report.html"),
+        "report": layout.report_html,
         "baseline_model": "spark.ml LogisticRegression (L2 1e-4, numerics + one-hot)" if baseline else None,
         "gbt_baseline_model": (f"spark.ml GBTClassifier ({ev.gbt_max_iter} trees, depth {ev.gbt_max_depth}, "
                                f"<= {ev.gbt_max_train_rows} train rows)") if gbt else None,
         "gate": gate_info,
     }
-    storage.write_json_atomic(storage.join(model_root, "model_card.json"), reg_mod.jsonable(card))
+    model.write_card(reg_mod.jsonable(card))
 
     full = {"model": metrics, "baseline": baseline, "baseline_gbt": gbt, "champion_test": champion_metrics}
     with timed("evaluate: report"):
         report = _write_report_to(
             report_url, metrics=metrics, baseline=baseline, gbt=gbt, model_card=card, manifest=prepared.manifest,
-            history=_read_history(model_root), gate=gate_info, champion=champion_metrics,
+            history=model.history(), gate=gate_info, champion=champion_metrics,
+            decision=card["decision"], decision_curve=curve,
         )
-        storage.write_json_atomic(storage.join(report_url, "metrics.json"), reg_mod.jsonable(full))
+        storage.write_json_atomic(layout.report_metrics, reg_mod.jsonable(full))
 
     result: dict[str, Any] = {
         "model_version": version, "data_version": prepared.data_version, "metrics": scalars,
         "baseline": base_scalars, "vs_baseline": versus, "baseline_gbt": gbt_scalars, "vs_baseline_gbt": versus_gbt,
-        "report": report, "scores": scores_url, "gate": gate_info,
+        "report": report, "scores": scores_url, "gate": gate_info, "decision": card["decision"],
         "seconds": round(time.perf_counter() - t0, 1),
     }
     if decision is not None and registry is not None:
-        local_model, tmp = _local_model_copy(model_root)
+        local_model, tmp = _local_model_copy(model.root)
         try:
             result["champion"] = reg_mod.enforce(
                 registry, decision, local_model,

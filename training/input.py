@@ -31,6 +31,7 @@ import numpy as np
 
 from downpour import storage
 from downpour.errors import DataContractError
+from downpour.layout import PreparedLayout, RunLayout
 from downpour.logs import LOG
 
 SPLITS = ("train", "val", "test")
@@ -70,13 +71,14 @@ class PreparedData:
 
     def split(self, name: str) -> SplitInfo:
         s = (self.manifest.get("splits") or {}).get(name)
-        where = f"{storage.join(self.url, 'manifest.json')}: splits.{name}"
+        files = PreparedLayout(self.url)
+        where = f"{files.manifest}: splits.{name}"
         if not isinstance(s, Mapping):
             raise DataContractError(f"{where} is missing")
         try:
             return SplitInfo(
                 name=name,
-                url=storage.join(self.url, name),
+                url=files.split(name),
                 rows=int(s["rows"]),
                 positives=int(s.get("positives", 0)),
                 row_groups=int(s.get("row_groups", 0)),
@@ -88,15 +90,16 @@ class PreparedData:
 
 def open_prepared(output_url: str) -> PreparedData:
     """Resolve ``<output.path>/prepared`` once and read its manifest and feature state."""
-    link = storage.join(output_url, "prepared")
+    link = RunLayout(output_url).prepared.root
     url = storage.resolve(link)
-    manifest_url = storage.join(url, "manifest.json")
+    files = PreparedLayout(url)
+    manifest_url = files.manifest
     if not storage.exists(manifest_url):
         raise DataContractError(
             f"{manifest_url}: no prepared data (manifest.json is missing); run `downpour prepare` first"
         )
     manifest = _read_json(manifest_url)
-    state = _read_json(storage.join(url, "feature_state.json"))
+    state = _read_json(files.feature_state)
     if url != link.rstrip("/"):
         LOG.info("prepared data: %s -> %s (data_version %s)", link, url, manifest.get("data_version"))
     return PreparedData(url=url, manifest=manifest, feature_state=state)

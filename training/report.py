@@ -21,7 +21,9 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from downpour.logs import timed  # noqa: E402
 
-SECTIONS = ("summary", "metrics", "roc", "pr", "gains", "calibration", "scores", "training", "data")
+SECTIONS = ("summary", "metrics", "decision", "roc", "pr", "gains", "calibration", "scores", "training", "data")
+_DECISION_ROWS = ("threshold", "rows", "acted", "action_rate", "true_positives", "false_positives",
+                  "missed_positives", "cost", "cost_per_row", "cost_if_no_action", "savings")
 _COLORS = {"model": "#1f77b4", "baseline": "#ff7f0e", "GBT baseline": "#2ca02c", "champion": "#9467bd",
            "random": "#999999"}
 _TRAINING_SUMMARY = ("workers", "devices_per_worker", "epochs_completed", "best_epoch", "stopped_early",
@@ -297,6 +299,48 @@ def _data_section(manifest: Mapping[str, Any] | None) -> str:
     return "\n".join(parts)
 
 
+def plot_decision(curve: Any, decision: Mapping[str, Any], path: Path) -> str:
+    """Cost on val against the share of rows acted on, the chosen point, and test's point at that threshold."""
+    import numpy as np
+
+    rate = curve.acted / max(curve.rows, 1)
+    idx = np.unique(np.concatenate([np.linspace(0, len(rate) - 1, 2000).astype(int), [len(rate) - 1]]))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(rate[idx], curve.cost[idx], color=_COLORS["model"], label="cost on val, by threshold")
+    ax.axhline(curve.missed_total, color=_COLORS["random"], linestyle=":", label="no action (val)")
+    val = decision["val"]
+    ax.scatter([val["action_rate"]], [val["cost"]], color="#d62728", zorder=3, label="chosen on val")
+    if decision.get("test"):
+        t = decision["test"]
+        ax.scatter([t["action_rate"]], [t["cost"]], color="#d62728", marker="x", zorder=3,
+                   label="same threshold on test")
+    ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set_xlabel("share of rows acted on")
+    ax.set_ylabel("total cost")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _decision_section(decision: Mapping[str, Any] | None, png: str | None) -> str:
+    if not decision:
+        return ("<p class='muted'>No decision threshold (set <code>evaluation.decision.enabled</code> and its "
+                "costs to choose one on val).</p>")
+    c = decision.get("costs") or {}
+    missed = decision.get("missed_cost_column") or c.get("missed")
+    budget = decision.get("max_action_rate")
+    intro = (f"<p>Act on a row when its score is at least the threshold, chosen on val to minimise: "
+             f"{_fmt(c.get('action'))} per row acted on + {_fmt(c.get('false_positive'))} per negative acted on "
+             f"+ the missed cost ({html.escape(str(missed))}) of each positive not acted on"
+             + (f", acting on at most {budget:.4%} of rows" if budget else "")
+             + ". Test shows the same threshold on rows it was not chosen on. A threshold of &ndash; means "
+             "acting on no row is cheapest.</p>")
+    splits = [s for s in ("val", "test") if decision.get(s)]
+    rows = [[k, *[decision[s].get(k) for s in splits]] for k in _DECISION_ROWS]
+    img = f'<img src="{png}" alt="cost by threshold">' if png else ""
+    return intro + _table(["", *splits], rows) + img
+
+
 def _gate_section(gate: Mapping[str, Any] | None) -> str:
     if not gate:
         return "<p class='muted'>The quality gate was not run (use <code>downpour evaluate --gate</code>).</p>"
@@ -310,11 +354,13 @@ def write_report(out_dir: str | Path, *, metrics: Mapping[str, Mapping[str, Any]
                  gbt: Mapping[str, Mapping[str, Any]] | None = None,
                  model_card: Mapping[str, Any] | None = None, manifest: Mapping[str, Any] | None = None,
                  history: Any = None, gate: Mapping[str, Any] | None = None,
-                 champion: Mapping[str, Any] | None = None) -> Path:
+                 champion: Mapping[str, Any] | None = None, decision: Mapping[str, Any] | None = None,
+                 decision_curve: Any = None) -> Path:
     """Render ``report.html`` and its PNGs into ``out_dir``; returns the HTML path.
 
     ``metrics``/``baseline``/``gbt`` map a split (``val``, ``test``) to the dict of ``metrics.evaluate_scores``;
-    ``champion`` is the current champion's on the same test split (when the gate compared them).
+    ``champion`` is the current champion's on the same test split (when the gate compared them);
+    ``decision`` is the model card's ``decision`` and ``decision_curve`` its val cost curve.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -331,6 +377,8 @@ def write_report(out_dir: str | Path, *, metrics: Mapping[str, Mapping[str, Any]
         if main_split:
             imgs["scores"] = plot_scores(metrics[main_split], out / "scores.png", main_split)
         training_png = plot_training(history, out / "training.png") if history else None
+        decision_png = (plot_decision(decision_curve, decision, out / "decision.png")
+                        if decision and decision_curve is not None else None)
 
         name = card.get("name", "model")
         tr = card.get("training") or {}
@@ -350,6 +398,7 @@ def write_report(out_dir: str | Path, *, metrics: Mapping[str, Mapping[str, Any]
             _metrics_table(metrics, baseline, champion, gbt),
             _baseline_section(card.get("vs_baseline")),
             _baseline_section(card.get("vs_baseline_gbt"), "the GBT baseline"),
+            "<h2 id='decision'>Decision</h2>", _decision_section(decision, decision_png),
             "<h2 id='roc'>ROC</h2>", img("roc", "ROC curves"),
             "<h2 id='pr'>Precision-recall</h2>", img("pr", "precision-recall curves"),
             "<h2 id='gains'>Lift and cumulative gains</h2>", img("gains", "lift and gains"),

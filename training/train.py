@@ -30,17 +30,16 @@ from dataclasses import asdict
 from typing import Any
 
 from downpour import storage
+from downpour.artifact import ENTITY_HISTORY, TENSORBOARD, ModelArtifact
 from downpour.config import Config
 from downpour.errors import ConfigError, DataContractError, DownpourError
+from downpour.layout import PreparedLayout, RunLayout
 from downpour.logs import LOG, timed
 from downpour.training.budget import Budget, plan_budget
 from downpour.training.checkpoints import CheckpointStore, run_key
 from downpour.training.export import keep_negatives, logit_shift, positive_weight
 from downpour.training.input import PreparedData, ReadOptions, SplitInfo, expected_train_rows, open_prepared
 
-WORK_DIR = "training"      # <output.path>/training/{checkpoints,tensorboard}
-MODEL_DIR = "model"        # <output.path>/model -> the published model directory
-MODEL_HISTORY_DIR = "entity_history"  # the data version's entity history, copied into the model (features/history.py)
 FAIL_ENV = "DOWNPOUR_FAIL_AFTER_EPOCH"
 KILL_ENV = "DOWNPOUR_KILL_WORKER"  # rank:epoch:batch -> that rank SIGKILLs itself mid-epoch
 # thresholds of the train/val AUCs (callbacks.SpreadAUC); evenly spaced ones update in O(batch + thresholds)
@@ -109,7 +108,7 @@ def make_plan(cfg: Config, prepared: PreparedData, fresh: bool) -> dict[str, Any
         if 0 < split.row_groups < t.workers:
             LOG.warning("train: %s has %d row group(s) for %d workers; every worker reads all of it "
                         "(raise shards.min_row_groups_per_worker)", split.url, split.row_groups, t.workers)
-    work = storage.join(cfg.output.path, WORK_DIR)
+    layout = RunLayout(cfg.output.path)
     plan = {
         "config": cfg.model_dump(mode="json", by_alias=True),
         "prepared_url": prepared.url,
@@ -122,9 +121,9 @@ def make_plan(cfg: Config, prepared: PreparedData, fresh: bool) -> dict[str, Any
         "positive_weight": pos_w,
         "logit_shift": logit_shift(t, pos_w),
         "monitor": monitor,
-        "checkpoints": storage.join(work, "checkpoints"),
-        "tensorboard": storage.join(work, "tensorboard"),
-        "staging": storage.staging_dir(storage.join(cfg.output.path, MODEL_DIR)),
+        "checkpoints": layout.checkpoints,
+        "tensorboard": layout.tensorboard,
+        "staging": storage.staging_dir(layout.model),
         "run_key": run_key(cfg, prepared.data_version, budget),
         "budget": budget.as_dict(),
         "fresh": fresh,
@@ -344,10 +343,10 @@ def finish(cfg: Config, prepared: PreparedData, plan: dict[str, Any],
     history = {"epochs": rank0["history"], "initial_epoch": rank0["initial_epoch"],
                "steps_per_epoch": plan["steps_per_epoch"], "batch_size": t.batch_size, "workers": t.workers,
                "monitor": plan["monitor"]}
-    storage.write_json_atomic(storage.join(staging, "history.json"), history)
+    ModelArtifact(staging).write_history(history)
     tb = plan["tensorboard"]
     if storage.is_local(tb) and storage.exists(tb) and storage.is_local(staging):
-        shutil.copytree(storage.local_path(tb), os.path.join(storage.local_path(staging), "tensorboard"),
+        shutil.copytree(storage.local_path(tb), os.path.join(storage.local_path(staging), TENSORBOARD),
                         dirs_exist_ok=True)
     history_dir = _copy_entity_history(prepared, staging)
     now = dt.datetime.now(dt.UTC)
@@ -394,9 +393,10 @@ def finish(cfg: Config, prepared: PreparedData, plan: dict[str, Any],
         "frameworks": rank0["frameworks"],
         "entity_history": history_dir,
     }
-    storage.write_json_atomic(storage.join(staging, "model_card.json"), card)
-    where = storage.publish_dir(staging, storage.join(cfg.output.path, MODEL_DIR), version)
-    LOG.info("model %s published: %s -> %s", version, storage.join(cfg.output.path, MODEL_DIR), where)
+    ModelArtifact(staging).write_card(card)
+    model_url = RunLayout(cfg.output.path).model
+    where = storage.publish_dir(staging, model_url, version)
+    LOG.info("model %s published: %s -> %s", version, model_url, where)
     return card
 
 
@@ -406,8 +406,8 @@ def _copy_entity_history(prepared: PreparedData, staging: str) -> dict[str, Any]
     meta = prepared.manifest.get("entity_history")
     if not meta:
         return None
-    storage.copy_dir(storage.join(prepared.url, MODEL_HISTORY_DIR), storage.join(staging, MODEL_HISTORY_DIR))
-    return {k: v for k, v in meta.items() if k != "path"} | {"path": MODEL_HISTORY_DIR,
+    storage.copy_dir(PreparedLayout(prepared.url).entity_history, storage.join(staging, ENTITY_HISTORY))
+    return {k: v for k, v in meta.items() if k != "path"} | {"path": ENTITY_HISTORY,
                                                             "data_version": prepared.data_version}
 
 
@@ -605,7 +605,7 @@ def _train_rank(plan: dict[str, Any], rank: int) -> dict[str, Any]:
     signatures = _export(export_model, state_dict, plan, check, export_saved_model)
     if remote_tb and os.listdir(tb_dir):
         # TensorBoard cannot write to every remote scheme: this run's logs travel with the model
-        storage.upload_dir(tb_dir, storage.join(plan["staging"], "tensorboard"))
+        storage.upload_dir(tb_dir, storage.join(plan["staging"], TENSORBOARD))
     history = state.get("history", [])
     import horovod
     import keras
@@ -648,7 +648,7 @@ def _unplaced(model: Any, state: dict[str, Any], t: Any, build_model: Any) -> An
 
 def _export(model: Any, state: dict[str, Any], plan: dict[str, Any], check: dict[str, Any],
             export_saved_model: Any) -> dict[str, list[str]]:
-    target = storage.join(plan["staging"], "saved_model")
+    target = ModelArtifact(plan["staging"]).saved_model
     with timed("export SavedModel"):
         if storage.is_local(target):
             return export_saved_model(model, state, plan["logit_shift"], storage.local_path(target), check)
