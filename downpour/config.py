@@ -2,6 +2,9 @@
 
 YAML in ``conf/`` -> ``${ENV}`` interpolation -> ``--set dotted.key=value`` overrides -> pydantic
 validation. Every error names the offending key path, and nothing runs before validation passes.
+
+Long on purpose: the whole schema, its cross-key checks and the override and interpolation rules are
+one contract (the README's configuration table is generated from it), so they change together.
 """
 
 from __future__ import annotations

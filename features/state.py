@@ -8,6 +8,9 @@ arithmetic is rebuilt as Keras layers by ``features.keras_preprocessing`` from t
 exported model takes raw columns (see DEVELOPERS.md "feature_state.json" and "Serving inputs").
 
 This module never imports TensorFlow (Spark stages must not).
+
+Long on purpose: fit, transform, JSON and the serving frame of the one FeatureState contract must
+stay in step.
 """
 
 from __future__ import annotations

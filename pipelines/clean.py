@@ -11,6 +11,8 @@ Duplicates (same id, or the same raw row when there is no id column) keep the la
 time, ties broken by the raw-row hash so the survivor is the same on every run; they are counted, not
 quarantined. Rows whose label, id, event time (time split, window features) or weight is null after
 the null policy are quarantined as ``null:<col>``: no stage downstream could use them.
+
+Long: the cleaning policies, row tagging, accounting and the quarantine's shape are one contract.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ one JVM ``aggregate`` fold per seat.
 ``dirty_rate`` turns about that fraction of rows into realistic dirt (unparsable numbers, nulls in
 required columns, duplicates, out-of-range values, malformed timestamps); the dirty frame is all
 strings, because a dirty value such as ``"12,5x"`` has no typed representation.
+
+Long on purpose: two complete synthetic generators (fraud, CRM) and their shared Spark plumbing;
+they are test and demo data, not pipeline logic.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ ANSI mode too); a value that was not null before the cast and is null after it i
 The PII policy is applied here, before anything is cached: ``pii.hash`` columns are replaced by an
 HMAC-SHA256 (keyed by the salt) of their normalised text (in the typed *and* the raw copy), ``pii.drop`` columns are
 gone from both, and the text of a malformed line is kept only when no PII policy is configured.
+
+Long: reading three formats under one column contract, PII at read time, and line numbers of
+malformed lines are one step of prepare and score.
 """
 
 from __future__ import annotations

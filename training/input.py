@@ -16,6 +16,9 @@ groups split across ranks: no rank runs dry while the others wait in an allreduc
 of that pass is dropped), so a run resumed at epoch ``k`` reads what an uninterrupted run reads from
 epoch ``k`` on without re-reading epochs ``0..k-1``. Negative downsampling and class weights are
 applied here, vectorized, per row group.
+
+Long: the shard reading plan per rank and the petastorm -> tf.data pipeline share their batch and
+row-group arithmetic.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ table computes exactly what the unsharded table computes, and its gradients stay
 
 Initialisation is deterministic from ``training.seed`` and independent of the placement: a model
 sharded k ways starts from the same weights as the unsharded model.
+
+Long on purpose: the wide & deep model and its placement-aware layers (ShardedEmbedding) change
+together.
 """
 
 from __future__ import annotations

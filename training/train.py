@@ -10,6 +10,9 @@ publishes the model directory in one step. A re-run resumes from the last comple
 
 Nothing here imports TensorFlow at module level: the rank function is pickled to the workers, and
 they must set their thread limits before TensorFlow starts.
+
+Long: the driver's plan and finish and one rank's training loop share private helpers; the rank loop
+is the next candidate for its own module.
 """
 
 from __future__ import annotations
