@@ -350,12 +350,24 @@ class EvaluationConfig(_Strict):
         return self
 
 
+class DriftConfig(_Strict):
+    """Drift of a scoring batch against the training data (features/drift.py), in ``<output>_summary.json``."""
+
+    enabled: bool = True
+    # PSI of a numeric feature or of the score above this flags drift (0.1: moderate, 0.25: major, by convention)
+    psi_threshold: float = Field(0.2, gt=0)
+    # share of a categorical column's values never seen in train above this flags drift
+    unseen_threshold: float = Field(0.05, ge=0, le=1)
+
+
 class ScoringConfig(_Strict):
-    """``downpour score``: how much time may pass between the entity history and the rows to score."""
+    """``downpour score``: how much time may pass between the entity history and the rows to score,
+    and when a batch has drifted from the training data."""
 
     # the gap between the end of the history and the first row to score beyond which scoring stops
     # (exit 3): window features over a gap see no events in it. null: any gap (it is still reported).
     max_history_gap: str | None = None
+    drift: DriftConfig = Field(default_factory=DriftConfig)
 
     @field_validator("max_history_gap")
     @classmethod

@@ -182,6 +182,11 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
 
             state = FeatureState.fit(windowed.where(F.col("split") == "train"), cfg, names)
 
+        with _step("drift reference on train", timings, "drift_reference"):
+            from downpour.features.drift import fit_reference
+
+            drift_reference = fit_reference(windowed.where(F.col("split") == "train"), cfg, names)
+
         splits: dict[str, Any] = {}
         with _step("shards", timings, "shards"):
             frames = {s: state.transform(windowed.where(F.col("split") == s)) for s in SPLITS}
@@ -241,6 +246,7 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
                    "min_row_groups": shards.min_row_groups(cfg), "columns": columns},
         "feature_state": published.feature_state,
         "entity_history": {"path": published.entity_history, **entity_history} if entity_history else None,
+        "drift_reference": drift_reference,
         "paths": {"prepared": publisher.prepared, "version": final, "manifest": published.manifest},
         "timings": timings,
     }

@@ -62,6 +62,30 @@ def _decision(rule: dict[str, Any] | None) -> Any:
     return F.lit(False) if threshold is None else F.col(SCORE).cast("double") >= F.lit(float(threshold))
 
 
+def _drift(cfg: Config, card: dict[str, Any], clean_rows: DataFrame, scored: DataFrame,
+           names: dict[str, str]) -> dict[str, Any] | None:
+    """The batch against the model's drift reference (features/drift.py): PSI per numeric feature (clean
+    rows) and of the score (scored rows), unseen categorical values; None when off or no reference."""
+    from pyspark.sql import functions as F
+
+    from downpour.features.drift import judge, profile
+
+    d, ref = cfg.scoring.drift, card.get("drift_reference")
+    if not d.enabled:
+        return None
+    if not ref:
+        LOG.info("score: model %s carries no drift reference (trained before drift checks); no drift figures",
+                 card.get("model_version"))
+        return None
+    with timed("score: drift against the training data"):
+        prof = profile(clean_rows, ref, names)
+        prof["score"] = profile(scored, {}, names, score=F.col(SCORE), score_ref=ref.get("score"))["score"]
+        out = judge(prof, d.psi_threshold, d.unseen_threshold)
+    if out["drift"]:
+        LOG.warning("score: the batch has drifted from the training data: %s", "; ".join(out["reasons"]))
+    return out
+
+
 def _impute_statistics(cfg: Config, model_root: str, card: dict[str, Any]) -> dict[str, Any]:
     """The imputation statistics of the model's training data (scoring must never recompute them on the
     rows it scores): from the model card, a manifest beside the model (registry versions), or the
@@ -256,6 +280,7 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
                 quarantine = rejected.unionByName(failed).select(
                     *raw_cols, "reason", "stage", "source_file", "line_number", F.lit(version).alias("model_version"))
                 quarantine.write.mode("overwrite").parquet(q_url)
+            drift = _drift(cfg, card, tagged.where(is_ok), scored.where(F.col(ERROR).isNull()), names)
             records = count_input_records(spark, full, files)  # independent of the parsing it checks
             counts = _accounted(records, clean_n, outcome)
             out_url = history_out or history_store  # rolled forward only once every row is accounted for
@@ -268,6 +293,7 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
     summary = {**counts, "model_version": version, "output": cfg.scrub(output_url), "quarantine": cfg.scrub(q_url),
                "history": {**past.summary(t_min, t_max), "written": rolled} if H.needed(full) else None,
                "decision": {"threshold": rule.get("threshold"), "acted": acted_n} if rule else None,
+               "drift": drift,
                "seconds": round(time.perf_counter() - t0, 3)}
     storage.write_json_atomic(SH.summary_url(output_url), summary)
     LOG.info("score: %s in %.1fs", json.dumps(counts), time.perf_counter() - t0)

@@ -311,6 +311,18 @@ def test_end_to_end_gate_and_score_parity(spark, telco_path, tmp_path, conf_dir)
     assert list(scored.columns) == ["customerID", "score", "decision", "model_version"]
     assert (scored["decision"] == (scored["score"] >= decision["threshold"])).all()
     assert counts["decision"] == {"threshold": decision["threshold"], "acted": int(scored["decision"].sum())}
+
+    # drift: the rows the model was trained on have not drifted; the same rows with MonthlyCharges x3 have
+    assert counts["drift"]["drift"] is False, counts["drift"]
+    assert counts["drift"]["features"]["MonthlyCharges"] < 0.05 and counts["drift"]["score"] is not None
+    shifted = scoring.assign(MonthlyCharges=lambda d: (d["MonthlyCharges"].astype(float) * 3).round(2).astype(str))
+    shifted.to_csv(tmp_path / "shifted.csv", index=False)
+    moved = run_scoring(spark, cfg, str(tmp_path / "shifted.csv"), str(tmp_path / "shifted_scores"),
+                        model_dir=str(tmp_path / "registry"))["drift"]
+    assert moved["drift"] is True and moved["features"]["MonthlyCharges"] > 0.2
+    assert any(r.startswith("MonthlyCharges: PSI") for r in moved["reasons"])
+    summary = json.loads((tmp_path / "shifted_scores_summary.json").read_text())
+    assert summary["drift"]["drift"] is True
     assert not scored["customerID"].isin(raw["customerID"]).any()  # PII ids are hashed
     q = pd.read_parquet(str(tmp_path / "scores") + "_quarantine")
     assert q["reason"].tolist() == ["cast_failed:tenure"] and "churn" not in q.columns

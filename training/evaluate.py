@@ -267,6 +267,12 @@ def run_evaluation(spark: SparkSession, cfg: Config, gate: bool = False) -> dict
                                  batch_rows=ev.score_batch_rows)
         scored.write.mode("overwrite").partitionBy("split").parquet(scores_url)
     metrics = evaluate_scores_by(spark.read.parquet(scores_url), "split", **_metric_args(cfg), what="model")
+    if card.get("drift_reference") is not None and "val" in metrics:
+        from downpour.features.drift import numeric_reference
+
+        with timed("evaluate: score drift reference on val"):
+            val_scores = spark.read.parquet(scores_url).where(F.col("split") == "val")
+            card["drift_reference"]["score"] = numeric_reference(val_scores, {"score": F.col("score")})["score"]
     chosen: Decision | None = None
     curve: Curve | None = None
     if ev.decision.enabled:

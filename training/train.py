@@ -395,6 +395,8 @@ def finish(cfg: Config, prepared: PreparedData, plan: dict[str, Any],
         "config": cfg.to_public_dict(),
         "frameworks": rank0["frameworks"],
         "entity_history": history_dir,
+        # what score measures drift against (features/drift.py); evaluate adds the score's
+        "drift_reference": prepared.manifest.get("drift_reference"),
     }
     ModelArtifact(staging).write_card(card)
     model_url = RunLayout(cfg.output.path).model

@@ -1,0 +1,132 @@
+"""Drift: how far a scoring batch has moved from the data the model learned from.
+
+``prepare`` fits a reference on the train split (one ``approxQuantile`` job and one aggregation):
+for each numeric feature column its decile edges and the share of train rows in each bin (nulls are a
+bin of their own), for each categorical column the values train saw (up to ``MAX_VALUES``; a column
+with more is not checked for unseen values). ``evaluate`` adds the same for the model's score on val.
+``train`` carries the reference in the model card, so it travels with the model.
+
+``score`` profiles its batch in one aggregation against that reference: the population stability
+index (PSI, ``sum((a - e) * ln(a / e))`` over the bins, shares floored at ``EPS``) per numeric
+feature and for the score, and per categorical column the share of values train never saw. Above
+``scoring.drift`` thresholds the summary says ``"drift": true`` with the reasons.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+BINS = 10
+MAX_VALUES = 1000
+EPS = 1e-4
+_REL_ERROR = 1e-3
+
+
+def _bin_index(col: Column, edges: list[float]) -> Column:
+    """0..len(edges) for values (bin k holds edges[k-1] <= x < edges[k]), len(edges)+1 for null."""
+    index = sum((F.when(col >= F.lit(e), 1).otherwise(0) for e in edges), F.lit(0))
+    return F.when(col.isNull(), F.lit(len(edges) + 1)).otherwise(index)
+
+
+def _bin_aggs(columns: dict[str, tuple[Column, list[float]]]) -> list[Column]:
+    """One count per (column, bin), to be evaluated in a single aggregation."""
+    out = []
+    for key, (col, edges) in columns.items():
+        idx = _bin_index(col.cast("double"), edges)
+        out += [F.sum(F.when(idx == k, 1).otherwise(0)).alias(f"{key}#{k}") for k in range(len(edges) + 2)]
+    return out
+
+
+def _shares(row: Any, key: str, n_bins: int, total: int) -> list[float]:
+    return [(int(row[f"{key}#{k}"] or 0) / total) if total else 0.0 for k in range(n_bins)]
+
+
+def numeric_reference(df: DataFrame, columns: dict[str, Column]) -> dict[str, dict[str, Any]]:
+    """{key: {edges, shares}} of ``columns`` (key -> numeric Column) over ``df``: two Spark jobs."""
+    if not columns:
+        return {}
+    keyed = df.select(*[c.cast("double").alias(f"_q{i}") for i, c in enumerate(columns.values())])
+    probs = [k / BINS for k in range(1, BINS)]
+    quantiles = keyed.approxQuantile(list(keyed.columns), probs, _REL_ERROR)
+    edges = {key: sorted({float(q) for q in qs}) for key, qs in zip(columns, quantiles, strict=True)}
+    specs = {key: (col, edges[key]) for key, col in columns.items()}
+    row = df.agg(F.count(F.lit(1)).alias("__n"), *_bin_aggs(specs)).first()
+    total = int(row["__n"])
+    return {key: {"edges": edges[key], "shares": _shares(row, key, len(edges[key]) + 2, total)} for key in columns}
+
+
+def fit_reference(train: DataFrame, cfg: Any, names: dict[str, str]) -> dict[str, Any]:
+    """The drift reference of the train split's clean rows (raw feature columns, before the transform)."""
+    numeric = {s.column: F.col(names[s.column]) for s in cfg.features.numeric_specs()}
+    # hashed columns are high-cardinality by design: only vocabulary columns are checked for unseen values
+    categorical = [s.column for s in cfg.features.categorical_specs() if s.encoding == "vocab"]
+    ref: dict[str, Any] = {"bins": BINS, "numeric": numeric_reference(train, numeric), "categorical": {}}
+    if categorical:
+        pairs = F.explode(F.array(*[F.struct(F.lit(c).alias("c"), F.col(names[c]).cast("string").alias("v"))
+                                    for c in categorical]))
+        counts = (train.select(pairs.alias("p")).select("p.c", "p.v").where(F.col("v").isNotNull())
+                  .groupBy("c", "v").count())
+        first = F.row_number().over(Window.partitionBy("c").orderBy("v"))
+        seen: dict[str, list[str]] = {}
+        for r in counts.withColumn("_r", first).where(F.col("_r") <= MAX_VALUES + 1).select("c", "v").collect():
+            seen.setdefault(r["c"], []).append(r["v"])
+        for c in categorical:
+            values = sorted(seen.get(c, []))
+            ref["categorical"][c] = {"values": values if len(values) <= MAX_VALUES else None}
+    return ref
+
+
+def psi(expected: list[float], actual: list[float]) -> float:
+    """Population stability index of two share vectors over the same bins (shares floored at EPS)."""
+    total = 0.0
+    for e, a in zip(expected, actual, strict=True):
+        e, a = max(e, EPS), max(a, EPS)
+        total += (a - e) * math.log(a / e)
+    return total
+
+
+def profile(df: DataFrame, ref: dict[str, Any], names: dict[str, str], score: Column | None = None,
+            score_ref: dict[str, Any] | None = None) -> dict[str, Any]:
+    """PSI per numeric feature (and of ``score`` against ``score_ref``) and the unseen share per
+    categorical column of ``df``, in one aggregation."""
+    specs = {f"n:{c}": (F.col(names[c]), r["edges"]) for c, r in (ref.get("numeric") or {}).items()
+             if names.get(c) in df.columns}
+    if score is not None and score_ref:
+        specs["score"] = (score, score_ref["edges"])
+    unseen = {c: r["values"] for c, r in (ref.get("categorical") or {}).items()
+              if r.get("values") is not None and names.get(c) in df.columns}
+    aggs = [F.count(F.lit(1)).alias("__n"), *_bin_aggs(specs)]
+    for c, values in unseen.items():
+        col = F.col(names[c]).cast("string")
+        aggs.append(F.sum(F.when(col.isNotNull() & ~col.isin(values), 1).otherwise(0)).alias(f"u:{c}"))
+        aggs.append(F.sum(F.when(col.isNotNull(), 1).otherwise(0)).alias(f"k:{c}"))
+    row = df.agg(*aggs).first()
+    total = int(row["__n"])
+    out: dict[str, Any] = {"rows": total, "features": {}, "score": None, "unseen": {}}
+    for key, (_, edges) in specs.items():
+        reference = ref["numeric"][key[2:]] if key != "score" else score_ref
+        value = round(psi(reference["shares"], _shares(row, key, len(edges) + 2, total)), 6) if total else None
+        if key == "score":
+            out["score"] = value
+        else:
+            out["features"][key[2:]] = value
+    for c in unseen:
+        known = int(row[f"k:{c}"] or 0)
+        out["unseen"][c] = round(int(row[f"u:{c}"] or 0) / known, 6) if known else 0.0
+    return out
+
+
+def judge(prof: dict[str, Any], psi_threshold: float, unseen_threshold: float) -> dict[str, Any]:
+    """The profile with ``drift`` (bool) and the reasons, against the thresholds."""
+    reasons = [f"{c}: PSI {v:.3f} > {psi_threshold:g}" for c, v in prof["features"].items()
+               if v is not None and v > psi_threshold]
+    if prof["score"] is not None and prof["score"] > psi_threshold:
+        reasons.append(f"score: PSI {prof['score']:.3f} > {psi_threshold:g}")
+    reasons += [f"{c}: {v:.2%} unseen values > {unseen_threshold:.2%}" for c, v in prof["unseen"].items()
+                if v > unseen_threshold]
+    return {**prof, "thresholds": {"psi": psi_threshold, "unseen": unseen_threshold},
+            "drift": bool(reasons), "reasons": reasons}
