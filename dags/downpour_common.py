@@ -42,6 +42,24 @@ def champion_asset(use_case: str) -> Asset:
     return Asset(name=f"downpour_{use_case}_champion", uri=f"downpour://{use_case}/champion")
 
 
+def drift_asset(use_case: str) -> Asset:
+    """The Asset the scoring DAG's ``drift`` task emits when a batch drifted; the retraining DAG runs on it."""
+    return Asset(name=f"downpour_{use_case}_drift", uri=f"downpour://{use_case}/drift")
+
+
+def run_project_job(job: str, args: Sequence[str], timeout: float = 1800) -> tuple[int, dict[str, Any], str]:
+    """(exit code, its last JSON line on stdout, stderr) of ``jobs/<job>.py`` run with the project's Python
+    (the Airflow environment does not have Downpour installed)."""
+    import subprocess
+
+    proc = subprocess.run([PYTHON, str(JOBS / f"{job}.py"), *args, "--json"], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    if proc.stderr.strip():
+        print(proc.stderr.rstrip())  # the job's log lines, into the task log
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    return proc.returncode, (json.loads(lines[-1]) if lines else {}), proc.stderr
+
+
 def run_params(use_case: str) -> dict[str, Param]:
     """The params every Downpour DAG takes (conf, overrides, Spark connection and conf)."""
     return {

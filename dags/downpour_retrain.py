@@ -1,6 +1,8 @@
 """Scheduled retraining with Downpour, one DAG per use case: prepare -> train -> evaluate -> publish.
 
-DAGs: ``downpour_retrain_fraud`` (daily) and ``downpour_retrain_crm_telco`` (weekly).
+DAGs: ``downpour_retrain_fraud`` (daily) and ``downpour_retrain_crm_telco`` (weekly), and also whenever a
+scoring run found that its batch drifted from the training data: the Asset ``downpour_<use case>_drift``
+(URI ``downpour://<use case>/drift``) that ``downpour_score_<use case>``'s ``drift`` task emits.
 
 * ``prepare``, ``train``, ``evaluate``: ``SparkSubmitOperator`` running the thin job scripts in
   ``jobs/`` (``spark-submit ... jobs/<stage>.py --conf <config> --set ...``) on the Spark connection
@@ -49,6 +51,8 @@ from typing import Any
 
 from airflow.exceptions import AirflowException, AirflowFailException
 from airflow.sdk import DAG, get_current_context, task
+from airflow.timetables.assets import AssetOrTimeSchedule
+from airflow.timetables.trigger import CronTriggerTimetable
 from downpour_common import (
     DEFAULT_ARGS,
     FINAL_EXIT_CODES,
@@ -58,6 +62,7 @@ from downpour_common import (
     USE_CASES,
     DownpourSparkSubmitOperator,
     champion_asset,
+    drift_asset,
     job_args,
     resolve_settings,
     run_params,
@@ -92,7 +97,9 @@ def build_dag(use_case: str, schedule: str, doc: str) -> DAG:
     with DAG(
         dag_id=f"downpour_retrain_{use_case}",
         description=f"Downpour retraining: {doc}",
-        schedule=schedule,
+        # the period, or a scoring run that found drift (dags/downpour_score.py's drift task)
+        schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(schedule, timezone="UTC"),
+                                     assets=[drift_asset(use_case)]),
         start_date=datetime(2024, 1, 1),
         catchup=False,
         max_active_runs=1,  # runs share output.path and the registry

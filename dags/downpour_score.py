@@ -1,9 +1,15 @@
 """Batch scoring with the current champion, one DAG per use case: ``downpour_score_<use case>``.
 
-DAGs: ``downpour_score_fraud`` (daily) and ``downpour_score_crm_telco`` (weekly), one task, ``score``:
-``spark-submit ... jobs/score.py --conf <config> --set ... --input <URL> --output <URL> --model <DIR>
---history-store <URL>`` on the Spark connection of the run (``DownpourSparkSubmitOperator``, as the
-retraining stages).
+DAGs: ``downpour_score_fraud`` (daily) and ``downpour_score_crm_telco`` (weekly), two tasks:
+
+* ``score``: ``spark-submit ... jobs/score.py --conf <config> --set ... --input <URL> --output <URL>
+  --model <DIR> --history-store <URL>`` on the Spark connection of the run
+  (``DownpourSparkSubmitOperator``, as the retraining stages);
+* ``drift``: reads the run's ``<output>_summary.json`` (``jobs/drift.py``, the project's Python). When
+  the batch drifted from the model's training data (``scoring.drift`` thresholds) it emits the Asset
+  ``downpour_<use case>_drift`` (URI ``downpour://<use case>/drift``, the reasons in its extra), on which
+  ``downpour_retrain_<use case>`` is scheduled besides its period; otherwise it is skipped, and no
+  retraining is triggered.
 
 Schedule: ``AssetOrTimeSchedule``, both of
 
@@ -57,10 +63,11 @@ registry directory.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from datetime import timedelta
 from typing import Any
 
-from airflow.exceptions import AirflowFailException
-from airflow.sdk import DAG, Param, Variable, timezone
+from airflow.exceptions import AirflowException, AirflowFailException, AirflowSkipException
+from airflow.sdk import DAG, Param, Variable, get_current_context, task, timezone
 from airflow.timetables.assets import AssetOrTimeSchedule
 from airflow.timetables.base import Timetable
 from airflow.timetables.interval import CronDataIntervalTimetable
@@ -71,7 +78,9 @@ from downpour_common import (
     USE_CASES,
     DownpourSparkSubmitOperator,
     champion_asset,
+    drift_asset,
     run_params,
+    run_project_job,
 )
 
 START = timezone.datetime(2024, 1, 1)  # Airflow's default timezone, as the retraining DAGs' schedules
@@ -146,6 +155,22 @@ class DownpourScoreOperator(DownpourSparkSubmitOperator):
         return super().execute(context)
 
 
+def check_drift(use_case: str, context: Mapping[str, Any], render: Callable[[Any], Any]) -> dict[str, Any]:
+    """The drift section of this run's scoring summary (jobs/drift.py); no drift -> AirflowSkipException,
+    so the task emits no Asset event and retraining is not triggered."""
+    context = with_run_dates(context, context["dag"].timetable)
+    output = render(required_settings(use_case, context["params"]))["output"]
+    code, drift, stderr = run_project_job("drift", ["--output", output], timeout=600)
+    if code != 0:
+        reason = (stderr.strip().splitlines() or ["no output"])[-1]
+        if code in FINAL_EXIT_CODES:
+            raise AirflowFailException(f"drift check failed (exit {code}): {reason}")
+        raise AirflowException(f"drift check failed (exit {code}): {reason}")
+    if not drift.get("drift"):
+        raise AirflowSkipException(f"no drift in {output}: retraining is not triggered")
+    return {"output": output, "reasons": drift.get("reasons", [])}
+
+
 def build_dag(use_case: str, schedule: str, doc: str) -> DAG:
     with DAG(
         dag_id=f"downpour_score_{use_case}",
@@ -170,7 +195,19 @@ def build_dag(use_case: str, schedule: str, doc: str) -> DAG:
                            f"Variable downpour_{use_case}_model, else the champion of the Asset events)"),
         },
     ) as dag:
-        DownpourScoreOperator(task_id="score", use_case=use_case, execution_timeout=TIMEOUTS["score"])
+        score = DownpourScoreOperator(task_id="score", use_case=use_case, execution_timeout=TIMEOUTS["score"])
+        drifted = drift_asset(use_case)
+
+        @task(task_id="drift", outlets=[drifted], retries=1, execution_timeout=timedelta(minutes=15))
+        def drift() -> dict[str, Any]:
+            """Emit the drift Asset (the retraining DAG's trigger) when the batch drifted; skip otherwise."""
+            context = get_current_context()
+            found = check_drift(use_case, context, lambda v: context["task"].render_template(v, context))
+            context["outlet_events"][drifted].extra = found
+            print(f"{use_case}: the scored batch drifted ({'; '.join(found['reasons'])}): emitting {drifted.uri}")
+            return found
+
+        score >> drift()
     return dag
 
 

@@ -161,9 +161,12 @@ def test_dag_imports_and_its_task_graph(dags_info):
     info = dags_info
     assert info["errors"] == {}
     assert set(info["dags"]) == {f"downpour_{kind}_{u}" for kind in ("retrain", "score") for u in USE_CASES}
-    for use_case, schedule in USE_CASES.items():
+    for use_case in USE_CASES:
         dag = info["dags"][f"downpour_retrain_{use_case}"]
-        assert dag["schedule"] == schedule and dag["catchup"] is False and dag["max_active_runs"] == 1
+        # its period, or a scoring run that found drift
+        assert dag["timetable"] == f"Asset or {SCORE_CRON[use_case]}", dag["timetable"]
+        assert dag["assets"] == [f"downpour://{use_case}/drift"]
+        assert dag["catchup"] is False and dag["max_active_runs"] == 1
         assert dag["params"] == ["conf", "overrides", "spark_conf", "spark_conn_id"]
         tasks = dag["tasks"]
         assert {t: v["downstream"] for t, v in tasks.items()} == {
@@ -241,9 +244,12 @@ def test_scoring_dag_runs_on_each_new_champion_and_each_period(dags_info):
         assert dag["catchup"] is False and dag["max_active_runs"] == 1
         assert dag["params"] == sorted(["conf", "overrides", "spark_conn_id", "spark_conf", "input", "output",
                                         "history_store", "model"])
-        assert list(dag["tasks"]) == ["score"]
-        score = dag["tasks"]["score"]
-        assert score["spark_submit"] and score["retries"] == 2 and score["downstream"] == []
+        assert list(dag["tasks"]) == ["score", "drift"]
+        score, drift = dag["tasks"]["score"], dag["tasks"]["drift"]
+        assert score["spark_submit"] and score["retries"] == 2 and score["downstream"] == ["drift"]
+        # the drift task emits what the retraining DAG is scheduled on
+        retrain = dags_info["dags"][f"downpour_retrain_{use_case}"]
+        assert not drift["spark_submit"] and drift["outlets"] == retrain["assets"] == [f"downpour://{use_case}/drift"]
         assert Path(score["application"]) == ROOT / "jobs" / "score.py"
         assert score["inlets"] == champion  # where a scheduled run finds the latest champion
 
@@ -295,6 +301,35 @@ def test_scoring_task_submits_the_rendered_urls_with_the_latest_champion(airflow
     assert args[args.index(str(ROOT / "jobs" / "score.py")) + 1:] == [
         "--conf", str(ROOT / "conf" / "crm_telco.yaml"), "--input", "s3a://lake/telco/dt=2024-06-03",
         "--output", f"{scores}/dt=20240603", "--model", "/registry/v7/model", "--history-store", str(store)]
+
+
+@pytest.mark.slow
+def test_drift_task_triggers_retraining_only_when_the_batch_drifted(airflow_env, tmp_path):
+    """The real task (`airflow tasks test`) on a scoring summary: drift -> success and the drift Asset's
+    event (the retraining DAG's trigger); no drift -> skipped, nothing emitted; no summary -> failed."""
+    scores = tmp_path / "scores"
+    params = {"input": "unused", "history_store": "unused", "output": f"{scores}/dt={{{{ ds_nodash }}}}"}
+
+    def drift_task(summary: dict | None) -> str:
+        target = tmp_path / "scores" / "dt=20240603_summary.json"
+        target.parent.mkdir(exist_ok=True)
+        target.unlink(missing_ok=True)
+        if summary is not None:
+            target.write_text(json.dumps(summary))
+        proc = subprocess.run(
+            [str(AIRFLOW_BIN / "airflow"), "tasks", "test", "downpour_score_crm_telco", "drift", "2024-06-03",
+             "--task-params", json.dumps(params)],
+            capture_output=True, text=True, env=airflow_env, timeout=600, cwd=tmp_path)
+        return proc.stdout + proc.stderr
+
+    reasons = ["MonthlyCharges: PSI 1.234 > 0.2"]
+    log = drift_task({"drift": {"drift": True, "reasons": reasons, "features": {}, "unseen": {}, "score": 0.3}})
+    assert "new_state=success" in log and "emitting downpour://crm_telco/drift" in log, log[-4000:]
+    assert "MonthlyCharges: PSI 1.234" in log
+    log = drift_task({"drift": {"drift": False, "reasons": [], "features": {}, "unseen": {}, "score": 0.01}})
+    assert "new_state=skipped" in log and "no drift in" in log and "emitting" not in log, log[-4000:]
+    log = drift_task(None)  # score never wrote its summary: a data contract problem, not retried
+    assert "drift check failed (exit 3)" in log and "new_state=failed" in log, log[-4000:]
 
 
 SCORING_RULES = """
