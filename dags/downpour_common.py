@@ -17,7 +17,8 @@ from typing import Any
 
 from airflow.exceptions import AirflowException, AirflowFailException
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
-from airflow.sdk import Asset, Param, Variable
+from airflow.sdk import Asset, Param, Variable, timezone
+from airflow.timetables.base import Timetable
 
 ROOT = Path(os.environ.get("DOWNPOUR_HOME") or Path(__file__).resolve().parents[1])
 PYTHON = os.environ.get("DOWNPOUR_PYTHON") or str(ROOT / ".venv" / "bin" / "python")
@@ -58,6 +59,18 @@ def run_project_job(job: str, args: Sequence[str], timeout: float = 1800) -> tup
         print(proc.stderr.rstrip())  # the job's log lines, into the task log
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     return proc.returncode, (json.loads(lines[-1]) if lines else {}), proc.stderr
+
+
+def with_run_dates(context: Mapping[str, Any], timetable: Timetable) -> Mapping[str, Any]:
+    """The run's template context; a run without a logical date (Asset-triggered) gets the dates of the
+    last complete period before it, so that ``dt={{ ds }}`` re-scores the latest day, not nothing."""
+    if context.get("logical_date") is not None:
+        return context
+    interval = timetable.infer_manual_data_interval(run_after=timezone.coerce_datetime(context["dag_run"].run_after))
+    start = interval.start
+    return {**context, "logical_date": start, "ds": start.strftime("%Y-%m-%d"), "ds_nodash": start.strftime("%Y%m%d"),
+            "ts": start.isoformat(), "ts_nodash": start.strftime("%Y%m%dT%H%M%S"),
+            "data_interval_start": start, "data_interval_end": interval.end}
 
 
 def run_params(use_case: str) -> dict[str, Param]:
@@ -137,6 +150,7 @@ class DownpourSparkSubmitOperator(SparkSubmitOperator):
         self.final_exit_codes = frozenset(final_exit_codes)
 
     def execute(self, context: Any) -> None:
+        context = with_run_dates(context, self.dag.timetable)  # an Asset-triggered run has no logical date
         settings = resolve_settings(self.use_case, context["params"])
         settings["overrides"] = self.render_template(settings["overrides"], context)
         self._conn_id = settings["spark_conn_id"]  # the provider's attribute behind its conn_id argument

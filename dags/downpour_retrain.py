@@ -46,11 +46,11 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from airflow.exceptions import AirflowException, AirflowFailException
-from airflow.sdk import DAG, get_current_context, task
+from airflow.sdk import DAG, get_current_context, task, timezone
 from airflow.timetables.assets import AssetOrTimeSchedule
 from airflow.timetables.trigger import CronTriggerTimetable
 from downpour_common import (
@@ -66,8 +66,10 @@ from downpour_common import (
     job_args,
     resolve_settings,
     run_params,
+    with_run_dates,
 )
 
+START = timezone.datetime(2024, 1, 1)  # Airflow's default timezone, as the scoring DAGs'
 GATE_REFUSED = 4  # exit code of a quality-gate refusal everywhere in Downpour
 
 
@@ -98,9 +100,9 @@ def build_dag(use_case: str, schedule: str, doc: str) -> DAG:
         dag_id=f"downpour_retrain_{use_case}",
         description=f"Downpour retraining: {doc}",
         # the period, or a scoring run that found drift (dags/downpour_score.py's drift task)
-        schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(schedule, timezone="UTC"),
+        schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(schedule, timezone=START.tzinfo),
                                      assets=[drift_asset(use_case)]),
-        start_date=datetime(2024, 1, 1),
+        start_date=START,
         catchup=False,
         max_active_runs=1,  # runs share output.path and the registry
         default_args=DEFAULT_ARGS,
@@ -119,7 +121,7 @@ def build_dag(use_case: str, schedule: str, doc: str) -> DAG:
         @task(task_id="publish", outlets=[champion], execution_timeout=timedelta(minutes=30))
         def publish() -> dict[str, Any]:
             """Fail (no retry) when the gate refused; else announce the new champion on the Asset."""
-            context = get_current_context()
+            context = with_run_dates(get_current_context(), dag.timetable)
             result = run_publish(use_case, context["params"],
                                  render=lambda v: context["task"].render_template(v, context))
             context["outlet_events"][champion].extra = {

@@ -69,7 +69,6 @@ from typing import Any
 from airflow.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 from airflow.sdk import DAG, Param, Variable, get_current_context, task, timezone
 from airflow.timetables.assets import AssetOrTimeSchedule
-from airflow.timetables.base import Timetable
 from airflow.timetables.interval import CronDataIntervalTimetable
 from downpour_common import (
     DEFAULT_ARGS,
@@ -81,6 +80,7 @@ from downpour_common import (
     drift_asset,
     run_params,
     run_project_job,
+    with_run_dates,
 )
 
 START = timezone.datetime(2024, 1, 1)  # Airflow's default timezone, as the retraining DAGs' schedules
@@ -123,18 +123,6 @@ def scoring_model(use_case: str, context: Mapping[str, Any]) -> str:
     return model
 
 
-def with_run_dates(context: Mapping[str, Any], timetable: Timetable) -> Mapping[str, Any]:
-    """The run's template context; a run without a logical date (Asset-triggered) gets the dates of the
-    last complete period before it, so that ``dt={{ ds }}`` re-scores the latest day, not nothing."""
-    if context.get("logical_date") is not None:
-        return context
-    interval = timetable.infer_manual_data_interval(run_after=timezone.coerce_datetime(context["dag_run"].run_after))
-    start = interval.start
-    return {**context, "logical_date": start, "ds": start.strftime("%Y-%m-%d"), "ds_nodash": start.strftime("%Y%m%d"),
-            "ts": start.isoformat(), "ts_nodash": start.strftime("%Y%m%dT%H%M%S"),
-            "data_interval_start": start, "data_interval_end": interval.end}
-
-
 def score_args(use_case: str, context: Mapping[str, Any], render: Callable[[Any], Any]) -> list[str]:
     """``--input --output --model --history-store`` of jobs/score.py, the URLs rendered with ``render``."""
     urls = render(required_settings(use_case, context["params"]))
@@ -166,7 +154,10 @@ def check_drift(use_case: str, context: Mapping[str, Any], render: Callable[[Any
         if code in FINAL_EXIT_CODES:
             raise AirflowFailException(f"drift check failed (exit {code}): {reason}")
         raise AirflowException(f"drift check failed (exit {code}): {reason}")
-    if not drift.get("drift"):
+    if drift.get("drift") is None:
+        raise AirflowSkipException(f"no drift figures for {output} ({'; '.join(drift.get('reasons', []))}): "
+                                   "retraining is not triggered")
+    if not drift["drift"]:
         raise AirflowSkipException(f"no drift in {output}: retraining is not triggered")
     return {"output": output, "reasons": drift.get("reasons", [])}
 

@@ -29,6 +29,9 @@ SAVED_MODEL = "saved_model"
 ENTITY_HISTORY = "entity_history"
 TENSORBOARD = "tensorboard"
 MANIFEST = "manifest.json"
+# decision thresholds are multiples of 1 / DECISION_RESOLUTION; evaluate and score both compare
+# floor(score * DECISION_RESOLUTION) with the threshold's bucket, so they act on the very same rows
+DECISION_RESOLUTION = 1_000_000
 FEATURES_SIGNATURE = "serve_features"
 RAW_SIGNATURE = "serving_default"
 

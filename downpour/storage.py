@@ -51,9 +51,13 @@ def is_file_url(url: str) -> bool:
     return scheme(url) in ("", "file")
 
 
+_FUSE_ROOTS = ("/dbfs/", "/Volumes/")  # Databricks' FUSE mounts (DBFS, Unity Catalog volumes): no symlinks
+
+
 def has_symlinks(url: str) -> bool:
-    """Whether a directory can be published at ``url`` by a symlink swap (not on DBFS's FUSE mount)."""
-    return is_file_url(url)
+    """Whether a directory can be published at ``url`` by a symlink swap (not on Databricks' FUSE mounts,
+    whether named ``dbfs:/x`` or ``/dbfs/x``)."""
+    return is_file_url(url) and not (local_path(url) + "/").startswith(_FUSE_ROOTS)
 
 
 def local_path(url: str) -> str:

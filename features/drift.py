@@ -1,10 +1,11 @@
 """Drift: how far a scoring batch has moved from the data the model learned from.
 
 ``prepare`` fits a reference on the train split (one ``approxQuantile`` job and one aggregation):
-for each numeric feature column its decile edges and the share of train rows in each bin (nulls are a
-bin of their own), for each categorical column the values train saw (up to ``MAX_VALUES``; a column
-with more is not checked for unseen values). ``evaluate`` adds the same for the model's score on val.
-``train`` carries the reference in the model card, so it travels with the model.
+for each numeric feature column its decile edges and the share of train rows in each bin (nulls are
+a bin of their own), for each vocabulary-encoded categorical column the values of its vocabulary
+(seen ``min_count`` times, the ``top_k`` most frequent, at most ``MAX_VALUES``). ``evaluate`` adds
+the same for the model's score on val. ``train`` carries the reference in the model card, so it
+travels with the model.
 
 ``score`` profiles its batch in one aggregation against that reference: the population stability
 index (PSI, ``sum((a - e) * ln(a / e))`` over the bins, shares floored at ``EPS``) per numeric
@@ -63,20 +64,26 @@ def fit_reference(train: DataFrame, cfg: Any, names: dict[str, str]) -> dict[str
     """The drift reference of the train split's clean rows (raw feature columns, before the transform)."""
     numeric = {s.column: F.col(names[s.column]) for s in cfg.features.numeric_specs()}
     # hashed columns are high-cardinality by design: only vocabulary columns are checked for unseen values
-    categorical = [s.column for s in cfg.features.categorical_specs() if s.encoding == "vocab"]
+    specs = {s.column: s for s in cfg.features.categorical_specs() if s.encoding == "vocab"}
+    categorical = list(specs)
     ref: dict[str, Any] = {"bins": BINS, "numeric": numeric_reference(train, numeric), "categorical": {}}
     if categorical:
         pairs = F.explode(F.array(*[F.struct(F.lit(c).alias("c"), F.col(names[c]).cast("string").alias("v"))
                                     for c in categorical]))
         counts = (train.select(pairs.alias("p")).select("p.c", "p.v").where(F.col("v").isNotNull())
                   .groupBy("c", "v").count())
-        first = F.row_number().over(Window.partitionBy("c").orderBy("v"))
+        # the vocabulary's own rule (features/state.py): values seen min_count times, the top_k most
+        # frequent; rarer values are out of vocabulary for the model, so they count as unseen here, and
+        # they never reach the card
+        min_count = F.coalesce(*[F.when(F.col("c") == c, F.lit(s.min_count)) for c, s in specs.items()])
+        top_k = F.coalesce(*[F.when(F.col("c") == c, F.lit(min(s.top_k, MAX_VALUES))) for c, s in specs.items()])
+        rank = F.row_number().over(Window.partitionBy("c").orderBy(F.col("count").desc(), F.col("v")))
+        kept = counts.where(F.col("count") >= min_count).withColumn("_r", rank).where(F.col("_r") <= top_k)
         seen: dict[str, list[str]] = {}
-        for r in counts.withColumn("_r", first).where(F.col("_r") <= MAX_VALUES + 1).select("c", "v").collect():
+        for r in kept.select("c", "v").collect():
             seen.setdefault(r["c"], []).append(r["v"])
         for c in categorical:
-            values = sorted(seen.get(c, []))
-            ref["categorical"][c] = {"values": values if len(values) <= MAX_VALUES else None}
+            ref["categorical"][c] = {"values": sorted(seen.get(c, []))}
     return ref
 
 

@@ -4,8 +4,9 @@
 
 Reads ``<scores URL>_summary.json`` (written by ``downpour score``; any URL Downpour can read) and
 prints its ``drift`` section (one JSON object on stdout with ``--json``). Exit 0 whether or not the
-batch drifted (drift is a finding, not a failure); 3 when the summary is missing or has no drift
-figures (a model without a drift reference, or ``scoring.drift.enabled: false``).
+batch drifted (drift is a finding, not a failure), also when the run has no drift figures (a model
+without a drift reference, or ``scoring.drift.enabled: false``: ``{"drift": null, ...}``); 3 when the
+summary is missing.
 
 dags/downpour_score.py runs it as its ``drift`` task: on drift, that task emits the Asset
 ``downpour://<use case>/drift``, on which the retraining DAG is also scheduled.
@@ -32,8 +33,8 @@ def drift_of(output_url: str) -> dict[str, Any]:
         raise DataContractError(f"{url}: no scoring summary; run `downpour score --output {output_url}` first")
     drift = storage.read_json(url).get("drift")
     if not drift:
-        raise DataContractError(f"{url}: no drift figures (a model without a drift reference, or "
-                                "scoring.drift.enabled is false)")
+        return {"drift": None, "reasons": [f"{url}: no drift figures (a model without a drift reference, or "
+                                           "scoring.drift.enabled is false)"]}
     return drift
 
 
@@ -50,7 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(drift, sort_keys=True))
     else:
-        verdict = "drifted: " + "; ".join(drift["reasons"]) if drift["drift"] else "no drift"
+        verdict = ("drifted: " + "; ".join(drift["reasons"]) if drift["drift"]
+                   else "no drift" if drift["drift"] is False else drift["reasons"][0])
         print(f"{args.output}: {verdict}")
     return 0
 

@@ -45,7 +45,9 @@ from downpour.pipelines.split import SPLITS, assign_split, split_counts
 from downpour.spark import persist_level, sized_partitions
 from downpour.storage import FileInfo
 
-FORMAT_VERSION = 2  # 2: PII pseudonyms are HMAC-SHA256; imputation statistics fitted on train
+# 2: PII pseudonyms are HMAC-SHA256; imputation statistics fitted on train; 3: the manifest carries the
+# drift reference (a version prepared before it would be a no-op re-run without one)
+FORMAT_VERSION = 3
 _MAX_LISTED_FILES = 1000
 
 

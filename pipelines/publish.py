@@ -7,11 +7,12 @@ Layout under ``output.path``::
     .versions/.staging-<data_version>-<uuid>/   a build in progress (never read by training)
     prepared -> .versions/<data_version>-<build>    a symlink, swapped with one os.replace
 
-Local file systems (a plain path or ``file:``): everything is written into a staging directory, the
-manifest last; the staging directory is renamed to its version name, then a temporary symlink is
-``os.replace``-d onto ``prepared`` (an atomic rename(2)), the directory is fsync-ed, and only then are
-versions older than the previous one removed. A crash at any point leaves ``prepared`` pointing at the
-last complete version; a leftover ``.staging-*`` directory is removed by the next successful publish.
+Local file systems (a plain path or ``file:``; not Databricks' FUSE mounts, which have no symlinks):
+everything is written into a staging directory, the manifest last; the staging directory is renamed
+to its version name, then a temporary symlink is ``os.replace``-d onto ``prepared`` (an atomic
+rename(2)), the directory is fsync-ed, and only then are versions older than the previous one
+removed. A crash at any point leaves ``prepared`` pointing at the last complete version; a leftover
+``.staging-*`` directory is removed by the next successful publish.
 
 Other file systems (``hdfs://``, ``s3a://``, ``dbfs:/``, ...) have no symlinks. There the version is
 staged the same way, then published by Hadoop ``FileSystem.rename``: the old ``prepared/manifest.json``
@@ -39,8 +40,7 @@ from downpour.fsutil import swap_symlink
 from downpour.layout import MANIFEST, VERSIONS
 from downpour.layout import PREPARED as POINTER
 from downpour.logs import LOG
-from downpour.storage import HadoopFS, join, local_path
-from downpour.storage import is_file_url as is_local
+from downpour.storage import HadoopFS, has_symlinks, join, local_path
 
 _STAGING_PREFIX = ".staging-"
 
@@ -62,7 +62,7 @@ class Publisher:
     def __init__(self, spark: SparkSession, output_url: str) -> None:
         self.fs = HadoopFS(spark)
         self.root = self.fs.qualify(output_url)
-        self.local = is_local(self.root)
+        self.local = has_symlinks(self.root)  # the symlink swap; not on Databricks' FUSE mounts
 
     @property
     def prepared(self) -> str:

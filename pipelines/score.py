@@ -58,8 +58,15 @@ def _decision(rule: dict[str, Any] | None) -> Any:
     """``decision`` for a model card's rule: act when the score is at least its threshold (None: on no row)."""
     from pyspark.sql import functions as F
 
+    from downpour.artifact import DECISION_RESOLUTION
+
     threshold = (rule or {}).get("threshold")
-    return F.lit(False) if threshold is None else F.col(SCORE).cast("double") >= F.lit(float(threshold))
+    if threshold is None:
+        return F.lit(False)
+    # the bucket comparison evaluate costed (training/decision.py), not a float comparison that could
+    # disagree with it by one bucket
+    bucket = F.floor(F.col(SCORE).cast("double") * F.lit(float(DECISION_RESOLUTION))).cast("long")
+    return bucket >= F.lit(round(float(threshold) * DECISION_RESOLUTION))
 
 
 def _drift(cfg: Config, card: dict[str, Any], clean_rows: DataFrame, scored: DataFrame,

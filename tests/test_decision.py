@@ -87,3 +87,31 @@ def test_the_brute_force_check_catches_a_wrong_threshold(spark):
                 assert_minimises(val, float(wrong), D.Costs(5.0, 20.0, 100.0), False)
             return
     pytest.fail("no neighbouring threshold with another cost: the companion proves nothing")
+
+
+def test_float32_scores_are_acted_on_exactly_as_evaluate_counted(spark):
+    """Scores are float32 in Spark: evaluate's buckets and score's decision column must pick the same rows
+    (a float32 product would push some rows one bucket up)."""
+    from pyspark.sql import functions as F
+
+    from downpour.pipelines.score import _decision
+
+    val = spark.createDataFrame(_rows(20000, 7)).withColumn("score", F.col("score").cast("float"))
+    chosen, _ = D.decide(val, None, SimpleNamespace(action_cost=5.0, false_positive_cost=20.0, missed_cost=100.0,
+                                                    missed_cost_column=None, max_action_rate=None))
+    acted = val.where(_decision({"threshold": chosen.threshold})).count()
+    assert acted == chosen.val["acted"] > 0
+
+
+def test_score_buckets_are_computed_in_double_precision(spark):
+    """Every float32 score's bucket is floor(score x 1e6) of its exact value; companion: the same product
+    taken in float32 (what Spark does for a float column times an int) misplaces some rows."""
+    from pyspark.sql import functions as F
+
+    scores = np.random.default_rng(11).random(20000).astype(np.float32)
+    df = spark.createDataFrame(pd.DataFrame({"score": scores})).withColumn("score", F.col("score").cast("float"))
+    expected = np.floor(scores.astype(np.float64) * 1e6).astype(np.int64)
+    got = np.array([r[0] for r in df.select(D.score_bucket(F.col("score"))).collect()])
+    assert (got == expected).all()
+    float32_product = np.array([r[0] for r in df.select(F.floor(F.col("score") * F.lit(1e6).cast("float"))).collect()])
+    assert (float32_product != expected).any()

@@ -13,13 +13,13 @@ from downpour.features import drift as D
 from downpour.pipelines.columns import internal_names
 
 
-def _cfg():
+def _cfg(country: object = "country"):
     return config_from_dict({
         "name": "drift", "input": {"path": "/nowhere"}, "output": {"path": "/nowhere"},
         "schema": {"id": "string", "amount": "double", "country": "string", "merchant": "string", "y": "int"},
         "id_column": "id", "label": {"column": "y", "positive": 1},
         "features": {"numeric": ["amount"],
-                     "categorical": ["country", {"column": "merchant", "encoding": "hash", "buckets": 64}]},
+                     "categorical": [country, {"column": "merchant", "encoding": "hash", "buckets": 64}]},
     })
 
 
@@ -77,3 +77,15 @@ def test_score_psi_against_its_own_reference(spark):
     higher = spark.createDataFrame(pd.DataFrame({"score": rng.beta(2, 4, 5000)}))
     assert D.profile(same, {}, {}, score=same["score"], score_ref=ref)["score"] < 0.02
     assert D.profile(higher, {}, {}, score=higher["score"], score_ref=ref)["score"] > 0.5
+
+
+def test_the_reference_keeps_only_the_vocabulary(spark):
+    """Values rarer than the column's min_count are out of the model's vocabulary: not in the reference
+    (so not in the card), and unseen when they come back."""
+    cfg = _cfg({"column": "country", "min_count": 10})
+    train, names = _frame(spark, 2000, 1)
+    rare = spark.createDataFrame(pd.DataFrame({"amount": [1.0] * 3, "country": ["lu"] * 3, "merchant": ["m1"] * 3})
+                                 .rename(columns=names))
+    ref = D.fit_reference(train.unionByName(rare), cfg, names)
+    assert ref["categorical"]["country"]["values"] == ["de", "fr", "nl"]
+    assert D.profile(rare, ref, names)["unseen"]["country"] == 1.0

@@ -16,6 +16,8 @@ def test_dbfs_is_the_fuse_mount_for_python_and_has_no_symlinks():
     assert not storage.is_file_url("dbfs:/ml/model") and not storage.has_symlinks("dbfs:/ml/model")
     for url in ("/tmp/x", "file:///tmp/x", "file:/tmp/x", "rel/x"):
         assert storage.is_file_url(url) and storage.has_symlinks(url), url
+    for url in ("/dbfs/ml/model", "/Volumes/main/ml/model", "file:///dbfs/ml/model"):  # the same mounts
+        assert storage.is_local(url) and not storage.has_symlinks(url), url
     for url in ("hdfs://nn/x", "s3a://b/x", "abfss://c@a.dfs.core.windows.net/x"):
         assert not storage.is_local(url) and not storage.has_symlinks(url), url
 

@@ -25,7 +25,12 @@ import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-RESOLUTION = 1_000_000  # candidate thresholds are multiples of 1e-6
+from downpour.artifact import DECISION_RESOLUTION as RESOLUTION  # thresholds are multiples of 1e-6
+
+
+def score_bucket(score: Any) -> Any:
+    """floor(score x 1e6) in double precision (a float32 score widened first, never rounded to float32)."""
+    return F.floor(score.cast("double") * F.lit(float(RESOLUTION))).cast("long")
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ def cost_table(scored: DataFrame, missed_cost: Any) -> pd.DataFrame:
     ``scored`` has ``score`` and ``label`` (1 positive); ``missed_cost`` is a Column (per row) or a number.
     One aggregation; the result has at most a million rows whatever the split's size."""
     per_row = missed_cost if isinstance(missed_cost, F.Column) else F.lit(float(missed_cost))
-    bucket = F.floor(F.col("score") * RESOLUTION).cast("long")
+    bucket = score_bucket(F.col("score"))
     positive = (F.col("label") == 1).cast("long")
     table = (scored.groupBy(bucket.alias("bucket"))
              .agg(F.count(F.lit(1)).alias("rows"), F.sum(positive).alias("positives"),
