@@ -59,14 +59,14 @@ def _decision(rule: dict[str, Any] | None) -> Any:
     from pyspark.sql import functions as F
 
     from downpour.artifact import DECISION_RESOLUTION
+    from downpour.pipelines.serving import score_bucket
 
     threshold = (rule or {}).get("threshold")
     if threshold is None:
         return F.lit(False)
     # the bucket comparison evaluate costed (training/decision.py), not a float comparison that could
     # disagree with it by one bucket
-    bucket = F.floor(F.col(SCORE).cast("double") * F.lit(float(DECISION_RESOLUTION))).cast("long")
-    return bucket >= F.lit(round(float(threshold) * DECISION_RESOLUTION))
+    return score_bucket(F.col(SCORE)) >= F.lit(round(float(threshold) * DECISION_RESOLUTION))
 
 
 def _drift(cfg: Config, card: dict[str, Any], clean_rows: DataFrame, scored: DataFrame,

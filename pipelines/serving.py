@@ -34,6 +34,16 @@ _LOCAL_COPIES: dict[str, str] = {}
 _LOCK = threading.Lock()
 
 
+def score_bucket(score: Any) -> Any:
+    """floor(score x DECISION_RESOLUTION) in double precision (a float32 score widened first, never
+    multiplied in float32): what evaluate costs a decision threshold on and score compares with it."""
+    from pyspark.sql import functions as F
+
+    from downpour.artifact import DECISION_RESOLUTION
+
+    return F.floor(score.cast("double") * F.lit(float(DECISION_RESOLUTION))).cast("long")
+
+
 # ---- model loading (runs in the driver for the signature, in each Python worker for scoring) ---------
 
 def _local_model_dir(model_url: str, fingerprint: str) -> str:

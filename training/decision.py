@@ -26,11 +26,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from downpour.artifact import DECISION_RESOLUTION as RESOLUTION  # thresholds are multiples of 1e-6
-
-
-def score_bucket(score: Any) -> Any:
-    """floor(score x 1e6) in double precision (a float32 score widened first, never rounded to float32)."""
-    return F.floor(score.cast("double") * F.lit(float(RESOLUTION))).cast("long")
+from downpour.pipelines.serving import score_bucket
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from downpour.artifact import FEATURES_SIGNATURE, RAW_SIGNATURE
 from downpour.config import TrainingConfig
 from downpour.logs import LOG
 
-FEATURES_SIGNATURE = "serve_features"
-RAW_SIGNATURE = "serving_default"
 _EPS = 1e-7
 
 
