@@ -43,6 +43,9 @@ GOALS: dict[str, tuple[str, tuple[str, float] | None]] = {
     "scoring_rows_per_s": ("batch scoring rows/s (`downpour score` with entity history, raw rows in, Parquet out)",
                            None),
     "scoring_peak_rss_mb": ("peak RSS of a Python worker while scoring (MiB)", None),
+    "scoring_plain_rows_per_s": ("`downpour score` rows/s without reason codes (1x raw rows, entity history)", None),
+    "scoring_reasons_rows_per_s": ("the same with reason codes (`scoring.reason_codes`: top 3, 16 steps)", None),
+    "reason_codes_time_ratio": ("`score` wall time with reason codes / without, same rows, alternated", None),
     "train_peak_rss_10x_ratio": ("peak training-worker RSS on 10x rows / on 1x", ("<=", 1.2)),
 }
 
@@ -203,11 +206,14 @@ def run(mode: str, only: set[str], workdir: str) -> dict[str, Any]:
                                               prep["raw_big"], prep["prepared_big"]),
         })
     if "scoring" in only:
-        if not os.path.exists(os.path.join(prep["prepared_small"], "model")):
-            # any model of the shipped config will do: one epoch on the 1x rows
+        if not _has_explain(os.path.join(prep["prepared_small"], "model", "model_card.json")):
+            # any model of the shipped config will do (one with the explain signature): one epoch on 1x rows
             training_scaling.train(spark, prep["raw_small"], prep["prepared_small"], "training.epochs=1",
                                     "training.workers=1")
-        section("scoring", lambda: scoring.measure(spark, prep["raw_big"], prep["prepared_small"], workdir))
+        section("scoring", lambda: {
+            **scoring.measure(spark, prep["raw_big"], prep["prepared_small"], workdir),
+            **scoring.measure_reasons(spark, prep["raw_small"], prep["prepared_small"], workdir),
+        })
     if "peer" in only:
         from benchmarks import peer_estimator
 
@@ -220,6 +226,15 @@ def run(mode: str, only: set[str], workdir: str) -> dict[str, Any]:
     return {"mode": mode, "finished_at": now, "commit": measured, "machine": info, "sizes": size,
             "figures": _figures(sections), "sections": sections, "section_seconds": timings,
             "notes": previous.get("notes", [])}
+
+
+def _has_explain(card: str) -> bool:
+    """A model (from an earlier run) that reason codes can use."""
+    try:
+        with open(card) as f:
+            return "explain" in json.load(f)
+    except (OSError, ValueError):
+        return False
 
 
 def _input(module: Any, size: dict[str, Any], workdir: str, spark: Any) -> dict[str, Any]:

@@ -6,6 +6,10 @@ features over the model's entity history plus the input, the exported model's ``
 after one warm-up of each: ``score_vs_bare_io`` is the ratio of the medians. Also reported: rows/s of
 scoring with history, the history rows it joined, and the peak RSS of any Python process under the
 driver (Spark's Python workers, where the SavedModel runs), sampled from ``/proc``.
+
+``measure_reasons``: the same ``downpour score`` with and without reason codes
+(``scoring.reason_codes``, default steps and top_k), alternated on the same raw rows after one warm-up
+of each: ``reason_codes_time_ratio`` and rows/s of both.
 """
 
 from __future__ import annotations
@@ -56,4 +60,45 @@ def measure(spark: Any, raw: str, model_out: str, workdir: str, repeats: int = 3
         "scoring_peak_rss_mb": summary["peak_worker_mb"],
         "scoring_driver_rss_mb": summary["driver_mb"],
         "scoring_python_workers": summary["workers_seen"],
+    }
+
+
+def measure_reasons(spark: Any, raw: str, model_out: str, workdir: str, repeats: int = 3) -> dict[str, Any]:
+    """``downpour score`` of ``raw`` without and with reason codes, side by side."""
+    from downpour.pipelines.score import run_scoring
+
+    plain_cfg = fraud_config(raw, model_out)
+    reasons_cfg = fraud_config(raw, model_out, "scoring.reason_codes.enabled=true")
+    runs: dict[str, list[dict[str, Any]]] = {"plain": [], "reasons": []}
+
+    def contender(name: str, cfg: Any) -> Any:
+        out = os.path.join(workdir, f"scores-{name}")
+
+        def go() -> None:
+            for suffix in ("", "_quarantine"):
+                shutil.rmtree(out + suffix, ignore_errors=True)
+            runs[name].append(run_scoring(spark, cfg, input_url=raw, output_url=out))
+        return go
+
+    fns = {"plain": contender("plain", plain_cfg), "reasons": contender("reasons", reasons_cfg)}
+    alternate(fns, 1)  # warm-up: the same for both
+    s = alternate(fns, repeats)
+    rows = runs["plain"][-1]["input"]
+    explained = runs["reasons"][-1]["reason_codes"]
+    for name in fns:
+        for suffix in ("", "_quarantine"):
+            shutil.rmtree(os.path.join(workdir, f"scores-{name}") + suffix, ignore_errors=True)
+    return {
+        "reasons_rows": rows,
+        "reasons_repeats": repeats,
+        "reasons_plain_seconds": round(median(s["plain"]), 2),
+        "reasons_plain_seconds_spread": spread(s["plain"]),
+        "reasons_seconds": round(median(s["reasons"]), 2),
+        "reasons_seconds_spread": spread(s["reasons"]),
+        "reasons_steps": explained["steps"],
+        "reasons_top_k": explained["top_k"],
+        "reasons_max_completeness_gap": explained["max_completeness_gap"],
+        "reason_codes_time_ratio": round(median(s["reasons"]) / median(s["plain"]), 2),
+        "scoring_plain_rows_per_s": round(rows / median(s["plain"])),
+        "scoring_reasons_rows_per_s": round(rows / median(s["reasons"])),
     }

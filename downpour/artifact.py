@@ -5,6 +5,7 @@ A model directory (``<output.path>/model`` or a registry version)::
     saved_model/        the SavedModel, with two signatures:
                           serve_features  (model-ready shard columns; evaluation)
                           serving_default (raw columns; score, with preprocessing inside)
+                          explain         (raw columns; score and reason-code contributions)
     model_card.json     what the model is: version, data version, config, metrics (evaluate adds them)
     history.json        per-round training metrics (the report's curves)
     entity_history/     the data version's events, for window features at scoring (features/history.py)
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from downpour import storage
 from downpour.errors import DataContractError
@@ -34,6 +37,16 @@ MANIFEST = "manifest.json"
 DECISION_RESOLUTION = 1_000_000
 FEATURES_SIGNATURE = "serve_features"
 RAW_SIGNATURE = "serving_default"
+EXPLAIN_SIGNATURE = "explain"  # raw inputs -> score and reason-code contributions (training/explain.py)
+EXPLAIN_ALPHAS = "dp_ig_alphas"  # the explain signature's extra input: the path's points, 0 .. 1
+CONTRIBUTIONS = "contributions"  # the explain signature's [B, features] output
+
+
+def completeness_gap(contributions: Any, score: Any, baseline_score: float) -> np.ndarray:
+    """The explain signature's contract, per row: |sum of the attributions - (score - baseline score)|,
+    where the baseline score is the card's ``explain.baseline_score``; 0 for exact attributions."""
+    total = np.asarray(contributions, dtype=np.float64).sum(axis=1)
+    return np.abs(total - (np.asarray(score, dtype=np.float64) - float(baseline_score)))
 
 
 @dataclass(frozen=True)

@@ -360,6 +360,16 @@ class DriftConfig(_Strict):
     unseen_threshold: float = Field(0.05, ge=0, le=1)
 
 
+class ReasonCodesConfig(_Strict):
+    """Reason codes while scoring (training/explain.py): the features that pushed each row's score up
+    most, by integrated gradients against a typical train row. Off by default: it costs about
+    ``steps`` forward and backward passes per row."""
+
+    enabled: bool = False
+    top_k: int = Field(3, ge=1, le=20)  # reasons per row: reason_1 .. reason_<top_k> (+ _contribution)
+    steps: int = Field(16, ge=2, le=512)  # trapezoid steps along the path; more: closer to complete, slower
+
+
 class ScoringConfig(_Strict):
     """``downpour score``: how much time may pass between the entity history and the rows to score,
     and when a batch has drifted from the training data."""
@@ -368,6 +378,7 @@ class ScoringConfig(_Strict):
     # (exit 3): window features over a gap see no events in it. null: any gap (it is still reported).
     max_history_gap: str | None = None
     drift: DriftConfig = Field(default_factory=DriftConfig)
+    reason_codes: ReasonCodesConfig = Field(default_factory=ReasonCodesConfig)
 
     @field_validator("max_history_gap")
     @classmethod

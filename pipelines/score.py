@@ -11,14 +11,16 @@ from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 
-from downpour.artifact import MANIFEST, RAW_SIGNATURE, ModelArtifact
+from downpour.artifact import EXPLAIN_SIGNATURE, MANIFEST, RAW_SIGNATURE, ModelArtifact
 from downpour.config import Config
 from downpour.errors import DataContractError
 from downpour.layout import RunLayout
 from downpour.logs import LOG, timed
 from downpour.pipelines.serving import (
     ERROR,
+    REASON_GAP,
     SCORE,
+    Reasons,
     arrow_batch_rows,
     model_fingerprint,
     score_dataframe,
@@ -28,6 +30,7 @@ from downpour.pipelines.serving import (
 # ---- `downpour score`: any raw table -> scores ------------------------------------------------------
 
 _RAW_JSON = "_dp_raw_json"
+GAP_WARNING = 0.01  # a completeness gap above this (in score units) is logged: more steps would help
 
 
 class RawInputs:
@@ -91,6 +94,34 @@ def _drift(cfg: Config, card: dict[str, Any], clean_rows: DataFrame, scored: Dat
     if out["drift"]:
         LOG.warning("score: the batch has drifted from the training data: %s", "; ".join(out["reasons"]))
     return out
+
+
+def _reasons(cfg: Config, card: dict[str, Any]) -> Reasons | None:
+    """What ``scoring.reason_codes`` asks of this model; a model exported without an explain signature
+    (trained before reason codes) cannot give them, which stops the run before any work."""
+    rc = cfg.scoring.reason_codes
+    if not rc.enabled:
+        return None
+    meta = card.get("explain") or {}
+    if not meta.get("features") or EXPLAIN_SIGNATURE not in (card.get("signatures") or {}):
+        raise DataContractError(f"scoring.reason_codes: model {card.get('model_version')} has no "
+                                f"{EXPLAIN_SIGNATURE!r} signature (it was trained before reason codes); "
+                                "retrain it or set scoring.reason_codes.enabled: false")
+    return Reasons(EXPLAIN_SIGNATURE, tuple(meta["features"]), float(meta["baseline_score"]), rc.top_k, rc.steps)
+
+
+def _explained(reasons: Reasons | None, gaps: list[float | None]) -> dict[str, Any] | None:
+    """The summary's ``reason_codes``: what was asked, and the largest completeness gap of the batch
+    (how far a row's attributions are from adding up to score - baseline score; more steps shrink it)."""
+    if reasons is None:
+        return None
+    worst = max((g for g in gaps if g is not None), default=None)
+    if worst is not None and worst > GAP_WARNING:
+        LOG.warning("score: reason-code attributions miss score - baseline score by up to %.3g; raise "
+                    "scoring.reason_codes.steps (now %d) for closer attributions", worst, reasons.steps)
+    return {"top_k": reasons.top_k, "steps": reasons.steps, "features": len(reasons.features),
+            "baseline_score": reasons.baseline_score,
+            "max_completeness_gap": None if worst is None else round(float(worst), 6)}
 
 
 def _impute_statistics(cfg: Config, model_root: str, card: dict[str, Any]) -> dict[str, Any]:
@@ -168,8 +199,9 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
                 history_out: str | None = None, history_store: str | None = None,
                 no_history: bool = False) -> dict[str, Any]:
     """Score a raw table: the prepare stage's ingest and cleaning rules, window features over the entity
-    history and the input (pipelines/score_history.py), then the model's ``serving_default`` signature;
-    Parquet (id, ``score``, ``model_version``) to ``output_url``, every row that cannot be scored to
+    history and the input (pipelines/score_history.py), then the model's ``serving_default`` signature
+    (``explain`` with reason codes); Parquet (id, ``score``, [``decision``], [``reason_i``,
+    ``reason_i_contribution``], ``model_version``) to ``output_url``, every row that cannot be scored to
     ``<output_url>_quarantine`` with its reason, ``<output_url>_summary.json``; returns the summary."""
     from pyspark.sql import functions as F
 
@@ -205,6 +237,7 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
     card = model.card(hint="run `downpour train` or pass --model")
     version = str(card["model_version"])
     rule = card.get("decision")  # evaluate's threshold (training/decision.py); None: no decision column
+    reasons = _reasons(cfg, card)
     stats = _impute_statistics(cfg, root, card)
     raw_inputs = signature_inputs(saved, RAW_SIGNATURE, model_fingerprint(saved))
 
@@ -259,19 +292,25 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
                                         f"from the input {input_url} by this config")
             serving = serving_frame(clean.serving_nulls(ok, full, names), RawInputs(raw_inputs),
                                     keep=("__id", _RAW_JSON, SOURCE))
-            with arrow_batch_rows(spark, batch), timed(f"score: {RAW_SIGNATURE} in mapInPandas"):
+            served = reasons.signature if reasons else RAW_SIGNATURE
+            with arrow_batch_rows(spark, batch), timed(f"score: {served} in mapInPandas"):
                 scored = score_dataframe(serving, saved, RAW_SIGNATURE, keep=["__id", _RAW_JSON, SOURCE],
-                                         batch_rows=batch, isolate_errors=True).persist(persist_level(spark))
+                                         batch_rows=batch, isolate_errors=True,
+                                         reasons=reasons).persist(persist_level(spark))
                 cached.append(scored)
                 acted = _decision(rule)
-                by = scored.groupBy(F.col(ERROR).isNotNull().alias("failed"), acted.alias("acted")).count().collect()
+                gap = [F.max(REASON_GAP).alias("gap")] if reasons else []
+                by = scored.groupBy(F.col(ERROR).isNotNull().alias("failed"), acted.alias("acted")).agg(
+                    F.count(F.lit(1)).alias("count"), *gap).collect()
                 outcome = {f: sum(r["count"] for r in by if r["failed"] == f) for f in {r["failed"] for r in by}}
                 acted_n = sum(r["count"] for r in by if not r["failed"] and r["acted"])
+                explained = _explained(reasons, [r["gap"] for r in by if not r["failed"]] if reasons else [])
 
             with timed("score: write scores and quarantine"):
                 (scored.where(F.col(ERROR).isNull())
                  .select(F.col("__id").alias(id_out), F.col(SCORE).cast("double").alias(SCORE),
-                         *([acted.alias("decision")] if rule else []), F.lit(version).alias("model_version"))
+                         *([acted.alias("decision")] if rule else []), *(reasons.columns() if reasons else []),
+                         F.lit(version).alias("model_version"))
                  .write.mode("overwrite").parquet(output_url))
                 lines = malformed_line_numbers(spark, full, files, tagged, salt) if any_malformed else None
                 rejected = clean.with_line_numbers(tagged.where(F.col(REASON).isNotNull()), lines).select(
@@ -301,6 +340,7 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
                "history": {**past.summary(t_min, t_max), "written": rolled} if H.needed(full) else None,
                "decision": {"threshold": rule.get("threshold"), "acted": acted_n} if rule else None,
                "drift": drift,
+               "reason_codes": explained,
                "seconds": round(time.perf_counter() - t0, 3)}
     storage.write_json_atomic(SH.summary_url(output_url), summary)
     LOG.info("score: %s in %.1fs", json.dumps(counts), time.perf_counter() - t0)

@@ -15,6 +15,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,10 +23,12 @@ import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
+from downpour.artifact import CONTRIBUTIONS, EXPLAIN_ALPHAS, completeness_gap
 from downpour.errors import DataContractError
 
 SCORE = "score"
 ERROR = "score_error"
+REASON_GAP = "_reason_gap"  # per row: |sum of all attributions - (score - baseline score)| (not written out)
 ARROW_BATCH = "spark.sql.execution.arrow.maxRecordsPerBatch"
 
 _CACHE: dict[tuple[str, str, str], tuple[Any, Any, dict[str, Any]]] = {}
@@ -42,6 +45,35 @@ def score_bucket(score: Any) -> Any:
     from downpour.artifact import DECISION_RESOLUTION
 
     return F.floor(score.cast("double") * F.lit(float(DECISION_RESOLUTION))).cast("long")
+
+
+@dataclass(frozen=True)
+class Reasons:
+    """Reason codes to add while scoring: the model's explain signature, its feature names (model card
+    ``explain``), how many reasons per row and how many path steps (``scoring.reason_codes``)."""
+
+    signature: str
+    features: tuple[str, ...]
+    baseline_score: float
+    top_k: int
+    steps: int
+
+    def columns(self) -> list[str]:
+        return [c for i in range(1, self.top_k + 1) for c in (f"reason_{i}", f"reason_{i}_contribution")]
+
+
+def top_reasons(contributions: np.ndarray, features: tuple[str, ...], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(names [n, k], contributions [n, k]) of the k features that pushed each row's score up most;
+    fewer than k pushed it up: the rest are None / NaN."""
+    contributions = np.asarray(contributions, dtype=np.float64)
+    k = min(k, contributions.shape[1])
+    order = np.argsort(-contributions, axis=1, kind="stable")[:, :k]
+    values = np.take_along_axis(contributions, order, axis=1)
+    names = np.asarray(features, dtype=object)[order]
+    up = values > 0
+    names[~up] = None
+    values[~up] = np.nan
+    return names, values
 
 
 # ---- model loading (runs in the driver for the signature, in each Python worker for scoring) ---------
@@ -128,65 +160,105 @@ def serving_arrays(pdf: pd.DataFrame, specs: dict[str, Any]) -> dict[str, np.nda
     return out
 
 
-def _predict(fn: Any, specs: dict[str, Any], pdf: pd.DataFrame) -> np.ndarray:
+def _predict(fn: Any, specs: dict[str, Any], pdf: pd.DataFrame, reasons: Reasons | None) -> dict[str, np.ndarray]:
+    """{"score": [n]} (+ {"contributions": [n, features]} with reasons) for the rows of ``pdf``."""
     import tensorflow as tf
 
-    feeds = {k: tf.constant(v) for k, v in serving_arrays(pdf, specs).items()}
-    return np.asarray(fn(**feeds)[SCORE], dtype=np.float32).reshape(-1)
+    data = {k: v for k, v in specs.items() if k != EXPLAIN_ALPHAS}
+    feeds = {k: tf.constant(v) for k, v in serving_arrays(pdf, data).items()}
+    if reasons is not None:
+        feeds[EXPLAIN_ALPHAS] = tf.linspace(0.0, 1.0, reasons.steps + 1)
+    out = fn(**feeds)
+    got = {SCORE: np.asarray(out[SCORE], dtype=np.float32).reshape(-1)}
+    if reasons is not None:
+        got[CONTRIBUTIONS] = np.asarray(out[CONTRIBUTIONS], dtype=np.float64).reshape(len(pdf), -1)
+    return got
 
 
-def _predict_or_isolate(fn: Any, specs: dict[str, Any], pdf: pd.DataFrame) -> tuple[np.ndarray, list]:
-    """Scores and per-row errors: a failing batch is halved until the rows that fail are found."""
+def _failed(rows: int, reasons: Reasons | None) -> dict[str, np.ndarray]:
+    out = {SCORE: np.full(rows, np.nan, dtype=np.float32)}
+    if reasons is not None:
+        out[CONTRIBUTIONS] = np.full((rows, len(reasons.features)), np.nan)
+    return out
+
+
+def _predict_or_isolate(fn: Any, specs: dict[str, Any], pdf: pd.DataFrame,
+                        reasons: Reasons | None) -> tuple[dict[str, np.ndarray], list]:
+    """Model outputs and per-row errors: a failing batch is halved until the rows that fail are found."""
     try:
-        scores = _predict(fn, specs, pdf)
+        got = _predict(fn, specs, pdf, reasons)
         errors: list[str | None] = [None] * len(pdf)
     except Exception as exc:  # noqa: BLE001 - any model error is a per-row quarantine reason
         if len(pdf) == 1:
             msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else exc.__class__.__name__
-            return np.array([np.nan], dtype=np.float32), [f"model error: {msg}"]
+            return _failed(1, reasons), [f"model error: {msg}"]
         mid = len(pdf) // 2
-        s1, e1 = _predict_or_isolate(fn, specs, pdf.iloc[:mid])
-        s2, e2 = _predict_or_isolate(fn, specs, pdf.iloc[mid:])
-        return np.concatenate([s1, s2]), e1 + e2
-    bad = ~np.isfinite(scores)
+        g1, e1 = _predict_or_isolate(fn, specs, pdf.iloc[:mid], reasons)
+        g2, e2 = _predict_or_isolate(fn, specs, pdf.iloc[mid:], reasons)
+        return {k: np.concatenate([g1[k], g2[k]]) for k in g1}, e1 + e2
+    bad = ~np.isfinite(got[SCORE])
+    if CONTRIBUTIONS in got:
+        bad |= ~np.isfinite(got[CONTRIBUTIONS]).all(axis=1)
     for i in np.nonzero(bad)[0]:
         errors[i] = "model returned a non-finite score"
-    return scores, errors
+    return got, errors
+
+
+def _with_reasons(out: pd.DataFrame, got: dict[str, np.ndarray], reasons: Reasons) -> None:
+    contributions = got[CONTRIBUTIONS]
+    names, values = top_reasons(contributions, reasons.features, reasons.top_k)
+    for i in range(reasons.top_k):
+        has = i < names.shape[1]
+        out[f"reason_{i + 1}"] = pd.Series(names[:, i] if has else [None] * len(out), dtype=object)
+        out[f"reason_{i + 1}_contribution"] = values[:, i] if has else np.nan
+    out[REASON_GAP] = completeness_gap(contributions, got[SCORE], reasons.baseline_score)
 
 
 def _score_partition(batches: Iterable[pd.DataFrame], model_url: str, signature: str, fingerprint: str,
-                     keep: list[str], batch_rows: int, threads: int, isolate: bool) -> Iterator[pd.DataFrame]:
+                     keep: list[str], batch_rows: int, threads: int, isolate: bool,
+                     reasons: Reasons | None) -> Iterator[pd.DataFrame]:
     fn, specs = load_signature(model_url, signature, threads, fingerprint)
     for pdf in batches:
         for start in range(0, len(pdf), batch_rows):
             chunk = pdf.iloc[start:start + batch_rows]
             out = chunk[keep].reset_index(drop=True)
             if isolate:
-                scores, errors = _predict_or_isolate(fn, specs, chunk)
-                out[SCORE] = scores
-                out[ERROR] = pd.Series(errors, dtype=object)
+                got, errors = _predict_or_isolate(fn, specs, chunk, reasons)
             else:
-                out[SCORE] = _predict(fn, specs, chunk)
+                got, errors = _predict(fn, specs, chunk, reasons), None
+            out[SCORE] = got[SCORE]
+            if reasons is not None:
+                _with_reasons(out, got, reasons)
+            if isolate:
+                out[ERROR] = pd.Series(errors, dtype=object)
             yield out
 
 
 def score_dataframe(df: DataFrame, model_url: str, signature: str, keep: list[str], batch_rows: int,
-                    isolate_errors: bool = False) -> DataFrame:
-    """``keep`` columns + ``score`` (float) [+ ``score_error``] for every row of ``df`` (lazy).
+                    isolate_errors: bool = False, reasons: Reasons | None = None) -> DataFrame:
+    """``keep`` columns + ``score`` (float) [+ reason columns] [+ ``score_error``] for every row of
+    ``df`` (lazy).
 
     The signature's inputs are read from ``df`` by name. With ``isolate_errors`` a row the model cannot
     score gets a null score and a reason instead of failing the job (``downpour score``); without it,
-    any model error fails the job (evaluation of shards, which are clean by contract).
+    any model error fails the job (evaluation of shards, which are clean by contract). With
+    ``reasons`` the model's explain signature is served instead of ``signature`` and each row gets
+    ``reason_i``, ``reason_i_contribution`` (i = 1..top_k) and ``_reason_gap``.
     """
+    if reasons is not None:
+        signature = reasons.signature
     fingerprint = model_fingerprint(model_url)
-    inputs = signature_inputs(model_url, signature, fingerprint)
+    inputs = [c for c in signature_inputs(model_url, signature, fingerprint) if c != EXPLAIN_ALPHAS]
     missing = [c for c in inputs if c not in df.columns]
     if missing:
         raise DataContractError(f"column {missing[0]!r}: the model's {signature!r} signature needs it, "
                                 f"the data to score does not have it")
     fields = {f.name: f for f in df.schema}
+    reason_fields = [] if reasons is None else [
+        T.StructField(c, T.StringType() if not c.endswith("_contribution") else T.DoubleType(), True)
+        for c in reasons.columns()] + [T.StructField(REASON_GAP, T.DoubleType(), True)]
     out_schema = T.StructType(
-        [fields[c] for c in keep] + [T.StructField(SCORE, T.FloatType(), True)]
+        [fields[c] for c in keep] + [T.StructField(SCORE, T.FloatType(), True)] + reason_fields
         + ([T.StructField(ERROR, T.StringType(), True)] if isolate_errors else [])
     )
     threads = int(df.sparkSession.conf.get("spark.task.cpus", "1") or 1)
@@ -195,7 +267,7 @@ def score_dataframe(df: DataFrame, model_url: str, signature: str, keep: list[st
 
     def run(batches: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         return _score_partition(batches, model_url, signature, fingerprint, keep, rows, threads,
-                                isolate_errors)
+                                isolate_errors, reasons)
 
     return df.select(*cols).mapInPandas(run, out_schema)
 

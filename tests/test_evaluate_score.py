@@ -272,12 +272,13 @@ def test_end_to_end_gate_and_score_parity(spark, telco_path, tmp_path, conf_dir)
     data = tmp_path / "telco.csv"
     raw.to_csv(data, index=False)
     out = tmp_path / "out"
-    cfg = load_config(conf_dir / "crm_telco.yaml", [
+    overrides = [
         f"input.path={data}", f"output.path={out}", f"evaluation.registry={tmp_path / 'registry'}",
         "training.epochs=1", "training.workers=1", "shards.row_group_rows=64", "evaluation.baseline=false",
         # the decision's missed cost per row, read from the rebuilt raw rows
         "evaluation.decision.missed_cost_column=MonthlyCharges", "evaluation.decision.action_cost=5",
-    ])
+    ]
+    cfg = load_config(conf_dir / "crm_telco.yaml", overrides)
     from downpour.pipelines.prepare import run_prepare
 
     run_prepare(spark, cfg)
@@ -318,9 +319,13 @@ def test_end_to_end_gate_and_score_parity(spark, telco_path, tmp_path, conf_dir)
     assert counts["drift"]["features"]["MonthlyCharges"] < 0.05 and counts["drift"]["score"] is not None
     shifted = scoring.assign(MonthlyCharges=lambda d: (d["MonthlyCharges"].astype(float) * 3).round(2).astype(str))
     shifted.to_csv(tmp_path / "shifted.csv", index=False)
-    moved = run_scoring(spark, cfg, str(tmp_path / "shifted.csv"), str(tmp_path / "shifted_scores"),
-                        model_dir=str(tmp_path / "registry"))["drift"]
+    # ... scored with reason codes: the features that pushed each score up, named as in the card
+    explained_cfg = load_config(conf_dir / "crm_telco.yaml", [*overrides, "scoring.reason_codes.enabled=true"])
+    explained = run_scoring(spark, explained_cfg, str(tmp_path / "shifted.csv"), str(tmp_path / "shifted_scores"),
+                            model_dir=str(tmp_path / "registry"))
+    moved = explained["drift"]
     assert moved["drift"] is True and moved["features"]["MonthlyCharges"] > 0.2
+    _check_reason_codes(pd.read_parquet(tmp_path / "shifted_scores"), explained["reason_codes"], card)
     assert any(r.startswith("MonthlyCharges: PSI") for r in moved["reasons"])
     summary = json.loads((tmp_path / "shifted_scores_summary.json").read_text())
     assert summary["drift"]["drift"] is True
@@ -363,6 +368,28 @@ def test_end_to_end_gate_and_score_parity(spark, telco_path, tmp_path, conf_dir)
     assert raw_gate["compared_on"].startswith("raw test rows")
     assert raw_gate["champion_value"] == pytest.approx(res["metrics"]["test"]["roc_auc"], abs=1e-4)
     assert raw_gate["value"] == pytest.approx(0.5)
+
+
+def _check_reason_codes(scored: pd.DataFrame, summary: dict, card: dict) -> None:
+    """Reason columns hold feature names of the card, strictly positive and descending contributions,
+    and the batch's attributions add up to score - baseline score within the warning line."""
+    k = summary["top_k"]
+    assert k == 3 and summary["steps"] == 16
+    assert [c for c in scored.columns if c.startswith("reason_")] == [
+        c for i in range(1, k + 1) for c in (f"reason_{i}", f"reason_{i}_contribution")]
+    features = set(card["explain"]["features"])
+    assert {"MonthlyCharges", "tenure", "Contract"} <= features
+    assert summary["baseline_score"] == card["explain"]["baseline_score"]
+    assert 0 <= summary["max_completeness_gap"] < 0.01
+    names = scored[[f"reason_{i}" for i in range(1, k + 1)]]
+    values = scored[[f"reason_{i}_contribution" for i in range(1, k + 1)]].to_numpy()
+    assert set(names.stack()) <= features and names["reason_1"].notna().mean() > 0.5
+    assert (names.isna().to_numpy() == np.isnan(values)).all()
+    assert (values[~np.isnan(values)] > 0).all()
+    assert (np.nan_to_num(values[:, :-1], nan=0) >= np.nan_to_num(values[:, 1:], nan=0)).all()
+    # a row above the baseline score has at least one reason; one below it may have none
+    above = scored["score"] > summary["baseline_score"] + 0.01
+    assert names.loc[above, "reason_1"].notna().all()
 
 
 # ---- worker logs -------------------------------------------------------------------------------------

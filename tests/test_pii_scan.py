@@ -52,12 +52,14 @@ def test_no_pii_or_salt_in_any_output_or_log(spark, tmp_path, conf_dir, caplog, 
     cfg = api.load(str(conf_dir / "fraud.yaml"), [
         f"input.path={raw_dir}", f"output.path={out}", f"evaluation.registry={out / 'registry'}",
         "training.workers=1", "training.epochs=1", "training.batch_size=256", "shards.row_group_rows=128",
+        "scoring.reason_codes.enabled=true",  # reason codes name features, never values
     ])
     api.prepare(cfg, spark=spark)
     api.train(cfg, spark=spark)
     api.evaluate(cfg, spark=spark)
     api.score(cfg, input_url=str(raw_dir), output_url=str(out / "scores"), spark=spark)
 
+    assert "reason_1" in pd.read_parquet(out / "scores").columns  # the scan covers the reason columns
     assert len(needles) > 200, "the scan must look for real PII values"  # names, emails, card numbers, ids
     pattern = re.compile("|".join(re.escape(n) for n in sorted(needles, key=len, reverse=True)))
     captured = capfd.readouterr()

@@ -137,7 +137,10 @@ def test_two_workers_on_uneven_shards_survive_a_kill_resume_agree_learn_and_expo
     assert os.path.islink(model)  # published by an atomic symlink swap
     saved = json.loads(open(os.path.join(model, "model_card.json")).read())
     assert saved["model_version"] == card["model_version"] and saved["data_version"] == manifest["data_version"]
-    assert set(card["signatures"]) == {"serve_features", "serving_default"}
+    assert set(card["signatures"]) == {"serve_features", "serving_default", "explain"}
+    explain = card["explain"]  # reason codes: every feature named once, a baseline fitted on train rows
+    assert len(explain["features"]) == len(set(explain["features"])) > 0
+    assert 0 < explain["baseline_score"] < 1 and explain["baseline_rows"] > 0
     scores, label = _scores(model, os.path.join(out, "prepared", "test"))
     assert scores.shape == label.shape and np.all((scores > 0) & (scores < 1))
     assert np.mean(scores[label == 1]) > np.mean(scores[label == 0])

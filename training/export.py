@@ -5,6 +5,9 @@
 * ``serving_default``: one 1-D input per *raw* feature column (``feature_state.json``'s
   ``raw_inputs``, safe names, serving dtypes); ``features.keras_preprocessing`` turns them into the
   shard columns inside the graph, so batch scoring and online serving need no Spark.
+* ``explain`` (when train rows for a baseline are given): the raw inputs plus the path's points
+  (``artifact.EXPLAIN_ALPHAS``); returns ``score`` and ``contributions`` [B, features], the reason
+  codes of ``training/explain.py``. Its feature names and baseline score go into the model card.
 
 Both apply the prior correction of the imbalance strategy: a model trained on a stream where
 negatives were kept with probability ``q`` (or positives weighted ``w``) predicts odds ``1/q``
@@ -15,12 +18,19 @@ brings the mean prediction back to the base rate.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from downpour.artifact import FEATURES_SIGNATURE, RAW_SIGNATURE
+from downpour.artifact import (
+    CONTRIBUTIONS,
+    EXPLAIN_ALPHAS,
+    EXPLAIN_SIGNATURE,
+    FEATURES_SIGNATURE,
+    RAW_SIGNATURE,
+    completeness_gap,
+)
 from downpour.config import TrainingConfig
 from downpour.logs import LOG
 
@@ -60,11 +70,17 @@ def correct(p: np.ndarray, shift: float) -> np.ndarray:
 
 
 def export_saved_model(model: Any, feature_state: Mapping[str, Any], shift: float, path: str,
-                       check_batch: Mapping[str, np.ndarray] | None = None) -> dict[str, list[str]]:
-    """Write ``path`` (a local directory); returns {signature: input names}.
+                       check_batch: Mapping[str, np.ndarray] | None = None,
+                       baseline_batches: Sequence[Mapping[str, np.ndarray]] = (),
+                       display_names: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Write ``path`` (a local directory); returns ``{"signatures": {signature: input names},
+    "explain": {"features", "baseline_score", "baseline_rows"} or None}``.
 
     With ``check_batch`` (shard columns), the SavedModel is loaded back and its ``serve_features``
-    scores are compared with the in-memory model's, so a broken export fails here, not in scoring.
+    scores are compared with the in-memory model's, so a broken export fails here, not in scoring;
+    with ``baseline_batches`` too, the explain path must reproduce those scores and its attributions
+    must be complete. ``baseline_batches`` are train rows (shard columns): the reason codes' baseline;
+    ``display_names`` (safe -> the user's column names) name the reasons.
     """
     import tensorflow as tf
 
@@ -96,19 +112,34 @@ def export_saved_model(model: Any, feature_state: Mapping[str, Any], shift: floa
     signatures = {FEATURES_SIGNATURE: serve_features.get_concrete_function(**specs)}
     inputs = {FEATURES_SIGNATURE: list(specs)}
 
-    raw = _raw_signature(scorer, feature_state)
+    explainer, baseline, explain = None, None, None
+    if baseline_batches:
+        from downpour.training.explain import Explainer
+
+        explainer = Explainer(model, feature_state, shift_t, display_names)
+        baseline = explainer.baseline(baseline_batches)
+        explain = {"features": [name for name, _ in explainer.groups],
+                   "baseline_score": explainer.baseline_score(baseline),
+                   "baseline_rows": int(sum(len(next(iter(b.values()))) for b in baseline_batches))}
+    raw = _raw_signature(scorer, feature_state, explainer, baseline)
     if raw is not None:
-        signatures[RAW_SIGNATURE], inputs[RAW_SIGNATURE] = raw
+        for name, (fn, names) in raw.items():
+            signatures[name], inputs[name] = fn, names
     else:
         LOG.warning("export: features.keras_preprocessing is unavailable; exporting %s only",
                     FEATURES_SIGNATURE)
+        explain = None
     tf.saved_model.save(scorer, path, signatures=signatures)
     if check_batch is not None:
         _check(model, path, {c: check_batch[c] for c in columns}, shift_t)
-    return inputs
+        if explainer is not None and baseline is not None and explain is not None:
+            explain["check_gap_16_steps"] = _check_explainer(model, explainer, baseline, explain["baseline_score"],
+                                                             {c: check_batch[c] for c in columns}, shift_t)
+    return {"signatures": inputs, "explain": explain}
 
 
-def _raw_signature(scorer: Any, feature_state: Mapping[str, Any]) -> tuple[Any, list[str]] | None:
+def _raw_signature(scorer: Any, feature_state: Mapping[str, Any], explainer: Any = None,
+                   baseline: Mapping[str, np.ndarray] | None = None) -> dict[str, tuple[Any, list[str]]] | None:
     import tensorflow as tf
 
     try:
@@ -125,7 +156,20 @@ def _raw_signature(scorer: Any, feature_state: Mapping[str, Any]) -> tuple[Any, 
     def serving_default(**raw: tf.Tensor) -> dict[str, tf.Tensor]:
         return scorer.score(preprocessing(raw))
 
-    return serving_default.get_concrete_function(**raw_specs), list(raw_specs)
+    out = {RAW_SIGNATURE: (serving_default.get_concrete_function(**raw_specs), list(raw_specs))}
+    if explainer is None or baseline is None:
+        return out
+    base = {c: tf.constant(v) for c, v in baseline.items()}
+
+    @tf.function
+    def explain(**raw: tf.Tensor) -> dict[str, tf.Tensor]:
+        alphas = raw.pop(EXPLAIN_ALPHAS)
+        cols = preprocessing(raw)
+        return {**scorer.score(cols), CONTRIBUTIONS: explainer.contributions(cols, base, alphas)}
+
+    specs = {**raw_specs, EXPLAIN_ALPHAS: tf.TensorSpec([None], tf.float32, name=EXPLAIN_ALPHAS)}
+    out[EXPLAIN_SIGNATURE] = (explain.get_concrete_function(**specs), list(specs))
+    return out
 
 
 def _state_of(keras_model: Any) -> list[Any]:
@@ -139,6 +183,24 @@ def _state_of(keras_model: Any) -> list[Any]:
     tables = [layer.lookup_table for layer in keras_model.submodules  # nested layers included
               if getattr(layer, "lookup_table", None) is not None]
     return [*keras_model.variables, *tables]
+
+
+def _check_explainer(model: Any, explainer: Any, baseline: Mapping[str, np.ndarray], baseline_score: float,
+                     batch: dict[str, np.ndarray], shift: float, steps: int = 16) -> float:
+    """The explain path must compute the served scores (else the export fails); returns the largest
+    completeness gap on the batch at ``steps`` (scoring's default), which goes into the model card."""
+    import tensorflow as tf
+
+    cols = {k: tf.constant(v) for k, v in batch.items()}
+    want = correct(np.asarray(model(batch, training=False)).reshape(-1), shift)
+    got = tf.sigmoid(explainer.logit(explainer.represent(cols))).numpy()
+    if not np.allclose(got, want, atol=1e-5):
+        raise RuntimeError(f"export check failed: the explain path's scores differ from the model's "
+                           f"(max abs diff {np.max(np.abs(got - want)):.3g}); training/explain.py is out "
+                           "of step with training/model.py")
+    alphas = tf.linspace(0.0, 1.0, steps + 1)
+    gap = completeness_gap(explainer.contributions(cols, baseline, alphas).numpy(), got, baseline_score)
+    return round(float(gap.max()), 6)
 
 
 def _check(model: Any, path: str, batch: dict[str, np.ndarray], shift: float) -> None:

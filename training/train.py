@@ -47,6 +47,7 @@ FAIL_ENV = "DOWNPOUR_FAIL_AFTER_EPOCH"
 KILL_ENV = "DOWNPOUR_KILL_WORKER"  # rank:epoch:batch -> that rank SIGKILLs itself mid-epoch
 # thresholds of the train/val AUCs (callbacks.SpreadAUC); evenly spaced ones update in O(batch + thresholds)
 METRIC_THRESHOLDS = 5000
+BASELINE_ROWS = 4096  # train rows whose mean representation is the reason codes' baseline
 _RANK_ERROR = "DOWNPOUR-RANK-ERROR"
 _COMM_ERRORS = ("HorovodInternalError", "ConnectionResetError", "BrokenPipeError")
 _HVD_SHUTDOWN = "Horovod has been shut down"  # what a rank's collective raises once a peer is gone
@@ -390,6 +391,8 @@ def finish(cfg: Config, prepared: PreparedData, plan: dict[str, Any],
             "final_metrics": rank0["history"][-1] if rank0["history"] else {},
         },
         "signatures": rank0["signatures"],
+        # reason codes (training/explain.py): feature names in the explain signature's order, baseline score
+        "explain": rank0["explain"],
         "features": {"model_inputs": list(rank0["signatures"].get("serve_features", [])),
                      "raw_inputs": sorted(prepared.feature_state.get("raw_inputs") or {})},
         "config": cfg.to_public_dict(),
@@ -607,7 +610,11 @@ def _train_rank(plan: dict[str, Any], rank: int) -> dict[str, Any]:
     export_model = _unplaced(model, state_dict, t, build_model)
     check = next(iter_batches(val.url if val.rows else train.url, spec, ReadOptions(
         batch_size=256, num_epochs=1, shuffle=False, reader_workers=1)))
-    signatures = _export(export_model, state_dict, plan, check, export_saved_model)
+    from downpour.pipelines.ingest import column_names
+
+    display = {safe: raw for raw, safe in column_names(cfg).items()}
+    exported_model = _export(export_model, state_dict, plan, check, _baseline_rows(train.url, spec),
+                             display, export_saved_model)
     if remote_tb and os.listdir(tb_dir):
         # TensorBoard cannot write to every remote scheme: this run's logs travel with the model
         storage.upload_dir(tb_dir, storage.join(plan["staging"], TENSORBOARD))
@@ -630,7 +637,8 @@ def _train_rank(plan: dict[str, Any], rank: int) -> dict[str, Any]:
                                if d.device_type in ("GPU",)] or ["/CPU:0"],
         "threads": threads,
         "optimizer": "Adam (tf.keras.optimizers.legacy) + hvd.DistributedOptimizer",
-        "signatures": signatures,
+        "signatures": exported_model["signatures"],
+        "explain": exported_model["explain"],
         "frameworks": {"python": platform.python_version(), "tensorflow": tf.__version__,
                        "keras": keras.__version__, "horovod": horovod.__version__,
                        "petastorm": petastorm.__version__, "pyarrow": pyarrow.__version__,
@@ -651,16 +659,32 @@ def _unplaced(model: Any, state: dict[str, Any], t: Any, build_model: Any) -> An
     return plain
 
 
+def _baseline_rows(url: str, spec: Any, rows: int = BASELINE_ROWS) -> list[dict[str, Any]]:
+    """The first ``rows`` train rows (shard columns): the reason codes' baseline (training/explain.py)."""
+    from downpour.training.input import iter_batches
+
+    out, seen = [], 0
+    for batch in iter_batches(url, spec, ReadOptions(batch_size=512, num_epochs=1, shuffle=False,
+                                                     reader_workers=1)):
+        out.append(batch)
+        seen += len(batch["label"])
+        if seen >= rows:
+            break
+    return out
+
+
 def _export(model: Any, state: dict[str, Any], plan: dict[str, Any], check: dict[str, Any],
-            export_saved_model: Any) -> dict[str, list[str]]:
+            baseline: list[dict[str, Any]], display: dict[str, str], export_saved_model: Any) -> dict[str, Any]:
     target = ModelArtifact(plan["staging"]).saved_model
     with timed("export SavedModel"):
         if storage.is_local(target):
-            return export_saved_model(model, state, plan["logit_shift"], storage.local_path(target), check)
+            return export_saved_model(model, state, plan["logit_shift"], storage.local_path(target), check,
+                                      baseline, display)
         tmp = tempfile.mkdtemp(prefix="downpour-export-")
         try:
-            signatures = export_saved_model(model, state, plan["logit_shift"], os.path.join(tmp, "sm"), check)
+            exported = export_saved_model(model, state, plan["logit_shift"], os.path.join(tmp, "sm"), check,
+                                          baseline, display)
             storage.upload_dir(os.path.join(tmp, "sm"), target)
-            return signatures
+            return exported
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
