@@ -232,7 +232,7 @@ def _has_explain(card: str) -> bool:
     """A model (from an earlier run) that reason codes can use."""
     try:
         with open(card) as f:
-            return "explain" in json.load(f)
+            return bool(json.load(f).get("explain"))
     except (OSError, ValueError):
         return False
 

@@ -7,15 +7,37 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
-from downpour.artifact import EXPLAIN_SIGNATURE, MANIFEST, RAW_SIGNATURE, ModelArtifact
+from downpour import storage
+from downpour.artifact import DECISION_RESOLUTION, EXPLAIN_SIGNATURE, MANIFEST, RAW_SIGNATURE, ModelArtifact
 from downpour.config import Config
 from downpour.errors import DataContractError
+from downpour.features import history as H
 from downpour.layout import RunLayout
 from downpour.logs import LOG, timed
+from downpour.pipelines import clean
+from downpour.pipelines import score_history as SH
+from downpour.pipelines.ingest import (
+    LINE,
+    LINE_NUMBER,
+    RAW,
+    REASON,
+    ROW_HASH,
+    SOURCE,
+    STAGE,
+    column_names,
+    contract_errors,
+    count_input_records,
+    list_input_files,
+    malformed_line_numbers,
+    parse_columns,
+    read_raw,
+)
 from downpour.pipelines.serving import (
     ERROR,
     REASON_GAP,
@@ -23,9 +45,12 @@ from downpour.pipelines.serving import (
     Reasons,
     arrow_batch_rows,
     model_fingerprint,
+    score_bucket,
     score_dataframe,
     signature_inputs,
 )
+from downpour.spark import persist_level, sized_partitions
+from downpour.storage import FileInfo
 
 # ---- `downpour score`: any raw table -> scores ------------------------------------------------------
 
@@ -45,8 +70,6 @@ class RawInputs:
 
 def resolve_model_dir(cfg: Config, model_dir: str | None) -> str:
     """``--model`` (a model directory, or a registry directory: its champion), else ``<output>/model``."""
-    from downpour import storage
-
     if model_dir is None:
         return RunLayout(cfg.output.path).model
     from downpour.champion import CHAMPION, champion_model_url
@@ -59,11 +82,6 @@ def resolve_model_dir(cfg: Config, model_dir: str | None) -> str:
 
 def _decision(rule: dict[str, Any] | None) -> Any:
     """``decision`` for a model card's rule: act when the score is at least its threshold (None: on no row)."""
-    from pyspark.sql import functions as F
-
-    from downpour.artifact import DECISION_RESOLUTION
-    from downpour.pipelines.serving import score_bucket
-
     threshold = (rule or {}).get("threshold")
     if threshold is None:
         return F.lit(False)
@@ -76,8 +94,6 @@ def _drift(cfg: Config, card: dict[str, Any], clean_rows: DataFrame, scored: Dat
            names: dict[str, str]) -> dict[str, Any] | None:
     """The batch against the model's drift reference (features/drift.py): PSI per numeric feature (clean
     rows) and of the score (scored rows), unseen categorical values; None when off or no reference."""
-    from pyspark.sql import functions as F
-
     from downpour.features.drift import judge, profile
 
     d, ref = cfg.scoring.drift, card.get("drift_reference")
@@ -110,26 +126,30 @@ def _reasons(cfg: Config, card: dict[str, Any]) -> Reasons | None:
     return Reasons(EXPLAIN_SIGNATURE, tuple(meta["features"]), float(meta["baseline_score"]), rc.top_k, rc.steps)
 
 
-def _explained(reasons: Reasons | None, gaps: list[float | None]) -> dict[str, Any] | None:
-    """The summary's ``reason_codes``: what was asked, and the largest completeness gap of the batch
-    (how far a row's attributions are from adding up to score - baseline score; more steps shrink it)."""
+def _explained(reasons: Reasons | None, groups: list[Any]) -> dict[str, Any] | None:
+    """The summary's ``reason_codes``: what was asked, the largest completeness gap of the batch (how far
+    a row's attributions are from adding up to score - baseline score; more steps shrink it) and the
+    scored rows whose attributions were not finite (no reasons)."""
     if reasons is None:
         return None
-    worst = max((g for g in gaps if g is not None), default=None)
+    worst = max((r["gap"] for r in groups if r["gap"] is not None), default=None)
+    unexplained = sum(int(r["unexplained"]) for r in groups)
+    if unexplained:
+        LOG.warning("score: %d scored row(s) have no reason codes: their attributions are not finite",
+                    unexplained)
     if worst is not None and worst > GAP_WARNING:
         LOG.warning("score: reason-code attributions miss score - baseline score by up to %.3g; raise "
                     "scoring.reason_codes.steps (now %d) for closer attributions", worst, reasons.steps)
     return {"top_k": reasons.top_k, "steps": reasons.steps, "features": len(reasons.features),
             "baseline_score": reasons.baseline_score,
-            "max_completeness_gap": None if worst is None else round(float(worst), 6)}
+            "max_completeness_gap": None if worst is None else round(float(worst), 6),
+            "unexplained_rows": unexplained}
 
 
 def _impute_statistics(cfg: Config, model_root: str, card: dict[str, Any]) -> dict[str, Any]:
     """The imputation statistics of the model's training data (scoring must never recompute them on the
     rows it scores): from the model card, a manifest beside the model (registry versions), or the
     prepared manifest of the same data version."""
-    from downpour import storage
-
     wanted = {c for c, p in cfg.cleaning.nulls.items() if p.action == "impute" and p.statistic}
     if not wanted:
         return {}
@@ -183,15 +203,154 @@ def _tag_raw_rows(spark: SparkSession, full: Config, unlabeled: Config, names: d
     """Raw scoring rows (no label) -> parsed, cleaned and tagged with the model's imputation statistics.
 
     The one chain for the input and for raw ``--history`` rows, so both are cleaned alike."""
-    from pyspark.sql import functions as F
-
-    from downpour.pipelines import clean
-    from downpour.pipelines.ingest import parse_columns, read_raw
-
     raw = read_raw(spark, unlabeled, files)
     # a placeholder label satisfies the label rules (never output): scoring rows have no label
     raw = raw.withColumn(names[full.label.column], F.lit(str(full.label.positive)))
     return clean.apply_policies(parse_columns(raw, full, names, salt), full, names, stats)
+
+
+@dataclass(frozen=True)
+class _Model:
+    """The model a scoring run serves, read once: its directory (symlinks resolved), card, decision
+    rule, reason codes, imputation statistics and the raw inputs its serving signature takes."""
+
+    artifact: ModelArtifact
+    card: dict[str, Any]
+    rule: dict[str, Any] | None
+    reasons: Reasons | None
+    stats: dict[str, Any]
+    raw_inputs: dict[str, str]
+
+    @property
+    def version(self) -> str:
+        return str(self.card["model_version"])
+
+
+def _open_model(cfg: Config, model_dir: str | None) -> _Model:
+    """``--model`` (or the run's model) and everything scoring needs from it, before any Spark work."""
+    artifact = ModelArtifact.at(resolve_model_dir(cfg, model_dir))
+    card = artifact.card(hint="run `downpour train` or pass --model")
+    saved = artifact.saved_model
+    return _Model(artifact=artifact, card=card,
+                  rule=card.get("decision"),  # evaluate's threshold (training/decision.py); None: no decision
+                  reasons=_reasons(cfg, card), stats=_impute_statistics(cfg, artifact.root, card),
+                  raw_inputs=signature_inputs(saved, RAW_SIGNATURE, model_fingerprint(saved)))
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """The input batch, ingested and cleaned (persisted), and what one pass over it counted."""
+
+    files: list[FileInfo]
+    tagged: DataFrame  # every input row: ``__id``, the raw values as JSON, the reason it failed (or null)
+    raw_schema: Any
+    clean_n: dict[bool, int]  # clean (True) and rejected (False) rows
+    any_malformed: bool
+    t_min: Any  # the first and last event time of the clean rows (window features), else None
+    t_max: Any
+
+    @property
+    def ok(self) -> DataFrame:
+        return self.tagged.where(F.col(REASON).isNull())
+
+
+def _ingest(spark: SparkSession, cfg: Config, full: Config, unlabeled: Config, names: dict[str, str],
+            input_url: str, salt: str | None, stats: dict[str, Any]) -> _Batch:
+    """Read, parse and clean the input with prepare's rules; one aggregation counts the outcome."""
+    files = list_input_files(spark, input_url)
+    tagged = _tag_raw_rows(spark, full, unlabeled, names, files, salt, stats)
+    ident = F.col(names[cfg.id_column]).cast("string") if cfg.id_column else F.col(ROW_HASH)
+    raw_schema = tagged.schema[RAW].dataType
+    # the raw values travel as one JSON string (the struct is dropped): one copy per row, not two
+    tagged = tagged.withColumn("__id", ident).withColumn(_RAW_JSON, F.to_json(F.col(RAW))).drop(RAW, ROW_HASH)
+    # the input batch alone (not the windows over it and the history: coalescing has no shuffle
+    # of its own, so it would also squeeze those)
+    tagged = tagged.coalesce(sized_partitions(spark, files, full.input.format)).persist(persist_level(spark))
+    is_ok = F.col(REASON).isNull()
+    with timed("score: ingest and clean"):
+        by_outcome = tagged.groupBy(is_ok.alias("ok"), F.col(LINE).isNotNull().alias("malformed")).agg(
+            F.count(F.lit(1)).alias("count"), *SH.input_time_columns(full, names, tagged, is_ok)).collect()
+    times = [r for r in by_outcome if r["ok"] and "t_min" in r and r["t_min"] is not None]
+    return _Batch(files=files, tagged=tagged, raw_schema=raw_schema,
+                  clean_n={ok: sum(int(r["count"]) for r in by_outcome if r["ok"] == ok) for ok in (True, False)},
+                  any_malformed=any(r["malformed"] for r in by_outcome),
+                  t_min=min((r["t_min"] for r in times), default=None),
+                  t_max=max((r["t_max"] for r in times), default=None))
+
+
+def _serving_rows(full: Config, names: dict[str, str], model: _Model, batch: _Batch, past: Any,
+                  input_url: str) -> DataFrame:
+    """The clean rows with window features over the history and the batch, as the serving signature
+    takes them (raw inputs in serving dtypes)."""
+    from downpour.features.state import serving_frame
+    from downpour.features.windows import add_window_features
+
+    ok = batch.ok
+    if H.needed(full):
+        ok = H.drop_context(add_window_features(H.with_context(SH.clean_events(ok, full, names), past.frame),
+                                                full, names)).drop(H.HID)
+    missing = [c for c in model.raw_inputs if c not in ok.columns]
+    if missing:
+        raise DataContractError(f"column {missing[0]!r}: the model {model.version} needs it; it is not produced "
+                                f"from the input {input_url} by this config")
+    return serving_frame(clean.serving_nulls(ok, full, names), RawInputs(model.raw_inputs),
+                         keep=("__id", _RAW_JSON, SOURCE))
+
+
+@dataclass(frozen=True)
+class _Scored:
+    frame: DataFrame  # persisted: ``__id``, raw JSON, source, score [, reasons], score_error
+    outcome: dict[bool, int]  # rows the model failed on (True) and scored (False)
+    acted: int
+    explained: dict[str, Any] | None
+
+
+def _serve(spark: SparkSession, cfg: Config, model: _Model, serving: DataFrame) -> _Scored:
+    """Score (and explain) every row in ``mapInPandas``; one aggregation counts failures, decisions and
+    the largest reason-code completeness gap."""
+    batch = cfg.evaluation.score_batch_rows
+    reasons = model.reasons
+    served = reasons.signature if reasons else RAW_SIGNATURE
+    with arrow_batch_rows(spark, batch), timed(f"score: {served} in mapInPandas"):
+        scored = score_dataframe(serving, model.artifact.saved_model, RAW_SIGNATURE,
+                                 keep=["__id", _RAW_JSON, SOURCE], batch_rows=batch, isolate_errors=True,
+                                 reasons=reasons).persist(persist_level(spark))
+        gap = ([F.max(REASON_GAP).alias("gap"), F.count(F.when(F.col(REASON_GAP).isNull(), 1)).alias("unexplained")]
+               if reasons else [])
+        by = scored.groupBy(F.col(ERROR).isNotNull().alias("failed"), _decision(model.rule).alias("acted")).agg(
+            F.count(F.lit(1)).alias("count"), *gap).collect()
+    return _Scored(frame=scored,
+                   outcome={f: sum(r["count"] for r in by if r["failed"] == f) for f in {r["failed"] for r in by}},
+                   acted=sum(r["count"] for r in by if not r["failed"] and r["acted"]),
+                   explained=_explained(reasons, [r for r in by if not r["failed"]] if reasons else []))
+
+
+def _write(spark: SparkSession, cfg: Config, full: Config, names: dict[str, str], model: _Model, batch: _Batch,
+           scored: _Scored, output_url: str, q_url: str, salt: str | None) -> None:
+    """The scores (one row per scored input row) and the quarantine (rejected and failed rows, raw
+    values under the PII policy, with the reason and where to find them)."""
+    rule, reasons, version = model.rule, model.reasons, model.version
+    frame, tagged = scored.frame, batch.tagged
+    with timed("score: write scores and quarantine"):
+        (frame.where(F.col(ERROR).isNull())
+         .select(F.col("__id").alias(cfg.id_column or "row_id"), F.col(SCORE).cast("double").alias(SCORE),
+                 *([_decision(rule).alias("decision")] if rule else []), *(reasons.columns() if reasons else []),
+                 F.lit(version).alias("model_version"))
+         .write.mode("overwrite").parquet(output_url))
+        lines = malformed_line_numbers(spark, full, batch.files, tagged, salt) if batch.any_malformed else None
+        rejected = clean.with_line_numbers(tagged.where(F.col(REASON).isNotNull()), lines).select(
+            F.from_json(_RAW_JSON, batch.raw_schema).alias("raw"), F.col(REASON).alias("reason"),
+            F.col(STAGE).alias("stage"), F.col(SOURCE).alias("source_file"),
+            F.col(LINE_NUMBER).alias("line_number"))
+        failed = frame.where(F.col(ERROR).isNotNull()).select(
+            F.from_json(_RAW_JSON, batch.raw_schema).alias("raw"), F.col(ERROR).alias("reason"),
+            F.lit("score").alias("stage"), F.col(SOURCE).alias("source_file"),
+            F.lit(None).cast("long").alias("line_number"))
+        # the placeholder label never leaves
+        raw_cols = clean.raw_value_columns(full, names, struct="raw", skip=(cfg.label.column,))
+        quarantine = rejected.unionByName(failed).select(
+            *raw_cols, "reason", "stage", "source_file", "line_number", F.lit(version).alias("model_version"))
+        quarantine.write.mode("overwrite").parquet(q_url)
 
 
 def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: str,
@@ -202,147 +361,59 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
     history and the input (pipelines/score_history.py), then the model's ``serving_default`` signature
     (``explain`` with reason codes); Parquet (id, ``score``, [``decision``], [``reason_i``,
     ``reason_i_contribution``], ``model_version``) to ``output_url``, every row that cannot be scored to
-    ``<output_url>_quarantine`` with its reason, ``<output_url>_summary.json``; returns the summary."""
-    from pyspark.sql import functions as F
+    ``<output_url>_quarantine`` with its reason, ``<output_url>_summary.json``; returns the summary.
 
-    from downpour import storage
-    from downpour.features import history as H
-    from downpour.features.state import serving_frame
-    from downpour.features.windows import add_window_features
-    from downpour.pipelines import clean
-    from downpour.pipelines import score_history as SH
-    from downpour.pipelines.ingest import (
-        LINE,
-        LINE_NUMBER,
-        RAW,
-        REASON,
-        ROW_HASH,
-        SOURCE,
-        STAGE,
-        column_names,
-        contract_errors,
-        count_input_records,
-        list_input_files,
-        malformed_line_numbers,
-    )
-    from downpour.spark import persist_level, sized_partitions
-
+    Steps: check the flags and open the model (before any Spark work), load the history, ``_ingest``,
+    ``_serving_rows``, ``_serve``, ``_write``, drift, the row accounting, the history roll-forward, the
+    summary."""
     t0 = time.perf_counter()
     history = list(history or [])
     SH.check_flags(history, history_out, history_store, no_history)
     clean.check_policies(cfg)
     salt = clean.resolve_salt(cfg)
-    model = ModelArtifact.at(resolve_model_dir(cfg, model_dir))
-    root, saved = model.root, model.saved_model
-    card = model.card(hint="run `downpour train` or pass --model")
-    version = str(card["model_version"])
-    rule = card.get("decision")  # evaluate's threshold (training/decision.py); None: no decision column
-    reasons = _reasons(cfg, card)
-    stats = _impute_statistics(cfg, root, card)
-    raw_inputs = signature_inputs(saved, RAW_SIGNATURE, model_fingerprint(saved))
-
+    model = _open_model(cfg, model_dir)
     full, unlabeled = _scoring_config(cfg, input_url, fmt)
     names = column_names(cfg)
     if column_names(unlabeled) != {k: v for k, v in names.items() if k in unlabeled.schema_}:
         raise DataContractError(f"column {cfg.label.column!r}: its safe name collides with another column's; "
                                 "rename one of them to score without a label")
-    id_out = cfg.id_column or "row_id"
     q_url = f"{output_url.rstrip('/')}_quarantine"
-    batch = cfg.evaluation.score_batch_rows
-    LOG.info("score: %s with model %s -> %s", input_url, version, output_url)
+    LOG.info("score: %s with model %s -> %s", input_url, model.version, output_url)
 
     def tag_history(url: str) -> tuple[Config, DataFrame]:  # raw --history rows: the input's own chain
         h_full, h_unlabeled = _scoring_config(cfg, url, fmt)
-        return h_full, _tag_raw_rows(spark, h_full, h_unlabeled, names, list_input_files(spark, url), salt, stats)
+        return h_full, _tag_raw_rows(spark, h_full, h_unlabeled, names, list_input_files(spark, url), salt,
+                                     model.stats)
 
-    past = SH.load(spark, full, names, model_root=root, card=card, history=history, store=history_store,
-                   no_history=no_history, tag_raw=tag_history)
-
+    past = SH.load(spark, full, names, model_root=model.artifact.root, card=model.card, history=history,
+                   store=history_store, no_history=no_history, tag_raw=tag_history)
     cached: list[DataFrame] = []
     try:
         with contract_errors(full):
-            files = list_input_files(spark, input_url)
-            tagged = _tag_raw_rows(spark, full, unlabeled, names, files, salt, stats)
-            ident = F.col(names[cfg.id_column]).cast("string") if cfg.id_column else F.col(ROW_HASH)
-            raw_schema = tagged.schema[RAW].dataType
-            # the raw values travel as one JSON string (the struct is dropped): one copy per row, not two
-            tagged = tagged.withColumn("__id", ident).withColumn(_RAW_JSON, F.to_json(F.col(RAW))).drop(RAW, ROW_HASH)
-            # the input batch alone (not the windows over it and the history: coalescing has no shuffle
-            # of its own, so it would also squeeze those)
-            tagged = tagged.coalesce(sized_partitions(spark, files, full.input.format)).persist(persist_level(spark))
-            cached.append(tagged)
-            is_ok = F.col(REASON).isNull()
-            with timed("score: ingest and clean"):
-                by_outcome = tagged.groupBy(is_ok.alias("ok"), F.col(LINE).isNotNull().alias("malformed")).agg(
-                    F.count(F.lit(1)).alias("count"), *SH.input_time_columns(full, names, tagged, is_ok)).collect()
-                clean_n = {ok: sum(int(r["count"]) for r in by_outcome if r["ok"] == ok) for ok in (True, False)}
-                any_malformed = any(r["malformed"] for r in by_outcome)
-                times = [r for r in by_outcome if r["ok"] and "t_min" in r and r["t_min"] is not None]
-                t_min = min((r["t_min"] for r in times), default=None)
-                t_max = max((r["t_max"] for r in times), default=None)
-            SH.check_gap(full, past, t_min, input_url)
-
-            ok = tagged.where(is_ok)
-            if H.needed(full):
-                ok = H.drop_context(add_window_features(H.with_context(SH.clean_events(ok, full, names), past.frame),
-                                                        full, names)).drop(H.HID)
-            missing = [c for c in raw_inputs if c not in ok.columns]
-            if missing:
-                raise DataContractError(f"column {missing[0]!r}: the model {version} needs it; it is not produced "
-                                        f"from the input {input_url} by this config")
-            serving = serving_frame(clean.serving_nulls(ok, full, names), RawInputs(raw_inputs),
-                                    keep=("__id", _RAW_JSON, SOURCE))
-            served = reasons.signature if reasons else RAW_SIGNATURE
-            with arrow_batch_rows(spark, batch), timed(f"score: {served} in mapInPandas"):
-                scored = score_dataframe(serving, saved, RAW_SIGNATURE, keep=["__id", _RAW_JSON, SOURCE],
-                                         batch_rows=batch, isolate_errors=True,
-                                         reasons=reasons).persist(persist_level(spark))
-                cached.append(scored)
-                acted = _decision(rule)
-                gap = [F.max(REASON_GAP).alias("gap")] if reasons else []
-                by = scored.groupBy(F.col(ERROR).isNotNull().alias("failed"), acted.alias("acted")).agg(
-                    F.count(F.lit(1)).alias("count"), *gap).collect()
-                outcome = {f: sum(r["count"] for r in by if r["failed"] == f) for f in {r["failed"] for r in by}}
-                acted_n = sum(r["count"] for r in by if not r["failed"] and r["acted"])
-                explained = _explained(reasons, [r["gap"] for r in by if not r["failed"]] if reasons else [])
-
-            with timed("score: write scores and quarantine"):
-                (scored.where(F.col(ERROR).isNull())
-                 .select(F.col("__id").alias(id_out), F.col(SCORE).cast("double").alias(SCORE),
-                         *([acted.alias("decision")] if rule else []), *(reasons.columns() if reasons else []),
-                         F.lit(version).alias("model_version"))
-                 .write.mode("overwrite").parquet(output_url))
-                lines = malformed_line_numbers(spark, full, files, tagged, salt) if any_malformed else None
-                rejected = clean.with_line_numbers(tagged.where(F.col(REASON).isNotNull()), lines).select(
-                    F.from_json(_RAW_JSON, raw_schema).alias("raw"), F.col(REASON).alias("reason"),
-                    F.col(STAGE).alias("stage"), F.col(SOURCE).alias("source_file"),
-                    F.col(LINE_NUMBER).alias("line_number"))
-                failed = scored.where(F.col(ERROR).isNotNull()).select(
-                    F.from_json(_RAW_JSON, raw_schema).alias("raw"), F.col(ERROR).alias("reason"),
-                    F.lit("score").alias("stage"), F.col(SOURCE).alias("source_file"),
-                    F.lit(None).cast("long").alias("line_number"))
-                # the placeholder label never leaves
-                raw_cols = clean.raw_value_columns(full, names, struct="raw", skip=(cfg.label.column,))
-                quarantine = rejected.unionByName(failed).select(
-                    *raw_cols, "reason", "stage", "source_file", "line_number", F.lit(version).alias("model_version"))
-                quarantine.write.mode("overwrite").parquet(q_url)
-            drift = _drift(cfg, card, tagged.where(is_ok), scored.where(F.col(ERROR).isNull()), names)
-            records = count_input_records(spark, full, files)  # independent of the parsing it checks
-            counts = _accounted(records, clean_n, outcome)
+            batch = _ingest(spark, cfg, full, unlabeled, names, input_url, salt, model.stats)
+            cached.append(batch.tagged)
+            SH.check_gap(full, past, batch.t_min, input_url)
+            scored = _serve(spark, cfg, model, _serving_rows(full, names, model, batch, past, input_url))
+            cached.append(scored.frame)
+            _write(spark, cfg, full, names, model, batch, scored, output_url, q_url, salt)
+            drift = _drift(cfg, model.card, batch.ok, scored.frame.where(F.col(ERROR).isNull()), names)
+            records = count_input_records(spark, full, batch.files)  # independent of the parsing it checks
+            counts = _accounted(records, batch.clean_n, scored.outcome)
             out_url = history_out or history_store  # rolled forward only once every row is accounted for
-            rolled = (SH.roll_forward(full, names, past, tagged.where(is_ok), t_min, t_max, out_url)
+            rolled = (SH.roll_forward(full, names, past, batch.ok, batch.t_min, batch.t_max, out_url)
                       if out_url and H.needed(full) else None)
     finally:
         for df in cached:
             df.unpersist()
         past.release()
-    summary = {**counts, "model_version": version, "output": cfg.scrub(output_url), "quarantine": cfg.scrub(q_url),
-               "history": {**past.summary(t_min, t_max), "written": rolled} if H.needed(full) else None,
-               "decision": {"threshold": rule.get("threshold"), "acted": acted_n} if rule else None,
+    rule = model.rule
+    summary = {**counts, "model_version": model.version, "output": cfg.scrub(output_url),
+               "quarantine": cfg.scrub(q_url),
+               "history": {**past.summary(batch.t_min, batch.t_max), "written": rolled} if H.needed(full) else None,
+               "decision": {"threshold": rule.get("threshold"), "acted": scored.acted} if rule else None,
                "drift": drift,
-               "reason_codes": explained,
+               "reason_codes": scored.explained,
                "seconds": round(time.perf_counter() - t0, 3)}
     storage.write_json_atomic(SH.summary_url(output_url), summary)
     LOG.info("score: %s in %.1fs", json.dumps(counts), time.perf_counter() - t0)
     return {**summary, "output": output_url, "quarantine": q_url}
-

@@ -197,15 +197,16 @@ def _predict_or_isolate(fn: Any, specs: dict[str, Any], pdf: pd.DataFrame,
         g2, e2 = _predict_or_isolate(fn, specs, pdf.iloc[mid:], reasons)
         return {k: np.concatenate([g1[k], g2[k]]) for k in g1}, e1 + e2
     bad = ~np.isfinite(got[SCORE])
-    if CONTRIBUTIONS in got:
-        bad |= ~np.isfinite(got[CONTRIBUTIONS]).all(axis=1)
     for i in np.nonzero(bad)[0]:
         errors[i] = "model returned a non-finite score"
     return got, errors
 
 
 def _with_reasons(out: pd.DataFrame, got: dict[str, np.ndarray], reasons: Reasons) -> None:
-    contributions = got[CONTRIBUTIONS]
+    contributions = got[CONTRIBUTIONS].copy()
+    # a row whose attributions are not finite (an extreme value saturates the score) keeps its score
+    # and gets no reasons; its gap is null, and score counts it as unexplained
+    contributions[~np.isfinite(contributions).all(axis=1)] = np.nan
     names, values = top_reasons(contributions, reasons.features, reasons.top_k)
     for i in range(reasons.top_k):
         has = i < names.shape[1]
@@ -249,6 +250,13 @@ def score_dataframe(df: DataFrame, model_url: str, signature: str, keep: list[st
         signature = reasons.signature
     fingerprint = model_fingerprint(model_url)
     inputs = [c for c in signature_inputs(model_url, signature, fingerprint) if c != EXPLAIN_ALPHAS]
+    if reasons is not None:
+        fn, _ = load_signature(model_url, signature, fingerprint=fingerprint)
+        width = fn.structured_outputs[CONTRIBUTIONS].shape[-1]
+        if width != len(reasons.features):
+            raise DataContractError(f"model {model_url}: its {signature!r} signature explains {width} features, its "
+                                    f"model card names {len(reasons.features)}; the card and the SavedModel do "
+                                    "not belong together")
     missing = [c for c in inputs if c not in df.columns]
     if missing:
         raise DataContractError(f"column {missing[0]!r}: the model's {signature!r} signature needs it, "

@@ -5,7 +5,7 @@ A full ``measure()`` run takes minutes even on a few thousand rows (two Horovod 
 per-row ``KerasModel.transform``), so nothing is trained here: ``make bench``'s call
 (``benchmarks/run.py``) runs the real ``measure()`` up to the point where each side would start, with
 a small prepared data set standing in for ``api.prepare``'s, and the objects each side would be
-handed are inspected: our training plan (``training.train.make_plan``, what ``api.train`` hands every
+handed are inspected: our training plan (``training.plan.make_plan``, what ``api.train`` hands every
 rank) and the rows our ranks' input pipeline reads, against the peer's KerasEstimator and the
 DataFrames it would fit and transform (``peer_setup``, what ``run_peer`` fits).
 """
@@ -121,7 +121,7 @@ def test_both_contenders_get_the_same_rows_epochs_batches_and_steps(spark, tmp_p
 
     from benchmarks import peer_estimator as pe
     from downpour.training.input import InputSpec
-    from downpour.training.train import make_plan
+    from downpour.training.plan import make_plan
 
     got = _handed_over(spark, tmp_path, monkeypatch, mode)
     cfg, prepared = got["ours_cfg"], got["prepared"]
@@ -137,16 +137,16 @@ def test_both_contenders_get_the_same_rows_epochs_batches_and_steps(spark, tmp_p
     assert est.getBackwardPassesPerStep() == 1 and est.getTrainStepsPerEpoch() is None
     assert float(tf.keras.backend.get_value(est.getOptimizer().learning_rate)) == pytest.approx(t.learning_rate)
     assert est.getValidation() == pe.VAL_COL and est.getLabelCols() == ["label"]
-    assert est.getSampleWeightCol() is None and plan["positive_weight"] == 1.0  # no class weights either side
+    assert est.getSampleWeightCol() is None and plan.positive_weight == 1.0  # no class weights either side
     assert t.early_stopping_patience == 0 or t.early_stopping_patience >= t.epochs  # ours runs every epoch
 
     # the same train rows (ours: every rank's shard through the input pipeline, after its negative
     # downsampling; the peer: its fit DataFrame's non-validation rows), and the same val and test rows
-    spec = InputSpec.from_feature_state(plan["feature_state"])
+    spec = InputSpec.from_feature_state(plan.feature_state)
     cols = [*peer.features, "label"]
     assert sorted(cols) == sorted([*spec.features, spec.label])
     train, val = prepared.split("train"), prepared.split("val")
-    ours_train = _ours_rows(train, spec, t.workers, t.batch_size, plan["keep_negatives"], plan["positive_weight"])
+    ours_train = _ours_rows(train, spec, t.workers, t.batch_size, plan.keep_negatives, plan.positive_weight)
     ours_val = _ours_rows(val, spec, t.workers, t.batch_size)
     peer_train = peer.fit_df.where(F.col(pe.VAL_COL) == 0).select(*cols).toPandas()
     peer_val = peer.fit_df.where(F.col(pe.VAL_COL) == 1).select(*cols).toPandas()
@@ -163,5 +163,5 @@ def test_both_contenders_get_the_same_rows_epochs_batches_and_steps(spark, tmp_p
     # derives them when train_steps_per_epoch is None (horovod/spark/keras/remote.py:
     # ceil(train_rows / batch_size / hvd.size())), from the train rows it is given
     peer_steps = int(math.ceil(len(peer_train) / est.getBatchSize() / est.getNumProc()))
-    assert plan["steps_per_epoch"] == peer_steps
-    assert plan["steps_per_epoch"] * t.epochs == peer_steps * est.getEpochs()
+    assert plan.steps_per_epoch == peer_steps
+    assert plan.steps_per_epoch * t.epochs == peer_steps * est.getEpochs()

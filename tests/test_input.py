@@ -173,10 +173,11 @@ def test_class_weight_multiplies_positive_weights(prepared):
 
 def test_every_rank_gets_the_plans_steps_from_its_own_uneven_shard(tmp_path):
     """What each of 2 ranks reads for training: the driver's plan gives one ``steps_per_epoch``; each
-    rank's real input pipeline (its petastorm shard, read as ``_train_rank`` reads it) must yield that
+    rank's real input pipeline (its petastorm shard, read as ``training/rank.py`` reads it) must yield that
     many whole batches every epoch, from its own rows only, although the shards are uneven."""
     from downpour.config import load_config
-    from downpour.training.train import make_plan, train_read_options
+    from downpour.training.plan import make_plan
+    from downpour.training.rank import train_read_options
 
     root = str(tmp_path)
     # 5 row groups (200 x 4 + 100): rank 0 owns groups 0, 2, 4 (500 rows), rank 1 groups 1, 3 (400 rows)
@@ -186,9 +187,9 @@ def test_every_rank_gets_the_plans_steps_from_its_own_uneven_shard(tmp_path):
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "conf", "fraud.yaml"), [
         f"output.path={root}", f"training.workers={size}", f"training.batch_size={batch}", "training.imbalance=none"])
     plan = make_plan(cfg, prepared, fresh=True)  # what the driver hands every rank
-    steps, info, t = plan["steps_per_epoch"], prepared.split("train"), cfg.training
+    steps, info, t = plan.steps_per_epoch, prepared.split("train"), cfg.training
     assert info.row_groups >= size  # sharded: each rank reads only its row groups
-    spec = InputSpec.from_feature_state(plan["feature_state"], extra=("row_id",))
+    spec = InputSpec.from_feature_state(plan.feature_state, extra=("row_id",))
 
     shard_ids, pass_batches = [], []
     for rank in range(size):  # one plain pass over each rank's shard: the shards really are uneven
@@ -202,7 +203,7 @@ def test_every_rank_gets_the_plans_steps_from_its_own_uneven_shard(tmp_path):
     assert steps * batch * size >= info.rows  # one epoch of the plan covers the split
 
     for rank in range(size):
-        # the rank's training stream, with the options _train_rank gives make_dataset
+        # the rank's training stream, with the options training/rank.py gives make_dataset
         ds = make_dataset(info.url, spec, train_read_options(plan, t, rank, size, info, 0, t.reader_workers,
                                                              extra_dtypes={"row_id": "string"}), keras=False)
         sizes, seen = [], set()

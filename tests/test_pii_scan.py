@@ -57,9 +57,10 @@ def test_no_pii_or_salt_in_any_output_or_log(spark, tmp_path, conf_dir, caplog, 
     api.prepare(cfg, spark=spark)
     api.train(cfg, spark=spark)
     api.evaluate(cfg, spark=spark)
-    api.score(cfg, input_url=str(raw_dir), output_url=str(out / "scores"), spark=spark)
+    summary = api.score(cfg, input_url=str(raw_dir), output_url=str(out / "scores"), spark=spark)
+    assert summary["reason_codes"]["max_completeness_gap"] < 0.01  # generated data: the attributions add up
 
-    assert "reason_1" in pd.read_parquet(out / "scores").columns  # the scan covers the reason columns
+    assert pd.read_parquet(out / "scores")["reason_1"].notna().any()  # the scan covers real reason names
     assert len(needles) > 200, "the scan must look for real PII values"  # names, emails, card numbers, ids
     pattern = re.compile("|".join(re.escape(n) for n in sorted(needles, key=len, reverse=True)))
     captured = capfd.readouterr()

@@ -74,6 +74,30 @@ def test_explain_path_scores_what_the_model_serves(explained):
     np.testing.assert_allclose(mine, served, atol=1e-5)
 
 
+def _without(*keys: str) -> dict:
+    return {**STATE, **{k: [] for k in keys}}
+
+
+@pytest.mark.parametrize("state,dropout", [
+    (_without("crosses"), 0.0), (_without("categorical", "crosses"), 0.0), (_without("numeric", "flags"), 0.0),
+    (STATE, 0.4),  # dropout is off when explaining, as when serving
+], ids=["no-crosses", "numerics-only", "categoricals-only", "dropout"])
+def test_explain_path_is_the_model_for_every_shape_of_feature_state(state, dropout):
+    model = build_model(state, TrainingConfig(hidden_units=[8], dropout=dropout, seed=2))
+    rng = np.random.default_rng(4)
+    for v in model.weights:
+        v.assign(rng.normal(scale=0.4, size=v.shape).astype("float32"))
+    ex = Explainer(model, state, SHIFT)
+    rows = {k: v for k, v in batch(32, 6).items() if k in ex.columns}
+    cols = {k: tf.constant(v) for k, v in rows.items()}
+    served = correct(np.asarray(model(rows, training=False)).reshape(-1), SHIFT)
+    np.testing.assert_allclose(tf.sigmoid(ex.logit(ex.represent(cols))).numpy(), served, atol=1e-5)
+    base = ex.baseline([{k: v for k, v in batch(256, 7).items() if k in ex.columns}])
+    contrib = _contrib(ex, cols, base, np.linspace(0, 1, 129))
+    assert contrib.shape == (32, len(ex.groups))
+    assert completeness_gap(contrib, served, ex.baseline_score(base)).max() < 5e-3
+
+
 def test_attributions_add_up_to_score_minus_baseline_score(explained):
     _, ex, base, _, cols = explained
     score = tf.sigmoid(ex.logit(ex.represent(cols))).numpy()
@@ -110,3 +134,42 @@ def test_top_reasons_are_the_largest_positive_contributions():
     assert np.isnan(values[0, 2]) and np.isnan(values[1]).all()
     names, _ = top_reasons(contrib, ("a", "b", "c", "d"), 10)  # k above the number of features
     assert names.shape == (3, 4)
+
+
+def test_a_model_without_the_explain_signature_is_refused_before_any_work(conf_dir, monkeypatch):
+    """Reason codes asked of a model trained before them: a data-contract error (exit 3) naming the key,
+    raised from the card alone, before Spark reads a row."""
+    from downpour.config import load_config
+    from downpour.errors import DataContractError
+    from downpour.pipelines.score import _reasons
+
+    monkeypatch.setenv("DOWNPOUR_PII_SALT", "x")
+    on = load_config(conf_dir / "crm_telco.yaml", ["input.path=/nowhere", "scoring.reason_codes.enabled=true",
+                                                   "scoring.reason_codes.top_k=2"])
+    old = {"model_version": "v-old", "signatures": {"serve_features": [], "serving_default": []}}
+    with pytest.raises(DataContractError, match=r"scoring\.reason_codes: model v-old has no 'explain'"):
+        _reasons(on, old)
+    new = {**old, "signatures": {**old["signatures"], "explain": []},
+           "explain": {"features": ["tenure", "Contract"], "baseline_score": 0.2}}
+    got = _reasons(on, new)
+    assert got.features == ("tenure", "Contract") and got.top_k == 2 and got.steps == 16
+    assert got.columns() == ["reason_1", "reason_1_contribution", "reason_2", "reason_2_contribution"]
+    off = load_config(conf_dir / "crm_telco.yaml", ["input.path=/nowhere"])
+    assert _reasons(off, old) is None
+
+
+def test_a_row_with_non_finite_attributions_keeps_its_score_without_reasons():
+    import pandas as pd
+
+    from downpour.pipelines.serving import REASON_GAP, Reasons, _with_reasons
+
+    reasons = Reasons("explain", ("a", "b", "c"), baseline_score=0.1, top_k=2, steps=16)
+    out = pd.DataFrame({"score": np.array([0.4, 0.9, 0.1], dtype="float32")})
+    got = {"score": out["score"].to_numpy(),
+           "contributions": np.array([[0.2, 0.05, 0.05], [np.inf, 0.3, 0.1], [0.0, 0.0, 0.0]])}
+    _with_reasons(out, got, reasons)
+    assert out["reason_1"].tolist() == ["a", None, None] and out["reason_2"].tolist() == ["b", None, None]
+    assert out["reason_1_contribution"][0] == pytest.approx(0.2) and np.isnan(out["reason_1_contribution"][1])
+    gap = out[REASON_GAP].to_numpy()
+    assert gap[0] == pytest.approx(0.0, abs=1e-7) and np.isnan(gap[1])  # null in Spark: counted as unexplained
+    assert gap[2] == pytest.approx(0.0, abs=1e-7)  # at the baseline score: nothing to explain

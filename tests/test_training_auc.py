@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from downpour.training.callbacks import SpreadAUC
-from downpour.training.train import METRIC_THRESHOLDS
+from downpour.training.rank import METRIC_THRESHOLDS
 
 
 def _exact_roc_auc(y: np.ndarray, p: np.ndarray) -> float:

@@ -14,8 +14,9 @@ feature state (configured feature columns, which are never PII columns; config v
 that), never from values.
 
 Completeness: a row's attributions sum to ``F(x) - F(b)`` up to the error of the trapezoid rule over
-the path's points (``scoring.reason_codes.steps``). ``artifact.completeness_gap`` measures it; export checks it
-on a batch, and score reports the largest gap of every batch it explains.
+the path's points (``scoring.reason_codes.steps``). ``artifact.completeness_gap`` measures it; export
+records it on a val batch (model card ``explain.check_gap_16_steps``), and score reports the largest
+gap of every batch it explains.
 """
 
 from __future__ import annotations
@@ -128,6 +129,9 @@ class Explainer:
         weights = trapezoid_weights(tf.cast(alphas, tf.float32))
         total = [tf.zeros_like(xi) for xi in x]
         for i in tf.range(tf.shape(weights)[0]):
+            # one point at a time: the steps are independent, and a while loop would otherwise keep
+            # up to 10 of them (their activations for the whole batch) in flight
+            tf.autograph.experimental.set_loop_options(parallel_iterations=1)
             a = tf.cast(alphas, tf.float32)[i]
             point = [bi + a * di for bi, di in zip(b, delta, strict=True)]
             with tf.GradientTape() as tape:

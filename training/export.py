@@ -1,4 +1,5 @@
-"""Export the trained model as a SavedModel with two signatures, both returning ``{"score": [B]}``.
+"""Export the trained model as a SavedModel with two signatures returning ``{"score": [B]}``, and a third
+that explains it.
 
 * ``serve_features``: one 1-D input per model-ready shard column (``n__*`` float32, ``c__*`` int64);
   evaluation scores the shards with it.
@@ -9,7 +10,7 @@
   (``artifact.EXPLAIN_ALPHAS``); returns ``score`` and ``contributions`` [B, features], the reason
   codes of ``training/explain.py``. Its feature names and baseline score go into the model card.
 
-Both apply the prior correction of the imbalance strategy: a model trained on a stream where
+All apply the prior correction of the imbalance strategy: a model trained on a stream where
 negatives were kept with probability ``q`` (or positives weighted ``w``) predicts odds ``1/q``
 (``w``) times too high, so the exported score is ``sigmoid(logit(p) + log q)`` (``- log w``), which
 brings the mean prediction back to the base rate.
@@ -135,6 +136,7 @@ def export_saved_model(model: Any, feature_state: Mapping[str, Any], shift: floa
         if explainer is not None and baseline is not None and explain is not None:
             explain["check_gap_16_steps"] = _check_explainer(model, explainer, baseline, explain["baseline_score"],
                                                              {c: check_batch[c] for c in columns}, shift_t)
+            _check_explain_signature(path, len(explain["features"]))
     return {"signatures": inputs, "explain": explain}
 
 
@@ -201,6 +203,27 @@ def _check_explainer(model: Any, explainer: Any, baseline: Mapping[str, np.ndarr
     alphas = tf.linspace(0.0, 1.0, steps + 1)
     gap = completeness_gap(explainer.contributions(cols, baseline, alphas).numpy(), got, baseline_score)
     return round(float(gap.max()), 6)
+
+
+def _check_explain_signature(path: str, features: int) -> None:
+    """The saved ``explain`` signature serves what ``serving_default`` serves, with one finite
+    contribution per named feature (a few made-up raw rows of every dtype)."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(path)
+    served, explain = loaded.signatures[RAW_SIGNATURE], loaded.signatures[EXPLAIN_SIGNATURE]
+    _, specs = served.structured_input_signature
+    made_up = {"string": [b"", b"a", b"b", b"zz"], "float": [0.0, 1.0, -2.5, 100.0]}
+    rows = {k: tf.constant(made_up["string"] if v.dtype == tf.string else made_up["float"] if v.dtype.is_floating
+                           else [0, 1, 2, 3], dtype=v.dtype) for k, v in specs.items()}
+    want = served(**rows)["score"].numpy()
+    got = explain(**rows, **{EXPLAIN_ALPHAS: tf.linspace(0.0, 1.0, 17)})
+    contributions = got[CONTRIBUTIONS].numpy()
+    if not np.allclose(got["score"].numpy(), want, atol=1e-6):
+        raise RuntimeError("export check failed: the explain signature's scores differ from serving_default's")
+    if contributions.shape != (len(want), features) or not np.isfinite(contributions).all():
+        raise RuntimeError(f"export check failed: explain returned contributions of shape {contributions.shape} "
+                           f"for {features} named features, or non-finite ones")
 
 
 def _check(model: Any, path: str, batch: dict[str, np.ndarray], shift: float) -> None:
