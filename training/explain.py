@@ -8,7 +8,7 @@ mean representation of a sample of train rows (a typical train row, never valida
 score goes into the model card.
 
 A feature's parts are summed under one name (``feature_groups``): a numeric and its missing flag under
-the raw column (``amount``), a window feature under its name (``card_id_count_24h``), a timestamp's
+the raw column (``amount``), a window feature under its name (``vel_card_id_count_24h``), a timestamp's
 parts as ``ts hour`` / ``ts day of week``, a cross as ``country x ip_country``. Names come from the
 feature state (configured feature columns, which are never PII columns; config validation refuses
 that), never from values.
