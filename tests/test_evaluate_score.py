@@ -380,7 +380,7 @@ def _check_reason_codes(scored: pd.DataFrame, summary: dict, card: dict) -> None
     features = set(card["explain"]["features"])
     assert {"MonthlyCharges", "tenure", "Contract"} <= features
     assert summary["baseline_score"] == card["explain"]["baseline_score"]
-    assert 0 <= summary["max_completeness_gap"] < 0.01
+    assert 0 <= summary["max_completeness_gap"] < 0.05 and summary["unexplained_rows"] == 0
     names = scored[[f"reason_{i}" for i in range(1, k + 1)]]
     values = scored[[f"reason_{i}_contribution" for i in range(1, k + 1)]].to_numpy()
     assert set(names.stack()) <= features and names["reason_1"].notna().mean() > 0.5
