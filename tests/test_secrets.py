@@ -71,12 +71,15 @@ def _write_model_card(cfg: Config, tmp_path: Path) -> Path:
 
     staging = storage.staging_dir(RunLayout(cfg.output.path).model)
     from downpour.training.budget import plan_budget
+    from downpour.training.input import SplitInfo
+    from downpour.training.plan import RankPlan
 
-    plan = {"staging": staging, "tensorboard": str(tmp_path / "no-tensorboard"), "steps_per_epoch": 3,
-            "budget": plan_budget(cfg.training, 10).as_dict(),
-            "monitor": "val_auc", "run_key": "k", "keep_negatives": 1.0, "positive_weight": 1.0,
-            "logit_shift": 0.0, "train": {"name": "train", "url": str(tmp_path / "train"), "rows": 10,
-                                          "positives": 3, "row_groups": 2, "files": 2}}
+    split = SplitInfo(name="train", url=str(tmp_path / "train"), rows=10, positives=3, row_groups=2, files=2)
+    plan = RankPlan(config={}, prepared_url=str(tmp_path / "prepared"), data_version="dv1", feature_state={},
+                    train=split, val=split, steps_per_epoch=3, keep_negatives=1.0, positive_weight=1.0,
+                    logit_shift=0.0, monitor="val_auc", checkpoints=str(tmp_path / "checkpoints"),
+                    tensorboard=str(tmp_path / "no-tensorboard"), staging=staging, run_key="k",
+                    budget=plan_budget(cfg.training, 10), fresh=True)
     rank0 = _Rank0(weights_sha256="w", history=[{"epoch": 0, "loss": 0.5, "examples_per_s": 10.0}],
                    initial_epoch=0, epochs_completed=1, signatures={}, frameworks={})
     prepared = PreparedData(url=str(tmp_path / "prepared"), manifest={"data_version": "dv1"},
