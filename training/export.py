@@ -132,11 +132,12 @@ def export_saved_model(model: Any, feature_state: Mapping[str, Any], shift: floa
         explain = None
     tf.saved_model.save(scorer, path, signatures=signatures)
     if check_batch is not None:
-        _check(model, path, {c: check_batch[c] for c in columns}, shift_t)
+        loaded = tf.saved_model.load(path)  # once, for every check below
+        _check(model, loaded, {c: check_batch[c] for c in columns}, shift_t)
         if explainer is not None and baseline is not None and explain is not None:
             explain["check_gap_16_steps"] = _check_explainer(model, explainer, baseline, explain["baseline_score"],
                                                              {c: check_batch[c] for c in columns}, shift_t)
-            _check_explain_signature(path, len(explain["features"]))
+            _check_explain_signature(loaded, len(explain["features"]))
     return {"signatures": inputs, "explain": explain}
 
 
@@ -205,12 +206,11 @@ def _check_explainer(model: Any, explainer: Any, baseline: Mapping[str, np.ndarr
     return round(float(gap.max()), 6)
 
 
-def _check_explain_signature(path: str, features: int) -> None:
+def _check_explain_signature(loaded: Any, features: int) -> None:
     """The saved ``explain`` signature serves what ``serving_default`` serves, with one finite
     contribution per named feature (a few made-up raw rows of every dtype)."""
     import tensorflow as tf
 
-    loaded = tf.saved_model.load(path)
     served, explain = loaded.signatures[RAW_SIGNATURE], loaded.signatures[EXPLAIN_SIGNATURE]
     _, specs = served.structured_input_signature
     made_up = {"string": [b"", b"a", b"b", b"zz"], "float": [0.0, 1.0, -2.5, 100.0]}
@@ -226,10 +226,9 @@ def _check_explain_signature(path: str, features: int) -> None:
                            f"for {features} named features, or non-finite ones")
 
 
-def _check(model: Any, path: str, batch: dict[str, np.ndarray], shift: float) -> None:
+def _check(model: Any, loaded: Any, batch: dict[str, np.ndarray], shift: float) -> None:
     import tensorflow as tf
 
-    loaded = tf.saved_model.load(path)
     got = loaded.signatures[FEATURES_SIGNATURE](**{k: tf.constant(v) for k, v in batch.items()})["score"].numpy()
     want = correct(np.asarray(model(batch, training=False)).reshape(-1), shift)
     if got.shape != want.shape or not np.allclose(got, want, atol=1e-5):
