@@ -18,8 +18,8 @@ from typing import Any
 
 from downpour import storage
 from downpour.errors import DataContractError
+from downpour.layout import CHAMPION, RegistryLayout  # noqa: F401 - CHAMPION is part of this module's API
 
-CHAMPION = "champion.json"
 # What champion.json's "path" may look like: relative, "/"-separated plain names (what promote writes:
 # versions/<model_version>). No scheme ("s3a:", "file:"), host ("//h"), absolute path, "~", "\\" or "%".
 _POINTER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
@@ -46,7 +46,7 @@ def check_pointer(root: str | os.PathLike[str], pointer: Any, where: str) -> str
     root_s = os.fspath(root)
     if "://" not in root_s and not root_s.startswith("dbfs:"):  # local: symlinks must not escape either
         real_root = os.path.realpath(root_s)
-        for target in (os.path.join(root_s, pointer), os.path.join(root_s, pointer, "model")):
+        for target in (os.path.join(root_s, pointer), RegistryLayout(root_s).pointed(pointer).model):
             real = os.path.realpath(target)
             if os.path.commonpath([real_root, real]) != real_root or real == real_root:
                 raise _refuse(where, pointer, f"resolves to {real}, outside the registry {real_root}")
@@ -56,8 +56,8 @@ def check_pointer(root: str | os.PathLike[str], pointer: Any, where: str) -> str
 def champion_model_url(registry_url: str, rec: Mapping[str, Any]) -> str:
     """``<registry>/<champion path>/model`` for a champion record read from ``registry_url`` (any storage
     URL), after :func:`check_pointer`: what ``downpour score --model <registry>`` must load."""
-    where = storage.join(registry_url, CHAMPION)
+    where = RegistryLayout(registry_url).champion
     if not isinstance(rec, Mapping):
         raise DataContractError(f"{where}: not a champion record (a JSON object with model_version and path)")
     root = storage.local_path(registry_url) if storage.is_local(registry_url) else registry_url
-    return storage.join(registry_url, check_pointer(root, rec.get("path"), where), "model")
+    return RegistryLayout(registry_url).pointed(check_pointer(root, rec.get("path"), where)).model

@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from downpour.columns import column_names
 from downpour.errors import ConfigError
 
 SPARK_TYPES = {
@@ -431,6 +432,11 @@ class Config(_Strict):
     # value that came from interpolation; the environment values substituted (the secrets to hide).
     _templates: dict[tuple[str | int, ...], tuple[str, Any]] = PrivateAttr(default_factory=dict)
     _env_values: frozenset[str] = PrivateAttr(default_factory=frozenset)
+
+    @property
+    def names(self) -> dict[str, str]:
+        """Raw declared column name -> the safe internal name every stage uses (``downpour/columns.py``)."""
+        return column_names(self.schema_)
 
     @field_validator("schema_")
     @classmethod

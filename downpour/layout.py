@@ -107,3 +107,73 @@ class RunLayout:
     @property
     def report_metrics(self) -> str:
         return storage.join(self.root, REPORT, "metrics.json")
+
+
+CHAMPION = "champion.json"
+REGISTRY_VERSIONS = "versions"
+REGISTRY_HISTORY = "history.jsonl"
+METRICS = "metrics.json"
+
+
+@dataclass(frozen=True)
+class RegisteredLayout:
+    """One registered model version: a copy of the model (a ``ModelArtifact`` root) with the metrics it
+    was registered with and the feature state and manifest of the data it was trained on."""
+
+    root: str
+
+    @property
+    def model(self) -> str:
+        return storage.join(self.root, MODEL)
+
+    @property
+    def feature_state(self) -> str:
+        return storage.join(self.root, FEATURE_STATE)
+
+    @property
+    def manifest(self) -> str:
+        return storage.join(self.root, MANIFEST)
+
+    @property
+    def metrics(self) -> str:
+        return storage.join(self.root, METRICS)
+
+
+@dataclass(frozen=True)
+class RegistryLayout:
+    """The model registry (``evaluation.gate.registry``)::
+
+        champion.json            the pointer (downpour/champion.py says how it is followed)
+        history.jsonl            every gate decision
+        versions/<model_version>/ a RegisteredLayout
+    """
+
+    root: str
+
+    @property
+    def champion(self) -> str:
+        return storage.join(self.root, CHAMPION)
+
+    @property
+    def history(self) -> str:
+        return storage.join(self.root, REGISTRY_HISTORY)
+
+    @property
+    def lock(self) -> str:
+        return storage.join(self.root, ".lock")
+
+    @property
+    def versions(self) -> str:
+        return storage.join(self.root, REGISTRY_VERSIONS)
+
+    def version(self, model_version: str) -> RegisteredLayout:
+        return RegisteredLayout(storage.join(self.root, REGISTRY_VERSIONS, model_version))
+
+    def pointed(self, path: str) -> RegisteredLayout:
+        """The version a (checked) champion pointer names, relative to the registry."""
+        return RegisteredLayout(storage.join(self.root, path))
+
+    @staticmethod
+    def pointer(model_version: str) -> str:
+        """What ``champion.json`` records for a version: its path relative to the registry."""
+        return f"{REGISTRY_VERSIONS}/{model_version}"

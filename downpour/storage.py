@@ -14,10 +14,14 @@ mounts it), a Hadoop URL for Spark, and has no symbolic links, so a directory is
 renames, as on other remote file systems. Small JSON files are written whole and renamed into place,
 so a reader never sees half a file. Directory publication is atomic where the file system allows
 (symlink swap on local disks, rename on HDFS), otherwise a staged copy moved into place.
+
+Long on purpose: one module is the only place that touches a file system, and the one publisher
+(``publish_dir``) serves every versioned artifact, so both views and their URL rules stay together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -263,40 +267,107 @@ def staging_dir(url: str) -> str:
     return staging
 
 
-def publish_dir(staging: str, url: str, version: str, keep_previous: int = 1) -> str:
+class _PythonFS:
+    """Python's view of a remote file system in the shape :class:`HadoopFS` has, for :func:`publish_dir`."""
+
+    exists = staticmethod(exists)
+    rename = staticmethod(move)
+
+    @staticmethod
+    def delete(url: str, recursive: bool = True) -> None:
+        if recursive:
+            delete_dir(url)
+        elif is_local(url):
+            os.unlink(local_path(url))
+        else:
+            fs, path = _arrow_fs(url)
+            fs.delete_file(path)
+
+    @staticmethod
+    def write_json(url: str, obj: Any) -> None:
+        write_json_atomic(url, obj)
+
+    @staticmethod
+    def names(url: str) -> list[str]:
+        return listdir(url)
+
+
+def publish_dir(staging: str, url: str, version: str, keep_previous: int = 1, *,
+                versions: str | None = None, marker: tuple[str, Any] | None = None,
+                hadoop: HadoopFS | None = None, drop_stale_staging: bool = False,
+                symlinks: bool | None = None) -> str:
     """Make the staged tree appear at ``url`` in one step; returns where it now lives.
 
-    Local: the staging directory is renamed to ``.<name>.versions/<version>`` and ``url`` becomes a
-    symlink to it, swapped with an atomic rename, so a reader resolves either the old or the new
-    tree, never a mix; versions beyond the new one and ``keep_previous`` older ones are removed.
-    Other filesystems have no symlinks (``dbfs:`` included): the old tree is moved aside, the staged
-    one moved in (two renames: atomic each on HDFS, copies on object stores) and the old one deleted.
+    The one publisher of the product: the prepared data (``prepared``, with its manifest as the
+    ``marker``), the model, the report and the scoring history all go through it.
+
+    Local: the staging directory is renamed to ``<versions>/<version>`` (default
+    ``.<name>.versions`` beside ``url``) and ``url`` becomes a symlink to it, swapped with an atomic
+    rename, so a reader resolves either the old or the new tree, never a mix; the version it replaced
+    (readers may still hold it) and ``keep_previous - 1`` more are kept, older ones removed.
+    Other file systems have no symlinks (``dbfs:`` included): the old tree is moved aside, the staged
+    one moved in (two renames: atomic each on HDFS, copies on object stores) and the old one deleted;
+    ``hadoop`` does it through Spark's view for data Spark wrote (``s3a://`` has no pyarrow file system).
+
+    ``marker`` (file name, JSON) is written last: inside the staging tree before its rename locally,
+    after the move remotely, where the old marker is deleted first, so a reader never sees a marker
+    beside files it does not describe. ``drop_stale_staging`` also removes ``.staging-*`` leftovers of
+    crashed builds in ``versions`` (only where one writer publishes at a time). ``symlinks`` overrides
+    :func:`has_symlinks` (the caller already decided).
     """
-    if has_symlinks(url):
+    name = posixpath.basename(str(url).rstrip("/"))
+    if has_symlinks(url) if symlinks is None else symlinks:
         target = local_path(url)
         parent = os.path.dirname(target)
-        versions = os.path.join(parent, f".{posixpath.basename(target)}.versions")
-        dest = os.path.join(versions, version)
+        vdir = local_path(versions) if versions else os.path.join(parent, f".{name}.versions")
+        if marker:
+            write_json_atomic(join(staging, marker[0]), marker[1])
+        dest = os.path.join(vdir, version)
         if os.path.exists(dest):
             dest = f"{dest}-{uuid.uuid4().hex[:6]}"
         os.replace(local_path(staging), dest)
-        swap_symlink(target, os.path.relpath(dest, parent), legacy_dir=versions)
-        current = os.path.basename(dest)
-        old = sorted(
-            (e for e in os.listdir(versions) if e != current and not e.startswith(".staging-")),
-            key=lambda e: os.path.getmtime(os.path.join(versions, e)),
-        )
-        for e in old[: max(0, len(old) - keep_previous)]:
-            shutil.rmtree(os.path.join(versions, e), ignore_errors=True)
+        previous = os.path.realpath(target) if os.path.islink(target) else None
+        swap_symlink(target, os.path.relpath(dest, parent), legacy_dir=vdir)
+        _drop_old_versions(vdir, keep={dest, previous}, keep_previous=keep_previous,
+                           stale_staging=drop_stale_staging)
+        for e in os.listdir(parent):  # temporary links a crash left behind
+            if e.startswith(f".{name}.tmp-"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(parent, e))
         return dest
-    old = f"{str(url).rstrip('/')}.old-{uuid.uuid4().hex[:8]}"
-    had_old = exists(url)
+    ops: Any = hadoop or _PythonFS
+    url = str(url).rstrip("/")
+    if marker and ops.exists(join(url, marker[0])):
+        ops.delete(join(url, marker[0]), recursive=False)
+    aside = join(versions, f".retired-{uuid.uuid4().hex[:8]}") if versions else f"{url}.old-{uuid.uuid4().hex[:8]}"
+    had_old = ops.exists(url)
     if had_old:
-        move(url, old)
-    move(staging, url)
+        ops.rename(url, aside)
+    ops.rename(staging, url)
+    if marker:
+        ops.write_json(join(url, marker[0]), marker[1])
     if had_old:
-        delete_dir(old)
-    return str(url).rstrip("/")
+        ops.delete(aside, recursive=True)
+    if versions and drop_stale_staging:
+        for e in ops.names(versions):
+            if e.startswith((".staging-", ".retired-")):
+                with contextlib.suppress(Exception):
+                    ops.delete(join(versions, e), recursive=True)
+    return url
+
+
+def _drop_old_versions(vdir: str, keep: set[str | None], keep_previous: int, stale_staging: bool) -> None:
+    """Remove local versions beyond the current one, the one it replaced and ``keep_previous`` newest."""
+    keep_real = {os.path.realpath(k) for k in keep if k}
+    entries = [e for e in os.scandir(vdir) if e.is_dir(follow_symlinks=False)]
+    staging = [e for e in entries if e.name.startswith(".staging-")]
+    others = sorted((e for e in entries if not e.name.startswith(".staging-")
+                     and os.path.realpath(e.path) not in keep_real),
+                    key=lambda e: e.stat(follow_symlinks=False).st_mtime)
+    kept_extra = max(0, keep_previous - (len(keep_real) - 1))
+    doomed = others[: max(0, len(others) - kept_extra)] + (staging if stale_staging else [])
+    for e in doomed:
+        shutil.rmtree(e.path, ignore_errors=True)
 
 
 # ---- the driver's Hadoop view -------------------------------------------------------------------
@@ -368,6 +439,9 @@ class HadoopFS:
         if not fs.exists(p):
             return []
         return [(st.getPath().getName(), bool(st.isDirectory()), int(st.getLen())) for st in fs.listStatus(p)]
+
+    def names(self, url: str) -> list[str]:
+        return [name for name, _, _ in self.list_dir(url)]
 
     def list_files(self, url: str) -> list[FileInfo]:
         """Every data file under a path, directory or glob; hidden files (``_*``, ``.*``) skipped."""

@@ -60,8 +60,9 @@ def numeric_reference(df: DataFrame, columns: dict[str, Column]) -> dict[str, di
     return {key: {"edges": edges[key], "shares": _shares(row, key, len(edges[key]) + 2, total)} for key in columns}
 
 
-def fit_reference(train: DataFrame, cfg: Any, names: dict[str, str]) -> dict[str, Any]:
+def fit_reference(train: DataFrame, cfg: Any) -> dict[str, Any]:
     """The drift reference of the train split's clean rows (raw feature columns, before the transform)."""
+    names = cfg.names
     numeric = {s.column: F.col(names[s.column]) for s in cfg.features.numeric_specs()}
     # hashed columns are high-cardinality by design: only vocabulary columns are checked for unseen values
     specs = {s.column: s for s in cfg.features.categorical_specs() if s.encoding == "vocab"}

@@ -82,18 +82,20 @@ def horizon_seconds(cfg: Config) -> int:
     return max(spans) if spans else 0
 
 
-def columns(cfg: Config, names: dict[str, str]) -> list[str]:
+def columns(cfg: Config) -> list[str]:
     """The safe-named columns the windows read: event time first, then entities and values."""
+    names = cfg.names
     ts = names[cfg.timestamp_column] if cfg.timestamp_column else None
-    return list(dict.fromkeys([c for c in [ts, *referenced_columns(cfg, names)] if c]))
+    return list(dict.fromkeys([c for c in [ts, *referenced_columns(cfg)] if c]))
 
 
-def identity(df: DataFrame, cfg: Config, names: dict[str, str]) -> Column:
+def identity(df: DataFrame, cfg: Config) -> Column:
     """The same event gets the same identity in prepare, in a history file and in a scoring input.
 
     The id column when the config has one. Without it, SHA-256 over every declared column but the label
     (scoring inputs have none) as parsed and cleaned (PII pseudonymised), times as epoch microseconds
     (independent of the session time zone): two events identical in all of these count as one."""
+    names = cfg.names
     if cfg.id_column:
         return F.col(names[cfg.id_column]).cast("string")
     values = []
@@ -109,11 +111,12 @@ def identity(df: DataFrame, cfg: Config, names: dict[str, str]) -> Column:
     return F.sha2(F.to_json(F.array(*values)), 256)
 
 
-def events(clean: DataFrame, cfg: Config, names: dict[str, str]) -> DataFrame:
+def events(clean: DataFrame, cfg: Config) -> DataFrame:
     """Clean rows -> history rows (``HID`` + :func:`columns`); rows without an event time are no events."""
-    cols = columns(cfg, names)
+    names = cfg.names
+    cols = columns(cfg)
     ts = names[cfg.timestamp_column]  # type: ignore[index]
-    return clean.select(identity(clean, cfg, names).alias(HID), *cols).where(F.col(ts).isNotNull())
+    return clean.select(identity(clean, cfg).alias(HID), *cols).where(F.col(ts).isNotNull())
 
 
 @dataclass(frozen=True)
@@ -128,8 +131,9 @@ class Keeper:
     active: str | None = None
 
 
-def keepers(cfg: Config, names: dict[str, str]) -> list[Keeper]:
+def keepers(cfg: Config) -> list[Keeper]:
     """What :func:`trim` keeps besides the horizon, for this config's window features."""
+    names = cfg.names
     vel, rfm = cfg.features.velocity, cfg.features.rfm
     out: list[Keeper] = []
     if vel.enabled:
@@ -148,16 +152,17 @@ def keepers(cfg: Config, names: dict[str, str]) -> list[Keeper]:
     return out
 
 
-def trim(history: DataFrame, cfg: Config, names: dict[str, str], end_us: int) -> DataFrame:
+def trim(history: DataFrame, cfg: Config, end_us: int) -> DataFrame:
     """The rows of ``history`` that any event after ``end_us`` can still see (see the module docstring).
 
     Lazy. Per keeper one map-side combined aggregation by its keys and a join back (AQE splits a hot
     key's join), never an unordered window that would put a hot key or the null keys in one task."""
+    names = cfg.names
     ts = names[cfg.timestamp_column]  # type: ignore[index]
     df = history.withColumn("__t", epoch_us(history, ts, "timestamp_column", "the history"))
     t = F.col("__t")
     parts = [df.where(t >= F.lit(end_us - horizon_seconds(cfg) * _US))]
-    for k in keepers(cfg, names):
+    for k in keepers(cfg):
         present = F.lit(True)
         for key in k.keys:
             present = present & F.col(key).isNotNull()
@@ -175,15 +180,17 @@ def trim(history: DataFrame, cfg: Config, names: dict[str, str], end_us: int) ->
     return out.dropDuplicates([HID]).select(*history.columns)
 
 
-def before(history: DataFrame, cfg: Config, names: dict[str, str], us: int) -> DataFrame:
+def before(history: DataFrame, cfg: Config, us: int) -> DataFrame:
     """The events of ``history`` strictly before ``us`` (epoch microseconds)."""
+    names = cfg.names
     ts = names[cfg.timestamp_column]  # type: ignore[index]
     return history.where(epoch_us(history, ts, "timestamp_column", "the history") < F.lit(us))
 
 
-def span(df: DataFrame, cfg: Config, names: dict[str, str], where: Column | None = None) -> tuple[
+def span(df: DataFrame, cfg: Config, where: Column | None = None) -> tuple[
         int | None, int | None, int]:
     """(first event, last event in epoch microseconds, rows) of ``df`` in one aggregation."""
+    names = cfg.names
     ts = names[cfg.timestamp_column]  # type: ignore[index]
     t = epoch_us(df, ts, "timestamp_column", cfg.input.path)
     if where is not None:
@@ -202,19 +209,19 @@ def iso(us: int | None) -> str | None:
     return stamp.replace("+00:00", "Z")
 
 
-def info(cfg: Config, names: dict[str, str], end_us: int | None, rows: int) -> HistoryInfo:
+def info(cfg: Config, end_us: int | None, rows: int) -> HistoryInfo:
     return HistoryInfo(end=iso(end_us), end_us=end_us, horizon_seconds=horizon_seconds(cfg), rows=rows,
-                       columns=[HID, *columns(cfg, names)])
+                       columns=[HID, *columns(cfg)])
 
 
-def write(history: DataFrame, url: str, cfg: Config, names: dict[str, str], end_us: int | None) -> HistoryInfo:
+def write(history: DataFrame, url: str, cfg: Config, end_us: int | None) -> HistoryInfo:
     """Write ``history`` (Parquet) and then ``_history.json`` into ``url``, a staging directory: the
     caller publishes it atomically (with the data version, or as the new version of a store)."""
     from downpour import storage
 
     history.write.mode("overwrite").parquet(spark_url(url))
     rows = history.sparkSession.read.parquet(spark_url(url)).count()  # the footers of what was written
-    meta = info(cfg, names, end_us, rows)
+    meta = info(cfg, end_us, rows)
     storage.write_json_atomic(storage.join(url, META), meta.to_dict())
     return meta
 
@@ -226,7 +233,7 @@ def is_history(url: str) -> bool:
     return storage.exists(storage.join(url, META))
 
 
-def read(spark: SparkSession, url: str, cfg: Config, names: dict[str, str]) -> tuple[DataFrame, HistoryInfo]:
+def read(spark: SparkSession, url: str, cfg: Config) -> tuple[DataFrame, HistoryInfo]:
     """A history dataset and its ``_history.json``; its columns must be the ones this config's windows read."""
     from downpour import storage
 
@@ -237,7 +244,7 @@ def read(spark: SparkSession, url: str, cfg: Config, names: dict[str, str]) -> t
         raise DataContractError(
             f"history {url}: it keeps {meta.horizon_seconds}s of events, the longest window of this config is "
             f"{horizon_seconds(cfg)}s; windows would miss events; rebuild it with this config")
-    wanted = [HID, *columns(cfg, names)]
+    wanted = [HID, *columns(cfg)]
     if meta.columns != wanted:
         missing = [c for c in wanted if c not in meta.columns]
         raise DataContractError(

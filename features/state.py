@@ -1,11 +1,13 @@
 """FeatureState: statistics, quantiles and vocabularies fitted on the train split, applied to every split.
 
-``fit`` runs three Spark passes whatever the number of columns (one ``approxQuantile`` for every median
-and clip bound, one ``agg`` for every null count / mean / std, one ``groupBy`` over exploded
-(column, value) pairs for every vocabulary). ``transform`` is one projection plus broadcast joins
-against the (small) vocabularies, and gives the model-ready shard columns of DEVELOPERS.md. The same
-arithmetic is rebuilt as Keras layers by ``features.keras_preprocessing`` from the JSON alone, so the
-exported model takes raw columns (see DEVELOPERS.md "feature_state.json" and "Serving inputs").
+``fit`` first resolves the config against the data into a frozen ``FitPlan`` (every name and type
+checked, no Spark job), then runs three Spark passes whatever the number of columns (one
+``approxQuantile`` for every median and clip bound, one ``agg`` for every null count / mean / std, one
+``groupBy`` over exploded (column, value) pairs for every vocabulary) and assembles the JSON from them.
+``transform`` is one projection plus broadcast joins against the (small) vocabularies, and gives the
+model-ready shard columns of DEVELOPERS.md. The same arithmetic is rebuilt as Keras layers by
+``features.keras_preprocessing`` from the JSON alone, so the exported model takes raw columns (see
+DEVELOPERS.md "feature_state.json" and "Serving inputs").
 
 This module never imports TensorFlow (Spark stages must not).
 
@@ -18,15 +20,16 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
-from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, Row, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from downpour import storage
-from downpour.config import Config
+from downpour.config import CategoricalSpec, Config
 from downpour.errors import ConfigError, DataContractError
 from downpour.features.hashing import hash_buckets
 from downpour.features.windows import window_features
@@ -144,12 +147,12 @@ class FeatureState:
 
     # ---- fitting -----------------------------------------------------------------------------------
     @classmethod
-    def fit(cls, train_df: DataFrame, cfg: Config, names: dict[str, str]) -> FeatureState:
+    def fit(cls, train_df: DataFrame, cfg: Config) -> FeatureState:
         """Fit on the train rows of ``train_df`` (rows of another ``split``, if the column is there, are
         ignored, so nothing about val/test can leak into the statistics)."""
         if "split" in train_df.columns:
             train_df = train_df.where(F.col("split") == "train")
-        plan = _plan(train_df, cfg, names)
+        plan = _plan(train_df, cfg)
         with timed("feature state: fitting on the train split"):
             d = _fit(train_df, cfg, plan)
         LOG.info(
@@ -352,65 +355,137 @@ def serving_frame(df: DataFrame, state: FeatureState, keep: tuple[str, ...] = ()
     return df.select(*cols)
 
 
-# ---- fitting internals --------------------------------------------------------------------------------
-def _plan(df: DataFrame, cfg: Config, names: dict[str, str]) -> dict[str, Any]:
-    """Resolve the config into per-column work items, checking names and types (no Spark job)."""
-    fc = cfg.features
-    schema = {f.name: f.dataType for f in df.schema}
+# ---- fitting internals: the plan (the config resolved against the train data; no Spark job) ---------------
+@dataclass(frozen=True)
+class NumericItem:
+    """One numeric input to fit: a configured column or a window feature."""
 
-    def src(raw: str, key: str) -> str:
-        if raw not in names:
+    source: str                          # the data's column (safe name)
+    transform: str                       # "standardize" | "log1p" | "none"
+    q: tuple[float, float] | None        # clip quantiles
+    flag: bool | None                    # missing flag: always / never / None = if train has a null
+    cleaning_flag: str | None = None     # the 0/1 column where cleaning marked the nulls it imputed
+    cleaning_value: float | None = None  # what cleaning imputed, when the config gives the value
+    learn: bool = False                  # cleaning imputed a statistic: learn it from the flagged rows
+
+
+@dataclass(frozen=True)
+class CategoricalItem:
+    """One configured categorical input to fit (vocabulary or hashed)."""
+
+    source: str
+    spec: CategoricalSpec
+    dtype: str                           # the serving dtype: "string" | "int64"
+    cleaning_flag: str | None = None
+    cleaning_value: Any = None
+    learn: bool = False
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """What the three Spark passes of :func:`_fit` fit, checked before any of them runs."""
+
+    numeric: tuple[NumericItem, ...]      # configured columns, then window features
+    categorical: tuple[CategoricalItem, ...]
+    timestamps: tuple[str, ...]
+    crosses: tuple[tuple[str, ...], ...]  # the source columns of each cross
+    raw_inputs: dict[str, str]            # the serving signature, in the order the inputs were met
+    windows: tuple[str, ...]
+    strings: dict[str, bool]              # {"trim", "lower"}: how cleaning normalized strings
+    weight: str | None
+
+
+class _Columns:
+    """Config names resolved against the data's schema; every serving input recorded once, with one dtype."""
+
+    def __init__(self, df: DataFrame, cfg: Config) -> None:
+        self.names = cfg.names
+        self.schema = {f.name: f.dataType for f in df.schema}
+        self.raw_inputs: dict[str, str] = {}
+        self._nulls = cfg.cleaning.nulls
+
+    def source(self, raw: str, key: str) -> str:
+        """The data's column for config column ``raw``; ``key`` says where the config names it."""
+        if raw not in self.names:
             raise ConfigError(f"{key}: column {raw!r} is not in the schema")
-        s = names[raw]
-        if s not in schema:
+        s = self.names[raw]
+        if s not in self.schema:
             raise DataContractError(f"column {raw!r} (internal {s!r}) is missing from the data ({key})")
         return s
 
-    raw_inputs: dict[str, str] = {}
+    def need(self, s: str, dtype: str, key: str) -> None:
+        """Serving feeds a column as one tensor: two features cannot want it in two dtypes."""
+        if self.raw_inputs.setdefault(s, dtype) != dtype:
+            raise ConfigError(f"{key}: column {s!r} cannot be both a {self.raw_inputs[s]} and a {dtype} input")
 
-    def need(s: str, dtype: str, key: str) -> None:
-        if raw_inputs.setdefault(s, dtype) != dtype:
-            raise ConfigError(f"{key}: column {s!r} cannot be both a {raw_inputs[s]} and a {dtype} input")
-
-    def cleaning(raw: str, s: str) -> dict[str, Any]:
-        """How the cleaning stage treated nulls of this column: its 0/1 flag column and impute value
-        (learned from the flagged train rows when cleaning imputed a statistic)."""
-        pol = cfg.cleaning.nulls.get(raw)
-        flag = f"{s}__missing" if f"{s}__missing" in schema else None
+    def cleaning(self, raw: str, s: str) -> tuple[str | None, Any, bool]:
+        """How the cleaning stage treated nulls of this column: its 0/1 flag column, its impute value, and
+        whether that value is to be learned from the flagged train rows (cleaning imputed a statistic)."""
+        pol = self._nulls.get(raw)
+        flag = f"{s}__missing" if f"{s}__missing" in self.schema else None
         imputes = pol is not None and pol.action == "impute"
         value = pol.value if imputes and pol is not None else None
-        return {"cleaning_flag": flag, "cleaning_value": value, "learn": bool(imputes and value is None and flag)}
+        return flag, value, bool(imputes and value is None and flag)
 
-    numeric = []
-    for i, sp in enumerate(fc.numeric_specs()):
+
+def _plan(df: DataFrame, cfg: Config) -> FitPlan:
+    """Resolve the config into per-column work items, checking names and types (no Spark job). The steps
+    run in config order (numeric, windows, categorical, timestamp, crosses), so the first mistake is reported."""
+    cols = _Columns(df, cfg)
+    numeric = _plan_numeric(cols, cfg)
+    windows = _plan_windows(cols, cfg)
+    categorical = _plan_categorical(cols, cfg)
+    timestamps = _plan_timestamps(cols, cfg)
+    crosses = _plan_crosses(cols, cfg, categorical)
+    _check_required(cols, cfg)
+    return FitPlan(
+        numeric=tuple(numeric + windows), categorical=tuple(categorical), timestamps=tuple(timestamps),
+        crosses=tuple(crosses), raw_inputs=cols.raw_inputs, windows=tuple(w.source for w in windows),
+        strings={"trim": cfg.cleaning.trim, "lower": cfg.cleaning.lowercase_categoricals},
+        weight="weight" if cfg.features.weight_column else None,
+    )
+
+
+def _plan_numeric(cols: _Columns, cfg: Config) -> list[NumericItem]:
+    """Configured numerics: the model reads them as float64, so numbers (or booleans) only, and a number
+    as the value cleaning imputed."""
+    out = []
+    for i, sp in enumerate(cfg.features.numeric_specs()):
         key = f"features.numeric[{i}]"
-        s = src(sp.column, key)
-        if not isinstance(schema[s], T.NumericType | T.BooleanType):
-            raise ConfigError(f"{key}: column {sp.column!r} is {schema[s].simpleString()}, not numeric")
-        need(s, "float64", key)
-        numeric.append({"source": s, "transform": sp.transform, "q": sp.clip_quantiles, "flag": sp.missing_flag,
-                        **cleaning(sp.column, s)})
-        if numeric[-1]["cleaning_value"] is not None:
+        s = cols.source(sp.column, key)
+        if not isinstance(cols.schema[s], T.NumericType | T.BooleanType):
+            raise ConfigError(f"{key}: column {sp.column!r} is {cols.schema[s].simpleString()}, not numeric")
+        cols.need(s, "float64", key)
+        flag, value, learn = cols.cleaning(sp.column, s)
+        if value is not None:
             try:
-                numeric[-1]["cleaning_value"] = float(numeric[-1]["cleaning_value"])
+                value = float(value)
             except (TypeError, ValueError):
                 raise ConfigError(f"cleaning.nulls.{sp.column}.value: not a number") from None
-    windows = window_features(cfg, names)
-    for wf in windows:
-        if wf.name not in schema:
+        out.append(NumericItem(s, sp.transform, sp.clip_quantiles, sp.missing_flag, flag, value, learn))
+    return out
+
+
+def _plan_windows(cols: _Columns, cfg: Config) -> list[NumericItem]:
+    """Window features are numerics computed upstream (add_window_features): they must be in the data."""
+    out = []
+    for wf in window_features(cfg):
+        if wf.name not in cols.schema:
             raise DataContractError(
                 f"column {wf.name!r} (a window feature) is missing: run features.windows.add_window_features first"
             )
-        need(wf.name, "float64", "features.velocity/rfm")
-        q = (0.001, 0.999) if wf.clip else None
-        numeric.append({"source": wf.name, "transform": wf.transform, "q": q, "flag": None,
-                        "cleaning_flag": None, "cleaning_value": None, "learn": False})
+        cols.need(wf.name, "float64", "features.velocity/rfm")
+        out.append(NumericItem(wf.name, wf.transform, (0.001, 0.999) if wf.clip else None, None))
+    return out
 
-    categorical = []
-    for i, cs in enumerate(fc.categorical_specs()):
+
+def _plan_categorical(cols: _Columns, cfg: Config) -> list[CategoricalItem]:
+    """Configured categoricals: serving looks them up as strings or int64, so no other column type."""
+    out = []
+    for i, cs in enumerate(cfg.features.categorical_specs()):
         key = f"features.categorical[{i}]"
-        s = src(cs.column, key)
-        dt = schema[s]
+        s = cols.source(cs.column, key)
+        dt = cols.schema[s]
         if isinstance(dt, T.StringType | T.BooleanType):
             dtype = "string"
         elif isinstance(dt, T.IntegralType):
@@ -420,165 +495,225 @@ def _plan(df: DataFrame, cfg: Config, names: dict[str, str]) -> dict[str, Any]:
                 f"{key}: column {cs.column!r} is {dt.simpleString()}; a categorical must be a string, "
                 "integer or boolean column"
             )
-        need(s, dtype, key)
-        categorical.append({"source": s, "spec": cs, "dtype": dtype, **cleaning(cs.column, s)})
-    timestamps = []
-    for i, raw in enumerate(fc.timestamp):
+        cols.need(s, dtype, key)
+        out.append(CategoricalItem(s, cs, dtype, *cols.cleaning(cs.column, s)))
+    return out
+
+
+def _plan_timestamps(cols: _Columns, cfg: Config) -> list[str]:
+    """Timestamps become hour / day-of-week categoricals from int64 epoch seconds at serving."""
+    out = []
+    for i, raw in enumerate(cfg.features.timestamp):
         key = f"features.timestamp[{i}]"
-        s = src(raw, key)
-        if not isinstance(schema[s], T.TimestampType | T.TimestampNTZType | T.DateType | T.IntegralType):
-            raise ConfigError(f"{key}: column {raw!r} is {schema[s].simpleString()}, not a timestamp")
-        need(s, "int64", key)
-        timestamps.append(s)
-    cat_by_source = {c["source"]: f"c__{c['source']}" for c in categorical}
-    crosses = []
-    for i, cross in enumerate(fc.crosses):
+        s = cols.source(raw, key)
+        if not isinstance(cols.schema[s], T.TimestampType | T.TimestampNTZType | T.DateType | T.IntegralType):
+            raise ConfigError(f"{key}: column {raw!r} is {cols.schema[s].simpleString()}, not a timestamp")
+        cols.need(s, "int64", key)
+        out.append(s)
+    return out
+
+
+def _plan_crosses(cols: _Columns, cfg: Config, categorical: list[CategoricalItem]) -> list[tuple[str, ...]]:
+    """A cross combines the indices of configured categoricals: two or more of them, nothing else."""
+    cat_sources = {c.source for c in categorical}
+    out = []
+    for i, cross in enumerate(cfg.features.crosses):
         if len(cross) < 2:
             raise ConfigError(f"features.crosses[{i}]: a cross needs at least two columns")
         srcs = []
         for j, raw in enumerate(cross):
-            s = names.get(raw)
-            if s not in cat_by_source:
+            s = cols.names.get(raw)
+            if s is None or s not in cat_sources:
                 raise ConfigError(f"features.crosses[{i}][{j}]: column {raw!r} is not a categorical feature")
             srcs.append(s)
-        crosses.append(srcs)
-    if fc.weight_column and "weight" not in schema:
+        out.append(tuple(srcs))
+    return out
+
+
+def _check_required(cols: _Columns, cfg: Config) -> None:
+    """Besides the features, fit needs the label, the row id and (when configured) the weight."""
+    if cfg.features.weight_column and "weight" not in cols.schema:
         raise DataContractError("column 'weight' (features.weight_column) is missing from the data")
     for c in ("label", "row_id"):
-        if c not in schema:
+        if c not in cols.schema:
             raise DataContractError(f"column {c!r} is missing from the data given to FeatureState.fit")
+
+
+# ---- fitting internals: three Spark passes, then pure assembly of the JSON entries -------------------------
+def _fit(df: DataFrame, cfg: Config, plan: FitPlan) -> dict[str, Any]:
+    """The fitted JSON: quantiles, moments and vocabularies (one Spark action each), then the entries."""
+    medians, bounds = _quantiles(df, plan.numeric, cfg.features.quantile_error)
+    stats = _moments(df, plan, medians, bounds)
+    rows = int(stats["rows"])
+    if rows == 0:
+        raise DataContractError("the train split is empty: nothing to fit features on")
+    numeric, flags = _numeric_entries(plan.numeric, stats, medians, bounds)
+    categorical = _categorical_entries(plan, stats, _fit_vocabularies(df, plan))
+    crosses = _cross_entries(plan.crosses, categorical, cfg.features.cross_buckets)
+    _check_unique_names(numeric, flags, categorical, crosses)
     return {
-        "numeric": numeric, "categorical": categorical, "timestamps": timestamps, "crosses": crosses,
-        "raw_inputs": raw_inputs, "windows": [w.name for w in windows],
-        "strings": {"trim": cfg.cleaning.trim, "lower": cfg.cleaning.lowercase_categoricals},
-        "weight": "weight" if fc.weight_column else None,
+        "version": VERSION, "numeric": numeric, "flags": flags, "categorical": categorical, "crosses": crosses,
+        "raw_inputs": dict(plan.raw_inputs), "label": "label", "weight": plan.weight,
+        "strings": dict(plan.strings), "window_features": list(plan.windows), "fitted_rows": rows,
     }
 
 
-def _fit(df: DataFrame, cfg: Config, plan: dict[str, Any]) -> dict[str, Any]:
-    numeric = plan["numeric"]
-    # pass 1: every median and clip bound, all columns, one approxQuantile call
+def _quantiles(
+    df: DataFrame, numeric: tuple[NumericItem, ...], error: float
+) -> tuple[dict[str, float | None], dict[str, list[float] | None]]:
+    """Pass 1: every median (the default impute) and clip bound, all columns in one approxQuantile call."""
     medians: dict[str, float | None] = {}
     bounds: dict[str, list[float] | None] = {}
-    if numeric:
-        probs = sorted({0.5} | {p for n in numeric if n["q"] for p in n["q"]})
-        srcs = [n["source"] for n in numeric]
-        qdf = df.select(*[F.col(s).cast("double").alias(s) for s in dict.fromkeys(srcs)])
-        with timed(f"feature state: quantiles of {len(srcs)} numeric columns"):
-            qs = qdf.approxQuantile(list(dict.fromkeys(srcs)), probs, cfg.features.quantile_error)
-        by_src = dict(zip(dict.fromkeys(srcs), qs, strict=True))
-        for n in numeric:
-            vals = dict(zip(probs, by_src[n["source"]], strict=False)) if by_src[n["source"]] else {}
-            medians[n["source"]] = vals.get(0.5)
-            bounds[n["source"]] = [vals[n["q"][0]], vals[n["q"][1]]] if n["q"] and vals else None
+    if not numeric:
+        return medians, bounds
+    probs = sorted({0.5} | {p for n in numeric if n.q for p in n.q})
+    srcs = list(dict.fromkeys(n.source for n in numeric))
+    qdf = df.select(*[F.col(s).cast("double").alias(s) for s in srcs])
+    with timed(f"feature state: quantiles of {len(numeric)} numeric columns"):
+        qs = qdf.approxQuantile(srcs, probs, error)
+    by_src = dict(zip(srcs, qs, strict=True))
+    for n in numeric:
+        vals = dict(zip(probs, by_src[n.source], strict=False)) if by_src[n.source] else {}
+        medians[n.source] = vals.get(0.5)
+        bounds[n.source] = [vals[n.q[0]], vals[n.q[1]]] if n.q and vals else None
+    return medians, bounds
 
-    # pass 2: every null count, mean and std in one aggregation
+
+def _moments(
+    df: DataFrame, plan: FitPlan, medians: dict[str, float | None], bounds: dict[str, list[float] | None]
+) -> Row:
+    """Pass 2, one aggregation: the row count; per numeric its null count (``z``), mean (``m``) and std
+    (``s``) after impute, clip and transform; and the value cleaning imputed where it imputed a statistic
+    (``l`` numeric, ``cl`` categorical), each suffixed with the item's index in the plan."""
     aggs = [F.count(F.lit(1)).alias("rows")]
-    for i, n in enumerate(numeric):
-        s = n["source"]
+    for i, n in enumerate(plan.numeric):
+        s = n.source
         impute = medians[s] if medians[s] is not None else 0.0
-        x = _pre_scale(s, impute, bounds[s], n["transform"])
+        x = _pre_scale(s, impute, bounds[s], n.transform)
         aggs += [
             F.count(F.when(_missing(F.col(s).cast("double")), 1)).alias(f"z{i}"),
             F.avg(x).alias(f"m{i}"),
             F.stddev_pop(x).alias(f"s{i}"),
         ]
-        if n["learn"]:
-            flagged = F.coalesce(F.col(n["cleaning_flag"]).cast("int"), F.lit(0)) == 1
+        if n.learn:
+            flagged = F.coalesce(F.col(n.cleaning_flag).cast("int"), F.lit(0)) == 1
             aggs.append(F.max(F.when(flagged, F.col(s).cast("double"))).alias(f"l{i}"))
-    for j, c in enumerate(plan["categorical"]):
-        if c["learn"]:
-            flagged = F.coalesce(F.col(c["cleaning_flag"]).cast("int"), F.lit(0)) == 1
-            value = _category_string(c["source"], c["dtype"], plan["strings"])
+    for j, c in enumerate(plan.categorical):
+        if c.learn:
+            flagged = F.coalesce(F.col(c.cleaning_flag).cast("int"), F.lit(0)) == 1
+            value = _category_string(c.source, c.dtype, plan.strings)
             aggs.append(F.max(F.when(flagged, value)).alias(f"cl{j}"))
     with timed("feature state: null counts, means and standard deviations"):
         stats = df.agg(*aggs).first()
-    rows = int(stats["rows"])
-    if rows == 0:
-        raise DataContractError("the train split is empty: nothing to fit features on")
+    assert stats is not None  # a global aggregation has exactly one row
+    return stats
 
-    out_num, flags = [], []
+
+def _numeric_entries(
+    numeric: tuple[NumericItem, ...], stats: Row, medians: dict[str, float | None],
+    bounds: dict[str, list[float] | None],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The ``numeric`` and ``flags`` entries of the JSON, from the pass 1 and 2 results."""
+    out_num: list[dict[str, Any]] = []
+    flags: list[dict[str, Any]] = []
     for i, n in enumerate(numeric):
-        s = n["source"]
+        s = n.source
         # serving imputes what cleaning imputed (so a null at serving gets the training value), else
         # the train median
-        impute = n["cleaning_value"] if n["cleaning_value"] is not None else stats[f"l{i}"] if n["learn"] else None
+        impute = n.cleaning_value if n.cleaning_value is not None else stats[f"l{i}"] if n.learn else None
         if impute is None:
             impute = medians[s]
         if impute is None:
             LOG.warning("feature state: numeric column %r is null in every train row; imputing 0", s)
-        scaled = n["transform"] in ("standardize", "log1p")
+        scaled = n.transform in ("standardize", "log1p")
         mean, std = stats[f"m{i}"], stats[f"s{i}"]
         ok_std = scaled and std is not None and math.isfinite(std) and std > 1e-12
+        clip = bounds[s]
         out_num.append({
-            "name": f"n__{s}", "source": s, "transform": n["transform"],
+            "name": f"n__{s}", "source": s, "transform": n.transform,
             "impute": float(impute) if impute is not None else 0.0,
-            "clip": [float(b) for b in bounds[s]] if bounds[s] else None,
+            "clip": [float(b) for b in clip] if clip else None,
             "mean": float(mean) if scaled and mean is not None else 0.0,
             "std": float(std) if ok_std else 1.0,
         })
-        if n["cleaning_flag"]:  # cleaning imputed and flagged the nulls: the flag comes from there
-            flags.append({"name": f"n__{s}__missing", "source": s, "cleaning_flag": n["cleaning_flag"]})
-        elif n["flag"] or (n["flag"] is None and stats[f"z{i}"] > 0):
+        if n.cleaning_flag:  # cleaning imputed and flagged the nulls: the flag comes from there
+            flags.append({"name": f"n__{s}__missing", "source": s, "cleaning_flag": n.cleaning_flag})
+        elif n.flag or (n.flag is None and stats[f"z{i}"] > 0):
             flags.append({"name": f"n__{s}__missing", "source": s})
+    return out_num, flags
 
-    # pass 3: every vocabulary at once
-    vocabs = _fit_vocabularies(df, plan)
-    categorical = []
-    for j, c in enumerate(plan["categorical"]):
-        cs, s = c["spec"], c["source"]
-        imputed = c["cleaning_value"] if c["cleaning_value"] is not None else stats[f"cl{j}"] if c["learn"] else None
+
+def _categorical_entries(plan: FitPlan, stats: Row, vocabs: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """The ``categorical`` entries of the JSON: the configured ones (vocab or hash), then each timestamp's
+    hour and day of week."""
+    out: list[dict[str, Any]] = []
+    for j, c in enumerate(plan.categorical):
+        cs, s = c.spec, c.source
+        imputed = c.cleaning_value if c.cleaning_value is not None else stats[f"cl{j}"] if c.learn else None
+        entry: dict[str, Any]
         if cs.encoding == "hash":
             entry = {"kind": "hash", "vocab": None, "buckets": cs.buckets, "cardinality": cs.buckets}
         else:
             vocab = vocabs.get(s, [])
             entry = {"kind": "vocab", "vocab": vocab, "buckets": None, "cardinality": len(vocab) + 1}
-        categorical.append({"name": f"c__{s}", "sources": [s], **entry,
-                            "embedding_dim": cs.embedding_dim or default_embedding_dim(entry["cardinality"]),
-                            "impute": _normalize(imputed, c["dtype"], plan["strings"])})
-    for s in plan["timestamps"]:
+        out.append({"name": f"c__{s}", "sources": [s], **entry,
+                    "embedding_dim": cs.embedding_dim or default_embedding_dim(entry["cardinality"]),
+                    "impute": _normalize(imputed, c.dtype, plan.strings)})
+    for s in plan.timestamps:
         for kind, card in (("hour", 25), ("dow", 8)):
-            categorical.append({"name": f"c__{s}_{kind}", "sources": [s], "kind": kind, "vocab": None,
-                                "buckets": None, "cardinality": card, "embedding_dim": default_embedding_dim(card)})
+            out.append({"name": f"c__{s}_{kind}", "sources": [s], "kind": kind, "vocab": None,
+                        "buckets": None, "cardinality": card, "embedding_dim": default_embedding_dim(card)})
+    return out
+
+
+def _cross_entries(
+    crosses: tuple[tuple[str, ...], ...], categorical: list[dict[str, Any]], cross_buckets: int
+) -> list[dict[str, Any]]:
+    """The ``crosses`` entries: exact when the product of the sources' cardinalities fits ``cross_buckets``,
+    else hashed into that many (each source below 2^32, so the hash never overflows int64)."""
     card = {c["name"]: c["cardinality"] for c in categorical}
-    crosses = []
-    for srcs in plan["crosses"]:
+    out = []
+    for srcs in crosses:
         cols = [f"c__{s}" for s in srcs]
         cards = [card[c] for c in cols]
         if any(k >= _MAX_CARD for k in cards):
             raise ConfigError(f"features.crosses: a source of {cols} has more than 2^32 categories")
         product = math.prod(cards)
-        exact = product <= cfg.features.cross_buckets
-        crosses.append({"name": "c__" + "_x_".join(srcs), "sources": cols, "cardinalities": cards,
-                        "kind": "exact" if exact else "hash",
-                        "cardinality": product if exact else cfg.features.cross_buckets})
-    names = [n["name"] for n in out_num] + [f["name"] for f in flags] + list(card) + [c["name"] for c in crosses]
+        exact = product <= cross_buckets
+        out.append({"name": "c__" + "_x_".join(srcs), "sources": cols, "cardinalities": cards,
+                    "kind": "exact" if exact else "hash", "cardinality": product if exact else cross_buckets})
+    return out
+
+
+def _check_unique_names(
+    numeric: list[dict[str, Any]], flags: list[dict[str, Any]], categorical: list[dict[str, Any]],
+    crosses: list[dict[str, Any]],
+) -> None:
+    """Shard columns are named after their sources: two features must not end up with one name."""
+    # categorical names counted once each (as they always were), so only clashes across kinds are caught
+    cat_names = list(dict.fromkeys(c["name"] for c in categorical))
+    names = [n["name"] for n in numeric] + [f["name"] for f in flags] + cat_names + [c["name"] for c in crosses]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"features: two features would both be named {dup[0]!r}")
-    return {
-        "version": VERSION, "numeric": out_num, "flags": flags, "categorical": categorical, "crosses": crosses,
-        "raw_inputs": plan["raw_inputs"], "label": "label", "weight": plan["weight"],
-        "strings": plan["strings"], "window_features": plan["windows"], "fitted_rows": rows,
-    }
 
 
-def _fit_vocabularies(df: DataFrame, plan: dict[str, Any]) -> dict[str, list[str]]:
-    """Top-K values (count desc, then value) of every vocab categorical from ONE grouped pass."""
-    vocab = [c for c in plan["categorical"] if c["spec"].encoding == "vocab"]
+def _fit_vocabularies(df: DataFrame, plan: FitPlan) -> dict[str, list[str]]:
+    """Pass 3: top-K values (count desc, then value) of every vocab categorical from ONE grouped pass."""
+    vocab = [c for c in plan.categorical if c.spec.encoding == "vocab"]
     if not vocab:
         return {}
     pairs = F.explode(F.array(*[
-        F.struct(F.lit(i).alias("i"), _category_string(c["source"], c["dtype"], plan["strings"]).alias("v"))
+        F.struct(F.lit(i).alias("i"), _category_string(c.source, c.dtype, plan.strings).alias("v"))
         for i, c in enumerate(vocab)
     ]))
     top_k = F.lit(None).cast("long")
     min_count = F.lit(None).cast("long")
     for i, c in enumerate(vocab):
-        top_k = F.when(F.col("i") == i, F.lit(c["spec"].top_k)).otherwise(top_k)
-        min_count = F.when(F.col("i") == i, F.lit(c["spec"].min_count)).otherwise(min_count)
+        top_k = F.when(F.col("i") == i, F.lit(c.spec.top_k)).otherwise(top_k)
+        min_count = F.when(F.col("i") == i, F.lit(c.spec.min_count)).otherwise(min_count)
     rank = F.row_number().over(Window.partitionBy("i").orderBy(F.desc("count"), F.asc("v")))
-    max_k = max(c["spec"].top_k for c in vocab)
+    max_k = max(c.spec.top_k for c in vocab)
     with timed(f"feature state: vocabularies of {len(vocab)} categorical columns"):
         rows = (
             df.select(pairs.alias("p")).select("p.i", "p.v").where(F.col("v").isNotNull())
@@ -586,9 +721,9 @@ def _fit_vocabularies(df: DataFrame, plan: dict[str, Any]) -> dict[str, list[str
             .withColumn("r", rank).where((F.col("r") <= max_k) & (F.col("r") <= top_k))
             .select("i", "v", "r").collect()
         )
-    out: dict[str, list[tuple[int, str]]] = {c["source"]: [] for c in vocab}
+    out: dict[str, list[tuple[int, str]]] = {c.source: [] for c in vocab}
     for r in rows:
-        out[vocab[r["i"]]["source"]].append((r["r"], r["v"]))
+        out[vocab[r["i"]].source].append((r["r"], r["v"]))
     return {s: [v for _, v in sorted(items)] for s, items in out.items()}
 
 

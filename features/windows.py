@@ -84,8 +84,9 @@ def _col(names: dict[str, str], raw: str | None, key: str) -> str | None:
     return names[raw]
 
 
-def window_features(cfg: Config, names: dict[str, str]) -> list[WindowFeature]:
+def window_features(cfg: Config) -> list[WindowFeature]:
     """The numeric columns :func:`add_window_features` adds for this config, in order."""
+    names = cfg.names
     out: list[WindowFeature] = []
     vel, rfm = cfg.features.velocity, cfg.features.rfm
     if vel.enabled:
@@ -121,7 +122,7 @@ def window_features(cfg: Config, names: dict[str, str]) -> list[WindowFeature]:
 
 
 # ---- the public stage --------------------------------------------------------------------------------
-def add_window_features(df: DataFrame, cfg: Config, names: dict[str, str]) -> DataFrame:
+def add_window_features(df: DataFrame, cfg: Config) -> DataFrame:
     """``df`` plus the velocity / RFM columns of :func:`window_features`; a no-op when neither is on.
 
     ``names`` maps the raw column names of the config to the safe names ``df`` uses. Run it on the
@@ -130,19 +131,20 @@ def add_window_features(df: DataFrame, cfg: Config, names: dict[str, str]) -> Da
     entity. Persist ``df`` first if it is expensive to recompute: the hot-key count reads it once more,
     and so do the hot-key context rows and RFM tenure without a signup date.
     """
+    names = cfg.names
     vel, rfm = cfg.features.velocity, cfg.features.rfm
     if not (vel.enabled or rfm.enabled):
         return df
     if not cfg.timestamp_column:
         raise ConfigError("timestamp_column: window features need an event-time column")
     ts = _col(names, cfg.timestamp_column, "timestamp_column")
-    features = window_features(cfg, names)
+    features = window_features(cfg)
     clash = sorted({f.name for f in features} & set(df.columns))
     if clash:
         raise DataContractError(
             f"column {clash[0]!r} in {cfg.input.path}: the name is reserved for a window feature"
         )
-    for c in [ts, *referenced_columns(cfg, names)]:
+    for c in [ts, *referenced_columns(cfg)]:
         if c not in df.columns:
             raise DataContractError(
                 f"column {c!r} is missing from the data of {cfg.input.path} (needed by window features)"
@@ -159,9 +161,9 @@ def add_window_features(df: DataFrame, cfg: Config, names: dict[str, str]) -> Da
 
     spread = [f.name for f in df.schema if isinstance(f.dataType, T.AtomicType)] + [_T]
     if vel.enabled:
-        out = _velocity(out, cfg, names, hot, spread)
+        out = _velocity(out, cfg, hot, spread)
     if rfm.enabled:
-        out = _rfm(out, cfg, names, hot, spread)
+        out = _rfm(out, cfg, hot, spread)
     LOG.info(
         "window features: %d columns (velocity=%s, rfm=%s), %d hot key(s) split into time buckets",
         len(features), vel.enabled, rfm.enabled, sum(len(v) for v in hot.values()),
@@ -169,8 +171,9 @@ def add_window_features(df: DataFrame, cfg: Config, names: dict[str, str]) -> Da
     return out.select(*original, *[f.name for f in features])
 
 
-def referenced_columns(cfg: Config, names: dict[str, str]) -> list[str]:
+def referenced_columns(cfg: Config) -> list[str]:
     """The safe-named columns the windows read besides the event time (entities, amounts, values)."""
+    names = cfg.names
     vel, rfm = cfg.features.velocity, cfg.features.rfm
     raw: list[str | None] = []
     if vel.enabled:
@@ -313,8 +316,9 @@ def _bucket_us(windows: list[tuple[str, int]], bucket: str | None) -> tuple[int,
 
 # ---- fraud velocity ------------------------------------------------------------------------------------
 def _velocity(
-    df: DataFrame, cfg: Config, names: dict[str, str], hot: dict[int, list[str]], spread: list[str]
+    df: DataFrame, cfg: Config, hot: dict[int, list[str]], spread: list[str]
 ) -> DataFrame:
+    names = cfg.names
     vel = cfg.features.velocity
     wins = _windows(vel.windows)
     max_us, bucket_us = _bucket_us(wins, vel.hot_key_bucket)
@@ -356,8 +360,9 @@ def _velocity(
 
 # ---- CRM recency / frequency / monetary ------------------------------------------------------------------
 def _rfm(
-    df: DataFrame, cfg: Config, names: dict[str, str], hot: dict[int, list[str]], spread: list[str]
+    df: DataFrame, cfg: Config, hot: dict[int, list[str]], spread: list[str]
 ) -> DataFrame:
+    names = cfg.names
     rfm = cfg.features.rfm
     plan_index = len(cfg.features.velocity.entities) if cfg.features.velocity.enabled else 0
     wins = _windows(rfm.windows)

@@ -57,7 +57,7 @@ def publish(cfg: Any) -> dict[str, Any]:
     return {
         "name": cfg.name, "model_version": version, "data_version": card.get("data_version"),
         "metric": gate.get("metric"), "value": gate.get("value"), "reason": gate.get("reason"),
-        "registry": str(registry.root), "model_dir": str(registry.root / champion["path"] / "model"),
+        "registry": str(registry.root), "model_dir": registry.layout.pointed(champion["path"]).model,
         "champion": champion,
     }
 

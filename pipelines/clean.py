@@ -175,8 +175,9 @@ def required_columns(cfg: Config) -> list[str]:
     return list(dict.fromkeys(c for c in out if c))
 
 
-def flag_columns(cfg: Config, names: dict[str, str]) -> dict[str, str]:
+def flag_columns(cfg: Config) -> dict[str, str]:
     """Raw column -> its missing-flag column (``<safe>__missing``, int 0/1) where ``flag: true``."""
+    names = cfg.names
     return {c: f"{names[c]}{FLAG_SUFFIX}" for c, p in cfg.cleaning.nulls.items()
             if p.flag and p.action != "reject" and c not in cfg.pii.drop}
 
@@ -187,7 +188,7 @@ def statistic_columns(cfg: Config) -> dict[str, str]:
     return {c: p.statistic for c, p in cfg.cleaning.nulls.items() if p.action == "impute" and p.statistic}
 
 
-def null_statistics(train: DataFrame, cfg: Config, names: dict[str, str]) -> dict[str, Any]:
+def null_statistics(train: DataFrame, cfg: Config) -> dict[str, Any]:
     """Mean / median / mode of every column whose null policy imputes a statistic, over the *train*
     split's clean rows (the caller passes them: a statistic seen on val or test would leak them).
 
@@ -197,6 +198,7 @@ def null_statistics(train: DataFrame, cfg: Config, names: dict[str, str]) -> dic
     partitioning). Floats are rounded to 12 significant digits so summation order cannot change a
     published value.
     """
+    names = cfg.names
     wanted = statistic_columns(cfg)
     if not wanted:
         return {}
@@ -234,8 +236,9 @@ def null_statistics(train: DataFrame, cfg: Config, names: dict[str, str]) -> dic
     return stats
 
 
-def fill_statistics(df: DataFrame, cfg: Config, names: dict[str, str], stats: dict[str, Any]) -> DataFrame:
+def fill_statistics(df: DataFrame, cfg: Config, stats: dict[str, Any]) -> DataFrame:
     """Impute the deferred statistic columns of clean rows with ``stats`` (fitted on train)."""
+    names = cfg.names
     out = df
     lowered = lowercase_columns(cfg)
     for col in statistic_columns(cfg):
@@ -250,7 +253,7 @@ def fill_statistics(df: DataFrame, cfg: Config, names: dict[str, str], stats: di
 
 
 # ---- tagging ----------------------------------------------------------------------------------------
-def apply_policies(df: DataFrame, cfg: Config, names: dict[str, str],
+def apply_policies(df: DataFrame, cfg: Config,
                    stats: dict[str, Any] | None) -> DataFrame:
     """Null policy (impute / flag / reject), required columns, ranges and domains -> first reason.
 
@@ -258,6 +261,7 @@ def apply_policies(df: DataFrame, cfg: Config, names: dict[str, str],
     until ``fill_statistics`` fills them with values fitted on the train split, which does not exist
     yet. Scoring passes the statistics of the model's training data.
     """
+    names = cfg.names
     deferred = set(statistic_columns(cfg)) if stats is None else set()
     out = df
     reason = F.col(REASON)
@@ -267,7 +271,7 @@ def apply_policies(df: DataFrame, cfg: Config, names: dict[str, str],
         nonlocal new_reason
         new_reason = (F.when(cond, F.lit(why)) if new_reason is None else new_reason.when(cond, F.lit(why)))
 
-    flags = flag_columns(cfg, names)
+    flags = flag_columns(cfg)
     for col, pol in cfg.cleaning.nulls.items():
         if col in cfg.pii.drop:
             continue
@@ -306,8 +310,9 @@ def apply_policies(df: DataFrame, cfg: Config, names: dict[str, str],
               .withColumn(REASON, F.coalesce(reason, new_reason))
 
 
-def deduplicate(df: DataFrame, cfg: Config, names: dict[str, str]) -> DataFrame:
+def deduplicate(df: DataFrame, cfg: Config) -> DataFrame:
     """Mark all but the latest row (by event time) per id -- per raw row without an id -- as duplicates."""
+    names = cfg.names
     if not cfg.cleaning.dedup:
         return df.withColumn(DUP, F.lit(False))
     key = F.col(names[cfg.id_column]) if cfg.id_column else F.col(ROW_HASH)
@@ -318,8 +323,9 @@ def deduplicate(df: DataFrame, cfg: Config, names: dict[str, str]) -> DataFrame:
     return df.withColumn(DUP, ok & (F.row_number().over(w) > 1))
 
 
-def derive_columns(df: DataFrame, cfg: Config, names: dict[str, str]) -> DataFrame:
+def derive_columns(df: DataFrame, cfg: Config) -> DataFrame:
     """``label`` (1.0/0.0), ``row_id``, ``weight`` and ``_dp_status``."""
+    names = cfg.names
     lab, typ = cfg.label.column, cfg.schema_[cfg.label.column]
     positive = cfg.label.positive
     if lab in lowercase_columns(cfg) and isinstance(positive, str):
@@ -340,19 +346,20 @@ def derive_columns(df: DataFrame, cfg: Config, names: dict[str, str]) -> DataFra
     return out.withColumn(STATUS, status)
 
 
-def serving_nulls(df: DataFrame, cfg: Config, names: dict[str, str]) -> DataFrame:
+def serving_nulls(df: DataFrame, cfg: Config) -> DataFrame:
     """Null again the values cleaning imputed *and flagged*, for a ``serving_default`` signature: it
     imputes them itself and sets the ``n__<col>__missing`` flag from the null, as the shards have it.
     Handing it the imputed value instead would score with the flag off (training/serving skew)."""
-    for col, flag in flag_columns(cfg, names).items():  # a kept null is null already: no-op there
+    names = cfg.names
+    for col, flag in flag_columns(cfg).items():  # a kept null is null already: no-op there
         if flag in df.columns:
             df = df.withColumn(names[col], F.when(F.col(flag) == 1, F.lit(None)).otherwise(F.col(names[col])))
     return df
 
 
-def tag_rows(df: DataFrame, cfg: Config, names: dict[str, str], stats: dict[str, Any] | None) -> DataFrame:
+def tag_rows(df: DataFrame, cfg: Config, stats: dict[str, Any] | None) -> DataFrame:
     """Policies -> de-duplication -> derived columns: every input row once, with its status."""
-    tagged = derive_columns(deduplicate(apply_policies(df, cfg, names, stats), cfg, names), cfg, names)
+    tagged = derive_columns(deduplicate(apply_policies(df, cfg, stats), cfg), cfg)
     return raw_only_for_quarantine(tagged)
 
 
@@ -367,13 +374,14 @@ def raw_only_for_quarantine(tagged: DataFrame) -> DataFrame:
 
 
 # ---- counting (one action) --------------------------------------------------------------------------
-def outcome_counts(tagged: DataFrame, cfg: Config, names: dict[str, str]) -> dict[str, Any]:
+def outcome_counts(tagged: DataFrame, cfg: Config) -> dict[str, Any]:
     """Counts, quarantine reasons, imputations, blanks and positives from a single aggregation.
 
     ``counts["tagged"]`` is the number of rows the tagging produced; ``counts["input"]`` is left for
     the caller to fill from an independent count of the input (``ingest.count_input_records``), which
     ``check_invariant`` compares with it.
     """
+    names = cfg.names
     imputed = [c for c in tagged.columns if c.startswith(IMPUTED_PREFIX)]
     blanks = [c for c in tagged.columns if c.startswith(BLANK_PREFIX)]
     rows = tagged.groupBy(STATUS, REASON, STAGE).agg(
@@ -427,24 +435,25 @@ def check_invariant(counts: dict[str, int], input_records: int) -> dict[str, Any
 
 
 # ---- outputs of the stage ---------------------------------------------------------------------------
-def clean_frame(tagged: DataFrame, cfg: Config, names: dict[str, str]) -> DataFrame:
+def clean_frame(tagged: DataFrame, cfg: Config) -> DataFrame:
     """The clean rows: typed safe-named columns (PII hashed, dropped ones gone), flags, label, row_id,
     weight -- what window features and FeatureState get."""
+    names = cfg.names
     kept = [names[c] for c in cfg.schema_ if c not in cfg.pii.drop]
-    extra = list(flag_columns(cfg, names).values()) + ["label", "row_id"]
+    extra = list(flag_columns(cfg).values()) + ["label", "row_id"]
     if cfg.features.weight_column:
         extra.append("weight")
     return tagged.where(F.col(STATUS) == "clean").select(*kept, *extra)
 
 
-def quarantine_frame(tagged: DataFrame, cfg: Config, names: dict[str, str], data_version: str,
+def quarantine_frame(tagged: DataFrame, cfg: Config, data_version: str,
                      lines: DataFrame | None = None) -> DataFrame:
     """Rejected rows: raw text of every kept column (PII policy applied; none for a malformed line under
     a PII policy, whose fields may hold shifted PII), the malformed line (only without a PII policy),
     ``reason``, ``stage``, ``source_file``, ``line_number`` (malformed lines, from ``lines``:
     ``ingest.malformed_line_numbers``) and ``data_version``."""
     return with_line_numbers(tagged.where(F.col(STATUS) == "quarantined"), lines).select(
-        *raw_value_columns(cfg, names),
+        *raw_value_columns(cfg),
         F.col(CORRUPT).alias("raw_record"),
         F.col(REASON).alias("reason"),
         F.col(STAGE).alias("stage"),
@@ -454,9 +463,10 @@ def quarantine_frame(tagged: DataFrame, cfg: Config, names: dict[str, str], data
     )
 
 
-def raw_value_columns(cfg: Config, names: dict[str, str], struct: str = RAW,
+def raw_value_columns(cfg: Config, struct: str = RAW,
                       skip: tuple[str, ...] = ()) -> list[Column]:
     """The raw text of every kept column from the ``struct`` column, renamed where it meets a meta name."""
+    names = cfg.names
     kept = [names[c] for c in cfg.schema_ if c not in cfg.pii.drop and c not in skip]
     return [F.col(f"{struct}.{s}").alias(f"{s}_value" if s in QUARANTINE_META else s) for s in kept]
 

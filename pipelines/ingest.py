@@ -31,7 +31,6 @@ from pyspark.sql import types as T
 from downpour.config import Config
 from downpour.errors import DataContractError
 from downpour.logs import LOG
-from downpour.pipelines.columns import internal_names
 from downpour.storage import FileInfo, HadoopFS
 
 # Internal helper columns (safe names never start with "_", so these cannot clash).
@@ -46,19 +45,10 @@ LINE_NUMBER = "_dp_line_number"
 EXTRA = "_dp_extra"
 BLANK_PREFIX = "_dp_blank__"
 
-# Columns the pipeline derives; a raw column whose safe name collides gets a numeric suffix instead.
-DERIVED = ("row_id", "label", "weight", "split")
 WHITESPACE = " \t\r\n\u00a0"
 
 
 # ---- names and inputs -------------------------------------------------------------------------------
-def column_names(cfg: Config) -> dict[str, str]:
-    """Raw declared name -> safe internal name, never colliding with the derived columns."""
-    reserved = {f"\x00{d}": d for d in DERIVED}
-    names = internal_names([*reserved.values(), *cfg.schema_])
-    return {raw: names[raw] for raw in cfg.schema_}
-
-
 def list_input_files(spark: SparkSession, url: str) -> list[FileInfo]:
     """The input files (through Hadoop FileSystem, so any URL works); raises if there are none."""
     fs = HadoopFS(spark)
@@ -86,7 +76,7 @@ def input_fingerprint(files: list[FileInfo]) -> str:
 def read_raw(spark: SparkSession, cfg: Config, files: list[FileInfo]) -> DataFrame:
     """Declared columns under safe names (text for CSV/JSON, native types for Parquet), plus the
     malformed-record text, the source file and a marker that keeps extra CSV columns parsed."""
-    names = column_names(cfg)
+    names = cfg.names
     paths = [f.path for f in files]
     first = next(f.path for f in files if f.size > 0)
     opts = reader_options(cfg, warn=True)
@@ -354,7 +344,7 @@ def malformed_line_numbers(spark: SparkSession, cfg: Config, files: list[FileInf
 _NORM = "_dp_n__"
 
 
-def parse_columns(raw: DataFrame, cfg: Config, names: dict[str, str], salt: str | None) -> DataFrame:
+def parse_columns(raw: DataFrame, cfg: Config, salt: str | None) -> DataFrame:
     """Normalise text, apply the PII policy, try-cast to the declared types and tag failures.
 
     Returns the declared columns (typed; ``pii.hash`` ones as hex digests; ``pii.drop`` ones gone)
@@ -362,6 +352,7 @@ def parse_columns(raw: DataFrame, cfg: Config, names: dict[str, str], salt: str 
     ``_dp_stage`` (``malformed`` or ``cast_failed:<column>`` from stage ``ingest``), the source file,
     a stable hash of the raw row, and one ``_dp_blank__<col>`` flag per text column for the counts.
     """
+    names = cfg.names
     c_opts = cfg.cleaning
     hashed, dropped = set(cfg.pii.hash), set(cfg.pii.drop)
     lowered = lowercase_columns(cfg)

@@ -31,17 +31,15 @@ from downpour.layout import PreparedLayout
 from downpour.logs import LOG, timed
 from downpour.pipelines import clean, shards
 from downpour.pipelines.ingest import (
-    column_names,
     contract_errors,
     count_input_records,
     input_fingerprint,
     list_input_files,
     malformed_line_numbers,
-    parse_columns,
-    read_raw,
 )
 from downpour.pipelines.publish import Publisher, Staging
-from downpour.pipelines.split import SPLITS, assign_split, split_counts
+from downpour.pipelines.rows import split_rows, tagged_rows
+from downpour.pipelines.split import SPLITS, split_counts
 from downpour.spark import persist_level, sized_partitions
 from downpour.storage import FileInfo
 
@@ -64,7 +62,6 @@ def run_prepare(spark: SparkSession, cfg: Config, force: bool = False) -> dict[s
     clean.check_policies(cfg)
     salt = clean.resolve_salt(cfg)  # ConfigError naming the variable, before any Spark work
     persist_level(spark)  # ConfigError naming the key, before any Spark work
-    names = column_names(cfg)
     timings: dict[str, float] = {}
     publisher = Publisher(spark, cfg.output.path)
     with _step("list input files", timings, "list_inputs"):
@@ -78,7 +75,7 @@ def run_prepare(spark: SparkSession, cfg: Config, force: bool = False) -> dict[s
     LOG.info("prepare: building data version %s from %d input file(s)", data_version, len(files))
     staging = publisher.stage(data_version)
     try:
-        manifest = _build(spark, cfg, names, salt, files, data_version, publisher, staging, timings)
+        manifest = _build(spark, cfg, salt, files, data_version, publisher, staging, timings)
         with _step("publish", timings, "publish"):
             publisher.commit(staging, manifest)
     except BaseException:
@@ -95,18 +92,11 @@ def _step(what: str, timings: dict[str, float], key: str) -> Iterator[None]:
     timings[key] = round(t["seconds"], 3)
 
 
-def ingest_and_tag(spark: SparkSession, cfg: Config, files: list[FileInfo], salt: str | None,
-                   names: dict[str, str] | None = None) -> DataFrame:
-    """Read, parse and tag every input row (lazy). Statistic imputations are deferred to ``split_clean``."""
-    names = names or column_names(cfg)
-    return clean.tag_rows(parse_columns(read_raw(spark, cfg, files), cfg, names, salt), cfg, names, None)
-
-
-def account(spark: SparkSession, cfg: Config, files: list[FileInfo], tagged: DataFrame,
-            names: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+def account(spark: SparkSession, cfg: Config, files: list[FileInfo],
+            tagged: DataFrame) -> tuple[dict[str, Any], dict[str, Any]]:
     """(outcome counts, the invariant): one aggregation over the tagged rows, one independent count of
     the input files' records; raises unless ``input == clean + quarantined + duplicates``."""
-    outcome = clean.outcome_counts(tagged, cfg, names)
+    outcome = clean.outcome_counts(tagged, cfg)
     tagged_counts = outcome["counts"]
     if tagged_counts["tagged"] == 0:
         raise DataContractError(f"input {cfg.input.path}: no data rows in {len(files)} file(s)")
@@ -118,29 +108,17 @@ def account(spark: SparkSession, cfg: Config, files: list[FileInfo], tagged: Dat
     return outcome, invariant
 
 
-def split_clean(tagged: DataFrame, cfg: Config, names: dict[str, str],
-                stats: dict[str, Any] | None = None) -> tuple[DataFrame, dict[str, Any], dict[str, Any]]:
-    """The clean rows with ``split``, statistic imputations filled: (frame, split info, statistics).
-
-    The statistics are fitted on the train split's clean rows (one pass) unless given (the published
-    data version's, when its rows are rebuilt), so val and test never inform them.
-    """
-    split_df, split_info = assign_split(clean.clean_frame(tagged, cfg, names), cfg, names)
-    if stats is None:
-        stats = clean.null_statistics(split_df.where(F.col("split") == "train"), cfg, names)
-    return clean.fill_statistics(split_df, cfg, names, stats), split_info, stats
-
-
-def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | None,
+def _build(spark: SparkSession, cfg: Config, salt: str | None,
            files: list[FileInfo], data_version: str, publisher: Publisher, staging: Staging,
            timings: dict[str, float]) -> dict[str, Any]:
+    names = cfg.names
     final = publisher.final_url(staging)
     staged, published = PreparedLayout(staging.url), PreparedLayout(final)
     with contract_errors(cfg):
         with _step("ingest, clean, count", timings, "ingest_clean"):
             parts = sized_partitions(spark, files, cfg.input.format)
-            tagged = ingest_and_tag(spark, cfg, files, salt, names).coalesce(parts).persist(persist_level(spark))
-            outcome, invariant = account(spark, cfg, files, tagged, names)
+            tagged = tagged_rows(spark, cfg, files, salt).coalesce(parts).persist(persist_level(spark))
+            outcome, invariant = account(spark, cfg, files, tagged)
         counts = outcome["counts"]
         LOG.info("prepare: rows %s; quarantine reasons %s", counts, outcome["quarantine_reasons"])
         if counts["clean"] == 0:
@@ -150,7 +128,7 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
 
         with _step("write quarantine", timings, "quarantine"):
             lines = malformed_lines(spark, cfg, files, tagged, outcome, salt)
-            q = clean.quarantine_frame(tagged, cfg, names, data_version, lines)
+            q = clean.quarantine_frame(tagged, cfg, data_version, lines)
             q_files = max(1, -(-counts["quarantined"] // 1_000_000))
             q_url = staged.quarantine
             q.coalesce(q_files).write.option("compression", shards._CODECS[cfg.shards.compression]) \
@@ -160,40 +138,40 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
             raise RuntimeError(f"quarantine: {q_written} rows written, {counts['quarantined']} counted")
 
         with _step("split", timings, "split"):
-            split_df, split_info, stats = split_clean(tagged, cfg, names)
+            split_df, split_info, stats = split_rows(tagged, cfg)
 
         with _step("window features", timings, "window_features"):
             from downpour.features.windows import add_window_features
 
-            windowed = add_window_features(split_df, cfg, names).coalesce(parts).persist(persist_level(spark))
+            windowed = add_window_features(split_df, cfg).coalesce(parts).persist(persist_level(spark))
             per_split = split_counts(windowed)
             tagged.unpersist()
-        split_rows = sum(s["rows"] for s in per_split.values())
-        if split_rows != counts["clean"]:
-            raise RuntimeError(f"row accounting broken after window features: {split_rows} rows in the "
+        n_split = sum(s["rows"] for s in per_split.values())
+        if n_split != counts["clean"]:
+            raise RuntimeError(f"row accounting broken after window features: {n_split} rows in the "
                                f"splits, {counts['clean']} clean rows")
         if per_split["train"]["rows"] == 0:
             raise DataContractError(f"input {cfg.input.path}: the train split is empty "
                                     f"({counts['clean']} clean rows, split {split_info})")
 
         with _step("entity history", timings, "entity_history"):
-            entity_history = write_entity_history(windowed, cfg, names, staged.entity_history)
+            entity_history = write_entity_history(windowed, cfg, staged.entity_history)
 
         with _step("fit feature state on train", timings, "fit_features"):
             from downpour.features.state import FeatureState
 
-            state = FeatureState.fit(windowed.where(F.col("split") == "train"), cfg, names)
+            state = FeatureState.fit(windowed.where(F.col("split") == "train"), cfg)
 
         with _step("drift reference on train", timings, "drift_reference"):
             from downpour.features.drift import fit_reference
 
-            drift_reference = fit_reference(windowed.where(F.col("split") == "train"), cfg, names)
+            drift_reference = fit_reference(windowed.where(F.col("split") == "train"), cfg)
 
         splits: dict[str, Any] = {}
         with _step("shards", timings, "shards"):
             frames = {s: state.transform(windowed.where(F.col("split") == s)) for s in SPLITS}
             for model_df in frames.values():
-                _assert_no_pii(model_df, cfg, names)
+                _assert_no_pii(model_df, cfg)
             written = shards.write_shards(frames, staging.url, cfg, cfg.split.seed, partitions=parts)
         for s, (plan, described) in written.items():
             url = staged.split(s)
@@ -237,7 +215,7 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
             "imputed": outcome["imputed"],
             "impute_values": {**impute_values, **{c: _jsonable(v) for c, v in stats.items()}},
             "blank_to_null": outcome["blank_to_null"],
-            "flags": clean.flag_columns(cfg, names),
+            "flags": clean.flag_columns(cfg),
             "pii": {"dropped": list(cfg.pii.drop), "hashed": list(cfg.pii.hash), "salt_env": cfg.pii.salt_env},
         },
         "labels": {"column": cfg.label.column, "positives": outcome["positives"],
@@ -254,17 +232,17 @@ def _build(spark: SparkSession, cfg: Config, names: dict[str, str], salt: str | 
     }
 
 
-def write_entity_history(clean: DataFrame, cfg: Config, names: dict[str, str], url: str) -> dict[str, Any] | None:
+def write_entity_history(clean: DataFrame, cfg: Config, url: str) -> dict[str, Any] | None:
     """Write the events scoring needs for the window features (features/history.py) into ``url``;
     returns its ``_history.json`` record, or None when the config has no window features."""
     from downpour.features import history
 
     if not history.needed(cfg):
         return None
-    events = history.events(clean, cfg, names)
-    _, end, _ = history.span(events, cfg, names)
-    kept = history.trim(events, cfg, names, end) if end is not None else events.limit(0)
-    meta = history.write(kept, url, cfg, names, end)
+    events = history.events(clean, cfg)
+    _, end, _ = history.span(events, cfg)
+    kept = history.trim(events, cfg, end) if end is not None else events.limit(0)
+    meta = history.write(kept, url, cfg, end)
     rows = meta.rows
     LOG.info("prepare: entity history: %d events up to %s (horizon %ds)", rows, meta.end, meta.horizon_seconds)
     return meta.to_dict()
@@ -283,8 +261,9 @@ def _jsonable(v: Any) -> Any:
     return v if isinstance(v, int | float | str | bool) or v is None else str(v)
 
 
-def _assert_no_pii(df: DataFrame, cfg: Config, names: dict[str, str]) -> None:
+def _assert_no_pii(df: DataFrame, cfg: Config) -> None:
     """Shards hold model-ready columns only; a column derived from a PII column must never get there."""
+    names = cfg.names
     pii = {names[c] for c in (*cfg.pii.drop, *cfg.pii.hash) if c != cfg.id_column}
     for col in df.columns:
         if col in ("row_id", "label", "weight"):

@@ -1,4 +1,5 @@
-"""Atomic, idempotent publication of a prepared data version, on any Hadoop-compatible file system.
+"""Versions of the prepared data: staging directories with build numbers, published by
+``storage.publish_dir`` (the product's one publisher) with the manifest as its last-written marker.
 
 Layout under ``output.path``::
 
@@ -27,20 +28,17 @@ written last. One ``prepare`` per output path at a time (there is no cross-proce
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import shutil
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from pyspark.sql import SparkSession
 
-from downpour.fsutil import swap_symlink
 from downpour.layout import MANIFEST, VERSIONS
 from downpour.layout import PREPARED as POINTER
 from downpour.logs import LOG
-from downpour.storage import HadoopFS, has_symlinks, join, local_path
+from downpour.storage import HadoopFS, has_symlinks, join, publish_dir
 
 _STAGING_PREFIX = ".staging-"
 
@@ -96,65 +94,15 @@ class Publisher:
         return join(self.versions, staging.name) if self.local else self.prepared
 
     def commit(self, staging: Staging, manifest: dict[str, Any]) -> str:
-        """Publish the staged version with ``manifest`` written last; returns the version's URL."""
-        if self.local:
-            return self._commit_local(staging, manifest)
-        return self._commit_remote(staging, manifest)
+        """Publish the staged version with ``manifest`` written last (``storage.publish_dir``, the one
+        publisher); returns the version's URL."""
+        where = publish_dir(staging.url, self.prepared, staging.name, versions=self.versions,
+                            marker=(MANIFEST, manifest), hadoop=None if self.local else self.fs,
+                            drop_stale_staging=True, symlinks=self.local)
+        LOG.info("published %s -> %s", self.prepared, where)
+        return self.final_url(staging)
 
     def abort(self, staging: Staging) -> None:
         """Best effort: remove a staging directory after a failure (the published version is untouched)."""
         with contextlib.suppress(Exception):
             self.fs.delete(staging.url, recursive=True)
-
-    # -- local: symlink swap ---------------------------------------------------------------------------
-    def _commit_local(self, staging: Staging, manifest: dict[str, Any]) -> str:
-        self.fs.write_json(join(staging.url, MANIFEST), manifest)
-        final = join(self.versions, staging.name)
-        os.rename(local_path(staging.url), local_path(final))
-        previous = self._pointer_target()
-        self._swap_pointer(f"{VERSIONS}/{staging.name}")
-        self._cleanup_local(keep={staging.name} | ({previous} if previous else set()))
-        LOG.info("published %s -> %s", self.prepared, final)
-        return final
-
-    def _pointer_target(self) -> str | None:
-        """The version name ``prepared`` points at now (None if it is not a symlink into .versions)."""
-        link = os.path.join(local_path(self.root), POINTER)
-        if not os.path.islink(link):
-            return None
-        target = os.readlink(link)
-        return os.path.basename(target.rstrip("/")) if os.path.dirname(target) == VERSIONS else None
-
-    def _swap_pointer(self, target: str) -> None:
-        """Atomically point ``prepared`` at ``target`` (relative to the output root)."""
-        root = local_path(self.root)
-        swap_symlink(os.path.join(root, POINTER), target, legacy_dir=os.path.join(root, VERSIONS))
-
-    def _cleanup_local(self, keep: set[str]) -> None:
-        """Keep the new version and the one it replaced (readers may still hold it); drop the rest,
-        including staging directories that crashed runs left behind."""
-        for e in os.scandir(local_path(self.versions)):
-            if e.name in keep or not e.is_dir(follow_symlinks=False):
-                continue
-            shutil.rmtree(e.path, ignore_errors=True)
-        for name in os.listdir(local_path(self.root)):
-            if name.startswith(f".{POINTER}.tmp-"):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(local_path(self.root), name))
-
-    # -- remote: rename via Hadoop ---------------------------------------------------------------------
-    def _commit_remote(self, staging: Staging, manifest: dict[str, Any]) -> str:
-        old_manifest = join(self.prepared, MANIFEST)
-        retired = join(self.versions, f".retired-{uuid.uuid4().hex[:8]}")
-        if self.fs.exists(old_manifest):
-            self.fs.delete(old_manifest, recursive=False)
-        if self.fs.exists(self.prepared):
-            self.fs.rename(self.prepared, retired)
-        self.fs.rename(staging.url, self.prepared)
-        self.fs.write_json(join(self.prepared, MANIFEST), manifest)
-        for name, is_dir, _ in self.fs.list_dir(self.versions):
-            if is_dir and (name.startswith(".retired-") or name.startswith(_STAGING_PREFIX)):
-                with contextlib.suppress(Exception):
-                    self.fs.delete(join(self.versions, name), recursive=True)
-        LOG.info("published %s (renamed from %s)", self.prepared, staging.url)
-        return self.prepared

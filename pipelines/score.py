@@ -30,14 +30,12 @@ from downpour.pipelines.ingest import (
     ROW_HASH,
     SOURCE,
     STAGE,
-    column_names,
     contract_errors,
     count_input_records,
     list_input_files,
     malformed_line_numbers,
-    parse_columns,
-    read_raw,
 )
+from downpour.pipelines.rows import scoring_rows, without_label
 from downpour.pipelines.serving import (
     ERROR,
     REASON_GAP,
@@ -90,10 +88,10 @@ def _decision(rule: dict[str, Any] | None) -> Any:
     return score_bucket(F.col(SCORE)) >= F.lit(round(float(threshold) * DECISION_RESOLUTION))
 
 
-def _drift(cfg: Config, card: dict[str, Any], clean_rows: DataFrame, scored: DataFrame,
-           names: dict[str, str]) -> dict[str, Any] | None:
+def _drift(cfg: Config, card: dict[str, Any], clean_rows: DataFrame, scored: DataFrame) -> dict[str, Any] | None:
     """The batch against the model's drift reference (features/drift.py): PSI per numeric feature (clean
     rows) and of the score (scored rows), unseen categorical values; None when off or no reference."""
+    names = cfg.names
     from downpour.features.drift import judge, profile
 
     d, ref = cfg.scoring.drift, card.get("drift_reference")
@@ -171,20 +169,10 @@ def _impute_statistics(cfg: Config, model_root: str, card: dict[str, Any]) -> di
         "keep its prepared data")
 
 
-def _scoring_config(cfg: Config, input_url: str, fmt: str | None) -> tuple[Config, Config]:
-    """(config with the scoring input, the same without the label column).
-
-    Scoring rows need no label: the label is taken out of the declared columns (a label column present
-    in the input is ignored), and extra input columns are allowed, as for a serving signature.
-    """
+def _scoring_config(cfg: Config, input_url: str, fmt: str | None) -> Config:
+    """The config with the scoring input (rows are read without the label: ``rows.without_label``)."""
     inp = cfg.input.model_copy(update={"path": input_url, "format": fmt or cfg.input.format})
-    full = cfg.model_copy(update={"input": inp})
-    lab = cfg.label.column
-    unlabeled = full.model_copy(update={
-        "input": inp.model_copy(update={"allow_extra_columns": True}),
-        "schema_": {k: v for k, v in cfg.schema_.items() if k != lab},
-    })
-    return full, unlabeled
+    return cfg.model_copy(update={"input": inp})
 
 
 def _accounted(records: int, clean_n: dict[bool, int], outcome: dict[bool, int]) -> dict[str, int]:
@@ -196,17 +184,6 @@ def _accounted(records: int, clean_n: dict[bool, int], outcome: dict[bool, int])
                            f"{n_ok} clean rows ({n_scored} scored, {n_failed} failed in the model), "
                            f"{n_rejected} rejected")
     return {"input": records, "scored": n_scored, "quarantined": n_rejected + n_failed}
-
-
-def _tag_raw_rows(spark: SparkSession, full: Config, unlabeled: Config, names: dict[str, str], files: list,
-                  salt: str | None, stats: dict[str, Any]) -> DataFrame:
-    """Raw scoring rows (no label) -> parsed, cleaned and tagged with the model's imputation statistics.
-
-    The one chain for the input and for raw ``--history`` rows, so both are cleaned alike."""
-    raw = read_raw(spark, unlabeled, files)
-    # a placeholder label satisfies the label rules (never output): scoring rows have no label
-    raw = raw.withColumn(names[full.label.column], F.lit(str(full.label.positive)))
-    return clean.apply_policies(parse_columns(raw, full, names, salt), full, names, stats)
 
 
 @dataclass(frozen=True)
@@ -254,11 +231,12 @@ class _Batch:
         return self.tagged.where(F.col(REASON).isNull())
 
 
-def _ingest(spark: SparkSession, cfg: Config, full: Config, unlabeled: Config, names: dict[str, str],
+def _ingest(spark: SparkSession, cfg: Config, full: Config,
             input_url: str, salt: str | None, stats: dict[str, Any]) -> _Batch:
     """Read, parse and clean the input with prepare's rules; one aggregation counts the outcome."""
+    names = cfg.names
     files = list_input_files(spark, input_url)
-    tagged = _tag_raw_rows(spark, full, unlabeled, names, files, salt, stats)
+    tagged = scoring_rows(spark, full, files, salt, stats)
     ident = F.col(names[cfg.id_column]).cast("string") if cfg.id_column else F.col(ROW_HASH)
     raw_schema = tagged.schema[RAW].dataType
     # the raw values travel as one JSON string (the struct is dropped): one copy per row, not two
@@ -269,7 +247,7 @@ def _ingest(spark: SparkSession, cfg: Config, full: Config, unlabeled: Config, n
     is_ok = F.col(REASON).isNull()
     with timed("score: ingest and clean"):
         by_outcome = tagged.groupBy(is_ok.alias("ok"), F.col(LINE).isNotNull().alias("malformed")).agg(
-            F.count(F.lit(1)).alias("count"), *SH.input_time_columns(full, names, tagged, is_ok)).collect()
+            F.count(F.lit(1)).alias("count"), *SH.input_time_columns(full, tagged, is_ok)).collect()
     times = [r for r in by_outcome if r["ok"] and "t_min" in r and r["t_min"] is not None]
     return _Batch(files=files, tagged=tagged, raw_schema=raw_schema,
                   clean_n={ok: sum(int(r["count"]) for r in by_outcome if r["ok"] == ok) for ok in (True, False)},
@@ -278,7 +256,7 @@ def _ingest(spark: SparkSession, cfg: Config, full: Config, unlabeled: Config, n
                   t_max=max((r["t_max"] for r in times), default=None))
 
 
-def _serving_rows(full: Config, names: dict[str, str], model: _Model, batch: _Batch, past: Any,
+def _serving_rows(full: Config, model: _Model, batch: _Batch, past: Any,
                   input_url: str) -> DataFrame:
     """The clean rows with window features over the history and the batch, as the serving signature
     takes them (raw inputs in serving dtypes)."""
@@ -287,13 +265,13 @@ def _serving_rows(full: Config, names: dict[str, str], model: _Model, batch: _Ba
 
     ok = batch.ok
     if H.needed(full):
-        ok = H.drop_context(add_window_features(H.with_context(SH.clean_events(ok, full, names), past.frame),
-                                                full, names)).drop(H.HID)
+        ok = H.drop_context(add_window_features(H.with_context(SH.clean_events(ok, full), past.frame),
+                                                full)).drop(H.HID)
     missing = [c for c in model.raw_inputs if c not in ok.columns]
     if missing:
         raise DataContractError(f"column {missing[0]!r}: the model {model.version} needs it; it is not produced "
                                 f"from the input {input_url} by this config")
-    return serving_frame(clean.serving_nulls(ok, full, names), RawInputs(model.raw_inputs),
+    return serving_frame(clean.serving_nulls(ok, full), RawInputs(model.raw_inputs),
                          keep=("__id", _RAW_JSON, SOURCE))
 
 
@@ -325,7 +303,7 @@ def _serve(spark: SparkSession, cfg: Config, model: _Model, serving: DataFrame) 
                    explained=_explained(reasons, [r for r in by if not r["failed"]] if reasons else []))
 
 
-def _write(spark: SparkSession, cfg: Config, full: Config, names: dict[str, str], model: _Model, batch: _Batch,
+def _write(spark: SparkSession, cfg: Config, full: Config, model: _Model, batch: _Batch,
            scored: _Scored, output_url: str, q_url: str, salt: str | None) -> None:
     """The scores (one row per scored input row) and the quarantine (rejected and failed rows, raw
     values under the PII policy, with the reason and where to find them)."""
@@ -347,7 +325,7 @@ def _write(spark: SparkSession, cfg: Config, full: Config, names: dict[str, str]
             F.lit("score").alias("stage"), F.col(SOURCE).alias("source_file"),
             F.lit(None).cast("long").alias("line_number"))
         # the placeholder label never leaves
-        raw_cols = clean.raw_value_columns(full, names, struct="raw", skip=(cfg.label.column,))
+        raw_cols = clean.raw_value_columns(full, struct="raw", skip=(cfg.label.column,))
         quarantine = rejected.unionByName(failed).select(
             *raw_cols, "reason", "stage", "source_file", "line_number", F.lit(version).alias("model_version"))
         quarantine.write.mode("overwrite").parquet(q_url)
@@ -372,35 +350,35 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
     clean.check_policies(cfg)
     salt = clean.resolve_salt(cfg)
     model = _open_model(cfg, model_dir)
-    full, unlabeled = _scoring_config(cfg, input_url, fmt)
-    names = column_names(cfg)
-    if column_names(unlabeled) != {k: v for k, v in names.items() if k in unlabeled.schema_}:
+    full = _scoring_config(cfg, input_url, fmt)
+    unlabeled = without_label(cfg)
+    if unlabeled.names != {k: v for k, v in cfg.names.items() if k in unlabeled.schema_}:
         raise DataContractError(f"column {cfg.label.column!r}: its safe name collides with another column's; "
                                 "rename one of them to score without a label")
     q_url = f"{output_url.rstrip('/')}_quarantine"
     LOG.info("score: %s with model %s -> %s", input_url, model.version, output_url)
 
     def tag_history(url: str) -> tuple[Config, DataFrame]:  # raw --history rows: the input's own chain
-        h_full, h_unlabeled = _scoring_config(cfg, url, fmt)
-        return h_full, _tag_raw_rows(spark, h_full, h_unlabeled, names, list_input_files(spark, url), salt,
+        h_full = _scoring_config(cfg, url, fmt)
+        return h_full, scoring_rows(spark, h_full, list_input_files(spark, url), salt,
                                      model.stats)
 
-    past = SH.load(spark, full, names, model_root=model.artifact.root, card=model.card, history=history,
+    past = SH.load(spark, full, model_root=model.artifact.root, card=model.card, history=history,
                    store=history_store, no_history=no_history, tag_raw=tag_history)
     cached: list[DataFrame] = []
     try:
         with contract_errors(full):
-            batch = _ingest(spark, cfg, full, unlabeled, names, input_url, salt, model.stats)
+            batch = _ingest(spark, cfg, full, input_url, salt, model.stats)
             cached.append(batch.tagged)
             SH.check_gap(full, past, batch.t_min, input_url)
-            scored = _serve(spark, cfg, model, _serving_rows(full, names, model, batch, past, input_url))
+            scored = _serve(spark, cfg, model, _serving_rows(full, model, batch, past, input_url))
             cached.append(scored.frame)
-            _write(spark, cfg, full, names, model, batch, scored, output_url, q_url, salt)
-            drift = _drift(cfg, model.card, batch.ok, scored.frame.where(F.col(ERROR).isNull()), names)
+            _write(spark, cfg, full, model, batch, scored, output_url, q_url, salt)
+            drift = _drift(cfg, model.card, batch.ok, scored.frame.where(F.col(ERROR).isNull()))
             records = count_input_records(spark, full, batch.files)  # independent of the parsing it checks
             counts = _accounted(records, batch.clean_n, scored.outcome)
             out_url = history_out or history_store  # rolled forward only once every row is accounted for
-            rolled = (SH.roll_forward(full, names, past, batch.ok, batch.t_min, batch.t_max, out_url)
+            rolled = (SH.roll_forward(full, past, batch.ok, batch.t_min, batch.t_max, out_url)
                       if out_url and H.needed(full) else None)
     finally:
         for df in cached:

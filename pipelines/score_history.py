@@ -99,7 +99,7 @@ def model_history_url(cfg: Config, model_root: str, card: dict[str, Any]) -> str
     return next((c for c in candidates if H.is_history(c)), None)
 
 
-def load(spark: SparkSession, cfg: Config, names: dict[str, str], *, model_root: str, card: dict[str, Any],
+def load(spark: SparkSession, cfg: Config, *, model_root: str, card: dict[str, Any],
          history: list[str], store: str | None, no_history: bool,
          tag_raw: Any) -> ScoringHistory:
     """Every history source of this run (lazy frames; only raw ``--history`` files cost a pass).
@@ -116,7 +116,7 @@ def load(spark: SparkSession, cfg: Config, names: dict[str, str], *, model_root:
     ends: list[int] = []
 
     def add_dataset(url: str, kind: str) -> None:
-        df, meta = H.read(spark, url, cfg, names)
+        df, meta = H.read(spark, url, cfg)
         parts.append(df)
         if meta.end_us is not None:
             ends.append(int(meta.end_us))
@@ -130,7 +130,7 @@ def load(spark: SparkSession, cfg: Config, names: dict[str, str], *, model_root:
             add_dataset(url, "history dataset")
             continue
         with timed(f"score: reading history rows {cfg.scrub(url)}"):
-            events, end, n_ok, n_rejected = raw_events(cfg, names, url, tag_raw)
+            events, end, n_ok, n_rejected = raw_events(cfg, url, tag_raw)
         # parsed once: the windows and the roll forward read it several times
         events = events.persist(persist_level(spark))
         out.cached.append(events)
@@ -157,8 +157,9 @@ def load(spark: SparkSession, cfg: Config, names: dict[str, str], *, model_root:
     return out
 
 
-def raw_events(cfg: Config, names: dict[str, str], url: str, tag_raw: Any) -> tuple[DataFrame, int | None, int, int]:
+def raw_events(cfg: Config, url: str, tag_raw: Any) -> tuple[DataFrame, int | None, int, int]:
     """(events, last event time, clean rows, rejected rows) of raw ``--history`` rows, in one pass."""
+    names = cfg.names
     from downpour.pipelines.ingest import REASON, contract_errors
 
     full, tagged = tag_raw(url)
@@ -167,7 +168,7 @@ def raw_events(cfg: Config, names: dict[str, str], url: str, tag_raw: Any) -> tu
         t = F.when(ok, H.epoch_us(tagged, names[cfg.timestamp_column], "timestamp_column", url))
         row = tagged.agg(F.max(t).alias("end"), F.sum(ok.cast("int")).alias("ok"),
                          F.sum((~ok).cast("int")).alias("bad")).collect()[0]
-    return H.events(tagged.where(ok), cfg, names), row["end"], int(row["ok"] or 0), int(row["bad"] or 0)
+    return H.events(tagged.where(ok), cfg), row["end"], int(row["ok"] or 0), int(row["bad"] or 0)
 
 
 def check_gap(cfg: Config, hist: ScoringHistory, input_start_us: int | None, input_url: str) -> None:
@@ -188,7 +189,7 @@ def check_gap(cfg: Config, hist: ScoringHistory, input_start_us: int | None, inp
             "the events in between; pass the missing days with --history or raise the limit")
 
 
-def roll_forward(cfg: Config, names: dict[str, str], hist: ScoringHistory, clean_rows: DataFrame,
+def roll_forward(cfg: Config, hist: ScoringHistory, clean_rows: DataFrame,
                  input_start_us: int | None, input_end_us: int | None, url: str) -> dict[str, Any]:
     """Publish history + the clean input rows, trimmed to the horizon, as the new version of ``url``.
 
@@ -196,20 +197,20 @@ def roll_forward(cfg: Config, names: dict[str, str], hist: ScoringHistory, clean
     same input again, e.g. a re-score with a new champion, sees the same history as this run did."""
     from downpour import storage
 
-    new_events = H.events(clean_rows, cfg, names)
+    new_events = H.events(clean_rows, cfg)
     # the input's version of an event wins over the history's (a corrected row replaces the old one)
     everything = H.with_context(new_events, hist.frame).drop(H.CONTEXT)
     everything = everything.persist(persist_level(clean_rows.sparkSession))
     hist.cached.append(everything)
     end = max([e for e in (hist.end_us, input_end_us) if e is not None], default=None)
-    kept = H.trim(everything, cfg, names, end) if end is not None else everything.limit(0)
+    kept = H.trim(everything, cfg, end) if end is not None else everything.limit(0)
     if input_start_us is not None and hist.frame is not None:
-        as_of_input = H.trim(H.before(everything, cfg, names, input_start_us), cfg, names, input_start_us)
+        as_of_input = H.trim(H.before(everything, cfg, input_start_us), cfg, input_start_us)
         kept = H.combine([kept, as_of_input])
     staging = storage.staging_dir(url)
     try:
         with timed(f"score: rolling the entity history forward to {cfg.scrub(url)}"):
-            meta = H.write(kept, staging, cfg, names, end)
+            meta = H.write(kept, staging, cfg, end)
             where = storage.publish_dir(staging, url, f"history-{_stamp(end)}")
     except BaseException:
         storage.delete_dir(staging)
@@ -224,13 +225,14 @@ def _stamp(end_us: int | None) -> str:
     return f"{end_us or 0}-{uuid.uuid4().hex[:6]}"
 
 
-def clean_events(ok: DataFrame, cfg: Config, names: dict[str, str]) -> DataFrame:
+def clean_events(ok: DataFrame, cfg: Config) -> DataFrame:
     """The scoring input's clean rows with their history identity (``HID``)."""
-    return ok.withColumn(H.HID, H.identity(ok, cfg, names))
+    return ok.withColumn(H.HID, H.identity(ok, cfg))
 
 
-def input_time_columns(cfg: Config, names: dict[str, str], tagged: DataFrame, ok: Any) -> list[Any]:
+def input_time_columns(cfg: Config, tagged: DataFrame, ok: Any) -> list[Any]:
     """Aggregates (first, last event time of the clean rows) to add to scoring's outcome count."""
+    names = cfg.names
     if not H.needed(cfg) or not cfg.timestamp_column:
         return []
     t = F.when(ok, H.epoch_us(tagged, names[cfg.timestamp_column], "timestamp_column", cfg.input.path))

@@ -50,8 +50,9 @@ def _by_threshold(u: Column, lo: Any, hi: Any) -> Column:
     return F.when(u < lo, F.lit("train")).when(u < hi, F.lit("val")).otherwise(F.lit("test"))
 
 
-def assign_hash_split(df: DataFrame, cfg: Config, names: dict[str, str]) -> DataFrame:
+def assign_hash_split(df: DataFrame, cfg: Config) -> DataFrame:
     """``split`` by the entity key; a null key falls back to the row id (a singleton entity)."""
+    names = cfg.names
     key_col = cfg.split_key
     key = F.col("row_id") if key_col is None else F.coalesce(F.col(names[key_col]).cast("string"), F.col("row_id"))
     f = cfg.split.fractions
@@ -65,8 +66,9 @@ def _ordinal(col: Column, typ: str) -> Column:
     return col.cast("double")
 
 
-def time_boundaries(df: DataFrame, cfg: Config, names: dict[str, str]) -> dict[str, Any]:
+def time_boundaries(df: DataFrame, cfg: Config) -> dict[str, Any]:
     """``{"val": b1, "test": b2}`` as Python values of the time column's type (explicit or exact)."""
+    names = cfg.names
     col = cfg.split_time_column
     assert col is not None
     typ = cfg.schema_[col]
@@ -112,8 +114,9 @@ def _edge(hist: list[tuple[int, int]], n: int, fraction: float) -> int:
     return best_k
 
 
-def assign_time_split(df: DataFrame, cfg: Config, names: dict[str, str],
+def assign_time_split(df: DataFrame, cfg: Config,
                       boundaries: dict[str, Any]) -> DataFrame:
+    names = cfg.names
     col = cfg.split_time_column
     assert col is not None
     typ = cfg.schema_[col]
@@ -126,17 +129,17 @@ def assign_time_split(df: DataFrame, cfg: Config, names: dict[str, str],
     return df.withColumn("split", _by_threshold(o, bound("val"), bound("test")))
 
 
-def assign_split(df: DataFrame, cfg: Config, names: dict[str, str]) -> tuple[DataFrame, dict[str, Any]]:
+def assign_split(df: DataFrame, cfg: Config) -> tuple[DataFrame, dict[str, Any]]:
     """Add ``split``; returns the frame and what the manifest should say about how it was made."""
     info: dict[str, Any] = {"method": cfg.split.method, "fractions": dict(cfg.split.fractions),
                             "seed": cfg.split.seed}
     if cfg.split.method == "hash":
         info["key"] = cfg.split_key or "row_id"
-        return assign_hash_split(df, cfg, names), info
-    b = time_boundaries(df, cfg, names)
+        return assign_hash_split(df, cfg), info
+    b = time_boundaries(df, cfg)
     info.update(column=cfg.split_time_column, boundaries={"val": str(b["val"]), "test": str(b["test"])},
                 boundaries_from=b["source"])
-    return assign_time_split(df, cfg, names, b), info
+    return assign_time_split(df, cfg, b), info
 
 
 def split_counts(df: DataFrame) -> dict[str, dict[str, int]]:

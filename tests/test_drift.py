@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from downpour.columns import internal_names
 from downpour.config import config_from_dict
 from downpour.features import drift as D
-from downpour.pipelines.columns import internal_names
 
 
 def _cfg(country: object = "country"):
@@ -43,7 +43,7 @@ def test_psi_is_the_textbook_formula():
 def test_the_same_distribution_does_not_drift_and_a_shifted_one_does(spark):
     cfg = _cfg()
     train, names = _frame(spark, 20000, 1)
-    ref = D.fit_reference(train, cfg, names)
+    ref = D.fit_reference(train, cfg)
     amount = ref["numeric"]["amount"]
     assert len(amount["edges"]) == D.BINS - 1 and sum(amount["shares"]) == pytest.approx(1.0)
     assert amount["shares"][-1] == pytest.approx(0.05, abs=0.01)  # the null bin
@@ -62,7 +62,7 @@ def test_the_same_distribution_does_not_drift_and_a_shifted_one_does(spark):
 def test_unseen_categories_flag_drift(spark):
     cfg = _cfg()
     train, names = _frame(spark, 5000, 1)
-    ref = D.fit_reference(train, cfg, names)
+    ref = D.fit_reference(train, cfg)
     new, _ = _frame(spark, 2000, 4, countries=("de", "fr", "nl", "xx"))
     out = D.judge(D.profile(new, ref, names), psi_threshold=0.2, unseen_threshold=0.05)
     assert out["unseen"]["country"] == pytest.approx(0.25, abs=0.03) and out["drift"]
@@ -86,6 +86,6 @@ def test_the_reference_keeps_only_the_vocabulary(spark):
     train, names = _frame(spark, 2000, 1)
     rare = spark.createDataFrame(pd.DataFrame({"amount": [1.0] * 3, "country": ["lu"] * 3, "merchant": ["m1"] * 3})
                                  .rename(columns=names))
-    ref = D.fit_reference(train.unionByName(rare), cfg, names)
+    ref = D.fit_reference(train.unionByName(rare), cfg)
     assert ref["categorical"]["country"]["values"] == ["de", "fr", "nl"]
     assert D.profile(rare, ref, names)["unseen"]["country"] == 1.0

@@ -12,12 +12,12 @@ from pyspark.sql import types as T
 
 tf = pytest.importorskip("tensorflow")
 
+from downpour.columns import internal_names  # noqa: E402
 from downpour.config import load_config  # noqa: E402
 from downpour.features.hashing import fingerprint64, hash_buckets  # noqa: E402
 from downpour.features.keras_preprocessing import HashBucket, build_preprocessing, raw_input_signature  # noqa: E402
 from downpour.features.state import FeatureState, serving_frame  # noqa: E402
 from downpour.features.windows import add_window_features  # noqa: E402
-from downpour.pipelines.columns import internal_names  # noqa: E402
 from downpour.pipelines.serving import load_signature, serving_arrays  # noqa: E402 - what batch scoring feeds a signature
 
 
@@ -107,9 +107,8 @@ def test_spark_and_keras_agree_on_fraud_shaped_data(spark, conf_dir, tmp_path):
     # the real conf (hashed merchant_id, velocity windows, a timestamp, a cross); a small cross budget
     # makes the country x ip_country cross hashed, to cover both cross kinds with the Telco test
     cfg = load_config(conf_dir / "fraud.yaml", ["features.cross_buckets=50"])
-    names = internal_names(cfg.schema_)
-    df = add_window_features(fraud_like(spark), cfg, names).persist()
-    state = FeatureState.fit(df.where(F.col("split") == "train"), cfg, names)
+    df = add_window_features(fraud_like(spark), cfg).persist()
+    state = FeatureState.fit(df.where(F.col("split") == "train"), cfg)
     assert {c["kind"] for c in state.categorical} == {"vocab", "hash", "hour", "dow"}
     assert [c["kind"] for c in state.crosses] == ["hash"]
     assert len(state.window_features) == 17 and set(state.window_features) <= set(state.raw_inputs)
@@ -148,7 +147,7 @@ def test_spark_and_keras_agree_on_the_telco_table(spark, conf_dir, telco_path):
     # what cleaning hands on for `TotalCharges: {action: impute, value: 0.0, flag: true}`
     clean = typed.withColumns({"totalcharges": F.coalesce("totalcharges", F.lit(0.0)),
                                "totalcharges__missing": F.col("totalcharges").isNull().cast("int")})
-    state = FeatureState.fit(clean, cfg, names)
+    state = FeatureState.fit(clean, cfg)
     assert {c["kind"] for c in state.crosses} == {"exact"}
     tc = next(n for n in state.numeric if n["source"] == "totalcharges")
     assert tc["impute"] == 0.0  # serving imputes what cleaning imputed, not the median

@@ -13,7 +13,6 @@ from pyspark.sql import types as T
 from downpour.config import config_from_dict
 from downpour.errors import ConfigError, DataContractError
 from downpour.features.state import FeatureState
-from downpour.pipelines.columns import internal_names
 from downpour.storage import HadoopFS
 
 SCHEMA = {"Customer ID": "string", "Monthly Charges": "double", "tenure": "int", "Contract": "string",
@@ -70,13 +69,12 @@ def frame(spark, other=None):
 
 def test_statistics_come_from_the_train_split_only(spark):
     cfg = make_cfg()
-    names = internal_names(cfg.schema_)
-    state = FeatureState.fit(frame(spark), cfg, names)
+    state = FeatureState.fit(frame(spark), cfg)
     # val/test rows with wild values and unseen categories change nothing
     wild = [("v0", "val", 1.0, 9.0, 1e9, 10**6, "Brand new", "pmX", 1, dt.datetime(2030, 5, 5)),
             ("v1", "val", 1.0, 9.0, None, None, None, None, None, None)]
     wild += [(f"x{i}", "test", 0.0, 1.0, -5e8, -3, "Two year", "pmY", 0, MONDAY_1305) for i in range(30)]
-    assert FeatureState.fit(frame(spark, wild), cfg, names).to_dict() == state.to_dict()
+    assert FeatureState.fit(frame(spark, wild), cfg).to_dict() == state.to_dict()
     assert state.fitted_rows == len(TRAIN)
 
     num = {n["source"]: n for n in state.numeric}
@@ -103,8 +101,7 @@ def test_statistics_come_from_the_train_split_only(spark):
 
 def test_transform_gives_the_shard_schema_with_oov_and_nulls_handled(spark):
     cfg = make_cfg()
-    names = internal_names(cfg.schema_)
-    state = FeatureState.fit(frame(spark), cfg, names)
+    state = FeatureState.fit(frame(spark), cfg)
     probe = [
         ("p0", "test", 1.0, 2.0, None, 5, " One year\t", "pm1", 1, MONDAY_1305),      # trimmed -> in vocab
         ("p1", "test", 0.0, 1.0, float("nan"), None, "Two year", None, None, None),  # OOV by top_k; nulls
@@ -152,8 +149,7 @@ def test_transform_gives_the_shard_schema_with_oov_and_nulls_handled(spark):
 
 def test_json_round_trip_and_save_load(spark, tmp_path, monkeypatch):
     cfg = make_cfg(cross_buckets=20)  # 3 x 16 = 48 > 20: the cross is hashed
-    names = internal_names(cfg.schema_)
-    state = FeatureState.fit(frame(spark), cfg, names)
+    state = FeatureState.fit(frame(spark), cfg)
     assert state.crosses[0]["kind"] == "hash" and state.crosses[0]["cardinality"] == 20
     d = state.to_dict()
     assert FeatureState.from_dict(json.loads(json.dumps(d))).to_dict() == d
@@ -181,15 +177,15 @@ def test_config_and_data_errors_name_the_column(spark):
     df = frame(spark)
     bad_cat = make_cfg(categorical=["Monthly Charges"], crosses=[])
     with pytest.raises(ConfigError, match=r"features.categorical\[0\].*Monthly Charges"):
-        FeatureState.fit(df, bad_cat, internal_names(bad_cat.schema_))
+        FeatureState.fit(df, bad_cat)
     bad_cross = make_cfg(crosses=[["Contract", "tenure"]])
     with pytest.raises(ConfigError, match=r"features.crosses\[0\]\[1\]"):
-        FeatureState.fit(df, bad_cross, internal_names(bad_cross.schema_))
+        FeatureState.fit(df, bad_cross)
     cfg = make_cfg()
     with pytest.raises(DataContractError, match="contract"):
-        FeatureState.fit(df.drop("contract"), cfg, internal_names(cfg.schema_))
+        FeatureState.fit(df.drop("contract"), cfg)
     with pytest.raises(DataContractError, match="train split is empty"):
-        FeatureState.fit(df.where(F.col("split") == "val"), cfg, internal_names(cfg.schema_))
+        FeatureState.fit(df.where(F.col("split") == "val"), cfg)
 
 
 def test_cleaning_imputes_and_flags_carry_over(spark):
@@ -198,13 +194,12 @@ def test_cleaning_imputes_and_flags_carry_over(spark):
     cfg = make_cfg(cleaning={"nulls": {"Monthly Charges": {"action": "impute", "value": 0.0, "flag": True},
                                        "Contract": {"action": "impute", "statistic": "mode", "flag": True}}},
                    crosses=[])
-    names = internal_names(cfg.schema_)
     df = frame(spark).withColumns({
         "monthly_charges__missing": F.col("monthly_charges").isNull().cast("int"),
         "monthly_charges": F.coalesce("monthly_charges", F.lit(0.0)),
         "contract__missing": (F.col("row_id") == "t11").cast("int"),  # cleaning filled "Rare" here
     })
-    state = FeatureState.fit(df, cfg, names)
+    state = FeatureState.fit(df, cfg)
     mc = next(n for n in state.numeric if n["source"] == "monthly_charges")
     assert mc["impute"] == 0.0
     assert {"name": "n__monthly_charges__missing", "source": "monthly_charges",

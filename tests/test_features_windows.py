@@ -8,10 +8,10 @@ import random
 import pytest
 from pyspark.sql import types as T
 
+from downpour.columns import internal_names
 from downpour.config import config_from_dict
 from downpour.errors import ConfigError
 from downpour.features.windows import _hot_keys, add_window_features, window_features
-from downpour.pipelines.columns import internal_names
 
 T0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
 H, D = 3600, 86400
@@ -75,7 +75,7 @@ def test_velocity_values_are_point_in_time(spark):
     cfg = fraud_cfg(hot_key_rows=None)
     names = internal_names(cfg.schema_)
     assert names["Customer ID"] == "customer_id"
-    out = {r["transaction_id"]: r.asDict() for r in add_window_features(tx_frame(spark, HISTORY), cfg, names).collect()}
+    out = {r["transaction_id"]: r.asDict() for r in add_window_features(tx_frame(spark, HISTORY), cfg).collect()}
     assert len(out) == len(HISTORY)
     for tid, (counts, sums, since, ratio, first_dev, first_ctry) in EXPECTED_A.items():
         r = out[tid]
@@ -96,7 +96,7 @@ def test_velocity_values_are_point_in_time(spark):
     assert "vel_customer_id_first_device" not in out["a1"]
     assert list(out["a1"])[: len(HISTORY[0])] == ["transaction_id", "event_ts", "card_id", "customer_id",
                                                   "amount", "device_id", "ip_country"]
-    assert [f.name for f in window_features(cfg, names)] == list(out["a1"])[7:]
+    assert [f.name for f in window_features(cfg)] == list(out["a1"])[7:]
 
 
 def _random_history(seed: int) -> list[tuple]:
@@ -136,10 +136,9 @@ def test_hot_key_time_buckets_give_the_same_values(spark):
     df = tx_frame(spark, rows)
     whole = fraud_cfg(hot_key_rows=None)
     split = fraud_cfg(hot_key_rows=20, hot_key_bucket="7d")  # H (120 rows) is hot: ~6 buckets of 7 days
-    names = internal_names(whole.schema_)
     assert _hot_keys(df, [("card_id", 20), ("customer_id", 1000)]) == {0: ["H"]}
-    a = {r["transaction_id"]: r.asDict() for r in add_window_features(df, whole, names).collect()}
-    b = {r["transaction_id"]: r.asDict() for r in add_window_features(df, split, names).collect()}
+    a = {r["transaction_id"]: r.asDict() for r in add_window_features(df, whole).collect()}
+    b = {r["transaction_id"]: r.asDict() for r in add_window_features(df, split).collect()}
     assert a.keys() == b.keys() and len(a) == len(rows)
     for tid in a:
         for k, v in a[tid].items():
@@ -178,7 +177,7 @@ def test_rfm_values_per_snapshot(spark):
     df = spark.createDataFrame(data, "customer_id string, snapshot_date date, signup_date date, sessions int, "
                                      "spend double, churned int")
     for cfg in (crm_cfg(hot_key_rows=None), crm_cfg(hot_key_rows=3, hot_key_bucket="89d")):
-        out = add_window_features(df, cfg, internal_names(cfg.schema_))
+        out = add_window_features(df, cfg)
         got = {(r["customer_id"], r["snapshot_date"]): r for r in out.collect()}
         k = [got[("K", d)] for d in months]
         # snapshots are 29-31 days apart: (t - 28d, t] holds this month only, (t - 89d, t] this
@@ -199,12 +198,12 @@ def test_rfm_values_per_snapshot(spark):
 def test_disabled_is_a_no_op_and_bad_types_are_reported(spark):
     cfg = fraud_cfg(enabled=False)
     df = tx_frame(spark, HISTORY[:2])
-    assert add_window_features(df, cfg, internal_names(cfg.schema_)) is df
+    assert add_window_features(df, cfg) is df
     from downpour.errors import DataContractError
 
     cfg = fraud_cfg(hot_key_rows=None)
     bad = df.withColumn("event_ts", df["event_ts"].cast("string"))
     with pytest.raises(DataContractError, match="event_ts"):
-        add_window_features(bad, cfg, internal_names(cfg.schema_))
+        add_window_features(bad, cfg)
     with pytest.raises(ConfigError, match="hot_key_bucket"):
         fraud_cfg(hot_key_bucket="1h")

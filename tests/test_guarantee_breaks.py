@@ -21,8 +21,9 @@ from pyspark.sql import functions as F
 
 from downpour.config import config_from_dict
 from downpour.pipelines import clean, ingest
-from downpour.pipelines.ingest import REASON, column_names, contract_errors, list_input_files
-from downpour.pipelines.prepare import account, ingest_and_tag, run_prepare
+from downpour.pipelines.ingest import REASON, contract_errors, list_input_files
+from downpour.pipelines.prepare import account, run_prepare
+from downpour.pipelines.rows import tagged_rows
 
 HEADER = ["id", "ts", "amount", "country", "customer_name", "email", "label"]
 PII = {"customer_name", "email"}
@@ -118,9 +119,9 @@ def test_break_tagging_to_lose_rows_and_accounting_fails(spark, tmp_path, shifte
     monkeypatch.setattr(clean, "tag_rows", loses_malformed)
     files = list_input_files(spark, cfg.input.path)
     with contract_errors(cfg):
-        tagged = ingest_and_tag(spark, cfg, files, clean.resolve_salt(cfg), column_names(cfg))
+        tagged = tagged_rows(spark, cfg, files, clean.resolve_salt(cfg))
         with pytest.raises(RuntimeError, match=r"the input files hold 52 records, the run accounts for 40"):
-            account(spark, cfg, files, tagged, column_names(cfg))
+            account(spark, cfg, files, tagged)
 
 
 def test_break_the_quarantine_writer_and_prepare_fails(spark, tmp_path, shifted_input, monkeypatch):

@@ -19,7 +19,6 @@ from downpour.config import config_from_dict
 from downpour.errors import DataContractError
 from downpour.features import history as H
 from downpour.features.windows import add_window_features, window_features
-from downpour.pipelines.ingest import column_names
 
 T0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
 D = 86_400
@@ -100,26 +99,25 @@ def _split(df, ts: str, cut: dt.datetime):
 
 
 def _windowed_new_rows(cfg, past_history, new):
-    names = column_names(cfg)
-    rows = new.withColumn(H.HID, H.identity(new, cfg, names))
-    out = H.drop_context(add_window_features(H.with_context(rows, past_history), cfg, names)).drop(H.HID)
+    rows = new.withColumn(H.HID, H.identity(new, cfg))
+    out = H.drop_context(add_window_features(H.with_context(rows, past_history), cfg)).drop(H.HID)
     return out
 
 
 def _features(df, cfg, key):
-    cols = [f.name for f in window_features(cfg, column_names(cfg))]
+    cols = [f.name for f in window_features(cfg)]
     pdf = df.select(*key, *cols).toPandas().sort_values(key).reset_index(drop=True)
     return pdf, cols
 
 
 def _reference_and_history(spark, cfg, df, cut, key, trim=True):
-    names = column_names(cfg)
+    names = cfg.names
     ts = names[cfg.timestamp_column]
     past, new = _split(df, ts, cut)
-    ref = add_window_features(df, cfg, names).where(F.col(ts) >= F.lit(cut))
-    events = H.events(past, cfg, names)
-    _, end, _ = H.span(events, cfg, names)
-    kept = H.trim(events, cfg, names, end) if trim else events
+    ref = add_window_features(df, cfg).where(F.col(ts) >= F.lit(cut))
+    events = H.events(past, cfg)
+    _, end, _ = H.span(events, cfg)
+    kept = H.trim(events, cfg, end) if trim else events
     got = _windowed_new_rows(cfg, kept, new)
     a, cols = _features(ref, cfg, key)
     b, _ = _features(got, cfg, key)
@@ -165,21 +163,21 @@ def test_trimmed_history_is_exact_and_without_any_state_row_or_history_the_value
         cfg = rfm_cfg()
         df = crm_events(spark).withColumn("_k", F.concat_ws("/", "customer_id", F.col("snapshot_date").cast("string")))
         key, cut = ["_k"], T0 + dt.timedelta(days=30 * 20)
-    names = column_names(cfg)
+    names = cfg.names
     ts = names[cfg.timestamp_column]
     past, new = _split(df, ts, cut)
-    events = H.events(past, cfg, names)
-    _, end, _ = H.span(events, cfg, names)
-    ref, cols = _features(add_window_features(df, cfg, names).where(F.col(ts) >= F.lit(cut)), cfg, key)
-    kept = H.trim(events, cfg, names, end)
+    events = H.events(past, cfg)
+    _, end, _ = H.span(events, cfg)
+    ref, cols = _features(add_window_features(df, cfg).where(F.col(ts) >= F.lit(cut)), cfg, key)
+    kept = H.trim(events, cfg, end)
     got, _ = _features(_windowed_new_rows(cfg, kept, new), cfg, key)
     _assert_same(ref, got, cols)
     assert kept.count() < past.count() * (0.5 if kind == "fraud" else 1), "the history is trimmed"
-    full = H.keepers(cfg, names)
+    full = H.keepers(cfg)
     assert len(full) == (4 if kind == "fraud" else 2)
     for dropped in full:
         monkeypatch.setattr(H, "keepers", lambda *a, d=dropped: [k for k in full if k != d])
-        got, _ = _features(_windowed_new_rows(cfg, H.trim(events, cfg, names, end), new), cfg, key)
+        got, _ = _features(_windowed_new_rows(cfg, H.trim(events, cfg, end), new), cfg, key)
         assert _differing(ref, got, cols), f"without the {dropped.name} rows nothing changed"
     monkeypatch.undo()
     got, _ = _features(_windowed_new_rows(cfg, None, new), cfg, key)
@@ -190,29 +188,27 @@ def test_a_new_row_at_the_exact_end_of_the_history_sees_the_event_before_it(spar
     """Velocity windows exclude events of the same instant: a new row at the history's last time needs
     the entity's last event strictly before it, which may be older than the horizon."""
     cfg = fraud_cfg(hot_key_rows=None)
-    names = column_names(cfg)
     df = fraud_events(spark, n=0)
     end_t = T0 + dt.timedelta(days=33)
     past = df.where(F.col("event_ts") < F.lit(end_t + dt.timedelta(seconds=1)))  # QUIET: days 2 and 33
     extra = spark.createDataFrame([("q9", end_t, "QUIET", "uq", 5.0, "dq", "US", 0)], df.schema)
-    events = H.events(past, cfg, names)
-    _, end, _ = H.span(events, cfg, names)
+    events = H.events(past, cfg)
+    _, end, _ = H.span(events, cfg)
     assert end == int(end_t.timestamp() * 1e6)
-    ref, cols = _features(add_window_features(past.unionByName(extra), cfg, names)
+    ref, cols = _features(add_window_features(past.unionByName(extra), cfg)
                           .where(F.col("transaction_id") == "q9"), cfg, ["transaction_id"])
-    got, _ = _features(_windowed_new_rows(cfg, H.trim(events, cfg, names, end), extra), cfg, ["transaction_id"])
+    got, _ = _features(_windowed_new_rows(cfg, H.trim(events, cfg, end), extra), cfg, ["transaction_id"])
     _assert_same(ref, got, cols)
     assert ref["vel_card_id_secs_since_prev"][0] == 31 * D
 
 
 def test_a_history_row_with_the_id_of_a_new_row_counts_once(spark):
     cfg = fraud_cfg(hot_key_rows=None)
-    names = column_names(cfg)
     df = fraud_events(spark, n=300)
     cut = T0 + dt.timedelta(days=30)
     past, new = _split(df, "event_ts", cut)
-    events = H.events(df, cfg, names)  # the history already holds the new rows
-    ref, cols = _features(add_window_features(df, cfg, names).where(F.col("event_ts") >= F.lit(cut)), cfg,
+    events = H.events(df, cfg)  # the history already holds the new rows
+    ref, cols = _features(add_window_features(df, cfg).where(F.col("event_ts") >= F.lit(cut)), cfg,
                           ["transaction_id"])
     got, _ = _features(_windowed_new_rows(cfg, events, new), cfg, ["transaction_id"])
     _assert_same(ref, got, cols)
@@ -220,17 +216,16 @@ def test_a_history_row_with_the_id_of_a_new_row_counts_once(spark):
 
 def test_history_dataset_round_trip_and_column_check(spark, tmp_path):
     cfg = fraud_cfg(hot_key_rows=None)
-    names = column_names(cfg)
-    events = H.events(fraud_events(spark, n=200), cfg, names)
-    _, end, _ = H.span(events, cfg, names)
-    meta = H.write(H.trim(events, cfg, names, end), str(tmp_path / "h"), cfg, names, end)
+    events = H.events(fraud_events(spark, n=200), cfg)
+    _, end, _ = H.span(events, cfg)
+    meta = H.write(H.trim(events, cfg, end), str(tmp_path / "h"), cfg, end)
     assert H.is_history(str(tmp_path / "h")) and meta.rows > 0 and meta.horizon_seconds == 7 * D
-    df, back = H.read(spark, str(tmp_path / "h"), cfg, names)
+    df, back = H.read(spark, str(tmp_path / "h"), cfg)
     assert back == meta and df.count() == meta.rows
     for other in (fraud_cfg(hot_key_rows=None, device_column=None),  # other columns
                   fraud_cfg(hot_key_rows=None, windows=["1h", "30d"])):  # a longer window than it keeps
         with pytest.raises(DataContractError, match="rebuild it with this config"):
-            H.read(spark, str(tmp_path / "h"), other, column_names(other))
+            H.read(spark, str(tmp_path / "h"), other)
 
 
 def test_storage_reads_hadoop_qualified_file_urls_as_local_paths(tmp_path):

@@ -25,8 +25,9 @@ from hypothesis import strategies as st
 from downpour.config import Config, config_from_dict
 from downpour.errors import DataContractError
 from downpour.pipelines import clean
-from downpour.pipelines.ingest import column_names, contract_errors, list_input_files
-from downpour.pipelines.prepare import account, ingest_and_tag, split_clean
+from downpour.pipelines.ingest import contract_errors, list_input_files
+from downpour.pipelines.prepare import account
+from downpour.pipelines.rows import split_rows, tagged_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = ["id", "ts", "amount", "country", "email", "label"]
@@ -78,14 +79,13 @@ def ingest_outcome(spark, cfg: Config) -> dict[str, Any] | str:
     raised."""
     try:
         files = list_input_files(spark, cfg.input.path)
-        names = column_names(cfg)
         with contract_errors(cfg):
-            tagged = ingest_and_tag(spark, cfg, files, clean.resolve_salt(cfg), names).cache()
+            tagged = tagged_rows(spark, cfg, files, clean.resolve_salt(cfg)).cache()
             try:
-                outcome, _ = account(spark, cfg, files, tagged, names)  # raises if the counts disagree
-                split_df, _, _ = split_clean(tagged, cfg, names)
+                outcome, _ = account(spark, cfg, files, tagged)  # raises if the counts disagree
+                split_df, _, _ = split_rows(tagged, cfg)
                 outcome["clean_rows"] = split_df.count()
-                outcome["quarantine_rows"] = clean.quarantine_frame(tagged, cfg, names, "v").count()
+                outcome["quarantine_rows"] = clean.quarantine_frame(tagged, cfg, "v").count()
             finally:
                 tagged.unpersist()
     except DataContractError as exc:
@@ -256,10 +256,9 @@ def test_hostile_amounts_are_quarantined_or_imputed_never_clean_garbage(spark, c
     path = _write("\n".join(",".join(r) for r in [HEADER, *rows]).encode() + b"\n", "t.csv")
     cfg = make_cfg(path.parent)
     files = list_input_files(spark, cfg.input.path)
-    names = column_names(cfg)
-    tagged = ingest_and_tag(spark, cfg, files, clean.resolve_salt(cfg), names)
+    tagged = tagged_rows(spark, cfg, files, clean.resolve_salt(cfg))
     try:
-        split_df, _, _ = split_clean(tagged, cfg, names)
+        split_df, _, _ = split_rows(tagged, cfg)
     except DataContractError as exc:  # no usable amount in train: the median cannot be imputed
         assert "amount" in str(exc)
         return

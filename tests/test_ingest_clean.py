@@ -15,8 +15,9 @@ from pyspark.sql import functions as F
 from downpour.config import Config, config_from_dict
 from downpour.errors import ConfigError, DataContractError
 from downpour.pipelines import clean
-from downpour.pipelines.ingest import RAW, ROW_HASH, SOURCE, column_names, contract_errors, list_input_files, pseudonym
-from downpour.pipelines.prepare import account, ingest_and_tag, malformed_lines, run_prepare, split_clean
+from downpour.pipelines.ingest import RAW, ROW_HASH, SOURCE, contract_errors, list_input_files, pseudonym
+from downpour.pipelines.prepare import account, malformed_lines, run_prepare
+from downpour.pipelines.rows import split_rows, tagged_rows
 
 HEADER = ["txn id", "event_ts", "Amount (EUR)", "country", "email", "is_fraud"]
 SCHEMA = {"txn id": "string", "event_ts": "timestamp", "Amount (EUR)": "double", "country": "string",
@@ -62,10 +63,10 @@ def write_csv(path: Path, rows: list[list[str]], header: list[str] = HEADER) -> 
 def tag(spark, cfg: Config):
     files = list_input_files(spark, cfg.input.path)
     salt = clean.resolve_salt(cfg)
-    names = column_names(cfg)
+    names = cfg.names
     with contract_errors(cfg):
-        tagged = ingest_and_tag(spark, cfg, files, salt, names).cache()
-        outcome, _ = account(spark, cfg, files, tagged, names)
+        tagged = tagged_rows(spark, cfg, files, salt).cache()
+        outcome, _ = account(spark, cfg, files, tagged)
     return tagged, outcome, names
 
 
@@ -109,7 +110,7 @@ def test_every_quarantine_reason_once_with_raw_values_and_no_pii(spark, tmp_path
     assert ROW_HASH not in tagged.columns
 
     amount = names["Amount (EUR)"]
-    rows = {r["row_id"]: r for r in clean.clean_frame(tagged, cfg, names).collect()}
+    rows = {r["row_id"]: r for r in clean.clean_frame(tagged, cfg).collect()}
     salt = clean.resolve_salt(cfg)
     import hashlib
     import hmac
@@ -121,11 +122,11 @@ def test_every_quarantine_reason_once_with_raw_values_and_no_pii(spark, tmp_path
     assert rows[h["a1"]][amount] == 10.5                      # the latest a1 survived de-duplication
     assert rows[h["a2"]][amount] == 0.0 and rows[h["a2"]][f"{amount}__missing"] == 1
     assert rows[h["a2"]]["label"] == 1.0 and rows[h["a1"]]["label"] == 0.0
-    assert "email" not in clean.clean_frame(tagged, cfg, names).columns
+    assert "email" not in clean.clean_frame(tagged, cfg).columns
 
     files = list_input_files(spark, cfg.input.path)
     lines = malformed_lines(spark, cfg, files, tagged, outcome, clean.resolve_salt(cfg))
-    q = clean.quarantine_frame(tagged, cfg, names, "dv1", lines)
+    q = clean.quarantine_frame(tagged, cfg, "dv1", lines)
     assert "email" not in q.columns and {"reason", "stage", "raw_record", "data_version"} <= set(q.columns)
     assert {f.dataType.simpleString() for f in q.schema if f.name in names.values()} == {"string"}
     qrows = [r.asDict() for r in q.collect()]
@@ -165,7 +166,7 @@ def test_malformed_lines_get_their_numbers_in_any_file_name_and_file_block(spark
         assert outcome["counts"]["input"] == 3000 and outcome["quarantine_reasons"] == {"malformed": 3}
         found = malformed_lines(spark, cfg, list_input_files(spark, cfg.input.path), tagged, outcome,
                                 clean.resolve_salt(cfg))
-        q = clean.quarantine_frame(tagged, cfg, names, "dv", found).collect()
+        q = clean.quarantine_frame(tagged, cfg, "dv", found).collect()
     finally:
         spark.conf.unset("spark.sql.files.maxPartitionBytes")
     assert sorted(r["line_number"] for r in q) == bad
@@ -177,7 +178,7 @@ def test_raw_line_is_kept_for_malformed_rows_without_pii_policy(spark, tmp_path)
     cfg = make_cfg(src, tmp_path / "out", pii={"drop": [], "hash": []})
     tagged, outcome, names = tag(spark, cfg)
     assert outcome["quarantine_reasons"] == {"malformed": 1}
-    (row,) = clean.quarantine_frame(tagged, cfg, names, "dv").collect()
+    (row,) = clean.quarantine_frame(tagged, cfg, "dv").collect()
     assert row["raw_record"] == "a10,2024-01-01 17:00:00,1.0,US,jo@example.com,0,x"
 
 
@@ -192,7 +193,7 @@ def test_statistic_imputation_and_case_folding(spark, tmp_path):
                    split={"fractions": {"train": 1.0, "val": 0.0, "test": 0.0}})
     tagged, outcome, names = tag(spark, cfg)
     assert outcome["counts"]["clean"] == 3 and outcome["imputed"] == {"Amount (EUR)": 1}
-    rows_ = split_clean(tagged, cfg, names)[0].where(F.col("split") == "train").collect()
+    rows_ = split_rows(tagged, cfg)[0].where(F.col("split") == "train").collect()
     assert len(rows_) == 3  # all in train, so the mean is (2 + 4) / 2
     assert sorted(r["weight"] for r in rows_) == [2.0, 3.0, 4.0]
     got = sorted((r[names["country"]], r[names["Amount (EUR)"]]) for r in rows_)
@@ -219,7 +220,7 @@ def test_imputation_statistics_are_fitted_on_train_only(spark, tmp_path, statist
                    cleaning__nulls={"Amount (EUR)": {"action": "impute", "statistic": statistic}},
                    split={"method": "time", "boundaries": {"val": "2024-06-01", "test": "2024-09-01"}})
     tagged, _, names = tag(spark, cfg)
-    split_df, _, stats = split_clean(tagged, cfg, names)
+    split_df, _, stats = split_rows(tagged, cfg)
     assert float(stats["Amount (EUR)"]) == expected
     amount = names["Amount (EUR)"]
     imputed = {r["split"]: r[amount] for r in split_df.where(F.col("row_id").isin(

@@ -19,7 +19,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FOUNDATION = {"downpour", "downpour.config", "downpour.errors", "downpour.logs", "downpour.spark",
+FOUNDATION = {"downpour", "downpour.config", "downpour.columns", "downpour.errors", "downpour.logs", "downpour.spark",
               "downpour.storage", "downpour.fsutil", "downpour.champion", "downpour.layout",
               "downpour.artifact"}
 FRONT_DOOR = {"downpour.api", "downpour.cli", "downpour.__main__", "downpour.docs", "downpour.tracking"}

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from downpour import cli
+from downpour import cli, storage
 from downpour.config import Config, config_from_dict, load_config
 from downpour.pipelines.ingest import list_input_files, pseudonym
 from downpour.pipelines.prepare import compute_data_version, run_prepare
@@ -164,10 +164,10 @@ def test_crash_in_publish_keeps_previous_version_then_force_rebuilds_identically
     out, first = tiny["out"], tiny["manifest"]
     prepared = out / "prepared"
 
-    def crash(self, target):  # the process dies right before the pointer swap, without cleaning up
+    def crash(link, target, legacy_dir):  # the process dies right before the pointer swap, without cleaning up
         raise RuntimeError("simulated crash during publish")
 
-    monkeypatch.setattr(Publisher, "_swap_pointer", crash)
+    monkeypatch.setattr(storage, "swap_symlink", crash)
     monkeypatch.setattr(Publisher, "abort", lambda self, staging: None)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_prepare(spark, tiny["cfg"], force=True)

@@ -11,6 +11,7 @@ import pytest
 
 from downpour import champion as C
 from downpour.errors import DataContractError
+from downpour.layout import CHAMPION
 from downpour.training import registry as R
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +34,8 @@ def _registry(tmp_path: Path) -> R.Registry:
 
 
 def _tamper(reg: R.Registry, path: str) -> None:
-    rec = json.loads((reg.root / R.CHAMPION).read_text())
-    R.write_json_atomic(reg.root / R.CHAMPION, {**rec, "path": path})
+    rec = json.loads(Path(reg.layout.champion).read_text())
+    R.write_json_atomic(reg.root / CHAMPION, {**rec, "path": path})
 
 
 def _tampered_pointers(tmp_path: Path) -> dict[str, str]:
@@ -58,7 +59,7 @@ def _followed_outside(reg: R.Registry, tmp_path: Path) -> dict[str, str]:
         "Registry.champion": lambda: reg.root / reg.champion()["path"] / "model",
         "Registry.champion_model_dir": reg.champion_model_dir,
         "champion_model_url": lambda: C.champion_model_url(
-            str(reg.root), json.loads((reg.root / R.CHAMPION).read_text())),
+            str(reg.root), json.loads(Path(reg.layout.champion).read_text())),
     }
     outcome: dict[str, str] = {}
     for name, pointer in _tampered_pointers(tmp_path).items():
@@ -68,7 +69,7 @@ def _followed_outside(reg: R.Registry, tmp_path: Path) -> dict[str, str]:
             try:
                 got = load()
             except DataContractError as exc:
-                assert exc.exit_code == 3 and R.CHAMPION in str(exc) and "refusing" in str(exc), str(exc)
+                assert exc.exit_code == 3 and CHAMPION in str(exc) and "refusing" in str(exc), str(exc)
                 seen.append("refused")
             except Exception as exc:  # noqa: BLE001 - anything but the refusal is a finding
                 seen.append(f"{loader}: {exc.__class__.__name__}: {exc}")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from downpour.errors import ConfigError, DownpourError, GateRefused
+from downpour.layout import CHAMPION
 from downpour.training import metrics as M
 from downpour.training import registry as R
 from downpour.training.report import SECTIONS, history_series, write_report
@@ -99,7 +100,7 @@ def _reader(root: str, n: int, q: mp.Queue) -> None:
     seen, errors = set(), 0
     for _ in range(n):
         try:
-            seen.add(json.loads((Path(root) / R.CHAMPION).read_text())["model_version"])
+            seen.add(json.loads((Path(root) / CHAMPION).read_text())["model_version"])
         except (json.JSONDecodeError, KeyError, FileNotFoundError):
             errors += 1
     q.put((sorted(seen), errors))
@@ -108,12 +109,12 @@ def _reader(root: str, n: int, q: mp.Queue) -> None:
 def test_pointer_swap_is_atomic_under_concurrent_reads(tmp_path):
     """A reader polling champion.json while it is rewritten never sees a partial or missing file."""
     root = tmp_path / "reg"
-    R.write_json_atomic(root / R.CHAMPION, {"model_version": "v0", "pad": "x" * 20000})
+    R.write_json_atomic(root / CHAMPION, {"model_version": "v0", "pad": "x" * 20000})
     q: mp.Queue = mp.get_context("fork").Queue()
     p = mp.get_context("fork").Process(target=_reader, args=(str(root), 4000, q))
     p.start()
     for i in range(400):
-        R.write_json_atomic(root / R.CHAMPION, {"model_version": f"v{i % 2}", "pad": "x" * 20000})
+        R.write_json_atomic(root / CHAMPION, {"model_version": f"v{i % 2}", "pad": "x" * 20000})
     p.join(60)
     seen, errors = q.get(timeout=10)
     assert errors == 0 and set(seen) <= {"v0", "v1"}
@@ -128,7 +129,7 @@ def test_register_is_idempotent_and_missing_champion_dir_is_reported(tmp_path):
     assert json.loads((reg.version_dir("v1") / "metrics.json").read_text()) == {"a": 2}
     with pytest.raises(DownpourError):
         reg.version_dir("../escape")
-    R.write_json_atomic(reg.root / R.CHAMPION, {"model_version": "gone", "path": "versions/gone"})
+    R.write_json_atomic(reg.root / CHAMPION, {"model_version": "gone", "path": "versions/gone"})
     with pytest.raises(DownpourError, match="missing"):
         reg.champion()
 

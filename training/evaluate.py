@@ -121,34 +121,34 @@ def raw_split_rows(spark: SparkSession, cfg: Config, prepared: PreparedData,
     from downpour.pipelines import clean
     from downpour.pipelines.ingest import contract_errors
 
-    split_df, names = _rebuilt_splits(spark, cfg, prepared)
+    split_df = _rebuilt_splits(spark, cfg, prepared)
     with contract_errors(cfg):
-        rows = add_window_features(split_df, cfg, names).where(F.col("split") == split)
-        rows = clean.serving_nulls(rows, cfg, names)  # serving_default imputes and flags them itself
+        rows = add_window_features(split_df, cfg).where(F.col("split") == split)
+        rows = clean.serving_nulls(rows, cfg)  # serving_default imputes and flags them itself
     return rows
 
 
-def _rebuilt_splits(spark: SparkSession, cfg: Config, prepared: PreparedData) -> tuple[DataFrame, dict[str, str]]:
-    """(the clean rows with ``split`` and ``row_id``, column names) of the published data version, rebuilt
+def _rebuilt_splits(spark: SparkSession, cfg: Config, prepared: PreparedData) -> DataFrame:
+    """The clean rows with ``split`` and ``row_id`` of the published data version, rebuilt
     from the input with prepare's own chain and the published imputation statistics (lazy). Refused when
     the input or the config changed since that version was prepared: the rows would be other rows."""
     from downpour.pipelines import clean
-    from downpour.pipelines.ingest import column_names, contract_errors, list_input_files
-    from downpour.pipelines.prepare import compute_data_version, ingest_and_tag, split_clean
+    from downpour.pipelines.ingest import contract_errors, list_input_files
+    from downpour.pipelines.prepare import compute_data_version
+    from downpour.pipelines.rows import split_rows, tagged_rows
 
     salt = clean.resolve_salt(cfg)
-    names = column_names(cfg)
     files = list_input_files(spark, cfg.input.path)
     if compute_data_version(files, cfg, salt) != prepared.data_version:
         raise DataContractError(
             f"input.path {cfg.input.path}: the input or the config changed since data version "
             f"{prepared.data_version} was prepared; run `downpour prepare` again before evaluating")
     with contract_errors(cfg):
-        tagged = ingest_and_tag(spark, cfg, files, salt, names)
+        tagged = tagged_rows(spark, cfg, files, salt)
         stats = {c: v for c, v in ((prepared.manifest.get("cleaning") or {}).get("impute_values") or {}).items()
                  if c in clean.statistic_columns(cfg)}
-        split_df, _, _ = split_clean(tagged, cfg, names, stats)
-    return split_df, names
+        split_df, _, _ = split_rows(tagged, cfg, stats)
+    return split_df
 
 
 def _decision(spark: SparkSession, cfg: Config, prepared: PreparedData, scores: DataFrame,
@@ -160,9 +160,9 @@ def _decision(spark: SparkSession, cfg: Config, prepared: PreparedData, scores: 
         raise DataContractError(f"{prepared.url}: the val split is empty; evaluation.decision chooses its "
                                 "threshold on val")
     if d.missed_cost_column:
-        split_df, names = _rebuilt_splits(spark, cfg, prepared)
+        split_df = _rebuilt_splits(spark, cfg, prepared)
         cost = split_df.select("split", "row_id",
-                               F.col(names[d.missed_cost_column]).cast("double").alias("missed_cost"))
+                               F.col(cfg.names[d.missed_cost_column]).cast("double").alias("missed_cost"))
         scores = scores.join(cost, ["split", "row_id"], "left")
     test = scores.where(F.col("split") == "test") if "test" in splits else None
     return decide(scores.where(F.col("split") == "val"), test, d)
@@ -185,10 +185,9 @@ def champion_comparison(spark: SparkSession, cfg: Config, registry: reg_mod.Regi
     together with the new model, on the raw test rows through ``serving_default``, which carries each
     model's own preprocessing.
     """
-    vdir = registry.root / champ["path"]
-    saved = str(vdir / "model" / "saved_model")
-    state_file = vdir / "feature_state.json"
-    champ_state = json.loads(state_file.read_text()) if state_file.exists() else None
+    registered = registry.layout.pointed(champ["path"])
+    saved = ModelArtifact(registered.model).saved_model
+    champ_state = storage.read_json(registered.feature_state) if storage.exists(registered.feature_state) else None
     ev = cfg.evaluation
     with arrow_batch_rows(spark, ev.score_batch_rows):
         if champ_state is not None and _canonical(champ_state) == _canonical(prepared.feature_state):
@@ -381,7 +380,7 @@ def run_evaluation(spark: SparkSession, cfg: Config, gate: bool = False) -> dict
                 registry, decision, local_model,
                 {"val": scalars.get("val"), "test": scalars.get("test"), "baseline": base_scalars,
                  "data_version": prepared.data_version},
-                files={"feature_state.json": prepared.feature_state, "manifest.json": prepared.manifest},
+                reg_mod.TrainedOn(feature_state=prepared.feature_state, manifest=prepared.manifest),
                 data_version=prepared.data_version, name=cfg.name,
             )
         finally:

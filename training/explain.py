@@ -31,7 +31,7 @@ import tensorflow as tf
 def feature_groups(feature_state: Mapping[str, Any],
                    display: Mapping[str, str] | None = None) -> list[tuple[str, list[str]]]:
     """[(reason name, its shard columns)], in the feature state's order. ``display`` maps the feature
-    state's safe column names back to the user's (``pipelines.ingest.column_names``, inverted)."""
+    state's safe column names back to the user's (``Config.names``, inverted)."""
     shown = dict(display or {})
 
     def name(src: Any) -> str:

@@ -292,7 +292,6 @@ def _export_best(plan: RankPlan, cfg: Config, model: Any, store: CheckpointStore
                  state: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """Rank 0: the best weights (early stopping) or the last, unplaced, exported to the staging
     directory with the reason codes' baseline from train rows; returns ("best"|"last", export result)."""
-    from downpour.pipelines.ingest import column_names
     from downpour.training.export import export_saved_model
     from downpour.training.input import InputSpec, iter_batches
 
@@ -304,7 +303,7 @@ def _export_best(plan: RankPlan, cfg: Config, model: Any, store: CheckpointStore
     spec = InputSpec.from_feature_state(plan.feature_state)
     check = next(iter_batches(plan.val.url if plan.val.rows else plan.train.url, spec, ReadOptions(
         batch_size=256, num_epochs=1, shuffle=False, reader_workers=1)))
-    display = {safe: raw for raw, safe in column_names(cfg).items()}
+    display = {safe: raw for raw, safe in cfg.names.items()}
     baseline = _baseline_rows(plan.train.url, spec)
     target = ModelArtifact(plan.staging).saved_model
     with timed("export SavedModel"):

@@ -33,13 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from downpour import champion
-from downpour.champion import CHAMPION
 from downpour.config import Config
 from downpour.errors import ConfigError, DataContractError, DownpourError, GateRefused
+from downpour.layout import RegisteredLayout, RegistryLayout
 from downpour.logs import LOG
-
-HISTORY = "history.jsonl"
-VERSIONS = "versions"
 
 
 def local_path(url: str, key: str) -> Path:
@@ -73,9 +70,10 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     """Write JSON beside ``path`` then rename over it: readers see the old or the new file, never half."""
     obj = jsonable(obj)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -153,37 +151,47 @@ def decide(metric: str, tolerance: float, model_version: str, value: float,
     )
 
 
+@dataclass(frozen=True)
+class TrainedOn:
+    """The data a registered model was trained on: a champion with the same feature state is compared
+    on the current shards, one with another on the raw test rows (training/evaluate.py)."""
+
+    feature_state: dict[str, Any]
+    manifest: dict[str, Any]
+
+
 class Registry:
     """Versions, the champion pointer and the decision log under one local directory."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+        self.layout = RegistryLayout(str(self.root))
 
     # ---- reading ---------------------------------------------------------------------------------
     def champion(self) -> dict[str, Any] | None:
-        p = self.root / CHAMPION
+        p = Path(self.layout.champion)
         if not p.exists():
             return None
         rec = json.loads(p.read_text())
         if not isinstance(rec, dict):
             raise DataContractError(f"{p}: not a champion record (a JSON object with model_version and path)")
         rec["path"] = champion.check_pointer(self.root, rec.get("path"), str(p))
-        if not (self.root / rec["path"] / "model").is_dir():
+        if not Path(self.layout.pointed(rec["path"]).model).is_dir():
             raise DownpourError(f"registry {self.root}: champion {rec.get('model_version')} points to "
                                 f"{rec['path']}, which is missing; restore it or remove {p}")
         return rec
 
     def champion_model_dir(self) -> Path | None:
         rec = self.champion()
-        return None if rec is None else self.root / rec["path"] / "model"
+        return None if rec is None else Path(self.layout.pointed(rec["path"]).model)
 
     def version_dir(self, model_version: str) -> Path:
         if not model_version or "/" in model_version or model_version.startswith("."):
             raise DownpourError(f"registry: bad model_version {model_version!r}")
-        return self.root / VERSIONS / model_version
+        return Path(self.layout.version(model_version).root)
 
     def history(self) -> list[dict[str, Any]]:
-        p = self.root / HISTORY
+        p = Path(self.layout.history)
         if not p.exists():
             return []
         return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
@@ -192,7 +200,7 @@ class Registry:
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+") as fh:
+        with open(self.layout.lock, "a+") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             try:
                 yield
@@ -200,38 +208,40 @@ class Registry:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     def register(self, model_dir: str | os.PathLike[str], model_version: str, metrics: dict[str, Any],
-                 files: dict[str, Any] | None = None) -> Path:
-        """Copy the model to ``versions/<model_version>`` with its metrics and ``files`` (name -> JSON
-        object, e.g. the feature state and manifest the model was trained with); idempotent per version."""
+                 data: TrainedOn | None = None) -> Path:
+        """Copy the model to ``versions/<model_version>`` with its metrics and the feature state and
+        manifest of the data it was trained on; idempotent per version."""
         dest = self.version_dir(model_version)
-        if (dest / "model").is_dir():
-            write_json_atomic(dest / "metrics.json", metrics)
+        if Path(RegisteredLayout(str(dest)).model).is_dir():
+            write_json_atomic(RegisteredLayout(str(dest)).metrics, metrics)
             return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{model_version}.", dir=dest.parent))
         try:
-            shutil.copytree(model_dir, tmp / "model")
-            for name, obj in (files or {}).items():
-                write_json_atomic(tmp / name, obj)
-            write_json_atomic(tmp / "metrics.json", metrics)
+            staged = RegisteredLayout(str(tmp))
+            shutil.copytree(model_dir, staged.model)
+            if data is not None:
+                write_json_atomic(staged.feature_state, data.feature_state)
+                write_json_atomic(staged.manifest, data.manifest)
+            write_json_atomic(staged.metrics, metrics)
             os.rename(tmp, dest)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            if not (dest / "model").is_dir():  # not "another process registered it meanwhile"
+            if not Path(RegisteredLayout(str(dest)).model).is_dir():  # not "another process registered it meanwhile"
                 raise DownpourError(f"registry: could not copy {model_dir} to {dest}: {exc}") from exc
         return dest
 
     def log(self, decision: GateDecision, **extra: Any) -> None:
         rec = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **asdict(decision), **extra}
         rec = {k: (None if isinstance(v, float) and v != v else v) for k, v in rec.items()}
-        with self._lock(), open(self.root / HISTORY, "a") as fh:
+        with self._lock(), open(self.layout.history, "a") as fh:
             fh.write(json.dumps(rec, sort_keys=True, default=str) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
     def promote(self, decision: GateDecision, expected_champion: str | None, **extra: Any) -> dict[str, Any]:
         """Point ``champion.json`` at the decision's version, if the champion is still the one compared."""
-        if not (self.version_dir(decision.model_version) / "model").is_dir():
+        if not Path(self.layout.version(decision.model_version).model).is_dir():
             raise DownpourError(f"registry: version {decision.model_version} is not registered")
         with self._lock():
             current = self.champion()
@@ -242,24 +252,24 @@ class Registry:
                     f"{decision.model_version} was compared with {expected_champion}; run the gate again")
             rec = {
                 "model_version": decision.model_version,
-                "path": f"{VERSIONS}/{decision.model_version}",
+                "path": RegistryLayout.pointer(decision.model_version),
                 "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "metric": decision.metric, "value": decision.value,
                 "previous": current_v, **extra,
             }
-            write_json_atomic(self.root / CHAMPION, rec)
+            write_json_atomic(self.layout.champion, rec)
         LOG.info("registry %s: champion is now %s", self.root, decision.model_version)
         return rec
 
 
 def enforce(registry: Registry, decision: GateDecision, model_dir: str | os.PathLike[str],
-            metrics: dict[str, Any], files: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+            metrics: dict[str, Any], data: TrainedOn | None = None, **extra: Any) -> dict[str, Any]:
     """Act on a decision: register + promote, or log the refusal and raise GateRefused (exit code 4)."""
     if not decision.promoted:
         registry.log(decision, **extra)
         LOG.warning("quality gate: %s", decision.reason)
         raise GateRefused(decision.reason)
-    registry.register(model_dir, decision.model_version, metrics, files)
+    registry.register(model_dir, decision.model_version, metrics, data)
     if decision.champion_version == decision.model_version:
         rec = registry.champion() or {}
     else:

@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from downpour.layout import REPORT_HTML  # noqa: E402
 from downpour.logs import timed  # noqa: E402
 
 SECTIONS = ("summary", "metrics", "decision", "roc", "pr", "gains", "calibration", "scores", "training", "data")
@@ -416,8 +417,8 @@ def write_report(out_dir: str | Path, *, metrics: Mapping[str, Mapping[str, Any]
         doc = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
                f"<title>{html.escape(str(name))}: evaluation</title><style>{_CSS}</style></head><body>"
                + "\n".join(body) + "</body></html>")
-        path = out / "report.html"
-        tmp = out / ".report.html.tmp"
+        path = out / REPORT_HTML
+        tmp = out / f".{REPORT_HTML}.tmp"
         tmp.write_text(doc, encoding="utf-8")
         tmp.replace(path)
     return path

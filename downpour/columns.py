@@ -1,4 +1,7 @@
-"""Raw column names (any characters) -> safe internal names, so Spark SQL, Parquet and Keras agree."""
+"""Raw column names (any characters) -> safe internal names, so Spark SQL, Parquet and Keras agree.
+
+The foundation owns them because every stage needs them: ``Config.names`` is the one mapping a run
+uses, derived from the declared schema, so no stage computes or passes its own."""
 
 from __future__ import annotations
 
@@ -6,6 +9,9 @@ import re
 from collections.abc import Iterable
 
 _BAD = re.compile(r"[^0-9a-z]+")
+
+# Columns the pipeline derives; a raw column whose safe name collides gets a numeric suffix instead.
+DERIVED = ("row_id", "label", "weight", "split")
 
 
 def safe_name(raw: str) -> str:
@@ -26,3 +32,11 @@ def internal_names(raw_names: Iterable[str]) -> dict[str, str]:
         used.add(name)
         out[raw] = name
     return out
+
+
+def column_names(schema: Iterable[str]) -> dict[str, str]:
+    """Raw declared name -> safe internal name, never colliding with the derived columns."""
+    declared = list(schema)
+    reserved = {f"\x00{d}": d for d in DERIVED}
+    names = internal_names([*reserved.values(), *declared])
+    return {raw: names[raw] for raw in declared}
