@@ -438,6 +438,10 @@ def _plan(df: DataFrame, cfg: Config) -> FitPlan:
     timestamps = _plan_timestamps(cols, cfg)
     crosses = _plan_crosses(cols, cfg, categorical)
     _check_required(cols, cfg)
+    _check_unique_names([f"n__{n.source}" for n in numeric + windows]
+                        + [f"c__{c.source}" for c in categorical]
+                        + [f"c__{t}_{kind}" for t in timestamps for kind in ("hour", "dow")]
+                        + ["c__" + "_x_".join(x) for x in crosses])  # before any Spark pass
     return FitPlan(
         numeric=tuple(numeric + windows), categorical=tuple(categorical), timestamps=tuple(timestamps),
         crosses=tuple(crosses), raw_inputs=cols.raw_inputs, windows=tuple(w.source for w in windows),
@@ -550,7 +554,8 @@ def _fit(df: DataFrame, cfg: Config, plan: FitPlan) -> dict[str, Any]:
     numeric, flags = _numeric_entries(plan.numeric, stats, medians, bounds)
     categorical = _categorical_entries(plan, stats, _fit_vocabularies(df, plan))
     crosses = _cross_entries(plan.crosses, categorical, cfg.features.cross_buckets)
-    _check_unique_names(numeric, flags, categorical, crosses)
+    _check_unique_names([n["name"] for n in numeric] + [f["name"] for f in flags]
+                        + [c["name"] for c in categorical] + [c["name"] for c in crosses])
     return {
         "version": VERSION, "numeric": numeric, "flags": flags, "categorical": categorical, "crosses": crosses,
         "raw_inputs": dict(plan.raw_inputs), "label": "label", "weight": plan.weight,
@@ -685,14 +690,11 @@ def _cross_entries(
     return out
 
 
-def _check_unique_names(
-    numeric: list[dict[str, Any]], flags: list[dict[str, Any]], categorical: list[dict[str, Any]],
-    crosses: list[dict[str, Any]],
-) -> None:
-    """Shard columns are named after their sources: two features must not end up with one name."""
-    # categorical names counted once each (as they always were), so only clashes across kinds are caught
-    cat_names = list(dict.fromkeys(c["name"] for c in categorical))
-    names = [n["name"] for n in numeric] + [f["name"] for f in flags] + cat_names + [c["name"] for c in crosses]
+def _check_unique_names(names: list[str]) -> None:
+    """Shard columns are named after their sources: two features must not end up with one name (a
+    categorical listed twice, or one named like a timestamp's ``<ts>_hour`` part, would overwrite the
+    other's column). Checked on the plan before any Spark pass, and again on the fitted names (the
+    missing flags depend on the data)."""
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"features: two features would both be named {dup[0]!r}")

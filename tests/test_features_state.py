@@ -181,6 +181,9 @@ def test_config_and_data_errors_name_the_column(spark):
     bad_cross = make_cfg(crosses=[["Contract", "tenure"]])
     with pytest.raises(ConfigError, match=r"features.crosses\[0\]\[1\]"):
         FeatureState.fit(df, bad_cross)
+    twice = make_cfg(categorical=[{"column": "Contract"}, {"column": "Contract", "top_k": 5}], crosses=[])
+    with pytest.raises(ConfigError, match="two features would both be named 'c__contract'"):
+        FeatureState.fit(df, twice)
     cfg = make_cfg()
     with pytest.raises(DataContractError, match="contract"):
         FeatureState.fit(df.drop("contract"), cfg)
