@@ -405,6 +405,37 @@ class TrackingConfig(_Strict):
     mlflow_uri: str | None = None  # file:///mlruns, http://mlflow:5000, databricks
     experiment: str | None = None  # default: downpour-<name>
     log_model: bool = True  # the SavedModel as run artifacts (model/saved_model)
+    # with --gate: the logged model as a version of a registered model, alias champion (promoted) or
+    # challenger (refused); needs log_model
+    register_model: bool = True
+    # default downpour-<name>; a workspace registry name, or a Unity Catalog one: catalog.schema.model
+    registered_model: str | None = None
+
+    @field_validator("registered_model")
+    @classmethod
+    def _registered_model(cls, v: str | None) -> str | None:
+        if v is not None and not (_PLAIN_MODEL_NAME.fullmatch(v) or is_unity_catalog_name(v)):
+            raise ValueError(f"{v!r} is neither a registry name (letters, digits, _ and -) nor a Unity Catalog "
+                             "name of exactly three non-empty parts, catalog.schema.model")
+        return v
+
+    @model_validator(mode="after")
+    def _register_needs_the_model(self) -> TrackingConfig:
+        # only when both were said: by default, log_model: false simply leaves the registry alone too
+        if {"register_model", "log_model"} <= self.model_fields_set and self.register_model and not self.log_model:
+            raise _KeyError("tracking.register_model", "a registered version is the logged model: it needs "
+                            "tracking.log_model: true (or set register_model: false)")
+        return self
+
+
+_MODEL_NAME_PART = r"[A-Za-z0-9_-]+"
+_PLAIN_MODEL_NAME = re.compile(_MODEL_NAME_PART)
+_UNITY_CATALOG_NAME = re.compile(rf"{_MODEL_NAME_PART}\.{_MODEL_NAME_PART}\.{_MODEL_NAME_PART}")
+
+
+def is_unity_catalog_name(name: str) -> bool:
+    """``catalog.schema.model``: exactly three non-empty dot-separated parts (a Unity Catalog model)."""
+    return bool(_UNITY_CATALOG_NAME.fullmatch(name))
 
 
 class Config(_Strict):
