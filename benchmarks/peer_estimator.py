@@ -15,7 +15,7 @@ learning rate, and both are judged on exactly the same test rows with the same m
   early stopping is on ``val_pr_auc``, the learning rate is scaled by the workers after a warm-up,
   and the model is exported (SavedModel with both signatures, checked after the load-back);
 * score: the prepared *test* split through the exported model's ``serve_features`` signature in Spark
-  (``training.evaluate.score_split``, what ``downpour evaluate`` runs), written to Parquet.
+  (``training.comparison.score_split``, what ``downpour evaluate`` runs), written to Parquet.
 
 Config overrides: ``input.path``, ``output.path``, ``training.epochs``, ``training.workers``,
 ``training.batch_size``, ``training.learning_rate_schedule=constant`` (the peer's Adam runs at a
@@ -128,7 +128,7 @@ def run_ours(spark: SparkSession, cfg: Any, scores_url: str) -> dict[str, Any]:
     from downpour.artifact import ModelArtifact
     from downpour.layout import RunLayout
     from downpour.pipelines.serving import arrow_batch_rows
-    from downpour.training.evaluate import score_split
+    from downpour.training.comparison import score_split
     from downpour.training.input import open_prepared
 
     t0 = time.perf_counter()
