@@ -20,7 +20,8 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -42,6 +43,9 @@ from downpour.pipelines.rows import split_rows, tagged_rows
 from downpour.pipelines.split import SPLITS, split_counts
 from downpour.spark import persist_level, sized_partitions
 from downpour.storage import FileInfo
+
+if TYPE_CHECKING:
+    from downpour.features.state import FeatureState
 
 # 2: PII pseudonyms are HMAC-SHA256; imputation statistics fitted on train; 3: the manifest carries the
 # drift reference (a version prepared before it would be a no-op re-run without one)
@@ -108,96 +112,202 @@ def account(spark: SparkSession, cfg: Config, files: list[FileInfo],
     return outcome, invariant
 
 
+@dataclass(frozen=True)
+class _Target:
+    """Where this build writes (``staged``) and where its files are read once it is published."""
+
+    staging: Staging
+    staged: PreparedLayout
+    published: PreparedLayout
+    prepared: str  # the published data set's URL (the manifest's ``paths.prepared``)
+
+
+@dataclass(frozen=True)
+class _Ingested:
+    """Every input row tagged with its status, persisted (the counts, the quarantine and the clean branch
+    all read it), and the accounting of that one read."""
+
+    tagged: DataFrame
+    parts: int  # partitions sized to the input: the persisted frames and the shard writes use them
+    outcome: dict[str, Any]
+    invariant: dict[str, Any]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Rows in the input, clean, quarantined and duplicates (the manifest's ``counts``)."""
+        return self.outcome["counts"]
+
+
+@dataclass(frozen=True)
+class _Windowed:
+    """The clean rows with their split and window features, persisted (the split counts, the feature fit
+    and the three shard writes read it), and what the split decided."""
+
+    frame: DataFrame
+    per_split: dict[str, dict[str, int]]
+    split_info: dict[str, Any]
+    stats: dict[str, Any]  # the statistic imputations, fitted on train
+
+
+@dataclass(frozen=True)
+class _Fitted:
+    """What the train split teaches (and the history scoring needs), all known before any shard is written."""
+
+    entity_history: dict[str, Any] | None
+    state: FeatureState
+    drift_reference: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Shards:
+    """The shards as written, per split as the manifest records them, and their model-ready columns."""
+
+    splits: dict[str, dict[str, Any]]
+    columns: list[str]
+
+
 def _build(spark: SparkSession, cfg: Config, salt: str | None,
            files: list[FileInfo], data_version: str, publisher: Publisher, staging: Staging,
            timings: dict[str, float]) -> dict[str, Any]:
-    names = cfg.names
-    final = publisher.final_url(staging)
-    staged, published = PreparedLayout(staging.url), PreparedLayout(final)
+    """Stage every file of the data version and return its manifest (``run_prepare`` publishes both)."""
+    where = _Target(staging, PreparedLayout(staging.url), PreparedLayout(publisher.final_url(staging)),
+                    publisher.prepared)
     with contract_errors(cfg):
-        with _step("ingest, clean, count", timings, "ingest_clean"):
-            parts = sized_partitions(spark, files, cfg.input.format)
-            tagged = tagged_rows(spark, cfg, files, salt).coalesce(parts).persist(persist_level(spark))
-            outcome, invariant = account(spark, cfg, files, tagged)
-        counts = outcome["counts"]
-        LOG.info("prepare: rows %s; quarantine reasons %s", counts, outcome["quarantine_reasons"])
-        if counts["clean"] == 0:
-            top = ", ".join(f"{r}: {n}" for r, n in list(outcome["quarantine_reasons"].items())[:3])
-            raise DataContractError(f"input {cfg.input.path}: no clean rows; all {counts['input']} rows were "
-                                    f"rejected or duplicates (top reasons: {top or 'duplicates'})")
+        ingested = _ingest(spark, cfg, files, salt, timings)
+        q_written = _write_quarantine(spark, cfg, files, salt, data_version, ingested, where, timings)
+        windowed = _split_and_window(spark, cfg, ingested, timings)
+        fitted = _fit(cfg, windowed, where, timings)
+        written = _write_split_shards(cfg, windowed, fitted, where, ingested.parts, timings)
+        windowed.frame.unpersist()
+        fitted.state.save(where.staged.feature_state)
+    return _manifest(spark, cfg, files, data_version, where, timings, ingested, q_written, windowed, fitted, written)
 
-        with _step("write quarantine", timings, "quarantine"):
-            lines = malformed_lines(spark, cfg, files, tagged, outcome, salt)
-            q = clean.quarantine_frame(tagged, cfg, data_version, lines)
-            q_files = max(1, -(-counts["quarantined"] // 1_000_000))
-            q_url = staged.quarantine
-            q.coalesce(q_files).write.option("compression", shards._CODECS[cfg.shards.compression]) \
-                .option("mapreduce.fileoutputcommitter.marksuccessfuljobs", "false").parquet(q_url)
-            q_written = sum(f["rows"] for f in shards.inspect_shards(spark, q_url))
-        if q_written != counts["quarantined"]:
-            raise RuntimeError(f"quarantine: {q_written} rows written, {counts['quarantined']} counted")
 
-        with _step("split", timings, "split"):
-            split_df, split_info, stats = split_rows(tagged, cfg)
+def _ingest(spark: SparkSession, cfg: Config, files: list[FileInfo], salt: str | None,
+            timings: dict[str, float]) -> _Ingested:
+    """Read the input once into persisted tagged rows and account for every row; no clean row is an error."""
+    with _step("ingest, clean, count", timings, "ingest_clean"):
+        parts = sized_partitions(spark, files, cfg.input.format)
+        tagged = tagged_rows(spark, cfg, files, salt).coalesce(parts).persist(persist_level(spark))
+        outcome, invariant = account(spark, cfg, files, tagged)
+    ingested = _Ingested(tagged, parts, outcome, invariant)
+    counts = ingested.counts
+    LOG.info("prepare: rows %s; quarantine reasons %s", counts, outcome["quarantine_reasons"])
+    if counts["clean"] == 0:
+        top = ", ".join(f"{r}: {n}" for r, n in list(outcome["quarantine_reasons"].items())[:3])
+        raise DataContractError(f"input {cfg.input.path}: no clean rows; all {counts['input']} rows were "
+                                f"rejected or duplicates (top reasons: {top or 'duplicates'})")
+    return ingested
 
-        with _step("window features", timings, "window_features"):
-            from downpour.features.windows import add_window_features
 
-            windowed = add_window_features(split_df, cfg).coalesce(parts).persist(persist_level(spark))
-            per_split = split_counts(windowed)
-            tagged.unpersist()
-        n_split = sum(s["rows"] for s in per_split.values())
-        if n_split != counts["clean"]:
-            raise RuntimeError(f"row accounting broken after window features: {n_split} rows in the "
-                               f"splits, {counts['clean']} clean rows")
-        if per_split["train"]["rows"] == 0:
-            raise DataContractError(f"input {cfg.input.path}: the train split is empty "
-                                    f"({counts['clean']} clean rows, split {split_info})")
+def _write_quarantine(spark: SparkSession, cfg: Config, files: list[FileInfo], salt: str | None,
+                      data_version: str, ingested: _Ingested, where: _Target, timings: dict[str, float]) -> int:
+    """Keep every rejected row, with its reason, where it can be inspected; returns the rows written, which
+    must be the rows counted as quarantined."""
+    counts = ingested.counts
+    with _step("write quarantine", timings, "quarantine"):
+        lines = malformed_lines(spark, cfg, files, ingested.tagged, ingested.outcome, salt)
+        q = clean.quarantine_frame(ingested.tagged, cfg, data_version, lines)
+        q_files = max(1, -(-counts["quarantined"] // 1_000_000))
+        q_url = where.staged.quarantine
+        q.coalesce(q_files).write.option("compression", shards._CODECS[cfg.shards.compression]) \
+            .option("mapreduce.fileoutputcommitter.marksuccessfuljobs", "false").parquet(q_url)
+        q_written = sum(f["rows"] for f in shards.inspect_shards(spark, q_url))
+    if q_written != counts["quarantined"]:
+        raise RuntimeError(f"quarantine: {q_written} rows written, {counts['quarantined']} counted")
+    return q_written
 
-        with _step("entity history", timings, "entity_history"):
-            entity_history = write_entity_history(windowed, cfg, staged.entity_history)
 
-        with _step("fit feature state on train", timings, "fit_features"):
-            from downpour.features.state import FeatureState
+def _split_and_window(spark: SparkSession, cfg: Config, ingested: _Ingested,
+                      timings: dict[str, float]) -> _Windowed:
+    """Split the clean rows and add their window features into the persisted frame everything after reads
+    (the tagged rows are released then); every clean row must land in a split, and train must not be empty."""
+    counts = ingested.counts
+    with _step("split", timings, "split"):
+        split_df, split_info, stats = split_rows(ingested.tagged, cfg)
 
-            state = FeatureState.fit(windowed.where(F.col("split") == "train"), cfg)
+    with _step("window features", timings, "window_features"):
+        from downpour.features.windows import add_window_features
 
-        with _step("drift reference on train", timings, "drift_reference"):
-            from downpour.features.drift import fit_reference
+        frame = add_window_features(split_df, cfg).coalesce(ingested.parts).persist(persist_level(spark))
+        per_split = split_counts(frame)
+        ingested.tagged.unpersist()
+    n_split = sum(s["rows"] for s in per_split.values())
+    if n_split != counts["clean"]:
+        raise RuntimeError(f"row accounting broken after window features: {n_split} rows in the "
+                           f"splits, {counts['clean']} clean rows")
+    if per_split["train"]["rows"] == 0:
+        raise DataContractError(f"input {cfg.input.path}: the train split is empty "
+                                f"({counts['clean']} clean rows, split {split_info})")
+    return _Windowed(frame, per_split, split_info, stats)
 
-            drift_reference = fit_reference(windowed.where(F.col("split") == "train"), cfg)
 
-        splits: dict[str, Any] = {}
-        with _step("shards", timings, "shards"):
-            frames = {s: state.transform(windowed.where(F.col("split") == s)) for s in SPLITS}
-            for model_df in frames.values():
-                _assert_no_pii(model_df, cfg)
-            written = shards.write_shards(frames, staging.url, cfg, cfg.split.seed, partitions=parts)
-        for s, (plan, described) in written.items():
-            url = staged.split(s)
-            ratio = shards.check_balance(described, plan, f"{s} ({url})")
-            summary = shards.summarize(described)
-            if summary["shard_rows"] != per_split[s]["rows"]:
-                raise RuntimeError(f"shards {s}: {summary['shard_rows']} rows written, {per_split[s]['rows']} "
-                                   "in the split")
-            splits[s] = {**per_split[s], **summary, "row_group_rows_target": plan.rows_per_group,
-                         "balance_ratio": round(ratio, 4), "path": published.split(s)}
-            LOG.info("prepare: %s: %d rows, %d positives, %d files, %d row groups (%d..%d rows each)", s,
-                     splits[s]["rows"], splits[s]["positives"], splits[s]["files"], splits[s]["row_groups"],
-                     splits[s]["row_group_rows_min"], splits[s]["row_group_rows_max"])
-        windowed.unpersist()
-        columns = list(frames["train"].columns)
-        state.save(staged.feature_state)
+def _fit(cfg: Config, windowed: _Windowed, where: _Target, timings: dict[str, float]) -> _Fitted:
+    """Write the entity history scoring needs, then fit the feature state and the drift reference on the
+    train split only, so val and test never inform them."""
+    with _step("entity history", timings, "entity_history"):
+        entity_history = write_entity_history(windowed.frame, cfg, where.staged.entity_history)
 
-    shard_rows = sum(s["shard_rows"] for s in splits.values())
-    invariant.update(shard_rows=shard_rows, quarantine_rows=q_written,
-                     holds=shard_rows == counts["clean"] and q_written == counts["quarantined"])
+    train = windowed.frame.where(F.col("split") == "train")
+    with _step("fit feature state on train", timings, "fit_features"):
+        from downpour.features.state import FeatureState
+
+        state = FeatureState.fit(train, cfg)
+
+    with _step("drift reference on train", timings, "drift_reference"):
+        from downpour.features.drift import fit_reference
+
+        drift_reference = fit_reference(train, cfg)
+    return _Fitted(entity_history, state, drift_reference)
+
+
+def _write_split_shards(cfg: Config, windowed: _Windowed, fitted: _Fitted, where: _Target, parts: int,
+                        timings: dict[str, float]) -> _Shards:
+    """Transform every split with the train-fitted state and write its shards, PII-free, balanced and
+    holding exactly the split's rows."""
+    with _step("shards", timings, "shards"):
+        frames = {s: fitted.state.transform(windowed.frame.where(F.col("split") == s)) for s in SPLITS}
+        for model_df in frames.values():
+            _assert_no_pii(model_df, cfg)
+        written = shards.write_shards(frames, where.staging.url, cfg, cfg.split.seed, partitions=parts)
+    splits = {s: _split_entry(s, plan, described, windowed.per_split[s], where)
+              for s, (plan, described) in written.items()}
+    return _Shards(splits, list(frames["train"].columns))
+
+
+def _split_entry(s: str, plan: shards.ShardPlan, described: list[dict[str, Any]], counted: dict[str, int],
+                 where: _Target) -> dict[str, Any]:
+    """One split's manifest entry, from its shards' footers: raises unless they are balanced as planned and
+    hold the rows the split counted."""
+    ratio = shards.check_balance(described, plan, f"{s} ({where.staged.split(s)})")
+    summary = shards.summarize(described)
+    if summary["shard_rows"] != counted["rows"]:
+        raise RuntimeError(f"shards {s}: {summary['shard_rows']} rows written, {counted['rows']} "
+                           "in the split")
+    entry = {**counted, **summary, "row_group_rows_target": plan.rows_per_group,
+             "balance_ratio": round(ratio, 4), "path": where.published.split(s)}
+    LOG.info("prepare: %s: %d rows, %d positives, %d files, %d row groups (%d..%d rows each)", s,
+             entry["rows"], entry["positives"], entry["files"], entry["row_groups"],
+             entry["row_group_rows_min"], entry["row_group_rows_max"])
+    return entry
+
+
+def _manifest(spark: SparkSession, cfg: Config, files: list[FileInfo], data_version: str, where: _Target,
+              timings: dict[str, float], ingested: _Ingested, q_written: int, windowed: _Windowed,
+              fitted: _Fitted, written: _Shards) -> dict[str, Any]:
+    """The data version's record (``manifest.json``, written last): what went in, what came out, and how
+    every row is accounted for."""
+    counts, outcome = ingested.counts, ingested.outcome
+    shard_rows = sum(s["shard_rows"] for s in written.splits.values())
+    invariant = {**ingested.invariant, "shard_rows": shard_rows, "quarantine_rows": q_written,
+                 "holds": shard_rows == counts["clean"] and q_written == counts["quarantined"]}
     impute_values = {c: p.value for c, p in cfg.cleaning.nulls.items() if p.action == "impute" and not p.statistic}
+    published = where.published
     return {
         "format_version": FORMAT_VERSION,
         "name": cfg.name,
         "data_version": data_version,
-        "build": staging.build,
+        "build": where.staging.build,
         "config_hash": cfg.fingerprint(),
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "spark_version": spark.version,
@@ -206,28 +316,29 @@ def _build(spark: SparkSession, cfg: Config, salt: str | None,
             "fingerprint": input_fingerprint(files), "files": len(files), "bytes": sum(f.size for f in files),
             "paths": [cfg.scrub(f.path) for f in files[:_MAX_LISTED_FILES]],
         },
-        "columns": names,
+        "columns": cfg.names,
         "counts": counts,
         "invariant": invariant,
         "quarantine_reasons": outcome["quarantine_reasons"],
         "quarantine": {"path": published.quarantine, "rows": q_written, "stages": outcome["quarantine_stages"]},
         "cleaning": {
             "imputed": outcome["imputed"],
-            "impute_values": {**impute_values, **{c: _jsonable(v) for c, v in stats.items()}},
+            "impute_values": {**impute_values, **{c: _jsonable(v) for c, v in windowed.stats.items()}},
             "blank_to_null": outcome["blank_to_null"],
             "flags": clean.flag_columns(cfg),
             "pii": {"dropped": list(cfg.pii.drop), "hashed": list(cfg.pii.hash), "salt_env": cfg.pii.salt_env},
         },
         "labels": {"column": cfg.label.column, "positives": outcome["positives"],
                    "positive_rate": round(outcome["positives"] / counts["clean"], 6)},
-        "split": split_info,
-        "splits": splits,
+        "split": windowed.split_info,
+        "splits": written.splits,
         "shards": {"compression": cfg.shards.compression, "row_group_rows": cfg.shards.row_group_rows,
-                   "min_row_groups": shards.min_row_groups(cfg), "columns": columns},
+                   "min_row_groups": shards.min_row_groups(cfg), "columns": written.columns},
         "feature_state": published.feature_state,
-        "entity_history": {"path": published.entity_history, **entity_history} if entity_history else None,
-        "drift_reference": drift_reference,
-        "paths": {"prepared": publisher.prepared, "version": final, "manifest": published.manifest},
+        "entity_history": ({"path": published.entity_history, **fitted.entity_history}
+                           if fitted.entity_history else None),
+        "drift_reference": fitted.drift_reference,
+        "paths": {"prepared": where.prepared, "version": published.root, "manifest": published.manifest},
         "timings": timings,
     }
 

@@ -48,8 +48,8 @@ def _assignment(df) -> dict[str, str]:
 
 def test_hash_split_keeps_entities_together_and_is_stable_across_partitionings(spark, events):
     cfg = cfg_for()
-    one, info = assign_split(events.repartition(1), cfg, NAMES)
-    many, _ = assign_split(events.repartition(7, "x"), cfg, NAMES)
+    one, info = assign_split(events.repartition(1), cfg)
+    many, _ = assign_split(events.repartition(7, "x"), cfg)
     assert info["key"] == "user" and info["method"] == "hash"
     a, b = _assignment(one), _assignment(many)
     assert a == b  # same rows, same splits, whatever the partitioning
@@ -60,14 +60,14 @@ def test_hash_split_keeps_entities_together_and_is_stable_across_partitionings(s
     # the same number in Python (documented formula), so anyone can recompute a split
     (row,) = spark.createDataFrame([("u1",)], "k string").select(hash_unit(F.col("k"), 7).alias("u")).collect()
     assert row["u"] == hash_unit_py("u1", 7)
-    other_seed, _ = assign_split(events, cfg_for(seed=8), NAMES)
+    other_seed, _ = assign_split(events, cfg_for(seed=8))
     assert _assignment(other_seed) != a
 
 
 def test_time_split_orders_train_before_val_before_test(spark, events):
     cfg = cfg_for(method="time", column="ts", fractions={"train": 0.6, "val": 0.2, "test": 0.2})
-    one, info = assign_split(events.repartition(1), cfg, NAMES)
-    many, info_many = assign_split(events.repartition(5, "user"), cfg, NAMES)
+    one, info = assign_split(events.repartition(1), cfg)
+    many, info_many = assign_split(events.repartition(5, "user"), cfg)
     assert info["boundaries"] == info_many["boundaries"] and _assignment(one) == _assignment(many)
     r = {x["split"]: x for x in one.groupBy("split").agg(F.min("ts").alias("lo"), F.max("ts").alias("hi"),
                                                          F.count(F.lit(1)).alias("n")).collect()}
@@ -75,7 +75,7 @@ def test_time_split_orders_train_before_val_before_test(spark, events):
     assert (r["train"]["n"], r["val"]["n"], r["test"]["n"]) == (360, 120, 120)  # exact on distinct times
 
     explicit = cfg_for(method="time", column="ts", boundaries={"val": "2024-01-05", "test": "2024-01-07"})
-    df, info = assign_split(events, explicit, NAMES)
+    df, info = assign_split(events, explicit)
     r = {x["split"]: x for x in df.groupBy("split").agg(F.min("ts").alias("lo"), F.max("ts").alias("hi")).collect()}
     assert str(r["train"]["hi"]) < "2024-01-05" <= str(r["val"]["lo"])
     assert str(r["val"]["hi"]) < "2024-01-07" <= str(r["test"]["lo"]) and info["boundaries_from"] == "config"
