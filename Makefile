@@ -78,3 +78,32 @@ $(AIRFLOW_STAMP): scripts/airflow-constraints.txt
 	$(AIRFLOW_VENV)/bin/pip install -q -c scripts/airflow-constraints.txt $(AIRFLOW_PINS)
 	$(AIRFLOW_VENV)/bin/python -c "import airflow.sdk, airflow.providers.apache.spark.operators.spark_submit"
 	@touch $(AIRFLOW_STAMP)
+
+# ---- a local mirror of Databricks Runtime 15.4 LTS ML (constraints-dbr15.4.txt: TF 2.16 + Keras 3 with
+# tf_keras, pyarrow 14, pandas 1.5, numpy 1.23, PySpark 3.5.0, MLflow 2.13). Not part of `make test`.
+# Keras 2 code runs there only with TF_USE_LEGACY_KERAS=1 (tf.keras -> tf_keras), as on the runtime.
+DBR_VENV := .venv-dbr
+DBR_PY := $(DBR_VENV)/bin/python
+DBR_PIP := $(DBR_VENV)/bin/pip
+DBR_PINS := constraints-dbr15.4.txt
+DBR_STAMP := $(DBR_VENV)/.dbr-installed
+DBR_TESTS := tests/test_notebook.py tests/test_mlflow.py \
+	tests/test_train.py::test_two_workers_on_uneven_shards_survive_a_kill_resume_agree_learn_and_export
+.PHONY: dbr-env test-dbr
+
+dbr-env: check-tools $(DBR_STAMP)
+
+# horovod: --no-cache-dir, or pip reuses a wheel cached by `make setup`, built against TF 2.15 (the import
+# check then fails: HorovodVersionMismatchError); without its [spark] extra (it pins pyarrow<11; the
+# runtime has 14). mlflow-skinny by its pin, not downpour[mlflow] (>=2.16; the runtime has 2.13.1).
+$(DBR_STAMP): pyproject.toml $(DBR_PINS)
+	@test -x $(DBR_PY) || $(PYTHON) -m venv $(DBR_VENV)
+	$(DBR_PIP) install -q -U pip "setuptools<70" wheel
+	$(DBR_PIP) install -q -c $(DBR_PINS) tensorflow tensorboard keras tf-keras numpy
+	$(HOROVOD_ENV) $(DBR_PIP) install -q --no-build-isolation --no-cache-dir -c $(DBR_PINS) horovod
+	$(DBR_PIP) install -q -c $(DBR_PINS) pyspark pyarrow pandas petastorm mlflow-skinny -e ".[spark,dev]"
+	TF_USE_LEGACY_KERAS=1 TF_CPP_MIN_LOG_LEVEL=3 $(DBR_PY) -c "import horovod.tensorflow.keras, horovod.spark, petastorm, pyspark, mlflow, tf_keras"
+	@touch $(DBR_STAMP)
+
+test-dbr: dbr-env
+	TF_USE_LEGACY_KERAS=1 $(DBR_PY) -m pytest $(DBR_TESTS) -q --durations=10

@@ -33,9 +33,16 @@ dbutils.widgets.text("mlflow_uri", "", "MLflow tracking URI (e.g. databricks; em
 
 # COMMAND ----------
 
+import importlib.util
 import json
 import os
 from pathlib import Path
+
+# Runtime 15.4 LTS ML ships TensorFlow 2.16, whose tf.keras is Keras 3 unless this is set before TensorFlow
+# is first imported; Downpour (and Horovod 0.28.1) need Keras 2, there the tf_keras package. Set it on the
+# cluster too (its environment variables; databricks.yml does), so that executors get it.
+if importlib.util.find_spec("tf_keras") is not None:
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 from downpour import api
 from downpour.errors import GateRefused

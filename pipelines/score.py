@@ -14,11 +14,11 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from downpour import storage
-from downpour.artifact import DECISION_RESOLUTION, EXPLAIN_SIGNATURE, MANIFEST, RAW_SIGNATURE, ModelArtifact
+from downpour.artifact import DECISION_RESOLUTION, EXPLAIN_SIGNATURE, RAW_SIGNATURE, ModelArtifact
 from downpour.config import Config
 from downpour.errors import DataContractError
 from downpour.features import history as H
-from downpour.layout import RunLayout
+from downpour.layout import RegisteredLayout, RunLayout
 from downpour.logs import LOG, timed
 from downpour.pipelines import clean
 from downpour.pipelines import score_history as SH
@@ -153,7 +153,7 @@ def _impute_statistics(cfg: Config, model_root: str, card: dict[str, Any]) -> di
         return {}
     sources = [card.get("cleaning") or {}]
     # a registry version keeps the data version's manifest beside its model directory
-    for url in (storage.join(model_root, MANIFEST), storage.join(model_root, "..", MANIFEST),
+    for url in (ModelArtifact(model_root).manifest_url, RegisteredLayout(storage.join(model_root, "..")).manifest,
                 RunLayout(cfg.output.path).prepared.manifest):
         if storage.exists(url):
             man = storage.read_json(url)

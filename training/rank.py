@@ -346,16 +346,27 @@ def _baseline_rows(url: str, spec: Any, rows: int = BASELINE_ROWS) -> list[dict[
     return out
 
 
+def _keras_version(tf: Any) -> str:
+    """The Keras that ``tf.keras`` is: Keras 2 itself on TF 2.15, ``tf_keras`` on TF 2.16+ with
+    ``TF_USE_LEGACY_KERAS=1`` (Databricks 15.4 LTS ML), where ``import keras`` would name Keras 3."""
+    if tf.keras.__name__.startswith("tf_keras"):
+        import tf_keras
+
+        return f"tf_keras {tf_keras.__version__}"
+    import keras
+
+    return str(keras.__version__)
+
+
 def _frameworks() -> dict[str, str]:
     """The versions the model was trained with (into the model card)."""
     import horovod
-    import keras
     import numpy
     import petastorm
     import pyarrow
     import pyspark
     import tensorflow as tf
 
-    return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
+    return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": _keras_version(tf),
             "horovod": horovod.__version__, "petastorm": petastorm.__version__, "pyarrow": pyarrow.__version__,
             "pyspark": pyspark.__version__, "numpy": numpy.__version__}

@@ -110,6 +110,10 @@ def launch(spark: Any, plan: RankPlan, workers: int, timeout_s: int) -> list[dic
         "PYTHONUNBUFFERED": "1",
         "DOWNPOUR_LOG_LEVEL": os.environ.get("DOWNPOUR_LOG_LEVEL", "INFO"),
     }
+    if "TF_USE_LEGACY_KERAS" in os.environ:
+        # TF 2.16+ (Databricks 15.4 LTS ML): tf.keras is Keras 2 (tf_keras) only with this set; a rank
+        # gets the executor's environment, which may lack what the driver set
+        env["TF_USE_LEGACY_KERAS"] = os.environ["TF_USE_LEGACY_KERAS"]
     out, err = _Tee(sys.stdout), _Tee(sys.stderr)
     group = f"horovod.spark.run.{job_id.JOB_ID + 1}"  # the job group horovod.spark.run is about to use
     done, fired = threading.Event(), threading.Event()
