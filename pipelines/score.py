@@ -91,9 +91,9 @@ def _decision(rule: dict[str, Any] | None) -> Any:
 def _drift(cfg: Config, card: dict[str, Any], clean_rows: DataFrame, scored: DataFrame) -> dict[str, Any] | None:
     """The batch against the model's drift reference (features/drift.py): PSI per numeric feature (clean
     rows) and of the score (scored rows), unseen categorical values; None when off or no reference."""
-    names = cfg.names
     from downpour.features.drift import judge, profile
 
+    names = cfg.names
     d, ref = cfg.scoring.drift, card.get("drift_reference")
     if not d.enabled:
         return None

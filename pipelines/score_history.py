@@ -159,9 +159,9 @@ def load(spark: SparkSession, cfg: Config, *, model_root: str, card: dict[str, A
 
 def raw_events(cfg: Config, url: str, tag_raw: Any) -> tuple[DataFrame, int | None, int, int]:
     """(events, last event time, clean rows, rejected rows) of raw ``--history`` rows, in one pass."""
-    names = cfg.names
     from downpour.pipelines.ingest import REASON, contract_errors
 
+    names = cfg.names
     full, tagged = tag_raw(url)
     with contract_errors(full):
         ok = F.col(REASON).isNull()

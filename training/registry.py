@@ -212,8 +212,9 @@ class Registry:
         """Copy the model to ``versions/<model_version>`` with its metrics and the feature state and
         manifest of the data it was trained on; idempotent per version."""
         dest = self.version_dir(model_version)
-        if Path(RegisteredLayout(str(dest)).model).is_dir():
-            write_json_atomic(RegisteredLayout(str(dest)).metrics, metrics)
+        registered = RegisteredLayout(str(dest))
+        if Path(registered.model).is_dir():
+            write_json_atomic(registered.metrics, metrics)
             return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{model_version}.", dir=dest.parent))
@@ -227,7 +228,7 @@ class Registry:
             os.rename(tmp, dest)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            if not Path(RegisteredLayout(str(dest)).model).is_dir():  # not "another process registered it meanwhile"
+            if not Path(registered.model).is_dir():  # not "another process registered it meanwhile"
                 raise DownpourError(f"registry: could not copy {model_dir} to {dest}: {exc}") from exc
         return dest
 
