@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,10 +163,12 @@ class FeatureState:
         return cls(d)
 
     # ---- applying ----------------------------------------------------------------------------------
-    def transform(self, df: DataFrame) -> DataFrame:
+    def transform(self, df: DataFrame, keep: Sequence[str] = ()) -> DataFrame:
         """Model-ready columns: ``row_id``, ``label``, [``weight``], then ``n__*`` and ``c__*``.
 
-        ``label`` (and ``weight``) are kept when present, so the same call serves unlabeled data.
+        ``label`` (and ``weight``) are kept when present, so the same call serves unlabeled data;
+        ``keep`` names columns carried through unchanged, last (prepare's ``split``: one transform of
+        all splits instead of one per split).
         """
         d = self._d
         missing = [c for c in ["row_id", *d["raw_inputs"]] if c not in df.columns]
@@ -204,7 +207,7 @@ class FeatureState:
                 keys.append(s.alias(f"__k{i}"))
             else:  # nothing in train: every value is out of vocabulary
                 cats.append(F.lit(0).cast("long").alias(c["name"]))
-        out = df.select(*head, *num, *cats, *keys)
+        out = df.select(*head, *num, *cats, *keys, *keep)
         spark = df.sparkSession
         for i, c in enumerate(d["categorical"]):  # large vocabularies: broadcast hash joins
             if c["kind"] == "vocab" and len(c["vocab"] or []) > SMALL_VOCAB:
@@ -218,7 +221,7 @@ class FeatureState:
         crosses = [
             _cross([F.col(s) for s in c["sources"]], c).cast("long").alias(c["name"]) for c in d["crosses"]
         ]
-        return out.select(*head_names, *self.numeric_columns, *cat_names, *crosses)
+        return out.select(*head_names, *self.numeric_columns, *cat_names, *crosses, *keep)
 
     # ---- what training and serving need ------------------------------------------------------------
     @property

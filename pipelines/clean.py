@@ -359,18 +359,20 @@ def serving_nulls(df: DataFrame, cfg: Config) -> DataFrame:
 
 def tag_rows(df: DataFrame, cfg: Config, stats: dict[str, Any] | None) -> DataFrame:
     """Policies -> de-duplication -> derived columns: every input row once, with its status."""
-    tagged = derive_columns(deduplicate(apply_policies(df, cfg, stats), cfg), cfg)
-    return raw_only_for_quarantine(tagged)
+    policed = raw_only_for_quarantine(apply_policies(df, cfg, stats))
+    return derive_columns(deduplicate(policed, cfg), cfg).drop(ROW_HASH)
 
 
-def raw_only_for_quarantine(tagged: DataFrame) -> DataFrame:
-    """Keep the raw text, malformed line and source file only on quarantined rows, drop the row hash.
+def raw_only_for_quarantine(policed: DataFrame) -> DataFrame:
+    """Keep the raw text, malformed line and source file only on rows with a reason (the rows that will
+    be quarantined: de-duplication only ever marks rows without one).
 
-    Only the quarantine reads them. On every row they doubled the persisted frame, and its in-memory
-    columnar batches of raw-text structs ran a 10M-row ``prepare`` out of a 4 GiB heap.
+    Only the quarantine reads them. Blanked before the de-duplication shuffle, which would otherwise
+    carry every row's raw-text struct and path; on every row they also doubled the persisted frame, and
+    its in-memory columnar batches of raw-text structs ran a 10M-row ``prepare`` out of a 4 GiB heap.
     """
-    quarantined = F.col(STATUS) == "quarantined"
-    return tagged.withColumns({c: F.when(quarantined, F.col(c)) for c in (RAW, CORRUPT, SOURCE, LINE)}).drop(ROW_HASH)
+    rejected = F.col(REASON).isNotNull()
+    return policed.withColumns({c: F.when(rejected, F.col(c)) for c in (RAW, CORRUPT, SOURCE, LINE)})
 
 
 # ---- counting (one action) --------------------------------------------------------------------------

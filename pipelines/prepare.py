@@ -210,7 +210,8 @@ def _write_quarantine(spark: SparkSession, cfg: Config, files: list[FileInfo], s
         q = clean.quarantine_frame(ingested.tagged, cfg, data_version, lines)
         q_files = max(1, -(-counts["quarantined"] // 1_000_000))
         q_url = where.staged.quarantine
-        q.coalesce(q_files).write.option("compression", shards._CODECS[cfg.shards.compression]) \
+        # repartition, not coalesce: coalesce(1) would scan the whole tagged frame in one task
+        q.repartition(q_files).write.option("compression", shards._CODECS[cfg.shards.compression]) \
             .option("mapreduce.fileoutputcommitter.marksuccessfuljobs", "false").parquet(q_url)
         q_written = sum(f["rows"] for f in shards.inspect_shards(spark, q_url))
     if q_written != counts["quarantined"]:
@@ -266,13 +267,14 @@ def _write_split_shards(cfg: Config, windowed: _Windowed, fitted: _Fitted, where
     """Transform every split with the train-fitted state and write its shards, PII-free, balanced and
     holding exactly the split's rows."""
     with _step("shards", timings, "shards"):
-        frames = {s: fitted.state.transform(windowed.frame.where(F.col("split") == s)) for s in SPLITS}
-        for model_df in frames.values():
-            _assert_no_pii(model_df, cfg)
-        written = shards.write_shards(frames, where.staging.url, cfg, cfg.split.seed, partitions=parts)
+        model_df = fitted.state.transform(windowed.frame, keep=["split"])
+        columns = [c for c in model_df.columns if c != "split"]
+        _assert_no_pii(model_df.select(*columns), cfg)
+        written = shards.write_split_shards(model_df, "split", list(SPLITS), where.staging.url, cfg,
+                                            cfg.split.seed, partitions=parts)
     splits = {s: _split_entry(s, plan, described, windowed.per_split[s], where)
               for s, (plan, described) in written.items()}
-    return _Shards(splits, list(frames["train"].columns))
+    return _Shards(splits, columns)
 
 
 def _split_entry(s: str, plan: shards.ShardPlan, described: list[dict[str, Any]], counted: dict[str, int],

@@ -53,6 +53,8 @@ from downpour.storage import FileInfo
 # ---- `downpour score`: any raw table -> scores ------------------------------------------------------
 
 _RAW_JSON = "_dp_raw_json"
+_BROADCAST_FAILED = 1_000_000  # rows the model failed on, up to which their ids are broadcast to the join
+_RID = "_dp_rid"  # a row's number in the persisted input batch: how a row the model failed on finds its raw values
 GAP_WARNING = 0.01  # a completeness gap above this (in score units) is logged: more steps would help
 
 
@@ -219,7 +221,7 @@ class _Batch:
     """The input batch, ingested and cleaned (persisted), and what one pass over it counted."""
 
     files: list[FileInfo]
-    tagged: DataFrame  # every input row: ``__id``, the raw values as JSON, the reason it failed (or null)
+    tagged: DataFrame  # every input row: ``__id``, ``_RID``, the raw values as JSON, the reason it failed (or null)
     raw_schema: Any
     clean_n: dict[bool, int]  # clean (True) and rejected (False) rows
     any_malformed: bool
@@ -243,7 +245,8 @@ def _ingest(spark: SparkSession, cfg: Config, full: Config,
     tagged = tagged.withColumn("__id", ident).withColumn(_RAW_JSON, F.to_json(F.col(RAW))).drop(RAW, ROW_HASH)
     # the input batch alone (not the windows over it and the history: coalescing has no shuffle
     # of its own, so it would also squeeze those)
-    tagged = tagged.coalesce(sized_partitions(spark, files, full.input.format)).persist(persist_level(spark))
+    tagged = tagged.coalesce(sized_partitions(spark, files, full.input.format)) \
+        .withColumn(_RID, F.monotonically_increasing_id()).persist(persist_level(spark))
     is_ok = F.col(REASON).isNull()
     with timed("score: ingest and clean"):
         by_outcome = tagged.groupBy(is_ok.alias("ok"), F.col(LINE).isNotNull().alias("malformed")).agg(
@@ -263,7 +266,10 @@ def _serving_rows(full: Config, model: _Model, batch: _Batch, past: Any,
     from downpour.features.state import serving_frame
     from downpour.features.windows import add_window_features
 
-    ok = batch.ok
+    # the raw JSON and source stay in the persisted batch: only the few rows the model fails on need them
+    # (``_write`` joins them back by ``_RID``), so the windows' shuffles and the Arrow round trip to the
+    # model do not carry them
+    ok = batch.ok.drop(_RAW_JSON, SOURCE)
     if H.needed(full):
         ok = H.drop_context(add_window_features(H.with_context(SH.clean_events(ok, full), past.frame),
                                                 full)).drop(H.HID)
@@ -272,12 +278,12 @@ def _serving_rows(full: Config, model: _Model, batch: _Batch, past: Any,
         raise DataContractError(f"column {missing[0]!r}: the model {model.version} needs it; it is not produced "
                                 f"from the input {input_url} by this config")
     return serving_frame(clean.serving_nulls(ok, full), RawInputs(model.raw_inputs),
-                         keep=("__id", _RAW_JSON, SOURCE))
+                         keep=("__id", _RID))
 
 
 @dataclass(frozen=True)
 class _Scored:
-    frame: DataFrame  # persisted: ``__id``, raw JSON, source, score [, reasons], score_error
+    frame: DataFrame  # persisted: ``__id``, ``_RID``, score [, reasons], score_error
     outcome: dict[bool, int]  # rows the model failed on (True) and scored (False)
     acted: int
     explained: dict[str, Any] | None
@@ -291,7 +297,7 @@ def _serve(spark: SparkSession, cfg: Config, model: _Model, serving: DataFrame) 
     served = reasons.signature if reasons else RAW_SIGNATURE
     with arrow_batch_rows(spark, batch), timed(f"score: {served} in mapInPandas"):
         scored = score_dataframe(serving, model.artifact.saved_model, RAW_SIGNATURE,
-                                 keep=["__id", _RAW_JSON, SOURCE], batch_rows=batch, isolate_errors=True,
+                                 keep=["__id", _RID], batch_rows=batch, isolate_errors=True,
                                  reasons=reasons).persist(persist_level(spark))
         gap = ([F.max(REASON_GAP).alias("gap"), F.count(F.when(F.col(REASON_GAP).isNull(), 1)).alias("unexplained")]
                if reasons else [])
@@ -320,13 +326,19 @@ def _write(spark: SparkSession, cfg: Config, full: Config, model: _Model, batch:
             F.from_json(_RAW_JSON, batch.raw_schema).alias("raw"), F.col(REASON).alias("reason"),
             F.col(STAGE).alias("stage"), F.col(SOURCE).alias("source_file"),
             F.col(LINE_NUMBER).alias("line_number"))
-        failed = frame.where(F.col(ERROR).isNotNull()).select(
-            F.from_json(_RAW_JSON, batch.raw_schema).alias("raw"), F.col(ERROR).alias("reason"),
-            F.lit("score").alias("stage"), F.col(SOURCE).alias("source_file"),
-            F.lit(None).cast("long").alias("line_number"))
+        n_failed = scored.outcome.get(True, 0)
+        if n_failed:  # their raw values and source, from the persisted batch
+            errors = frame.where(F.col(ERROR).isNotNull()).select(_RID, ERROR)
+            if n_failed <= _BROADCAST_FAILED:
+                errors = F.broadcast(errors)
+            failed = tagged.join(errors, _RID).select(
+                F.from_json(_RAW_JSON, batch.raw_schema).alias("raw"), F.col(ERROR).alias("reason"),
+                F.lit("score").alias("stage"), F.col(SOURCE).alias("source_file"),
+                F.lit(None).cast("long").alias("line_number"))
+            rejected = rejected.unionByName(failed)
         # the placeholder label never leaves
         raw_cols = clean.raw_value_columns(full, struct="raw", skip=(cfg.label.column,))
-        quarantine = rejected.unionByName(failed).select(
+        quarantine = rejected.select(
             *raw_cols, "reason", "stage", "source_file", "line_number", F.lit(version).alias("model_version"))
         quarantine.write.mode("overwrite").parquet(q_url)
 

@@ -38,7 +38,6 @@ from pyspark.sql import functions as F
 from downpour.config import Config
 from downpour.logs import LOG
 from downpour.pipelines.parquet_footer import canonicalize, canonicalize_file
-from downpour.spark import persist_level
 from downpour.storage import HadoopFS, join, local_path
 from downpour.storage import is_file_url as is_local
 
@@ -94,24 +93,42 @@ def write_shards(frames: Mapping[str, DataFrame], base_url: str, cfg: Config, se
     """Write each frame (same model-ready columns incl. ``row_id``) to ``<base_url>/<name>/`` as
     balanced, deterministic Parquet; returns per name the plan and the files as written. ``base_url``
     must be qualified (``file:/x``, ``hdfs://...``): a bare path is taken as local. ``partitions``
-    (``downpour.spark.sized_partitions``) caps the partitions of the cached union of the frames."""
+    (``downpour.spark.sized_partitions``) caps the partitions of the union of the frames."""
     names = list(frames)
     columns = frames[names[0]].columns
     union = reduce(DataFrame.unionByName,
                    [frames[n].select(*columns).withColumn(_S, F.lit(i)) for i, n in enumerate(names)])
+    return _write_all(union, names, columns, base_url, cfg, seed, partitions)
+
+
+def write_split_shards(df: DataFrame, split_column: str, names: list[str], base_url: str, cfg: Config, seed: int,
+                       partitions: int | None = None) -> dict[str, tuple[ShardPlan, list[dict[str, Any]]]]:
+    """:func:`write_shards` for one frame whose ``split_column`` names each row's split (one of ``names``):
+    its rows are read once, not once per split. The column itself is not written."""
+    columns = [c for c in df.columns if c != split_column]
+    index = F.lit(None).cast("int")
+    for i, name in enumerate(names):
+        index = F.when(F.col(split_column) == name, F.lit(i)).otherwise(index)
+    return _write_all(df.withColumn(_S, index).drop(split_column), names, columns, base_url, cfg, seed,
+                      partitions)
+
+
+def _write_all(union: DataFrame, names: list[str], columns: list[str], base_url: str, cfg: Config, seed: int,
+               partitions: int | None) -> dict[str, tuple[ShardPlan, list[dict[str, Any]]]]:
+    """Plan and write every split of ``union`` (``columns`` plus the split index ``_S``), then describe them."""
     if partitions is not None:
         union = union.coalesce(partitions)
-    cached = union.persist(persist_level(union.sparkSession))  # counted once, written once
-    try:
-        plans = _write(cached, base_url, names, columns, cfg, seed)
-    finally:
-        cached.unpersist()
+    # Not persisted: the count per bucket reads only the split and row_id (column pruning drops the
+    # feature transform from that job), so materialising every model-ready row once more would cost a
+    # full write and read of the data to save nothing.
+    plans = _write(union, base_url, names, columns, cfg, seed)
     spark = union.sparkSession
     out = {}
-    for name in names:
+    for i, name in enumerate(names):
         url = join(base_url, name)
         if plans[name].rows == 0:  # an empty split still gets its schema (one file, no row group)
-            frames[name].select(*columns).limit(0).coalesce(1).write.options(**writer_options(cfg)).parquet(url)
+            union.where(F.col(_S) == i).select(*columns).limit(0).coalesce(1) \
+                .write.options(**writer_options(cfg)).parquet(url)
             _rename_only_file(spark, url)
         out[name] = (plans[name], inspect_shards(spark, url))
     return out

@@ -257,6 +257,25 @@ def _zero_weights_copy(model_root: Path, dest: Path, version: str) -> None:
     (dest / "model_card.json").write_text(json.dumps(card))
 
 
+def _nan_known_contracts_copy(model_root: Path, dest: Path) -> None:
+    """The exported model with the Contract's wide weights for known values set to NaN: a damaged model that
+    returns NaN for every row with a known Contract, and scores an unseen one (index 0). The wide weights,
+    not the embedding: the deep tower's ReLU turns a NaN into 0."""
+    import shutil
+
+    import tensorflow as tf
+
+    shutil.copytree(model_root, dest, symlinks=False)
+    shutil.rmtree(dest / "saved_model")
+    loaded = tf.saved_model.load(str(model_root / "saved_model"))
+    variables = {id(v): v for sig in loaded.signatures.values() for v in sig.variables}
+    table = [v for v in variables.values() if v.name.startswith("wide/c__contract/")]
+    assert len(table) == 1, [v.name for v in variables.values()]
+    known = tf.range(table[0].shape[0]) > 0
+    table[0].assign(tf.where(known[:, None], float("nan"), table[0]))
+    tf.saved_model.save(loaded, str(dest / "saved_model"), signatures=dict(loaded.signatures))
+
+
 @pytest.mark.slow
 def test_end_to_end_gate_and_score_parity(spark, telco_path, tmp_path, conf_dir):
     """1 epoch on a Telco subset; the gate promotes it, refuses an all-zero model, and `score` on the
@@ -332,6 +351,26 @@ def test_end_to_end_gate_and_score_parity(spark, telco_path, tmp_path, conf_dir)
     assert not scored["customerID"].isin(raw["customerID"]).any()  # PII ids are hashed
     q = pd.read_parquet(str(tmp_path / "scores") + "_quarantine")
     assert q["reason"].tolist() == ["cast_failed:tenure"] and "churn" not in q.columns
+
+    # rows the model fails on (a non-finite score: here every known Contract, whose wide weights a
+    # damaged copy of the model holds as NaN) are quarantined with their raw values, pseudonymised ids and
+    # files; a row with an unseen Contract is still scored
+    _nan_known_contracts_copy(Path(os.path.realpath(out / "model")), tmp_path / "damaged_model")
+    (tmp_path / "to_score_damaged").mkdir()
+    scoring.head(20).to_csv(tmp_path / "to_score_damaged" / "part_1.csv", index=False)
+    scoring.iloc[[1]].assign(customerID="NEW-CONTRACT", Contract="Lifetime") \
+        .to_csv(tmp_path / "to_score_damaged" / "part_2.csv", index=False)
+    damaged = run_scoring(spark, cfg, str(tmp_path / "to_score_damaged"), str(tmp_path / "damaged_scores"),
+                          model_dir=str(tmp_path / "damaged_model"))
+    assert (damaged["input"], damaged["scored"], damaged["quarantined"]) == (21, 1, 20), damaged
+    assert pd.read_parquet(tmp_path / "damaged_scores")["customerID"].tolist() == [pseudonym("NEW-CONTRACT",
+                                                                                            "test-salt")]
+    dq = pd.read_parquet(str(tmp_path / "damaged_scores") + "_quarantine")
+    assert set(dq["stage"]) == {"score"} and set(dq["reason"]) == {"model returned a non-finite score"}, dq
+    assert all(dq["source_file"].str.endswith("part_1.csv"))
+    first20 = scoring.head(20)
+    assert sorted(dq["customerid"]) == sorted(pseudonym(c, "test-salt") for c in first20["customerID"])
+    assert sorted(dq["monthlycharges"]) == sorted(first20["MonthlyCharges"])  # the raw text, as read
 
     ev = pd.read_parquet(Path(res["scores"]) / "split=test")
     joined = ev.merge(scored, left_on="row_id", right_on="customerID", suffixes=("_eval", "_score"))
