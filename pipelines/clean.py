@@ -311,13 +311,20 @@ def apply_policies(df: DataFrame, cfg: Config,
 
 
 def deduplicate(df: DataFrame, cfg: Config) -> DataFrame:
-    """Mark all but the latest row (by event time) per id -- per raw row without an id -- as duplicates."""
+    """Mark all but the latest row (by event time) per id -- per raw row without an id -- as duplicates.
+
+    Rows of one id at one time are ordered by their parsed values (PII pseudonymised, dropped PII
+    excluded): a total order up to rows whose kept values are all equal, of which it does not matter
+    which one is kept. The comparison only runs on such ties, and nothing is hashed for it."""
     names = cfg.names
     if not cfg.cleaning.dedup:
         return df.withColumn(DUP, F.lit(False))
-    key = F.col(names[cfg.id_column]) if cfg.id_column else F.col(ROW_HASH)
-    order = ([F.col(names[cfg.timestamp_column]).desc_nulls_last()] if cfg.timestamp_column else []) \
-        + [F.col(ROW_HASH).asc()]
+    if cfg.id_column:
+        key = F.col(names[cfg.id_column])
+        ties = [F.col(names[c]).asc() for c in cfg.schema_ if c not in cfg.pii.drop and c != cfg.id_column]
+    else:
+        key, ties = F.col(ROW_HASH), []  # the key is the whole row: nothing to break
+    order = ([F.col(names[cfg.timestamp_column]).desc_nulls_last()] if cfg.timestamp_column else []) + ties
     ok = F.col(REASON).isNull()
     w = Window.partitionBy(key, ok).orderBy(*order)
     return df.withColumn(DUP, ok & (F.row_number().over(w) > 1))

@@ -399,10 +399,14 @@ def parse_columns(raw: DataFrame, cfg: Config, salt: str | None) -> DataFrame:
         hash_fields.append(raw_text.alias(s))  # pseudonymised: the hash can become row_id (no id column)
         typed.append(value.alias(s))
         raw_fields.append(shift_safe(raw_text, malformed, keep_line).alias(s))
-    # the de-duplication key and tie-break, and row_id without an id column: keyed by the salt when
-    # there is one, over the parsed values (PII pseudonymised) and the malformed line
-    row_text = F.concat(F.to_json(F.struct(*hash_fields)), F.coalesce(F.col(CORRUPT), F.lit("")))
-    row_hash = salted_hash(row_text, salt) if salt else F.sha2(row_text, 256)
+    # without an id column: the de-duplication key and row_id, keyed by the salt when there is one, over
+    # the parsed values (PII pseudonymised) and the malformed line. With one, no row pays for it (the
+    # de-duplication breaks ties on the parsed values themselves: clean.deduplicate).
+    if cfg.id_column:
+        row_hash = F.lit(None).cast("string")
+    else:
+        row_text = F.concat(F.to_json(F.struct(*hash_fields)), F.coalesce(F.col(CORRUPT), F.lit("")))
+        row_hash = salted_hash(row_text, salt) if salt else F.sha2(row_text, 256)
     return df.select(
         *typed,
         F.struct(*raw_fields).alias(RAW),

@@ -410,3 +410,22 @@ def test_a_mean_cannot_impute_a_column_with_a_domain():
         clean.check_policies(make_cfg("x", "y", cleaning__nulls=nulls, cleaning__domains=domains))
     nulls["Amount (EUR)"]["statistic"] = "median"
     clean.check_policies(make_cfg("x", "y", cleaning__nulls=nulls, cleaning__domains=domains))
+
+
+def test_ties_between_duplicates_are_broken_by_their_values_whatever_the_input_order(spark, tmp_path):
+    """Rows of one id at one time differ only in their values: the same one is kept however the input is
+    ordered or split into files (the tie-break is the values, never the position of a row)."""
+    tied = [["t1", "2024-01-01 10:00:00", amount, country, "x@example.com", "0"]
+            for amount, country in [("7.0", "US"), ("3.0", "US"), ("3.0", "DE"), ("12.5", "FR")]]
+    other = [[f"o{i}", "2024-01-02 10:00:00", "1.0", "US", "y@example.com", "0"] for i in range(6)]
+    kept = []
+    for k, rows in enumerate([tied + other, other + tied[::-1], [tied[2], *other, tied[0], tied[3], tied[1]]]):
+        for j in range(2):  # the rows spread over two files, in another order each time
+            write_csv(tmp_path / f"in{k}" / f"part-{j}.csv", rows[j::2])
+        tagged, outcome, names = tag(spark, make_cfg(tmp_path / f"in{k}", tmp_path / f"out{k}"))
+        assert outcome["counts"]["duplicates"] == 3
+        row = tagged.where((F.col(clean.STATUS) == "clean") & (F.col("row_id") == pseudonym("t1", "test-salt"))) \
+            .select(names["Amount (EUR)"], names["country"]).collect()
+        assert len(row) == 1
+        kept.append(tuple(row[0]))
+    assert kept[0] == kept[1] == kept[2] == (3.0, "DE")  # the smallest values: amount, then country
