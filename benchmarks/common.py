@@ -47,6 +47,27 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
+def paired_ratios(a: list[float], b: list[float]) -> list[float]:
+    """``a[i] / b[i]`` for each round ``i``: the two contenders of one round ran back to back."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_ratios: {len(a)} and {len(b)} samples")
+    return [x / y for x, y in zip(a, b, strict=True)]
+
+
+def ratio_figure(a: list[float], b: list[float], digits: int = 2) -> tuple[float, list[float]]:
+    """A figure and its spread: the median of the per-round ratios ``a[i] / b[i]`` and their (min, max)."""
+    r = paired_ratios(a, b)
+    return round(median(r), digits), [round(min(r), digits), round(max(r), digits)]
+
+
+def summary(xs: list[float], digits: int = 2) -> dict[str, Any]:
+    """Median, (min, max) and every sample of one contender (whole numbers with ``digits=0``)."""
+    def r(x: float) -> float:
+        return round(x) if digits <= 0 else round(x, digits)
+
+    return {"median": r(median(xs)), "spread": [r(min(xs)), r(max(xs))], "samples": [r(x) for x in xs]}
+
+
 def raw_fraud(spark: Any, workdir: str, rows: int, seed: int = 42) -> str:
     """Synthetic raw fraud CSV of ``rows`` rows under ``workdir`` (generated once, then reused)."""
     from downpour import api

@@ -10,8 +10,10 @@
   this data once.
 
 At ``rows`` the three alternate ``repeats`` times (medians); at ``10 x rows`` prepare and bare I/O run
-once each (``big_repeats``, with and without windows), which gives ``prepare_10x_scaling`` (linear
-is 10).
+``big_repeats`` times each (with and without windows), which gives ``prepare_10x_scaling`` (linear
+is 10; the ratio of the medians, its spread over every (10x run, 1x run) pair). ``prepare_vs_bare_io``
+and ``prepare_no_windows_vs_bare_io`` are the medians over rounds of the ratio within the round, with
+their (min, max).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import os
 import shutil
 from typing import Any
 
-from benchmarks.common import alternate, bare_io, fraud_config, median, raw_fraud
+from benchmarks.common import alternate, bare_io, fraud_config, median, ratio_figure, raw_fraud
 
 
 def _prepare(spark: Any, raw: str, out: str, *overrides: str) -> dict[str, Any]:
@@ -66,6 +68,11 @@ def measure(spark: Any, workdir: str, rows: int = 1_000_000, repeats: int = 3, s
     for name in ("bare-small", "bare-big", "bare-warm-up", "warm-up", "small-nowin", "big-nowin"):
         shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     p1, p10 = median(s["prepare"]), median(b["prepare"])
+    vs_bare = ratio_figure(s["prepare"], s["bare_io"])
+    nowin_vs_bare = ratio_figure(s["prepare_no_windows"], s["bare_io"])
+    # 10x: the big runs are fewer than the small ones, so the spread is over every (big, small) pair
+    norm = 10 / scale
+    cross = [x * norm / y for x in b["prepare"] for y in s["prepare"]]
     return {
         "rows": rows,
         "scale": scale,
@@ -81,11 +88,14 @@ def measure(spark: Any, workdir: str, rows: int = 1_000_000, repeats: int = 3, s
         "prepare_no_windows_big_seconds": round(median(b["prepare_no_windows"]), 2),
         "prepare_big_rows_per_s": round(rows * scale / p10),
         "prepare_no_windows_big_rows_per_s": round(rows * scale / median(b["prepare_no_windows"])),
-        "prepare_vs_bare_io": round(p1 / median(s["bare_io"]), 2),
-        "prepare_no_windows_vs_bare_io": round(median(s["prepare_no_windows"]) / median(s["bare_io"]), 2),
+        "prepare_vs_bare_io": vs_bare[0],
+        "prepare_vs_bare_io_spread": vs_bare[1],
+        "prepare_no_windows_vs_bare_io": nowin_vs_bare[0],
+        "prepare_no_windows_vs_bare_io_spread": nowin_vs_bare[1],
         "prepare_vs_bare_io_big": round(p10 / median(b["bare_io"]), 2),
         "prepare_no_windows_vs_bare_io_big": round(median(b["prepare_no_windows"]) / median(b["bare_io"]), 2),
-        "prepare_10x_scaling": round(p10 / p1 * 10 / scale, 2),
+        "prepare_10x_scaling": round(p10 / p1 * norm, 2),
+        "prepare_10x_scaling_spread": [round(min(cross), 2), round(max(cross), 2)],
         "prepare_no_windows_10x_scaling": round(median(b["prepare_no_windows"]) / median(s["prepare_no_windows"])
                                                 * 10 / scale, 2),
         "bare_io_10x_scaling": round(median(b["bare_io"]) / median(s["bare_io"]) * 10 / scale, 2),

@@ -4,8 +4,11 @@
     python -m benchmarks.run --quick    # the same measurements on small data (a smoke check)
     python -m benchmarks.run --only input,peer   # some sections; the others keep their last values
 
-Each figure is a ratio of two things run side by side in this run, alternating, medians over
-repeats (see ``benchmarks/common.py``); absolute seconds are kept in the JSON for context only.
+Each figure is a ratio of contenders run side by side in this run: the same data, the same warm-up,
+the same timing window, alternated and repeated (at least 3 times in full mode, 2 in quick mode); the
+figure is the median of the per-round ratios and ``spreads`` holds their (min, max) (see
+``benchmarks/common.py``). Absolute seconds are kept in the JSON for context only. ``goals`` holds each
+goal, ``goals_met`` whether the figure meets it (null: not measured), ``gpu`` whether a GPU was used.
 """
 
 from __future__ import annotations
@@ -25,21 +28,28 @@ README = os.path.join(ROOT, "README.md")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 SECTIONS = ("input", "prepare", "training", "scoring", "peer")
 
-# key -> (what, goal as (op, value) or None for "report")
+# key -> (what, goal as (op, value) or None for "report"). Goals: the project's targets for each figure.
 GOALS: dict[str, tuple[str, tuple[str, float] | None]] = {
     "input_vs_stock_converter": ("input pipeline rows/s / petastorm `make_spark_converter(...).make_tf_dataset`"
-                                 " (batch 1024, shuffled)", (">=", 10)),
+                                 " (same rows, batch 1024, reader start and stop timed for both)", (">=", 10)),
     "input_vs_raw_pyarrow": ("input pipeline rows/s / a raw pyarrow scan of the same shards", (">=", 0.5)),
-    "horovod_2v1_speedup": ("training examples/s, 2 Horovod workers / 1 (same per-worker batch)", (">=", 1.8)),
-    "horovod_2v1_speedup_same_global_batch": ("the same, 2 workers at half the per-worker batch (same global batch)",
-                                              (">=", 1.8)),
-    "prepare_vs_bare_io": ("`prepare` wall time / bare Spark read-CSV-write-Parquet, same raw data", ("<=", 2)),
+    "train_vs_in_memory": ("training examples/s of one worker through the input pipeline / the same model on the "
+                           "same rows as in-memory tensors (`from_tensor_slices`)", (">=", 0.9)),
+    "horovod_2v1_speedup_fixed_threads": ("training examples/s, 2 Horovod workers / 1, one TensorFlow thread and "
+                                          "one reader thread per worker (same per-worker batch)", (">=", 1.8)),
+    "horovod_2v1_speedup_same_machine": ("the same, 1 worker on every core / 2 workers on half each: the same "
+                                         "machine either way, so not a data-parallel figure", None),
+    "horovod_2v1_speedup_same_global_batch": ("the same, 2 workers at half the per-worker batch (same global "
+                                              "batch)", None),
+    "prepare_vs_bare_io": ("`prepare` wall time / bare Spark read-CSV-write-Parquet, same raw data", ("<=", 5)),
+    "prepare_no_windows_vs_bare_io": ("the same without velocity window features", ("<=", 3)),
     "prepare_10x_scaling": ("`prepare` time on 10x rows / on 1x", ("<=", 11)),
     "peer_kerasestimator_time_ratio": ("our prepare+train+score time / `KerasEstimator` fit+transform",
                                        ("<=", 0.5)),
     "peer_kerasestimator_auc_delta": ("our test ROC-AUC minus `KerasEstimator`'s", (">=", 0)),
     "score_vs_bare_io": ("`downpour score` wall time (window features over the entity history) / bare Spark "
                          "read-CSV-write-Parquet, same raw rows", ("<=", 3)),
+    "score_10x_scaling": ("`downpour score` time on 10x raw rows / on 1x", ("<=", 11)),
     "scoring_rows_per_s": ("batch scoring rows/s (`downpour score` with entity history, raw rows in, Parquet out)",
                            None),
     "scoring_peak_rss_mb": ("peak RSS of a Python worker while scoring (MiB)", None),
@@ -50,14 +60,21 @@ GOALS: dict[str, tuple[str, tuple[str, float] | None]] = {
 }
 
 SIZES = {
-    "full": {"input_rows": 1_000_000, "input_rounds": 3, "stock_rows": 200_000,
+    # input: the stock converter reads 65-120k rows/s here, so 1M rows x (warm-up + 5 rounds) is 1-2 minutes
+    "full": {"input_rows": 1_000_000, "input_rounds": 5,
              # 200k -> 2M: prepare of 10M rows in local[2] with a 4 GiB driver runs out of heap here
              # (README, Troubleshooting); on a bigger machine: --size prepare_rows=1000000
-             "prepare_rows": 200_000, "prepare_repeats": 2, "scale": 10,
-             "train_repeats": 2, "train_epochs": 2, "peer_rows": 100_000, "peer_epochs": 2},
-    "quick": {"input_rows": 200_000, "input_rounds": 1, "stock_rows": 40_000,
-              "prepare_rows": 50_000, "prepare_repeats": 1, "scale": 10,
-              "train_repeats": 1, "train_epochs": 2, "peer_rows": 20_000, "peer_epochs": 1},
+             "prepare_rows": 200_000, "prepare_repeats": 3, "scale": 10,
+             "train_repeats": 3, "train_epochs": 2, "in_memory_epochs": 5,
+             # peer: a pair (ours, then the peer) took ~375 s at 100k rows, ~175 s at 40k (ours 67 s; peer
+             # 106 s, 75 of them its per-row transform): warm-up + 3 pairs at 40k is ~10 minutes. 40k rows
+             # give 6,000 test rows with ~28 positives (AUC standard error ~0.05, reported); for an AUC
+             # comparison finer than that: --size peer_rows=100000 (~20 minutes)
+             "peer_rows": 40_000, "peer_epochs": 2, "peer_repeats": 3},
+    "quick": {"input_rows": 200_000, "input_rounds": 2,
+              "prepare_rows": 50_000, "prepare_repeats": 2, "scale": 10,
+              "train_repeats": 2, "train_epochs": 2, "in_memory_epochs": 3,
+              "peer_rows": 20_000, "peer_epochs": 1, "peer_repeats": 2},
 }
 
 
@@ -96,15 +113,37 @@ def commit() -> str | None:
     return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def verdict(key: str, value: Any) -> str:
-    goal = GOALS[key][1]
-    if value is None:
+def goal_text(goal: tuple[str, float] | None) -> str:
+    return f"{goal[0]} {goal[1]}" if goal else "report"
+
+
+def goals() -> dict[str, dict[str, Any]]:
+    """The goals of the figures that have one: ``{key: {"op": ">=" | "<=", "value": N}}``."""
+    return {k: {"op": g[0], "value": g[1]} for k, (_, g) in GOALS.items() if g}
+
+
+def goals_met(figures: dict[str, Any], targets: dict[str, dict[str, Any]]) -> dict[str, bool | None]:
+    """Per goal: true/false from the figure, null when the figure was not measured."""
+    out: dict[str, bool | None] = {}
+    for key, g in targets.items():
+        value = figures.get(key)
+        if value is None:
+            out[key] = None
+        else:
+            out[key] = bool(value >= g["value"] if g["op"] == ">=" else value <= g["value"])
+    return out
+
+
+def verdict(met: bool | None, has_goal: bool, measured: bool) -> str:
+    if not measured:
         return "not measured"
-    if goal is None:
+    if not has_goal:
         return "reported"
-    op, target = goal
-    ok = value >= target if op == ">=" else value <= target
-    return "met" if ok else "**missed**"
+    return "met" if met else "**missed**"
+
+
+def _shown(value: Any) -> str:
+    return "-" if value is None else f"{value:,}" if isinstance(value, int) else f"{value}"
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -120,24 +159,42 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"scoring {sec['scoring']['scoring_rows']:,} raw rows" if "scoring" in sec else "",
         f"peer comparison {sec['peer']['rows']:,} rows" if "peer" in sec else "",
     ) if x)
+    gpu = result.get("gpu") or {}
+    gpu_text = (f" GPU: not measured ({gpu.get('why')})." if gpu and not gpu.get("measured")
+                else " GPU: measured." if gpu else "")
+    targets = result.get("goals") or goals()
+    figures = result.get("figures", {})
+    met = result.get("goals_met") or goals_met(figures, targets)
+    reached = [k for k, ok in met.items() if ok]
+    measured = [k for k, ok in met.items() if ok is not None]
     lines = [
-        f"Measured by `python -m benchmarks.run` on {result.get('finished_at', '?')} (commit "
+        f"Measured by `python -m benchmarks.run` ({result.get('mode', 'full')} mode) on "
+        f"{result.get('finished_at', '?')} (commit "
         f"{result.get('commit') or 'not recorded'}): {m.get('cpus')} CPUs, "
         f"{m.get('memory_gib')} GiB, {m.get('gpus', 0)} GPUs; TensorFlow {v.get('tensorflow')}, Horovod "
         f"{v.get('horovod')}, PySpark {v.get('pyspark')}, petastorm {v.get('petastorm')}, pyarrow "
         f"{v.get('pyarrow')}; load average at start {m.get('load_average_at_start')}. Sizes: {sizes or '-'}. "
-        "Each ratio compares two runs side by side in the same run (alternating, medians); raw numbers "
-        "and per-section timings are in `benchmarks/results/latest.json`.",
+        "Each ratio compares contenders run side by side in the same run (the same data and warm-up, "
+        "alternated, repeated): the figure is the median of the per-round ratios, the spread their "
+        "(min, max); raw numbers and per-section timings are in `benchmarks/results/latest.json`."
+        f"{gpu_text} Goals met: {len(reached)} of {len(measured)} measured ({len(targets)} goals).",
+        *([] if "spreads" in result else [
+            "", "**This result predates the current method** (figures were ratios of medians, without spreads, "
+            "and the input figure compared unequal row counts); figures renamed or added since show as not "
+            "measured. Re-run `make bench`."]),
         "",
-        "| key | what | measured | goal | |",
-        "| --- | --- | --- | --- | --- |",
+        "| key | what | median | spread (min, max) | goal | |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    figures = result.get("figures", {})
+    spreads = result.get("spreads", {})
     for key, (what, goal) in GOALS.items():
         value = figures.get(key)
-        goal_text = f"{goal[0]} {goal[1]}" if goal else "report"
-        shown = "-" if value is None else f"{value:,}" if isinstance(value, int) else f"{value}"
-        lines.append(f"| `{key}` | {what} | {shown} | {goal_text} | {verdict(key, value)} |")
+        sp = spreads.get(key)
+        sp_text = "-" if not sp else f"{_shown(sp[0])} - {_shown(sp[1])}"
+        t = targets.get(key)
+        lines.append(f"| `{key}` | {what} | {_shown(value)} | {sp_text} | "
+                     f"{goal_text((t['op'], t['value'])) if t else goal_text(goal)} | "
+                     f"{verdict(met.get(key), bool(t), value is not None)} |")
     notes = result.get("notes") or []
     if notes:
         lines.append("")
@@ -159,11 +216,25 @@ def update_readme(markdown: str, readme: str = README) -> None:
     os.replace(tmp, readme)
 
 
-def _figures(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _figures(sections: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(figures, spreads): each key of ``GOALS`` from whichever section measured it, and its (min, max)."""
     flat: dict[str, Any] = {}
     for data in sections.values():
         flat.update(data)
-    return {k: flat.get(k) for k in GOALS}
+    return {k: flat.get(k) for k in GOALS}, {k: flat.get(f"{k}_spread") for k in GOALS}
+
+
+def _gpu(info: dict[str, Any]) -> dict[str, Any]:
+    """Whether anything here ran on a GPU: nothing does without one (``tf.config.list_physical_devices``)."""
+    if not info.get("gpus"):
+        return {"measured": False, "why": "no GPU machine was lent to this run"}
+    return {"measured": False, "visible": info["gpus"],
+            "why": f"{info['gpus']} GPU(s) visible, but no section of this suite places work on a GPU"}
+
+
+def _notes(sections: dict[str, dict[str, Any]]) -> list[str]:
+    """What each section says about its own figures (``notes`` in a section)."""
+    return [f"{name}: {n}" for name in SECTIONS for n in (sections.get(name, {}).get("notes") or [])]
 
 
 def run(mode: str, only: set[str], workdir: str) -> dict[str, Any]:
@@ -188,7 +259,7 @@ def run(mode: str, only: set[str], workdir: str) -> dict[str, Any]:
         timings[name] = round(time.perf_counter() - t0, 1)
         print(json.dumps({name: sections[name]}, indent=2), flush=True)
 
-    from benchmarks import input_pipeline, prepare_scaling, scoring, training_scaling
+    from benchmarks import input_pipeline, prepare_scaling, scoring, train_in_memory, training_scaling
 
     section("input", lambda: _input(input_pipeline, size, workdir, spark))
     prep: dict[str, Any] = {}
@@ -202,16 +273,21 @@ def run(mode: str, only: set[str], workdir: str) -> dict[str, Any]:
             "prepared_rows": prep.get("rows", size["prepare_rows"]),
             **training_scaling.measure_scaling(spark, prep["raw_small"], prep["prepared_small"],
                                                size["train_repeats"], size["train_epochs"]),
+            "in_memory": train_in_memory.measure(prep["raw_small"], prep["prepared_small"], size["train_repeats"],
+                                                 size["in_memory_epochs"], workdir),
             **training_scaling.measure_memory(spark, prep["raw_small"], prep["prepared_small"],
                                               prep["raw_big"], prep["prepared_big"]),
         })
+        im = sections["training"]["in_memory"]
+        sections["training"].update(train_vs_in_memory=im["train_vs_in_memory"],
+                                    train_vs_in_memory_spread=im["train_vs_in_memory_spread"])
     if "scoring" in only:
         if not _has_explain(os.path.join(prep["prepared_small"], "model", "model_card.json")):
             # any model of the shipped config will do (one with the explain signature): one epoch on 1x rows
             training_scaling.train(spark, prep["raw_small"], prep["prepared_small"], "training.epochs=1",
                                     "training.workers=1")
         section("scoring", lambda: {
-            **scoring.measure(spark, prep["raw_big"], prep["prepared_small"], workdir),
+            **scoring.measure(spark, prep["raw_big"], prep["prepared_small"], workdir, raw_small=prep["raw_small"]),
             **scoring.measure_reasons(spark, prep["raw_small"], prep["prepared_small"], workdir),
         })
     if "peer" in only:
@@ -221,11 +297,15 @@ def run(mode: str, only: set[str], workdir: str) -> dict[str, Any]:
         # models that saw the same examples for the same number of steps.
         section("peer", lambda: peer_estimator.measure(spark, os.path.join(workdir, "peer"),
                                                        rows=size["peer_rows"], epochs=size["peer_epochs"],
+                                                       repeats=size["peer_repeats"],
                                                        overrides=["training.imbalance=none"]))
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    return {"mode": mode, "finished_at": now, "commit": measured, "machine": info, "sizes": size,
-            "figures": _figures(sections), "sections": sections, "section_seconds": timings,
-            "notes": previous.get("notes", [])}
+    figures, spreads = _figures(sections)
+    targets = goals()
+    return {"mode": mode, "finished_at": now, "commit": measured, "machine": info, "gpu": _gpu(info),
+            "sizes": size, "figures": figures, "spreads": spreads, "goals": targets,
+            "goals_met": goals_met(figures, targets), "sections": sections, "section_seconds": timings,
+            "notes": _notes(sections)}
 
 
 def _has_explain(card: str) -> bool:
@@ -238,9 +318,12 @@ def _has_explain(card: str) -> bool:
 
 
 def _input(module: Any, size: dict[str, Any], workdir: str, spark: Any) -> dict[str, Any]:
-    r = module.measure(rows=size["input_rows"], rounds=size["input_rounds"], stock_rows=size["stock_rows"],
-                       workdir=os.path.join(workdir, "input"), spark=spark)
-    return {**r, "input_vs_stock_converter": r["ours_vs_stock"], "input_vs_raw_pyarrow": r["ours_vs_raw_pyarrow"]}
+    r = module.measure(rows=size["input_rows"], rounds=size["input_rounds"], workdir=os.path.join(workdir, "input"),
+                       spark=spark)
+    return {**r, "input_vs_stock_converter": r["ours_vs_stock"],
+            "input_vs_stock_converter_spread": r["ours_vs_stock_spread"],
+            "input_vs_raw_pyarrow": r["ours_vs_raw_pyarrow"],
+            "input_vs_raw_pyarrow_spread": r["ours_vs_raw_pyarrow_spread"]}
 
 
 def _ensure_prepared(spark: Any, workdir: str, size: dict[str, Any]) -> dict[str, Any]:

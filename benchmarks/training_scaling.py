@@ -1,10 +1,22 @@
 """Horovod data-parallel scaling (2 workers against 1) and training memory on 1x against 10x rows.
 
-* ``horovod_2v1_speedup``: training examples/s (all ranks together, the last epoch's, so graph
-  tracing in epoch 1 is left out) with 2 Horovod workers over 1, same per-worker batch (weak scaling:
-  what the Horovod paper's 90% efficiency refers to), alternated ``repeats`` times on the same
-  prepared fraud shards with ``training.imbalance=none`` (every train row is read and trained on);
+``train_vs_in_memory`` (our input pipeline against in-memory tensors) is ``benchmarks/train_in_memory.py``.
+
+* ``horovod_2v1_speedup_fixed_threads``: data parallelism with fixed resources per worker: training
+  examples/s (all ranks together) of 2 Horovod workers over 1, each worker with one TensorFlow thread
+  (``training.threads_per_worker=1``, which ``training/rank.py`` applies to the intra- and inter-op
+  pools and ``OMP_NUM_THREADS``) and one petastorm reader thread (``training.reader_workers=1``), the
+  same per-worker batch, the same data and epochs. Not capped: tf.data's own thread pool and Horovod's
+  background thread. On a machine with fewer free cores than workers this cannot reach 2.
+* ``horovod_2v1_speedup_same_machine`` (was ``horovod_2v1_speedup``): 1 worker with the default threads
+  (all cores) against 2 workers with cores/2 each, same per-worker batch: both use the whole machine,
+  so on one machine this says nothing about data parallelism (reported, no goal);
   ``horovod_2v1_speedup_same_global_batch`` is the same with 2 workers at half the per-worker batch.
+
+  All five runs alternate ``repeats`` times (the order rotated every round) on the same prepared fraud
+  shards with ``training.imbalance=none`` (every train row is read and trained on); examples/s is taken
+  over every epoch after the first (the first traces the graph: the warm-up, the same for all); each
+  figure is the median over rounds of the ratio within the round, with its (min, max).
 * ``train_peak_rss_10x_ratio``: peak RSS of the Python processes under the driver (the Horovod
   ranks and Spark's Python workers) training one epoch with the shipped ``conf/fraud.yaml`` on shards
   prepared from 10x the rows, over the same on 1x: the input pipeline streams row groups, so this
@@ -17,7 +29,7 @@ import json
 import os
 from typing import Any
 
-from benchmarks.common import fraud_config, median
+from benchmarks.common import fraud_config
 
 
 def train(spark: Any, raw: str, out: str, *overrides: str) -> dict[str, Any]:
@@ -26,41 +38,72 @@ def train(spark: Any, raw: str, out: str, *overrides: str) -> dict[str, Any]:
     return run_training(spark, fraud_config(raw, out, "evaluation.baseline=false", *overrides), fresh=True)
 
 
-def _last_epoch_speed(out: str) -> float:
+def _speed_after_first_epoch(out: str) -> float:
+    """Training examples/s (all ranks) over every epoch but the first (which traces the graph)."""
     with open(os.path.join(out, "model", "history.json")) as f:
-        return float(json.load(f)["epochs"][-1]["examples_per_s"])
+        epochs = json.load(f)["epochs"]
+    timed = epochs[1:] or epochs
+    seconds = sum(float(e["train_seconds"]) for e in timed)
+    return sum(float(e["examples_per_s"]) * float(e["train_seconds"]) for e in timed) / seconds
 
 
-def measure_scaling(spark: Any, raw: str, out: str, repeats: int = 2, epochs: int = 2) -> dict[str, Any]:
-    """Examples/s with 1 and 2 workers, alternating (``out`` holds a published ``prepared/``)."""
+# name -> (workers, per-worker batch as a fraction of the config's, extra overrides)
+FIXED = ("training.threads_per_worker=1", "training.reader_workers=1")
+RUNS: dict[str, tuple[int, float, tuple[str, ...]]] = {
+    # one worker with the default threads (all cores) against two with cores/2 each: the same machine
+    "1": (1, 1.0, ()),
+    "2": (2, 1.0, ()),
+    "2_same_global_batch": (2, 0.5, ()),
+    # fixed resources per worker: one TensorFlow thread (intra- and inter-op) and one reader thread each
+    "1_fixed_threads": (1, 1.0, FIXED),
+    "2_fixed_threads": (2, 1.0, FIXED),
+}
+
+
+def measure_scaling(spark: Any, raw: str, out: str, repeats: int = 3, epochs: int = 2) -> dict[str, Any]:
+    """Examples/s of every run in ``RUNS``, alternated ``repeats`` times (``out`` holds a published
+    ``prepared/``); each figure is the median of per-round ratios with their (min, max)."""
+    from benchmarks.common import ratio_figure, summary
     from downpour.logs import LOG
 
     batch = fraud_config(raw, out).training.batch_size
-    # (workers, per-worker batch): 1 worker; 2 workers at the same per-worker batch (weak scaling);
-    # 2 workers at half of it (the same global batch, so the same optimisation steps per epoch)
-    runs = {"1": (1, batch), "2": (2, batch), "2_same_global_batch": (2, max(1, batch // 2))}
-    speeds: dict[str, list[float]] = {k: [] for k in runs}
-    card: dict[str, Any] = {}
+    speeds: dict[str, list[float]] = {k: [] for k in RUNS}
+    threads: dict[str, Any] = {}
+    names = list(RUNS)
     for i in range(repeats):
-        for name, (workers, per_worker) in runs.items():
+        for name in names[i % len(names):] + names[:i % len(names)]:  # rotate who goes first
+            workers, fraction, extra = RUNS[name]
             card = train(spark, raw, out, f"training.workers={workers}", f"training.epochs={epochs}",
-                          f"training.batch_size={per_worker}", "training.imbalance=none",
-                          "training.early_stopping_patience=0")
-            speeds[name].append(_last_epoch_speed(out))
+                         f"training.batch_size={max(1, int(batch * fraction))}", "training.imbalance=none",
+                         "training.early_stopping_patience=0", *extra)
+            threads[name] = card.get("training", {}).get("threads_per_worker")
+            speeds[name].append(_speed_after_first_epoch(out))
             LOG.info("bench training %s round %d/%d: %.0f examples/s", name, i + 1, repeats, speeds[name][-1])
-    s1, s2, s2g = median(speeds["1"]), median(speeds["2"]), median(speeds["2_same_global_batch"])
-    t = card.get("training", {})
+    same, same_spread = ratio_figure(speeds["2"], speeds["1"])
+    sgb, sgb_spread = ratio_figure(speeds["2_same_global_batch"], speeds["1"])
+    fixed, fixed_spread = ratio_figure(speeds["2_fixed_threads"], speeds["1_fixed_threads"])
+    per = {k: summary(v, 0) for k, v in speeds.items()}
     return {
         "epochs": epochs,
         "repeats": repeats,
         "batch_size_per_worker": batch,
-        "threads_per_worker_2_workers": t.get("threads_per_worker"),
-        "examples_per_s_1_worker": round(s1),
-        "examples_per_s_2_workers": round(s2),
-        "examples_per_s_2_workers_same_global_batch": round(s2g),
-        "horovod_2v1_speedup": round(s2 / s1, 2),
-        "horovod_2v1_speedup_same_global_batch": round(s2g / s1, 2),
-        "samples_examples_per_s": {k: [round(x) for x in v] for k, v in speeds.items()},
+        "runs": {k: {"workers": w, "batch_size_per_worker": max(1, int(batch * f)), "overrides": list(x),
+                     "threads_per_worker": threads.get(k)} for k, (w, f, x) in RUNS.items()},
+        "timed": "examples/s of every epoch after the first (which traces the graph and is the warm-up), "
+                 "from the run's history.json (validation excluded); every run on the same prepared "
+                 "shards, imbalance=none (every train row), the same epochs",
+        "examples_per_s": per,
+        "examples_per_s_1_worker": per["1"]["median"],
+        "examples_per_s_2_workers": per["2"]["median"],
+        "examples_per_s_2_workers_same_global_batch": per["2_same_global_batch"]["median"],
+        "examples_per_s_1_worker_fixed_threads": per["1_fixed_threads"]["median"],
+        "examples_per_s_2_workers_fixed_threads": per["2_fixed_threads"]["median"],
+        "horovod_2v1_speedup_same_machine": same,
+        "horovod_2v1_speedup_same_machine_spread": same_spread,
+        "horovod_2v1_speedup_same_global_batch": sgb,
+        "horovod_2v1_speedup_same_global_batch_spread": sgb_spread,
+        "horovod_2v1_speedup_fixed_threads": fixed,
+        "horovod_2v1_speedup_fixed_threads_spread": fixed_spread,
     }
 
 

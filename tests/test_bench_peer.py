@@ -87,6 +87,7 @@ def _handed_over(spark, tmp_path, monkeypatch, mode):
     monkeypatch.setattr("downpour.spark.get_spark", lambda **_: spark)
     monkeypatch.setattr(run, "machine", lambda: {})
     monkeypatch.setattr(pe, "raw_data", lambda *a, **k: str(tmp_path / "raw-not-generated"))
+    monkeypatch.setattr(pe, "warm_up", lambda *a, **k: 0.0)  # its own pair; the measured pairs are checked here
     monkeypatch.setattr(pe, "run_ours", fake_ours)
     monkeypatch.setattr(pe, "run_peer", fake_peer)
     with pytest.raises(_Stop):
