@@ -8,9 +8,10 @@ what makes ``input == clean + quarantined + duplicates`` checkable with a single
 (``outcome_counts``), and what lets the clean rows and the quarantine be written from one cached frame.
 
 Duplicates (same id, or the same raw row when there is no id column) keep the latest row by event
-time, ties broken by the raw-row hash so the survivor is the same on every run; they are counted, not
-quarantined. Rows whose label, id, event time (time split, window features) or weight is null after
-the null policy are quarantined as ``null:<col>``: no stage downstream could use them.
+time, ties broken by the parsed values and their imputation and blank markers, so the survivor is the
+same on every run and in every input order; they are counted, not quarantined. Rows whose label, id,
+event time (time split, window features) or weight is null after the null policy are quarantined as
+``null:<col>``: no stage downstream could use them.
 
 Long: the cleaning policies, row tagging, accounting and the quarantine's shape are one contract.
 """
@@ -314,16 +315,18 @@ def deduplicate(df: DataFrame, cfg: Config) -> DataFrame:
     """Mark all but the latest row (by event time) per id -- per raw row without an id -- as duplicates.
 
     Rows of one id at one time are ordered by their parsed values (PII pseudonymised, dropped PII
-    excluded): a total order up to rows whose kept values are all equal, of which it does not matter
-    which one is kept. The comparison only runs on such ties, and nothing is hashed for it."""
+    excluded), then by their imputation and blank markers (a null imputed to 0.0 and a literal 0.0 keep
+    different missing flags): a total order over everything a kept row carries downstream. The
+    comparison only runs on such ties, and nothing is hashed for it."""
     names = cfg.names
     if not cfg.cleaning.dedup:
         return df.withColumn(DUP, F.lit(False))
     if cfg.id_column:
         key = F.col(names[cfg.id_column])
         ties = [F.col(names[c]).asc() for c in cfg.schema_ if c not in cfg.pii.drop and c != cfg.id_column]
-    else:
-        key, ties = F.col(ROW_HASH), []  # the key is the whole row: nothing to break
+        ties += [F.col(c).asc() for c in df.columns if c.startswith((IMPUTED_PREFIX, BLANK_PREFIX))]
+    else:  # the key is the whole row: nothing to break, but a window function needs an order
+        key, ties = F.col(ROW_HASH), [F.col(ROW_HASH).asc()]
     order = ([F.col(names[cfg.timestamp_column]).desc_nulls_last()] if cfg.timestamp_column else []) + ties
     ok = F.col(REASON).isNull()
     w = Window.partitionBy(key, ok).orderBy(*order)

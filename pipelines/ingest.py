@@ -350,7 +350,8 @@ def parse_columns(raw: DataFrame, cfg: Config, salt: str | None) -> DataFrame:
     Returns the declared columns (typed; ``pii.hash`` ones as hex digests; ``pii.drop`` ones gone)
     plus ``_dp_raw`` (the raw text of every kept column, PII-sanitised), ``_dp_reason`` /
     ``_dp_stage`` (``malformed`` or ``cast_failed:<column>`` from stage ``ingest``), the source file,
-    a stable hash of the raw row, and one ``_dp_blank__<col>`` flag per text column for the counts.
+    without an id column a stable hash of the raw row (null with one), and one ``_dp_blank__<col>``
+    flag per text column for the counts.
     """
     names = cfg.names
     c_opts = cfg.cleaning

@@ -4,7 +4,7 @@ transform -> shards -> publish, with ``manifest.json`` written last.
 I/O and configuration live here; the stages are DataFrame-in / DataFrame-out functions. The raw input
 is read once: the tagged frame (every input row with its status) is persisted and feeds the counts,
 the quarantine and the clean branch; the clean rows with window features and split are persisted
-and feed the split counts, the feature fit and the three shard writes. Imputation statistics
+and feed the split counts, the feature fit and the one shard write of all splits. Imputation statistics
 (``cleaning.nulls.*.statistic``) are fitted on the train split's clean rows, after the split.
 
 Idempotent: ``data_version`` is a hash of the input fingerprint (path, size, mtime of every input
@@ -48,8 +48,9 @@ if TYPE_CHECKING:
     from downpour.features.state import FeatureState
 
 # 2: PII pseudonyms are HMAC-SHA256; imputation statistics fitted on train; 3: the manifest carries the
-# drift reference (a version prepared before it would be a no-op re-run without one)
-FORMAT_VERSION = 3
+# drift reference (a version prepared before it would be a no-op re-run without one); 4: duplicates tied at
+# one id and time keep the row with the smallest values, not the smallest row hash
+FORMAT_VERSION = 4
 _MAX_LISTED_FILES = 1000
 
 
@@ -141,7 +142,7 @@ class _Ingested:
 @dataclass(frozen=True)
 class _Windowed:
     """The clean rows with their split and window features, persisted (the split counts, the feature fit
-    and the three shard writes read it), and what the split decided."""
+    and the shard write read it), and what the split decided."""
 
     frame: DataFrame
     per_split: dict[str, dict[str, int]]
@@ -210,7 +211,8 @@ def _write_quarantine(spark: SparkSession, cfg: Config, files: list[FileInfo], s
         q = clean.quarantine_frame(ingested.tagged, cfg, data_version, lines)
         q_files = max(1, -(-counts["quarantined"] // 1_000_000))
         q_url = where.staged.quarantine
-        # repartition, not coalesce: coalesce(1) would scan the whole tagged frame in one task
+        # repartition, not coalesce: coalesce(1) would scan the whole tagged frame in one task (the row
+        # order of the quarantine is not part of its contract; its rows and reasons are)
         q.repartition(q_files).write.option("compression", shards._CODECS[cfg.shards.compression]) \
             .option("mapreduce.fileoutputcommitter.marksuccessfuljobs", "false").parquet(q_url)
         q_written = sum(f["rows"] for f in shards.inspect_shards(spark, q_url))

@@ -53,7 +53,8 @@ from downpour.storage import FileInfo
 # ---- `downpour score`: any raw table -> scores ------------------------------------------------------
 
 _RAW_JSON = "_dp_raw_json"
-_BROADCAST_FAILED = 1_000_000  # rows the model failed on, up to which their ids are broadcast to the join
+# rows the model failed on, up to which their ids and errors (<= ~330 bytes each) are broadcast to the join
+_BROADCAST_FAILED = 100_000
 _RID = "_dp_rid"  # a row's number in the persisted input batch: how a row the model failed on finds its raw values
 GAP_WARNING = 0.01  # a completeness gap above this (in score units) is logged: more steps would help
 

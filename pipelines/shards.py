@@ -106,8 +106,9 @@ def write_split_shards(df: DataFrame, split_column: str, names: list[str], base_
     """:func:`write_shards` for one frame whose ``split_column`` names each row's split (one of ``names``):
     its rows are read once, not once per split. The column itself is not written."""
     columns = [c for c in df.columns if c != split_column]
-    index = F.lit(None).cast("int")
-    for i, name in enumerate(names):
+    index = F.raise_error(F.concat(F.lit(f"shards: a row's {split_column} is none of {names}: "),
+                                   F.coalesce(F.col(split_column).cast("string"), F.lit("null"))))
+    for i, name in reversed(list(enumerate(names))):
         index = F.when(F.col(split_column) == name, F.lit(i)).otherwise(index)
     return _write_all(df.withColumn(_S, index).drop(split_column), names, columns, base_url, cfg, seed,
                       partitions)
@@ -119,8 +120,8 @@ def _write_all(union: DataFrame, names: list[str], columns: list[str], base_url:
     if partitions is not None:
         union = union.coalesce(partitions)
     # Not persisted: the count per bucket reads only the split and row_id (column pruning drops the
-    # feature transform from that job), so materialising every model-ready row once more would cost a
-    # full write and read of the data to save nothing.
+    # per-row feature expressions and the Python UDF from that job; only large-vocabulary broadcast
+    # joins stay), so materialising every model-ready row once more would cost a full write and read.
     plans = _write(union, base_url, names, columns, cfg, seed)
     spark = union.sparkSession
     out = {}

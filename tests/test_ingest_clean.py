@@ -417,15 +417,34 @@ def test_ties_between_duplicates_are_broken_by_their_values_whatever_the_input_o
     ordered or split into files (the tie-break is the values, never the position of a row)."""
     tied = [["t1", "2024-01-01 10:00:00", amount, country, "x@example.com", "0"]
             for amount, country in [("7.0", "US"), ("3.0", "US"), ("3.0", "DE"), ("12.5", "FR")]]
+    # equal values once imputed (a blank amount is imputed 0.0), but only one is flagged as missing
+    imputed = [["t2", "2024-01-01 11:00:00", amount, "US", "x@example.com", "0"] for amount in ("", "0.0")]
     other = [[f"o{i}", "2024-01-02 10:00:00", "1.0", "US", "y@example.com", "0"] for i in range(6)]
     kept = []
-    for k, rows in enumerate([tied + other, other + tied[::-1], [tied[2], *other, tied[0], tied[3], tied[1]]]):
+    orders = [tied + imputed + other, other + imputed[::-1] + tied[::-1],
+              [tied[2], imputed[1], *other, tied[0], imputed[0], tied[3], tied[1]]]
+    for k, rows in enumerate(orders):
         for j in range(2):  # the rows spread over two files, in another order each time
             write_csv(tmp_path / f"in{k}" / f"part-{j}.csv", rows[j::2])
         tagged, outcome, names = tag(spark, make_cfg(tmp_path / f"in{k}", tmp_path / f"out{k}"))
-        assert outcome["counts"]["duplicates"] == 3
-        row = tagged.where((F.col(clean.STATUS) == "clean") & (F.col("row_id") == pseudonym("t1", "test-salt"))) \
-            .select(names["Amount (EUR)"], names["country"]).collect()
-        assert len(row) == 1
-        kept.append(tuple(row[0]))
-    assert kept[0] == kept[1] == kept[2] == (3.0, "DE")  # the smallest values: amount, then country
+        assert outcome["counts"]["duplicates"] == 4
+        amount, flag = names["Amount (EUR)"], clean.flag_columns(make_cfg(tmp_path, tmp_path))["Amount (EUR)"]
+        got = {r["row_id"]: (r[amount], r[names["country"]], r[flag]) for r in tagged
+               .where((F.col(clean.STATUS) == "clean") & F.col("row_id").isin(pseudonym("t1", "test-salt"),
+                                                                                pseudonym("t2", "test-salt")))
+               .collect()}
+        assert len(got) == 2
+        kept.append(got)
+    # the smallest values (amount, then country); at equal values, the row that was not imputed
+    assert kept[0] == kept[1] == kept[2] == {pseudonym("t1", "test-salt"): (3.0, "DE", 0),
+                                             pseudonym("t2", "test-salt"): (0.0, "US", 0)}
+
+
+def test_dedup_without_an_id_or_a_time_column_keeps_one_of_each_raw_row(spark, tmp_path):
+    """No id and no event time: a duplicate is the same raw row, and one of each is kept."""
+    rows = [["a", "2024-01-01 10:00:00", "1.0", "US", "x@example.com", "0"],
+            ["b", "2024-01-01 10:00:00", "2.0", "US", "x@example.com", "1"]]
+    write_csv(tmp_path / "in" / "part-0.csv", [rows[0], rows[1], rows[0], rows[0]])
+    cfg = make_cfg(tmp_path / "in", tmp_path / "out", id_column=None, timestamp_column=None)
+    tagged, outcome, _ = tag(spark, cfg)
+    assert outcome["counts"] == {"input": 4, "clean": 2, "quarantined": 0, "duplicates": 2}
