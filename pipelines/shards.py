@@ -45,6 +45,7 @@ BUCKETS = 4096
 MAX_RATIO = 1.25
 _BLOCK_BYTES = 1 << 40  # "never flush a row group early": a file's rows form one row group
 _H, _B, _IDX, _S, _GID, _OFF = "_dp_h", "_dp_b", "_dp_idx", "_dp_split", "_dp_gid", "_dp_off"
+_SPLIT_NAME = "_dp_split_name"
 _CODECS = {"none": "uncompressed", "snappy": "snappy", "zstd": "zstd", "gzip": "gzip"}
 _TMP = "_dp_shards_tmp"
 _WRITTEN = re.compile(rf"/{_S}=(\d+)/{_GID}=(\d+)/[^/]+\.parquet$")
@@ -90,33 +91,27 @@ def writer_options(cfg: Config) -> dict[str, str]:
 
 def write_shards(frames: Mapping[str, DataFrame], base_url: str, cfg: Config, seed: int,
                  partitions: int | None = None) -> dict[str, tuple[ShardPlan, list[dict[str, Any]]]]:
-    """Write each frame (same model-ready columns incl. ``row_id``) to ``<base_url>/<name>/`` as
-    balanced, deterministic Parquet; returns per name the plan and the files as written. ``base_url``
-    must be qualified (``file:/x``, ``hdfs://...``): a bare path is taken as local. ``partitions``
-    (``downpour.spark.sized_partitions``) caps the partitions of the union of the frames."""
+    """:func:`write_split_shards` for one frame per split (same model-ready columns incl. ``row_id``)."""
     names = list(frames)
     columns = frames[names[0]].columns
     union = reduce(DataFrame.unionByName,
-                   [frames[n].select(*columns).withColumn(_S, F.lit(i)) for i, n in enumerate(names)])
-    return _write_all(union, names, columns, base_url, cfg, seed, partitions)
+                   [frames[n].select(*columns).withColumn(_SPLIT_NAME, F.lit(n)) for n in names])
+    return write_split_shards(union, _SPLIT_NAME, names, base_url, cfg, seed, partitions)
 
 
 def write_split_shards(df: DataFrame, split_column: str, names: list[str], base_url: str, cfg: Config, seed: int,
                        partitions: int | None = None) -> dict[str, tuple[ShardPlan, list[dict[str, Any]]]]:
-    """:func:`write_shards` for one frame whose ``split_column`` names each row's split (one of ``names``):
-    its rows are read once, not once per split. The column itself is not written."""
+    """Write the rows of ``df`` (model-ready columns incl. ``row_id``) to ``<base_url>/<split>/`` by their
+    ``split_column`` (one of ``names``; the column itself is not written) as balanced, deterministic
+    Parquet, reading ``df`` once for all splits; returns per split the plan and the files as written.
+    ``base_url`` must be qualified (``file:/x``, ``hdfs://...``): a bare path is taken as local.
+    ``partitions`` (``downpour.spark.sized_partitions``) caps the partitions of ``df``."""
     columns = [c for c in df.columns if c != split_column]
     index = F.raise_error(F.concat(F.lit(f"shards: a row's {split_column} is none of {names}: "),
                                    F.coalesce(F.col(split_column).cast("string"), F.lit("null"))))
-    for i, name in reversed(list(enumerate(names))):
+    for i, name in enumerate(names):
         index = F.when(F.col(split_column) == name, F.lit(i)).otherwise(index)
-    return _write_all(df.withColumn(_S, index).drop(split_column), names, columns, base_url, cfg, seed,
-                      partitions)
-
-
-def _write_all(union: DataFrame, names: list[str], columns: list[str], base_url: str, cfg: Config, seed: int,
-               partitions: int | None) -> dict[str, tuple[ShardPlan, list[dict[str, Any]]]]:
-    """Plan and write every split of ``union`` (``columns`` plus the split index ``_S``), then describe them."""
+    union = df.withColumn(_S, index).drop(split_column)
     if partitions is not None:
         union = union.coalesce(partitions)
     # Not persisted: the count per bucket reads only the split and row_id (column pruning drops the
