@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -236,9 +237,9 @@ def test_evaluate_without_a_model_says_what_to_run(spark, tmp_path):
 
 # ---- end to end on the real stack (prepare -> train -> evaluate -> gate -> score) ----------------------
 
-def _zero_weights_copy(model_root: Path, dest: Path, version: str) -> None:
-    """The exported model with every variable set to zero: a constant score, ROC-AUC 0.5. A clearly
-    worse model that is still a valid SavedModel with both signatures."""
+def _copy_with_variables(model_root: Path, dest: Path, change: Callable[[dict], None]) -> None:
+    """The exported model copied to ``dest`` with ``change({id: variable})`` applied to its variables
+    before the SavedModel is written again (both signatures kept)."""
     import shutil
 
     import tensorflow as tf
@@ -248,9 +249,20 @@ def _zero_weights_copy(model_root: Path, dest: Path, version: str) -> None:
     loaded = tf.saved_model.load(str(model_root / "saved_model"))
     variables = {id(v): v for sig in loaded.signatures.values() for v in sig.variables}
     assert variables
-    for v in variables.values():
-        v.assign(tf.zeros_like(v))
+    change(variables)
     tf.saved_model.save(loaded, str(dest / "saved_model"), signatures=dict(loaded.signatures))
+
+
+def _zero_weights_copy(model_root: Path, dest: Path, version: str) -> None:
+    """The exported model with every variable set to zero: a constant score, ROC-AUC 0.5. A clearly
+    worse model that is still a valid SavedModel with both signatures."""
+    import tensorflow as tf
+
+    def zero(variables: dict) -> None:
+        for v in variables.values():
+            v.assign(tf.zeros_like(v))
+
+    _copy_with_variables(model_root, dest, zero)
     card = json.loads((dest / "model_card.json").read_text())
     card["model_version"] = version
     card.pop("metrics", None)
@@ -261,19 +273,15 @@ def _nan_known_contracts_copy(model_root: Path, dest: Path) -> None:
     """The exported model with the Contract's wide weights for known values set to NaN: a damaged model that
     returns NaN for every row with a known Contract, and scores an unseen one (index 0). The wide weights,
     not the embedding: the deep tower's ReLU turns a NaN into 0."""
-    import shutil
-
     import tensorflow as tf
 
-    shutil.copytree(model_root, dest, symlinks=False)
-    shutil.rmtree(dest / "saved_model")
-    loaded = tf.saved_model.load(str(model_root / "saved_model"))
-    variables = {id(v): v for sig in loaded.signatures.values() for v in sig.variables}
-    table = [v for v in variables.values() if v.name.startswith("wide/c__contract/")]
-    assert len(table) == 1, [v.name for v in variables.values()]
-    known = tf.range(table[0].shape[0]) > 0
-    table[0].assign(tf.where(known[:, None], float("nan"), table[0]))
-    tf.saved_model.save(loaded, str(dest / "saved_model"), signatures=dict(loaded.signatures))
+    def damage(variables: dict) -> None:
+        table = [v for v in variables.values() if v.name.startswith("wide/c__contract/")]
+        assert len(table) == 1, [v.name for v in variables.values()]
+        known = tf.range(table[0].shape[0]) > 0
+        table[0].assign(tf.where(known[:, None], float("nan"), table[0]))
+
+    _copy_with_variables(model_root, dest, damage)
 
 
 @pytest.mark.slow
