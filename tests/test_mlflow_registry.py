@@ -40,19 +40,24 @@ def _export(state: dict[str, Any], w: np.ndarray, tables: list[np.ndarray], path
 
     from downpour.training.export import export_saved_model
 
-    class Linear(tf.keras.Model):
+    class Linear(tf.keras.layers.Layer):
         def __init__(self) -> None:
             super().__init__()
             self.w = tf.Variable(w, dtype=tf.float64)
             self.tables = [tf.Variable(t, dtype=tf.float64) for t in tables]
 
-        def call(self, inputs, training=False):
+        def call(self, inputs):
             z = tf.add_n([tf.cast(inputs[f"n__x{i}"], tf.float64) * self.w[i] for i in range(NUMERIC)])
             for j, t in enumerate(self.tables):
                 z += tf.gather(t, inputs[f"c__k{j}"])
-            return tf.cast(tf.sigmoid(z), tf.float32)
+            return tf.cast(z, tf.float32)
 
-    return export_saved_model(Linear(), state, 0.0, str(path))["signatures"]
+    # a functional model whose last layer is the sigmoid named "score", as training/model.py builds it
+    inputs = {f"n__x{i}": tf.keras.Input(shape=(), name=f"n__x{i}", dtype=tf.float32) for i in range(NUMERIC)}
+    inputs |= {f"c__k{j}": tf.keras.Input(shape=(), name=f"c__k{j}", dtype=tf.int64) for j in range(CATEGORICAL)}
+    score = tf.keras.layers.Activation("sigmoid", name="score")(Linear()(inputs))
+    model = tf.keras.Model(inputs=inputs, outputs=score)
+    return export_saved_model(model, state, 0.0, str(path))["signatures"]
 
 
 @pytest.fixture(scope="module")

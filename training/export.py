@@ -13,7 +13,10 @@ that explains it.
 All apply the prior correction of the imbalance strategy: a model trained on a stream where
 negatives were kept with probability ``q`` (or positives weighted ``w``) predicts odds ``1/q``
 (``w``) times too high, so the exported score is ``sigmoid(logit(p) + log q)`` (``- log w``), which
-brings the mean prediction back to the base rate.
+brings the mean prediction back to the base rate. The score is computed from the logit, never from the
+float32 probability: ``sigmoid(p)`` of a confident negative is below 1e-7, and clipping it there before
+the correction tied most rows of a rare-positive split at one floor value (ranking, lift and decisions
+among them lost).
 """
 
 from __future__ import annotations
@@ -62,8 +65,14 @@ def logit_shift(tcfg: TrainingConfig, pos_weight: float) -> float:
     return 0.0
 
 
+def served_score(logit: np.ndarray, shift: float) -> np.ndarray:
+    """numpy twin of the in-graph score: ``sigmoid(logit + shift)`` in float64, returned as float32."""
+    z = np.asarray(logit, dtype=np.float64).reshape(-1) + shift
+    return (1 / (1 + np.exp(-z))).astype(np.float32)
+
+
 def correct(p: np.ndarray, shift: float) -> np.ndarray:
-    """numpy twin of the in-graph correction (for checks)."""
+    """The correction applied to a probability (the math the tests check; scoring uses the logit)."""
     if not shift:
         return p
     p = np.clip(p.astype(np.float64), _EPS, 1 - _EPS)
@@ -85,10 +94,11 @@ def export_saved_model(model: Any, feature_state: Mapping[str, Any], shift: floa
     """
     import tensorflow as tf
 
-    from downpour.training.model import input_columns
+    from downpour.training.model import input_columns, logit_model
 
     columns = input_columns(feature_state)
     shift_t = float(shift)
+    logits = logit_model(model)
 
     class Scorer(tf.Module):
         def __init__(self) -> None:
@@ -97,11 +107,8 @@ def export_saved_model(model: Any, feature_state: Mapping[str, Any], shift: floa
             self.preprocessing: list[Any] = []
 
         def score(self, cols: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-            p = tf.reshape(tf.cast(model({c: cols[c] for c in columns}, training=False), tf.float32), [-1])
-            if shift_t:
-                p = tf.clip_by_value(p, _EPS, 1 - _EPS)
-                p = tf.sigmoid(tf.math.log(p) - tf.math.log1p(-p) + shift_t)
-            return {"score": p}
+            z = tf.reshape(tf.cast(logits({c: cols[c] for c in columns}, training=False), tf.float32), [-1])
+            return {"score": tf.sigmoid(z + shift_t)}
 
     scorer = Scorer()
 
@@ -195,7 +202,7 @@ def _check_explainer(model: Any, explainer: Any, baseline: Mapping[str, np.ndarr
     import tensorflow as tf
 
     cols = {k: tf.constant(v) for k, v in batch.items()}
-    want = correct(np.asarray(model(batch, training=False)).reshape(-1), shift)
+    want = served_score(_logits(model, batch), shift)
     got = tf.sigmoid(explainer.logit(explainer.represent(cols))).numpy()
     if not np.allclose(got, want, atol=1e-5):
         raise RuntimeError(f"export check failed: the explain path's scores differ from the model's "
@@ -226,11 +233,17 @@ def _check_explain_signature(loaded: Any, features: int) -> None:
                            f"for {features} named features, or non-finite ones")
 
 
+def _logits(model: Any, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    from downpour.training.model import logit_model
+
+    return np.asarray(logit_model(model)(dict(batch), training=False)).reshape(-1)
+
+
 def _check(model: Any, loaded: Any, batch: dict[str, np.ndarray], shift: float) -> None:
     import tensorflow as tf
 
     got = loaded.signatures[FEATURES_SIGNATURE](**{k: tf.constant(v) for k, v in batch.items()})["score"].numpy()
-    want = correct(np.asarray(model(batch, training=False)).reshape(-1), shift)
+    want = served_score(_logits(model, batch), shift)
     if got.shape != want.shape or not np.allclose(got, want, atol=1e-5):
         raise RuntimeError(f"export check failed: the SavedModel scores differ from the trained model's "
                            f"(max abs diff {np.max(np.abs(got - want)):.3g})")
