@@ -12,7 +12,7 @@ import pytest
 
 from benchmarks.synthetic import write_prepared
 from downpour.errors import DataContractError
-from downpour.training.export import correct, logit_shift
+from downpour.training.export import logit_shift, served_score
 from downpour.training.input import (
     InputSpec,
     ReadOptions,
@@ -237,4 +237,4 @@ def test_prior_correction_restores_the_base_rate(imbalance, q_or_w):
     else:
         shift = logit_shift(t, q_or_w)
         trained = p * q_or_w / (p * q_or_w + 1 - p)
-    np.testing.assert_allclose(correct(trained.astype(np.float32), shift), p, rtol=1e-3)
+    np.testing.assert_allclose(served_score(np.log(trained) - np.log1p(-trained), shift), p, rtol=1e-3)

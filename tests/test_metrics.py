@@ -175,3 +175,18 @@ def test_in_memory_table_equals_spark_table(tables, kind):
     np.testing.assert_array_equal(a.pos, t.pos)
     np.testing.assert_allclose(a.score_sum, t.score_sum, rtol=1e-12)
     assert a.log_loss_sum == pytest.approx(t.log_loss_sum, rel=1e-12)
+
+
+def test_scores_far_below_1e_15_keep_their_order(spark, monkeypatch):
+    """A rare-positive model's served scores reach 1e-20 and below (float32 holds them): buckets must not floor
+    them. The companion puts the old floor (1e-15) back and shows the tie it made moves the AUC."""
+    rng = np.random.default_rng(7)
+    y = (rng.random(20_000) < 0.01).astype(np.float64)
+    s = (1 / (1 + np.exp(-(rng.normal(-45, 5, y.size) + 12.0 * y)))).astype(np.float32).astype(np.float64)
+    assert (s < 1e-15).mean() > 0.9  # most rows lie below the old floor
+    pdf = pd.DataFrame({"label": y.astype(np.float32), "score": s.astype(np.float32)})
+    table = M.score_table(spark.createDataFrame(pdf))
+    exact = roc_auc_score(y, s)
+    assert M.roc_auc(table) == pytest.approx(exact, abs=1e-4)
+    monkeypatch.setattr(M, "EPS_LOW", 1e-15)
+    assert abs(M.roc_auc(M.table_from_arrays(y, s)) - exact) > 5e-3

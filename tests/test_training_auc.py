@@ -33,3 +33,21 @@ def test_spread_auc_matches_the_exact_figure_where_evenly_spaced_thresholds_do_n
     pr = SpreadAUC(num_thresholds=METRIC_THRESHOLDS, curve="PR")
     pr.update_state(y, p)
     assert 0 < float(pr.result()) <= 1
+
+
+def test_spread_auc_resolves_logits_far_below_minus_16():
+    """A fraud model puts its negatives near logit -30 (p ~ 1e-13). The metric clips p only at float32's
+    smallest normal number; the companion applies the old clip at 1e-7, which tied every row below
+    logit -16 and moved the AUC that early stopping follows."""
+    rng = np.random.default_rng(1)
+    y = (rng.random(20_000) < 0.01).astype(np.float32)
+    logits = np.where(y == 1, rng.normal(-8, 6, y.size), rng.normal(-30, 4, y.size))
+    p = (1 / (1 + np.exp(-logits))).astype(np.float32)
+    exact = _exact_roc_auc(y, p)
+    spread = SpreadAUC(num_thresholds=METRIC_THRESHOLDS)
+    spread.update_state(y, p)
+    assert abs(float(spread.result()) - exact) < 2e-3
+    old = tf.keras.metrics.AUC(num_thresholds=METRIC_THRESHOLDS)
+    q = np.clip(p, 1e-7, 1 - 1e-7)
+    old.update_state(y, 1 / (1 + np.exp(-(np.log(q) - np.log1p(-q)) / 16.0)))
+    assert abs(float(old.result()) - exact) > 5e-3

@@ -7,7 +7,9 @@ gains, calibration, curves) is an exact cumulative sum on the driver over those 
 
 Precision. Buckets are ``round(logit(score) * resolution)`` (``resolution`` = 10,000 buckets per unit of
 logit by default): fine where scores are dense *and* near 0 or 1 (fraud scores live at 1e-4), and
-bounded (scores are clipped to [1e-15, 1 - 1e-15], so at most ~690,000 buckets whatever the row count).
+bounded (scores are clipped to [1e-45, 1 - 1e-15], so at most ~1.4 million buckets whatever the row count;
+1e-45 is float32's smallest value, so no served score is clipped on the low side, where a rare-positive
+model puts most rows).
 Rows that share a bucket are treated as tied, exactly like scikit-learn treats *equal* scores
 (half credit for a tied positive/negative pair). So exact ties give scikit-learn's numbers, and
 near-ties that merge can move ROC-AUC by at most ``auc_error_bound`` = 0.5 * sum_b pos_b * neg_b / (P * N),
@@ -27,7 +29,8 @@ from pyspark.sql import functions as F
 
 from downpour.logs import LOG, timed
 
-EPS = 1e-15
+EPS_LOW = 1e-45   # float32's smallest positive value (served scores are float32): logit -103.6
+EPS = 1e-15       # the top: 1 - EPS is representable in double (logit 34.5)
 DEFAULT_RESOLUTION = 10_000
 DECILES = 10
 CALIBRATION_BINS = 10
@@ -63,7 +66,7 @@ class ScoreTable:
 
 
 def _bucket(score: Column, resolution: int) -> Column:
-    clipped = F.least(F.greatest(score, F.lit(EPS)), F.lit(1.0 - EPS))
+    clipped = F.least(F.greatest(score, F.lit(EPS_LOW)), F.lit(1.0 - EPS))
     logit = F.log(clipped) - F.log1p(-clipped)
     return F.round(logit * F.lit(float(resolution))).cast("long")
 
@@ -79,7 +82,7 @@ def score_tables(df: DataFrame, by: str | None = None, label_col: str = "label",
     lab = F.col(label_col).cast("double")
     valid = lab.isNotNull() & s.isNotNull() & ~F.isnan(s) & (s >= 0.0) & (s <= 1.0)
     y = (lab > 0.5).cast("double")
-    clipped = F.least(F.greatest(s, F.lit(EPS)), F.lit(1.0 - EPS))
+    clipped = F.least(F.greatest(s, F.lit(EPS_LOW)), F.lit(1.0 - EPS))
     group = [F.col(by).alias("g")] if by else [F.lit(None).cast("string").alias("g")]
     rows = df.select(
         *group,
@@ -131,7 +134,7 @@ def table_from_arrays(labels: Sequence[float] | np.ndarray, scores: Sequence[flo
     valid = ~np.isnan(lab) & ~np.isnan(s) & (s >= 0) & (s <= 1)
     lab, s = lab[valid], s[valid]
     y = (lab > 0.5).astype(np.float64)
-    c = np.clip(s, EPS, 1 - EPS)
+    c = np.clip(s, EPS_LOW, 1 - EPS)
     b = np.round((np.log(c) - np.log1p(-c)) * resolution).astype(np.int64)
     keys, inv = np.unique(-b, return_inverse=True)  # ascending -b == descending score
     k = len(keys)
