@@ -223,3 +223,27 @@ def test_break_footer_canonicalization_and_the_byte_identity_test_fails(tmp_path
     monkeypatch.setattr(tpf, "canonicalize", lambda data: data)  # the JVM's order is kept as written
     with pytest.raises(AssertionError):
         tpf.test_encodings_order_is_made_canonical_and_byte_identical("pyarrow", None, tmp_path)
+
+
+def test_break_the_logit_path_and_the_order_test_fails(tmp_path, monkeypatch):
+    """Export recovers the logit from the clipped float32 probability again (the old floor at 1e-7):
+    the served scores tie, and the order test fails."""
+    import tensorflow as tf
+    import test_served_scores
+
+    from downpour.training import model as model_mod
+
+    real = model_mod.logit_model
+
+    def from_clipped_probability(model: Any) -> Any:
+        logits = real(model)
+
+        def call(cols: Any, training: bool = False) -> Any:
+            p = tf.clip_by_value(tf.sigmoid(logits(cols, training=training)), 1e-7, 1 - 1e-7)
+            return tf.math.log(p) - tf.math.log1p(-p)
+
+        return call
+
+    monkeypatch.setattr(model_mod, "logit_model", from_clipped_probability)
+    with pytest.raises(AssertionError):
+        test_served_scores.test_served_scores_keep_the_order_of_very_negative_logits(tmp_path)
