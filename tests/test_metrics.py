@@ -66,7 +66,10 @@ def test_auc_ap_logloss_brier_match_sklearn(tables, kind):
     assert abs(M.roc_auc(t) - roc_auc_score(y, s)) <= M.auc_error_bound(t) + 1e-12
     assert M.average_precision(t) == pytest.approx(average_precision_score(y, s), abs=1e-4)
     m = M.metrics_from_table(t)
-    assert m["log_loss"] == pytest.approx(log_loss(y, np.clip(s, 1e-15, 1 - 1e-15)), rel=1e-9)
+    c = np.clip(s, M.EPS_LOW, 1 - M.EPS)  # by hand: sklearn clips again at float64's eps
+    assert m["log_loss"] == pytest.approx(-np.mean(y * np.log(c) + (1 - y) * np.log1p(-c)), rel=1e-9)
+    if (s > 1e-15).all():
+        assert m["log_loss"] == pytest.approx(log_loss(y, np.clip(s, 1e-15, 1 - 1e-15)), rel=1e-9)
     assert m["brier"] == pytest.approx(brier_score_loss(y, s), rel=1e-9)
     assert m["base_rate"] == pytest.approx(y.mean())
 

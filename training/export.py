@@ -71,10 +71,22 @@ def served_score(logit: np.ndarray, shift: float) -> np.ndarray:
 
 
 def same_scores(got: np.ndarray, want: np.ndarray) -> bool:
-    """Scores agree relative to their size: an absolute tolerance would accept any two scores below it,
-    where a rare-positive model puts most rows (a floor there is what the export checks must catch)."""
+    """Scores agree both relative to their size (an absolute tolerance alone accepts any two scores
+    below it, where a rare-positive model puts most rows: a floor there is what the export checks must
+    catch) and absolutely to 1e-5 (a relative one alone is loose near 1)."""
     got, want = np.asarray(got), np.asarray(want)
-    return got.shape == want.shape and bool(np.allclose(got, want, rtol=1e-3, atol=1e-37))
+    return got.shape == want.shape and bool(np.allclose(got, want, rtol=1e-3, atol=1e-37)) \
+        and bool(np.allclose(got, want, rtol=1e-5, atol=1e-5))
+
+
+def score_gap(got: np.ndarray, want: np.ndarray) -> str:
+    """The largest absolute and relative differences, for an export check's error message."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    if got.shape != want.shape:
+        return f"shapes {got.shape} and {want.shape}"
+    diff = np.abs(got - want)
+    rel = diff / np.maximum(np.abs(want), 1e-37)
+    return f"max abs diff {diff.max(initial=0.0):.3g}, max relative diff {rel.max(initial=0.0):.3g}"
 
 
 def export_saved_model(model: Any, feature_state: Mapping[str, Any], shift: float, path: str,
@@ -204,7 +216,7 @@ def _check_explainer(model: Any, explainer: Any, baseline: Mapping[str, np.ndarr
     got = tf.sigmoid(explainer.logit(explainer.represent(cols))).numpy()
     if not same_scores(got, want):
         raise RuntimeError(f"export check failed: the explain path's scores differ from the model's "
-                           f"(max abs diff {np.max(np.abs(got - want)):.3g}); training/explain.py is out "
+                           f"({score_gap(got, want)}); training/explain.py is out "
                            "of step with training/model.py")
     alphas = tf.linspace(0.0, 1.0, steps + 1)
     gap = completeness_gap(explainer.contributions(cols, baseline, alphas).numpy(), got, baseline_score)
@@ -244,4 +256,4 @@ def _check(model: Any, loaded: Any, batch: dict[str, np.ndarray], shift: float) 
     want = served_score(_logits(model, batch), shift)
     if not same_scores(got, want):
         raise RuntimeError(f"export check failed: the SavedModel scores differ from the trained model's "
-                           f"(max abs diff {np.max(np.abs(got - want)):.3g})")
+                           f"({score_gap(got, want)})")

@@ -7,9 +7,9 @@ gains, calibration, curves) is an exact cumulative sum on the driver over those 
 
 Precision. Buckets are ``round(logit(score) * resolution)`` (``resolution`` = 10,000 buckets per unit of
 logit by default): fine where scores are dense *and* near 0 or 1 (fraud scores live at 1e-4), and
-bounded (scores are clipped to [1e-45, 1 - 1e-15], so at most ~1.4 million buckets whatever the row count;
-1e-45 is float32's smallest value, so no served score is clipped on the low side, where a rare-positive
-model puts most rows).
+bounded (scores are clipped to [1e-45, 1 - 1e-15], so at most ~1.4 million buckets at the default
+resolution whatever the row count; 1e-45 is just below float32's smallest subnormal, so no served score
+but an exact 0 is clipped on the low side, where a rare-positive model puts most rows).
 Rows that share a bucket are treated as tied, exactly like scikit-learn treats *equal* scores
 (half credit for a tied positive/negative pair). So exact ties give scikit-learn's numbers, and
 near-ties that merge can move ROC-AUC by at most ``auc_error_bound`` = 0.5 * sum_b pos_b * neg_b / (P * N),
@@ -29,7 +29,7 @@ from pyspark.sql import functions as F
 
 from downpour.logs import LOG, timed
 
-EPS_LOW = 1e-45   # float32's smallest positive value (served scores are float32): logit -103.6
+EPS_LOW = 1e-45   # just below float32's smallest subnormal (served scores are float32): logit -103.6
 EPS = 1e-15       # the top: 1 - EPS is representable in double (logit 34.5)
 DEFAULT_RESOLUTION = 10_000
 DECILES = 10
