@@ -59,8 +59,8 @@ class SpreadAUC(tf.keras.metrics.AUC):
     best round follow it). AUC depends only on the order of the scores, and this monotone map spreads
     every logit a float32 probability can hold, [-87.3, 16.6], over [0.06, 0.63]: 5,000 thresholds
     resolve about 0.027 of a logit over [-16, 17], 0.03 near -30 (a confident negative of a fraud
-    model) and 0.09 near -80. ``p`` is
-    clipped only at float32's smallest normal number: a clip at 1e-7 tied every logit below -16.
+    model) and 0.09 near -80. ``p`` is clipped only at float32's smallest normal number: a clip at 1e-7
+    tied every logit below -16.
     """
 
     def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:

@@ -150,9 +150,9 @@ def export_saved_model(model: Any, feature_state: Mapping[str, Any], shift: floa
     tf.saved_model.save(scorer, path, signatures=signatures)
     if check_batch is not None:
         loaded = tf.saved_model.load(path)  # once, for every check below
-        _check(model, loaded, {c: check_batch[c] for c in columns}, shift_t)
+        _check(logits, loaded, {c: check_batch[c] for c in columns}, shift_t)
         if explainer is not None and baseline is not None and explain is not None:
-            explain["check_gap_16_steps"] = _check_explainer(model, explainer, baseline, explain["baseline_score"],
+            explain["check_gap_16_steps"] = _check_explainer(logits, explainer, baseline, explain["baseline_score"],
                                                              {c: check_batch[c] for c in columns}, shift_t)
             _check_explain_signature(loaded, len(explain["features"]))
     return {"signatures": inputs, "explain": explain}
@@ -205,14 +205,14 @@ def _state_of(keras_model: Any) -> list[Any]:
     return [*keras_model.variables, *tables]
 
 
-def _check_explainer(model: Any, explainer: Any, baseline: Mapping[str, np.ndarray], baseline_score: float,
+def _check_explainer(logits: Any, explainer: Any, baseline: Mapping[str, np.ndarray], baseline_score: float,
                      batch: dict[str, np.ndarray], shift: float, steps: int = 16) -> float:
     """The explain path must compute the served scores (else the export fails); returns the largest
     completeness gap on the batch at ``steps`` (scoring's default), which goes into the model card."""
     import tensorflow as tf
 
     cols = {k: tf.constant(v) for k, v in batch.items()}
-    want = served_score(_logits(model, batch), shift)
+    want = served_score(_logits(logits, batch), shift)
     got = tf.sigmoid(explainer.logit(explainer.represent(cols))).numpy()
     if not same_scores(got, want):
         raise RuntimeError(f"export check failed: the explain path's scores differ from the model's "
@@ -243,17 +243,16 @@ def _check_explain_signature(loaded: Any, features: int) -> None:
                            f"for {features} named features, or non-finite ones")
 
 
-def _logits(model: Any, batch: Mapping[str, np.ndarray]) -> np.ndarray:
-    from downpour.training.model import logit_model
+def _logits(logits: Any, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The model's logits of ``batch`` (``logits``: ``training.model.logit_model`` of it) as a flat array."""
+    return np.asarray(logits(dict(batch), training=False)).reshape(-1)
 
-    return np.asarray(logit_model(model)(dict(batch), training=False)).reshape(-1)
 
-
-def _check(model: Any, loaded: Any, batch: dict[str, np.ndarray], shift: float) -> None:
+def _check(logits: Any, loaded: Any, batch: dict[str, np.ndarray], shift: float) -> None:
     import tensorflow as tf
 
     got = loaded.signatures[FEATURES_SIGNATURE](**{k: tf.constant(v) for k, v in batch.items()})["score"].numpy()
-    want = served_score(_logits(model, batch), shift)
+    want = served_score(_logits(logits, batch), shift)
     if not same_scores(got, want):
         raise RuntimeError(f"export check failed: the SavedModel scores differ from the trained model's "
                            f"({score_gap(got, want)})")

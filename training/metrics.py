@@ -65,8 +65,12 @@ class ScoreTable:
         return self.n - self.pos
 
 
+def _clipped(score: Column) -> Column:
+    return F.least(F.greatest(score, F.lit(EPS_LOW)), F.lit(1.0 - EPS))
+
+
 def _bucket(score: Column, resolution: int) -> Column:
-    clipped = F.least(F.greatest(score, F.lit(EPS_LOW)), F.lit(1.0 - EPS))
+    clipped = _clipped(score)
     logit = F.log(clipped) - F.log1p(-clipped)
     return F.round(logit * F.lit(float(resolution))).cast("long")
 
@@ -82,7 +86,7 @@ def score_tables(df: DataFrame, by: str | None = None, label_col: str = "label",
     lab = F.col(label_col).cast("double")
     valid = lab.isNotNull() & s.isNotNull() & ~F.isnan(s) & (s >= 0.0) & (s <= 1.0)
     y = (lab > 0.5).cast("double")
-    clipped = F.least(F.greatest(s, F.lit(EPS_LOW)), F.lit(1.0 - EPS))
+    clipped = _clipped(s)
     group = [F.col(by).alias("g")] if by else [F.lit(None).cast("string").alias("g")]
     rows = df.select(
         *group,
