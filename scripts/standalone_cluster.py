@@ -182,7 +182,6 @@ class StandaloneCluster:
             "SPARK_HOME": str(home),
             "SPARK_CONF_DIR": str(conf_dir),
             "SPARK_LOCAL_IP": "127.0.0.1",
-            "SPARK_LOCAL_DIRS": str(self.base_dir / "local"),
             "SPARK_LOG_DIR": str(self.base_dir / "logs"),
             "SPARK_DAEMON_MEMORY": self.daemon_memory,
             "SPARK_NO_DAEMONIZE": "1",
@@ -191,7 +190,19 @@ class StandaloneCluster:
         })
         return env
 
+    def local_dir(self, name: str) -> Path:
+        """The daemon's own scratch dir (SPARK_LOCAL_DIRS), created before it starts.
+
+        Spark's worker creates a missing local root with ``exists() || mkdirs()``: two workers sharing a
+        missing root race, the loser's ``mkdirs`` returns false, it caches an empty list of local dirs
+        and fails every executor launch (the master then removes the application after 10 failures).
+        """
+        path = self.base_dir / f"local-{name}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], Path]:
+        env = {**env, "SPARK_LOCAL_DIRS": str(self.local_dir(name))}
         log = self.base_dir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "wb") as fh:

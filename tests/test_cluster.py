@@ -70,6 +70,18 @@ def test_stop_refuses_to_signal_a_process_that_is_not_ours(tmp_path):
         other.wait(timeout=10)
 
 
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+
+def test_each_daemon_gets_its_own_local_dir_before_it_starts(tmp_path):
+    """Two workers sharing a missing SPARK_LOCAL_DIRS race to create it; the loser fails every executor."""
+    cluster = sc.StandaloneCluster(workers=2, base_dir=str(tmp_path))
+    dirs = [cluster.local_dir(name) for name in ("master", "worker-1", "worker-2")]
+    assert len(set(dirs)) == 3 and all(d.is_dir() for d in dirs)
+
+
 def _downpour(stage: str, overrides: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "downpour", stage, "--conf", str(ROOT / "conf" / "crm_telco.yaml"),
            *[x for o in overrides for x in ("--set", o)], *(["--gate"] if stage in ("evaluate", "run") else [])]
@@ -88,6 +100,10 @@ def test_pipeline_on_a_standalone_cluster_then_nothing_left(telco_path, tmp_path
         assert set(daemons) == {"master", "worker-1", "worker-2"}
         assert all(sc.is_alive(p) for p in daemons.values())
         assert state.master_url.startswith("spark://127.0.0.1:")
+        # Each daemon got its own scratch dir, made before it started (a shared missing one is a race
+        # that one worker loses for good: see StandaloneCluster.local_dir).
+        local_dirs = [_environ(pid)["SPARK_LOCAL_DIRS"] for pid in daemons.values()]
+        assert len(set(local_dirs)) == 3 and all(Path(d).is_dir() for d in local_dirs)
         overrides = [f"input.path={telco_path}", f"output.path={out}", *TINY, f"spark.master={state.master_url}"]
         # prepare, train and evaluate in one application (separate stage submissions are what
         # test_spark_submit.py checks; one application here saves two driver and four executor starts)
