@@ -155,28 +155,31 @@ def keepers(cfg: Config) -> list[Keeper]:
 def trim(history: DataFrame, cfg: Config, end_us: int) -> DataFrame:
     """The rows of ``history`` that any event after ``end_us`` can still see (see the module docstring).
 
-    Lazy. Per keeper one map-side combined aggregation by its keys and a join back (AQE splits a hot
-    key's join), never an unordered window that would put a hot key or the null keys in one task."""
+    Lazy. Per keeper one map-side combined aggregation by its keys that carries the picked row itself:
+    ``max``/``min`` of ``struct(time, HID, row)`` is the latest (earliest) event, ties broken by ``HID``,
+    so the pick is deterministic and needs no join back to the history. One event per key and pick is
+    all a later row's windows read from outside the horizon (a time, or that the key was seen)."""
     names = cfg.names
     ts = names[cfg.timestamp_column]  # type: ignore[index]
-    df = history.withColumn("__t", epoch_us(history, ts, "timestamp_column", "the history"))
-    t = F.col("__t")
-    parts = [df.where(t >= F.lit(end_us - horizon_seconds(cfg) * _US))]
+    t = epoch_us(history, ts, "timestamp_column", "the history")
+    out = history.where(t >= F.lit(end_us - horizon_seconds(cfg) * _US))
+    rest = [c for c in history.columns if c != HID]
     for k in keepers(cfg):
         present = F.lit(True)
         for key in k.keys:
             present = present & F.col(key).isNotNull()
-        base = df.where(present)
-        when = F.when(F.col(k.active).cast("double") > 0, t) if k.active else t
-        aggs = [F.min(when)] if k.first else [F.max(when), F.max(F.when(t < F.lit(end_us), when))]
-        picked = base.groupBy(*k.keys).agg(*[a.alias(f"__p{j}") for j, a in enumerate(aggs)])
-        match = F.lit(False)
-        for j in range(len(aggs)):
-            match = match | (t == F.col(f"__p{j}"))
-        parts.append(base.join(picked, list(k.keys), "inner").where(match).select(*df.columns))
-    out = parts[0]
-    for p in parts[1:]:
-        out = out.unionByName(p)
+        if k.active:
+            present = present & (F.col(k.active).cast("double") > 0)
+        row = F.struct(t.alias("__t"), F.col(HID), *rest)
+        if k.first:
+            picks = [F.min(row)]
+        else:  # the last event, and the last strictly before the end (a new row at the end needs it)
+            picks = [F.max(row), F.max(F.when(t < F.lit(end_us), row))]
+        picked = (history.where(present).groupBy(*k.keys)
+                  .agg(F.array(*picks).alias("__picks"))
+                  .select(F.explode("__picks").alias("__r")).where(F.col("__r").isNotNull())
+                  .select(*[F.col(f"__r.{c}").alias(c) for c in history.columns]))
+        out = out.unionByName(picked)
     return out.dropDuplicates([HID]).select(*history.columns)
 
 

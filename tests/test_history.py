@@ -202,6 +202,30 @@ def test_a_new_row_at_the_exact_end_of_the_history_sees_the_event_before_it(spar
     assert ref["vel_card_id_secs_since_prev"][0] == 31 * D
 
 
+def test_ties_at_an_entitys_last_time_keep_one_event_the_same_one_however_the_rows_are_split(spark):
+    """Three events of a quiet card share its last time, long before the horizon: the trim keeps one of
+    them (the largest id), whatever the partitioning, and a later row's windows still equal the whole past's."""
+    cfg = fraud_cfg(hot_key_rows=None)
+    df = fraud_events(spark, n=200)
+    early, late = T0 + dt.timedelta(days=3), T0 + dt.timedelta(days=35)
+    ties = [(f"tie{i}", early, "TIE", "ut", 10.0 + i, "dt", "US", 0) for i in range(3)]
+    df = df.unionByName(spark.createDataFrame([*ties, ("tie-new", late, "TIE", "ut", 1.0, "dt", "US", 0)],
+                                              df.schema))
+    cut = T0 + dt.timedelta(days=30)
+    past, new = _split(df, "event_ts", cut)
+    events = H.events(past, cfg)
+    _, end, _ = H.span(events, cfg)
+    picks = [sorted(r[0] for r in H.trim(frame, cfg, end).select(H.HID).collect())
+             for frame in (events.repartition(1), events.repartition(5, F.rand(3)), events.coalesce(3))]
+    assert picks[0] == picks[1] == picks[2]
+    assert [h for h in picks[0] if h.startswith("tie")] == ["tie2"]
+    ref, cols = _features(add_window_features(df, cfg).where(F.col("event_ts") >= F.lit(cut)), cfg,
+                          ["transaction_id"])
+    got, _ = _features(_windowed_new_rows(cfg, H.trim(events, cfg, end), new), cfg, ["transaction_id"])
+    _assert_same(ref, got, cols)
+    assert ref.loc[ref["transaction_id"] == "tie-new", "vel_card_id_secs_since_prev"].item() == 32 * D
+
+
 def test_a_history_row_with_the_id_of_a_new_row_counts_once(spark):
     cfg = fraud_cfg(hot_key_rows=None)
     df = fraud_events(spark, n=300)
