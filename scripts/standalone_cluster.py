@@ -312,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--memory", default="1g", help="memory each worker offers (default 1g)")
         p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each daemon")
     sub.choices["start"].add_argument("--state", required=True, help="JSON file that `stop` reads")
-    sub.choices["start"].add_argument("--base-dir", default=None, help="logs and work dirs (default: tmp)")
+    sub.choices["start"].add_argument("--base-dir", default=None, help="logs, work and local dirs (default: tmp)")
     stop = sub.add_parser("stop")
     stop.add_argument("--state", required=True)
     demo = sub.choices["demo"]

@@ -75,8 +75,9 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
 
 
-def test_each_daemon_gets_its_own_local_dir_before_it_starts(tmp_path):
-    """Two workers sharing a missing SPARK_LOCAL_DIRS race to create it; the loser fails every executor."""
+def test_local_dirs_are_distinct_per_daemon_and_exist_once_named(tmp_path):
+    """Two workers sharing a missing SPARK_LOCAL_DIRS race to create it; the loser fails every executor.
+    That the running daemons got these dirs is checked in their environments by the slow pipeline test."""
     cluster = sc.StandaloneCluster(workers=2, base_dir=str(tmp_path))
     dirs = [cluster.local_dir(name) for name in ("master", "worker-1", "worker-2")]
     assert len(set(dirs)) == 3 and all(d.is_dir() for d in dirs)

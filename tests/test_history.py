@@ -226,6 +226,34 @@ def test_ties_at_an_entitys_last_time_keep_one_event_the_same_one_however_the_ro
     assert ref.loc[ref["transaction_id"] == "tie-new", "vel_card_id_secs_since_prev"].item() == 32 * D
 
 
+def test_ties_at_an_rfm_entitys_first_and_last_active_time_keep_one_event_each(spark):
+    """RFM's picks (first event: ``min``; last active event: ``max`` over active rows only) with ties, long
+    before the horizon: one event kept per pick, the same under any partitioning, and later rows' RFM
+    values (tenure, recency) equal the whole past's."""
+    cfg = rfm_cfg()
+    df = crm_events(spark)
+    first, active = T0 - dt.timedelta(days=400), T0 - dt.timedelta(days=300)
+    ties = [("KT", first, 0, 0.0, None, 0), ("KT", first, 0, 1.5, None, 0),  # tenure: first event, tied
+            ("KT", active, 3, 9.0, None, 0), ("KT", active, 4, 9.0, None, 0),  # recency: last active, tied
+            ("KT", active + dt.timedelta(days=30), 0, 0.0, None, 0)]  # inactive after it
+    new_row = ("KT", T0 + dt.timedelta(days=30 * 21), 2, 5.0, None, 0)
+    df = df.unionByName(spark.createDataFrame([*ties, new_row], df.schema))
+    df = df.withColumn("_k", F.concat_ws("/", "customer_id", F.col("snapshot_date").cast("string"),
+                                         F.col("sessions").cast("string"), F.col("spend").cast("string")))
+    cut = T0 + dt.timedelta(days=30 * 20)
+    past, new = _split(df, "snapshot_date", cut)
+    events = H.events(past, cfg)
+    _, end, _ = H.span(events, cfg)
+    kept = [sorted(tuple(r) for r in H.trim(frame, cfg, end).where(F.col("customer_id") == "KT")
+                   .select(H.HID, F.unix_micros("snapshot_date")).collect())
+            for frame in (events.repartition(1), events.repartition(5, F.rand(3)), events.coalesce(3))]
+    assert kept[0] == kept[1] == kept[2]
+    assert sorted(t for _, t in kept[0]) == [int(first.timestamp() * 1e6), int(active.timestamp() * 1e6)]
+    ref, cols = _features(add_window_features(df, cfg).where(F.col("snapshot_date") >= F.lit(cut)), cfg, ["_k"])
+    got, _ = _features(_windowed_new_rows(cfg, H.trim(events, cfg, end), new), cfg, ["_k"])
+    _assert_same(ref, got, cols)
+
+
 def test_a_history_row_with_the_id_of_a_new_row_counts_once(spark):
     cfg = fraud_cfg(hot_key_rows=None)
     df = fraud_events(spark, n=300)
