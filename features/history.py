@@ -163,14 +163,13 @@ def trim(history: DataFrame, cfg: Config, end_us: int) -> DataFrame:
     ts = names[cfg.timestamp_column]  # type: ignore[index]
     t = epoch_us(history, ts, "timestamp_column", "the history")
     out = history.where(t >= F.lit(end_us - horizon_seconds(cfg) * _US))
-    rest = [c for c in history.columns if c != HID]
+    row = F.struct(t.alias("__t"), F.col(HID), *[c for c in history.columns if c != HID])
     for k in keepers(cfg):
         present = F.lit(True)
         for key in k.keys:
             present = present & F.col(key).isNotNull()
         if k.active:
             present = present & (F.col(k.active).cast("double") > 0)
-        row = F.struct(t.alias("__t"), F.col(HID), *rest)
         if k.first:
             picks = [F.min(row)]
         else:  # the last event, and the last strictly before the end (a new row at the end needs it)

@@ -202,6 +202,10 @@ def test_a_new_row_at_the_exact_end_of_the_history_sees_the_event_before_it(spar
     assert ref["vel_card_id_secs_since_prev"][0] == 31 * D
 
 
+def _three_partitionings(df):
+    return df.repartition(1), df.repartition(5, F.rand(3)), df.coalesce(3)
+
+
 def test_ties_at_an_entitys_last_time_keep_one_event_the_same_one_however_the_rows_are_split(spark):
     """Three events of a quiet card share its last time, long before the horizon: the trim keeps one of
     them (the largest id), whatever the partitioning, and a later row's windows still equal the whole past's."""
@@ -216,7 +220,7 @@ def test_ties_at_an_entitys_last_time_keep_one_event_the_same_one_however_the_ro
     events = H.events(past, cfg)
     _, end, _ = H.span(events, cfg)
     picks = [sorted(r[0] for r in H.trim(frame, cfg, end).select(H.HID).collect())
-             for frame in (events.repartition(1), events.repartition(5, F.rand(3)), events.coalesce(3))]
+             for frame in _three_partitionings(events)]
     assert picks[0] == picks[1] == picks[2]
     assert [h for h in picks[0] if h.startswith("tie")] == ["tie2"]
     ref, cols = _features(add_window_features(df, cfg).where(F.col("event_ts") >= F.lit(cut)), cfg,
@@ -246,7 +250,7 @@ def test_ties_at_an_rfm_entitys_first_and_last_active_time_keep_one_event_each(s
     _, end, _ = H.span(events, cfg)
     kept = [sorted(tuple(r) for r in H.trim(frame, cfg, end).where(F.col("customer_id") == "KT")
                    .select(H.HID, F.unix_micros("snapshot_date")).collect())
-            for frame in (events.repartition(1), events.repartition(5, F.rand(3)), events.coalesce(3))]
+            for frame in _three_partitionings(events)]
     assert kept[0] == kept[1] == kept[2]
     assert sorted(t for _, t in kept[0]) == [int(first.timestamp() * 1e6), int(active.timestamp() * 1e6)]
     ref, cols = _features(add_window_features(df, cfg).where(F.col("snapshot_date") >= F.lit(cut)), cfg, ["_k"])

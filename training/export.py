@@ -150,10 +150,12 @@ def export_saved_model(model: Any, feature_state: Mapping[str, Any], shift: floa
     tf.saved_model.save(scorer, path, signatures=signatures)
     if check_batch is not None:
         loaded = tf.saved_model.load(path)  # once, for every check below
-        _check(logits, loaded, {c: check_batch[c] for c in columns}, shift_t)
+        batch = {c: check_batch[c] for c in columns}
+        want = served_score(_logits(logits, batch), shift_t)  # the trained model's scores, once
+        _check(loaded, batch, want)
         if explainer is not None and baseline is not None and explain is not None:
-            explain["check_gap_16_steps"] = _check_explainer(logits, explainer, baseline, explain["baseline_score"],
-                                                             {c: check_batch[c] for c in columns}, shift_t)
+            explain["check_gap_16_steps"] = _check_explainer(explainer, baseline, explain["baseline_score"],
+                                                             batch, want)
             _check_explain_signature(loaded, len(explain["features"]))
     return {"signatures": inputs, "explain": explain}
 
@@ -205,14 +207,13 @@ def _state_of(keras_model: Any) -> list[Any]:
     return [*keras_model.variables, *tables]
 
 
-def _check_explainer(logits: Any, explainer: Any, baseline: Mapping[str, np.ndarray], baseline_score: float,
-                     batch: dict[str, np.ndarray], shift: float, steps: int = 16) -> float:
+def _check_explainer(explainer: Any, baseline: Mapping[str, np.ndarray], baseline_score: float,
+                     batch: dict[str, np.ndarray], want: np.ndarray, steps: int = 16) -> float:
     """The explain path must compute the served scores (else the export fails); returns the largest
     completeness gap on the batch at ``steps`` (scoring's default), which goes into the model card."""
     import tensorflow as tf
 
     cols = {k: tf.constant(v) for k, v in batch.items()}
-    want = served_score(_logits(logits, batch), shift)
     got = tf.sigmoid(explainer.logit(explainer.represent(cols))).numpy()
     if not same_scores(got, want):
         raise RuntimeError(f"export check failed: the explain path's scores differ from the model's "
@@ -248,11 +249,10 @@ def _logits(logits: Any, batch: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.asarray(logits(dict(batch), training=False)).reshape(-1)
 
 
-def _check(logits: Any, loaded: Any, batch: dict[str, np.ndarray], shift: float) -> None:
+def _check(loaded: Any, batch: dict[str, np.ndarray], want: np.ndarray) -> None:
     import tensorflow as tf
 
     got = loaded.signatures[FEATURES_SIGNATURE](**{k: tf.constant(v) for k, v in batch.items()})["score"].numpy()
-    want = served_score(_logits(logits, batch), shift)
     if not same_scores(got, want):
         raise RuntimeError(f"export check failed: the SavedModel scores differ from the trained model's "
                            f"({score_gap(got, want)})")
