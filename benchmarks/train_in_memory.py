@@ -7,7 +7,12 @@ where the batches come from:
 
 * ``pipeline``: ``training.input.make_dataset`` over the prepared train shards with the options a rank
   uses (``training.rank.train_read_options``: shuffled windows of row groups, petastorm reader threads,
-  epochs of exactly ``steps_per_epoch`` batches, dropped remainder);
+  epochs of exactly ``steps_per_epoch`` batches, dropped remainder). With the shipped
+  ``training.input_cache_mb`` the rank's share fits, so petastorm decodes it once inside the first timed
+  epoch of each ``fit`` and later epochs replay it (reshuffled) from memory;
+* ``pipeline_streamed``: the same with ``training.input_cache_mb=0``: petastorm reopens and decodes the
+  shards every epoch, what a rank whose share exceeds the budget does (``train_vs_in_memory_streamed``,
+  reported);
 * ``in_memory``: the same train rows, loaded once into numpy before anything is timed, cut into batches
   of the same size and served by ``tf.data.Dataset.from_tensor_slices`` over the batches, repeated and
   prefetched. No per-row shuffle: the cheapest feed tf.data has, so it is the ceiling.
@@ -21,8 +26,8 @@ in a process whose TensorFlow threads were set by ``training.rank._configure_pro
 epochs, no validation.
 
 Timing: one untimed warm-up ``fit`` of one epoch per contender (traces the train step, starts the
-thread pools, fills the page cache); then ``repeats`` rounds, each running both contenders (the first
-one alternating), each timed as the wall time of ``model.fit(epochs=epochs)``, dataset objects built
+thread pools, fills the page cache); then ``repeats`` rounds, each running every contender (the order
+rotated every round), each timed as the wall time of ``model.fit(epochs=epochs)``, dataset objects built
 before the clock (both lazy), iterator creation and reader start inside it for both. examples/s =
 steps_per_epoch x epochs x batch / seconds. ``train_vs_in_memory`` is the median over rounds of
 pipeline / in-memory examples/s of the same round, with their (min, max).
@@ -74,6 +79,7 @@ def measure(raw: str, prepared_out: str, repeats: int = 3, epochs: int = 3, work
             child = json.load(f)
     s = child.pop("samples")
     ratio, ratio_spread = ratio_figure(s["pipeline"], s["in_memory"], 2)
+    streamed, streamed_spread = ratio_figure(s["pipeline_streamed"], s["in_memory"], 2)
     return {
         **child,
         "repeats": repeats,
@@ -81,6 +87,8 @@ def measure(raw: str, prepared_out: str, repeats: int = 3, epochs: int = 3, work
         "examples_per_s": {k: summary(v, 0) for k, v in s.items()},
         "train_vs_in_memory": ratio,
         "train_vs_in_memory_spread": ratio_spread,
+        "train_vs_in_memory_streamed": streamed,
+        "train_vs_in_memory_streamed_spread": streamed_spread,
     }
 
 
@@ -121,7 +129,9 @@ def _child(plan_path: str, out_path: str, repeats: int, epochs: int) -> None:
         ({c: batched[c] for c in spec.features}, batched["label"], batched["weight"])
     ).repeat().prefetch(tf.data.AUTOTUNE)
     pipeline = make_dataset(plan.train.url, spec, train_read_options(plan, t, 0, 1, plan.train, 0, readers))
-    datasets = {"pipeline": pipeline, "in_memory": in_memory}
+    streamed = make_dataset(plan.train.url, spec, train_read_options(plan, t, 0, 1, plan.train, 0, readers,
+                                                                     cache=False))
+    datasets = {"pipeline": pipeline, "pipeline_streamed": streamed, "in_memory": in_memory}
     models = {name: _compiled(plan, cfg, 0, 1, devices)[0] for name in datasets}
 
     def fit(name: str, n_epochs: int) -> float:
@@ -137,7 +147,8 @@ def _child(plan_path: str, out_path: str, repeats: int, epochs: int) -> None:
     seconds: dict[str, list[float]] = {name: [] for name in datasets}
     examples = steps * epochs * batch
     for i in range(repeats):
-        order = list(datasets) if i % 2 == 0 else list(reversed(datasets))
+        names = list(datasets)
+        order = names[i % len(names):] + names[:i % len(names)]
         for name in order:
             sec = fit(name, epochs)
             seconds[name].append(round(sec, 3))
@@ -152,6 +163,8 @@ def _child(plan_path: str, out_path: str, repeats: int, epochs: int) -> None:
         "examples_per_round": examples,
         "threads_per_worker": threads,
         "reader_workers": readers,
+        "input_cache_mb": t.input_cache_mb,
+        "pipeline_replays_from_memory": bool(train_read_options(plan, t, 0, 1, plan.train, 0, readers).cache),
         "warm_up": "one untimed fit of one epoch per contender",
         "timing_window": "wall time of model.fit(epochs) for both: iterator creation and reader start inside, "
                          "dataset objects (lazy) and the in-memory arrays built before",

@@ -281,6 +281,9 @@ class TrainingConfig(_Strict):
     # --- training stage (training/train.py, training/input.py; see DEVELOPERS.md "Training") ---
     positive_weight: float | None = Field(None, gt=0)  # imbalance=class_weight; None: negatives/positives
     reader_workers: int = Field(2, ge=1)  # petastorm reader threads per worker
+    # a worker whose share of the train shards decodes to at most this many MiB reads it once and replays
+    # it from memory every epoch (reshuffled); 0: always stream from the shards
+    input_cache_mb: int = Field(512, ge=0)
     deterministic: bool = False  # bit-reproducible runs for a seed: 1 reader thread, deterministic TF ops
 
     @model_validator(mode="before")

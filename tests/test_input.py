@@ -18,8 +18,10 @@ from downpour.training.input import (
     ReadOptions,
     iter_batches,
     iter_row_groups,
+    load_share,
     make_dataset,
     open_prepared,
+    share_bytes,
 )
 
 # petastorm 0.13 warns about pyarrow's legacy dataset API on every reader it opens
@@ -57,12 +59,13 @@ def test_open_prepared_resolves_the_symlink_once(prepared, tmp_path):
         open_prepared(str(tmp_path))
 
 
-@pytest.mark.parametrize("size", [1, 2, 3])
-def test_every_row_exactly_once_per_epoch_across_rank_shards(prepared, size):
+@pytest.mark.parametrize("size,cache", [(1, False), (2, False), (3, False), (1, True), (3, True)])
+def test_every_row_exactly_once_per_epoch_across_rank_shards(prepared, size, cache):
     spec, info = _spec(prepared), prepared.split("val")  # 5 row groups: uneven for 2 and 3 ranks
     per_rank = []
     for rank in range(size):
-        opts = ReadOptions(batch_size=64, rank=rank, size=size, num_epochs=2, window_row_groups=2, seed=3)
+        opts = ReadOptions(batch_size=64, rank=rank, size=size, num_epochs=2, window_row_groups=2, seed=3,
+                           cache=cache)
         per_rank.append(_ids(iter_batches(info.url, spec, opts)))
     for ids in per_rank:
         assert set(ids.values()) == {2}  # each row of the rank's shard, once per epoch
@@ -212,6 +215,84 @@ def test_every_rank_gets_the_plans_steps_from_its_own_uneven_shard(tmp_path):
             seen.update(x.decode() for x in b["row_id"].numpy())
         assert sizes == [batch] * (steps * epochs), f"rank {rank}: {len(sizes)} batches, sizes {set(sizes)}"
         assert seen <= shard_ids[rank]  # only its own shard's rows
+
+
+def _epochs(url, spec, opts, epochs, steps):
+    """Row ids per epoch of an ``epoch_steps`` stream, ``epochs`` epochs from ``opts.first_epoch``."""
+    stream = iter_batches(url, spec, opts)
+    return [[str(x) for _ in range(steps) for x in next(stream)["row_id"]] for _ in range(epochs)]
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_cached_share_is_read_once_then_replayed_reshuffled_every_epoch(tmp_path, cache):
+    """With ``cache``, the rank's row groups are decoded once: the shards can vanish after the first
+    epoch and the later epochs still come, each a fresh order of the same rows. Without it (the
+    companion), every epoch reopens the shards, so the same deletion stops the stream."""
+    import shutil
+
+    root = str(tmp_path)
+    write_prepared(root, {"train": 1600, "val": 100, "test": 100}, row_group_rows=200, files=2, seed=4)
+    prepared = open_prepared(root)
+    spec, info = _spec(prepared), prepared.split("train")
+    steps = 12  # 12 x 128 of a 1,600-row pass: each epoch is a different draw of rows
+    opts = ReadOptions(batch_size=128, num_epochs=None, epoch_steps=steps, drop_remainder=True, seed=6,
+                       reader_workers=1, cache=cache)
+    stream = iter_batches(info.url, spec, opts)
+    first = [str(x) for _ in range(steps) for x in next(stream)["row_id"]]
+    shutil.rmtree(info.url)
+    if not cache:
+        with pytest.raises(Exception):  # noqa: B017 - petastorm's own error for a missing dataset
+            for _ in range(steps):
+                next(stream)
+        return
+    later = [[str(x) for _ in range(steps) for x in next(stream)["row_id"]] for _ in range(3)]
+    for epoch in [first, *later]:
+        assert len(epoch) == len(set(epoch)) == steps * 128  # no row twice within an epoch
+    assert len({tuple(e) for e in [first, *later]}) == 4  # a new order every epoch
+    assert len(set(first).union(*later)) > steps * 128  # and not always the same rows
+
+
+def test_cached_epochs_are_seeded_and_a_resumed_stream_reads_what_an_uninterrupted_one_reads(prepared):
+    spec, info = _spec(prepared), prepared.split("train")
+    opts = ReadOptions(batch_size=100, num_epochs=None, epoch_steps=10, drop_remainder=True, seed=8,
+                       reader_workers=1, cache=True)
+    full = _epochs(info.url, spec, opts, 4, 10)
+    assert _epochs(info.url, spec, opts, 4, 10) == full  # seeded: the same on a second run
+    assert _epochs(info.url, spec, ReadOptions(**{**opts.__dict__, "first_epoch": 2}), 2, 10) == full[2:]
+
+
+def test_share_bytes_bounds_what_the_cache_holds_and_decides_it(prepared, tmp_path):
+    """The manifest estimate behind ``training.input_cache_mb``, against the bytes really held."""
+    from downpour.config import load_config
+    from downpour.training.plan import make_plan
+    from downpour.training.rank import train_read_options
+
+    spec, info = _spec(prepared), prepared.split("train")
+    for rank, size in [(0, 1), (0, 2), (1, 3)]:
+        held = sum(v.nbytes for g in load_share(info.url, spec, ReadOptions(batch_size=64, rank=rank, size=size))
+                   for v in g.values())
+        estimate = share_bytes(info, spec, rank, size, shard=True)
+        assert held <= estimate <= 1.5 * held, (rank, size, held, estimate)
+
+    conf = os.path.join(os.path.dirname(__file__), "..", "conf", "fraud.yaml")
+    for budget_mb, cached in [(512, True), (0, False)]:
+        cfg = load_config(conf, [f"output.path={tmp_path}", f"training.input_cache_mb={budget_mb}",
+                                 "training.workers=2"])
+        plan = make_plan(cfg, prepared, fresh=True)
+        assert train_read_options(plan, cfg.training, 0, 2, info, 0, 1).cache is cached
+
+
+def test_window_shuffle_scatters_to_the_same_rows_as_concatenate_then_take():
+    from downpour.training.input import _shuffled
+
+    rng = np.random.default_rng(1)
+    parts = [{"a": rng.random(n).astype(np.float32), "b": rng.integers(0, 9, n),
+              "s": np.array([f"r{i}" for i in range(n)], object)} for n in (5, 1, 7)]
+    perm = rng.permutation(13)
+    got = _shuffled(parts, perm)
+    for k in ("a", "b", "s"):
+        np.testing.assert_array_equal(got[k], np.concatenate([p[k] for p in parts])[perm])
+        assert got[k].dtype == parts[0][k].dtype
 
 
 def test_missing_shard_column_is_a_data_contract_error(prepared, tmp_path):

@@ -17,6 +17,12 @@ of that pass is dropped), so a run resumed at epoch ``k`` reads what an uninterr
 epoch ``k`` on without re-reading epochs ``0..k-1``. Negative downsampling and class weights are
 applied here, vectorized, per row group.
 
+With ``cache`` (``training.input_cache_mb``: the rank's share, estimated from the manifest, fits), the
+rank's row groups are decoded by one petastorm pass and kept; every pass then replays them in an order
+drawn from the pass seed, with the same window shuffle, downsampling and epoch cut. Reopening petastorm
+and decoding every epoch cost more CPU than the shuffle itself, and on a worker whose cores all run
+TensorFlow that CPU is taken from the model.
+
 Long: the shard reading plan per rank and the petastorm -> tf.data pipeline share their batch and
 row-group arithmetic.
 """
@@ -24,6 +30,7 @@ row-group arithmetic.
 from __future__ import annotations
 
 import re
+import time
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -175,11 +182,26 @@ class ReadOptions:
     extra_dtypes: dict[str, Any] = field(default_factory=dict)
     epoch_steps: int | None = None   # endless reads only: epochs of exactly this many batches (resumable)
     first_epoch: int = 0             # with epoch_steps: the epoch the stream starts at (0-based)
+    cache: bool = False              # decode the rank's row groups once and replay them every pass
 
 
 def expected_train_rows(info: SplitInfo, keep_negatives: float) -> float:
     """Rows an epoch covers after negative downsampling (all positives, a fraction of negatives)."""
     return info.positives + keep_negatives * info.negatives
+
+
+def share_bytes(info: SplitInfo, spec: InputSpec, rank: int, size: int, shard: bool) -> int:
+    """Decoded bytes of the row groups rank ``rank`` of ``size`` reads from ``info`` (an estimate from
+    the manifest: shards are balanced, so each row group holds about ``rows / row_groups`` rows).
+
+    What ``training.input_cache_mb`` is compared with, before anything is read, so that the choice
+    between replaying and streaming is the same on every run of the same data (a resumed run reads
+    what an uninterrupted one reads).
+    """
+    per_row = 4 * len(spec.numeric) + 8 * len(spec.categorical) + 8 * (2 + len(spec.extra))
+    groups = max(1, info.row_groups)
+    owned = len(range(rank, groups, size)) if shard and size > 1 else groups
+    return per_row * -(-info.rows * owned // groups)
 
 
 # ---- numpy: row groups -> shuffled blocks of batches ---------------------------------------------------
@@ -288,6 +310,33 @@ def _count() -> Iterator[int]:
         i += 1
 
 
+def load_share(url: str, spec: InputSpec, opts: ReadOptions) -> list[dict[str, np.ndarray]]:
+    """This rank's row groups, decoded once by one petastorm pass in petastorm's row-group order (no
+    shuffle), for ``replay``. With one reader thread (``training.deterministic``) that order is fixed."""
+    t0 = time.perf_counter()
+    groups = list(iter_row_groups(url, spec, replace(opts, num_epochs=1, shuffle=False, cache=False)))
+    held = sum(v.nbytes for g in groups for v in g.values())
+    LOG.info("input: rank %d holds its %d row group(s) of %s in memory (%.1f MiB, read in %.1fs)",
+             opts.rank, len(groups), url, held / 2**20, time.perf_counter() - t0)
+    return groups
+
+
+def replay(groups: Sequence[dict[str, np.ndarray]], opts: ReadOptions) -> Iterator[dict[str, np.ndarray]]:
+    """``iter_row_groups`` from memory: the same passes, each in a row-group order drawn from the pass
+    seed (``opts.seed``, the rank when unsharded, the pass index), without reopening a reader."""
+    passes = range(opts.num_epochs) if opts.num_epochs is not None else _count()
+    for p in passes:
+        order = (np.random.default_rng(_pass_seed(opts.seed, 0 if opts.shard else opts.rank, p)).permutation(
+            len(groups)) if opts.shuffle else range(len(groups)))
+        for i in order:
+            yield groups[i]
+
+
+def _row_groups(url: str, spec: InputSpec, opts: ReadOptions,
+                share: Sequence[dict[str, np.ndarray]] | None) -> Iterator[dict[str, np.ndarray]]:
+    return replay(share, opts) if share else iter_row_groups(url, spec, opts)
+
+
 def _check_schema(url: str, spec: InputSpec, schema: Any) -> None:
     fields = schema.fields
     for col in spec.columns:
@@ -341,17 +390,20 @@ def iter_blocks(url: str, spec: InputSpec, opts: ReadOptions,
     per_block = max(1, opts.block_rows // b)
     pending: list[dict[str, np.ndarray]] = []
     rows = groups = 0
-    source = row_groups if row_groups is not None else iter_row_groups(url, spec, opts)
+    if row_groups is not None:
+        source = row_groups
+    else:
+        source = _row_groups(url, spec, opts, load_share(url, spec, opts) if opts.cache else None)
 
     def emit(final: bool) -> Iterator[dict[str, np.ndarray]]:
         nonlocal pending, rows
         keys = pending[0].keys()
-        data = {k: np.concatenate([p[k] for p in pending]) if len(pending) > 1 else pending[0][k] for k in keys}
         n = rows
-        pending, rows = [], 0
         if opts.shuffle and n > 1:
-            perm = rng.permutation(n)
-            data = {k: np.take(v, perm, axis=0) for k, v in data.items()}
+            data = _shuffled(pending, rng.permutation(n))
+        else:
+            data = {k: np.concatenate([p[k] for p in pending]) if len(pending) > 1 else pending[0][k] for k in keys}
+        pending, rows = [], 0
         full = (n // b) * b
         for start in range(0, full, per_block * b):
             stop = min(full, start + per_block * b)
@@ -377,6 +429,26 @@ def iter_blocks(url: str, spec: InputSpec, opts: ReadOptions,
         yield from emit(final=True)
 
 
+def _shuffled(parts: Sequence[dict[str, np.ndarray]], perm: np.ndarray) -> dict[str, np.ndarray]:
+    """The parts concatenated and reordered by ``perm`` (row ``j`` of the result is row ``perm[j]`` of
+    the concatenation) in one copy per column: each part is scattered to its rows' new positions,
+    instead of concatenating and then gathering (two copies)."""
+    if len(parts) == 1:
+        return {k: np.take(v, perm, axis=0) for k, v in parts[0].items()}
+    where = np.empty_like(perm)
+    where[perm] = np.arange(len(perm), dtype=perm.dtype)
+    out: dict[str, np.ndarray] = {}
+    for k, first in parts[0].items():
+        col = np.empty(len(perm), dtype=first.dtype)
+        start = 0
+        for part in parts:
+            v = part[k]
+            col[where[start:start + len(v)]] = v
+            start += len(v)
+        out[k] = col
+    return out
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return zlib.crc32(f"{seed}/epoch/{epoch}".encode()) & 0x7FFFFFFF
 
@@ -394,9 +466,10 @@ def iter_epoch_blocks(url: str, spec: InputSpec, opts: ReadOptions) -> Iterator[
     if not opts.epoch_steps or opts.num_epochs is not None:
         raise ValueError("iter_epoch_blocks needs epoch_steps >= 1 and an endless read (num_epochs=None)")
     epoch = opts.first_epoch
+    share = load_share(url, spec, opts) if opts.cache else None  # decoded once, replayed every epoch
     while True:
         e_opts = replace(opts, seed=_epoch_seed(opts.seed, epoch), epoch_steps=None, first_epoch=0)
-        source = iter_row_groups(url, spec, e_opts)
+        source = _row_groups(url, spec, e_opts, share)
         blocks = iter_blocks(url, spec, e_opts, row_groups=source)
         left = opts.epoch_steps
         try:

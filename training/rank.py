@@ -29,7 +29,7 @@ from downpour.errors import ConfigError
 from downpour.logs import LOG, timed
 from downpour.training.budget import Budget
 from downpour.training.checkpoints import CheckpointStore
-from downpour.training.input import ReadOptions, SplitInfo
+from downpour.training.input import InputSpec, ReadOptions, SplitInfo, share_bytes
 from downpour.training.plan import RankPlan
 
 # thresholds of the train/val AUCs (callbacks.SpreadAUC); evenly spaced ones update in O(batch + thresholds)
@@ -99,9 +99,15 @@ def _configure_process(cfg: Config) -> tuple[int, list[str]]:
 def train_read_options(plan: RankPlan, t: Any, rank: int, size: int, train: SplitInfo, first_epoch: int,
                        readers: int, **extra: Any) -> ReadOptions:
     """How rank ``rank`` of ``size`` reads the train split: its shard, seeded epochs of exactly the
-    plan's ``steps_per_epoch`` whole batches from ``first_epoch`` on (the one definition, tested)."""
+    plan's ``steps_per_epoch`` whole batches from ``first_epoch`` on (the one definition, tested).
+    The rank's row groups are decoded once and replayed every epoch when its share fits in
+    ``training.input_cache_mb`` (decided from the manifest, so the same on every run of the data)."""
+    shard = train.row_groups >= size
+    if "cache" not in extra:
+        need = share_bytes(train, InputSpec.from_feature_state(plan.feature_state), rank, size, shard)
+        extra["cache"] = need <= t.input_cache_mb * 2**20
     return ReadOptions(
-        batch_size=t.batch_size, rank=rank, size=size, shard=train.row_groups >= size, num_epochs=None,
+        batch_size=t.batch_size, rank=rank, size=size, shard=shard, num_epochs=None,
         shuffle=True, window_row_groups=t.shuffle_window_row_groups, seed=t.seed,
         keep_negatives=plan.keep_negatives, positive_weight=plan.positive_weight,
         reader_workers=readers, drop_remainder=True, epoch_steps=plan.steps_per_epoch,
@@ -247,7 +253,7 @@ def _fit(plan: RankPlan, cfg: Config, model: Any, rank: int, size: int, resumed:
     import tensorflow as tf
 
     from downpour.training import callbacks as cb
-    from downpour.training.input import InputSpec, make_dataset
+    from downpour.training.input import make_dataset
 
     t = cfg.training
     spec = InputSpec.from_feature_state(plan.feature_state)
@@ -255,8 +261,12 @@ def _fit(plan: RankPlan, cfg: Config, model: Any, rank: int, size: int, resumed:
     readers = 1 if t.deterministic else t.reader_workers
     budget: Budget = plan.budget
     state = resumed.state
-    train_ds = make_dataset(train.url, spec, train_read_options(plan, t, rank, size, train, resumed.initial_epoch,
-                                                               readers))
+    train_opts = train_read_options(plan, t, rank, size, train, resumed.initial_epoch, readers)
+    if rank == 0 and not train_opts.cache:
+        LOG.info("input: the train shards are streamed every epoch (rank 0's share ~%.0f MiB > "
+                 "training.input_cache_mb=%d)", share_bytes(train, spec, rank, size, train_opts.shard) / 2**20,
+                 t.input_cache_mb)
+    train_ds = make_dataset(train.url, spec, train_opts)
     val_ds = None
     if val.rows > 0:
         val_ds = make_dataset(val.url, spec, ReadOptions(
@@ -293,7 +303,7 @@ def _export_best(plan: RankPlan, cfg: Config, model: Any, store: CheckpointStore
     """Rank 0: the best weights (early stopping) or the last, unplaced, exported to the staging
     directory with the reason codes' baseline from train rows; returns ("best"|"last", export result)."""
     from downpour.training.export import export_saved_model
-    from downpour.training.input import InputSpec, iter_batches
+    from downpour.training.input import iter_batches
 
     t = cfg.training
     exported = "last"
