@@ -65,7 +65,7 @@ def test_every_row_exactly_once_per_epoch_across_rank_shards(prepared, size, cac
     per_rank = []
     for rank in range(size):
         opts = ReadOptions(batch_size=64, rank=rank, size=size, num_epochs=2, window_row_groups=2, seed=3,
-                           cache=cache)
+                           cache=cache, row_groups=info.row_groups)
         per_rank.append(_ids(iter_batches(info.url, spec, opts)))
     for ids in per_rank:
         assert set(ids.values()) == {2}  # each row of the rank's shard, once per epoch
@@ -236,7 +236,7 @@ def test_a_cached_share_is_read_once_then_replayed_reshuffled_every_epoch(tmp_pa
     spec, info = _spec(prepared), prepared.split("train")
     steps = 12  # 12 x 128 of a 1,600-row pass: each epoch is a different draw of rows
     opts = ReadOptions(batch_size=128, num_epochs=None, epoch_steps=steps, drop_remainder=True, seed=6,
-                       reader_workers=1, cache=cache)
+                       reader_workers=1, cache=cache, row_groups=info.row_groups)
     stream = iter_batches(info.url, spec, opts)
     first = [str(x) for _ in range(steps) for x in next(stream)["row_id"]]
     shutil.rmtree(info.url)
@@ -252,13 +252,47 @@ def test_a_cached_share_is_read_once_then_replayed_reshuffled_every_epoch(tmp_pa
     assert len(set(first).union(*later)) > steps * 128  # and not always the same rows
 
 
-def test_cached_epochs_are_seeded_and_a_resumed_stream_reads_what_an_uninterrupted_one_reads(prepared):
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_replaying_a_share_feeds_exactly_what_streaming_it_feeds(prepared, size):
+    """Replay reproduces petastorm's row-group order for every pass seed (its shard shuffle and its
+    ventilator's permutation), so the budget that picks one or the other never changes the data: the
+    same row groups per pass, then the same epochs after window shuffles and negative downsampling."""
+    from dataclasses import replace
+
+    from downpour.training.input import load_share, replay
+
+    spec, info = _spec(prepared), prepared.split("train")  # 8 row groups: uneven for 3 ranks
+    for rank in range(size):
+        base = ReadOptions(batch_size=64, rank=rank, size=size, num_epochs=4, seed=21, reader_workers=1,
+                           row_groups=info.row_groups)
+        share = load_share(info.url, spec, base)
+        assert share is not None and len(share.groups) == len(range(rank, 8, size))
+        firsts = [str(g["row_id"][0]) for g in replay(share, base)]
+        assert firsts == [str(g["row_id"][0]) for g in iter_row_groups(info.url, spec, base)], (size, rank)
+        epochs = replace(base, num_epochs=None, epoch_steps=5, drop_remainder=True, keep_negatives=0.5,
+                         window_row_groups=2)
+        assert (_epochs(info.url, spec, replace(epochs, cache=True), 3, 5)
+                == _epochs(info.url, spec, epochs, 3, 5)), (size, rank)
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_cached_epochs_are_seeded_and_a_resumed_stream_reads_what_an_uninterrupted_one_reads(prepared, size):
+    from dataclasses import replace
+
     spec, info = _spec(prepared), prepared.split("train")
-    opts = ReadOptions(batch_size=100, num_epochs=None, epoch_steps=10, drop_remainder=True, seed=8,
-                       reader_workers=1, cache=True)
-    full = _epochs(info.url, spec, opts, 4, 10)
-    assert _epochs(info.url, spec, opts, 4, 10) == full  # seeded: the same on a second run
-    assert _epochs(info.url, spec, ReadOptions(**{**opts.__dict__, "first_epoch": 2}), 2, 10) == full[2:]
+    opts = ReadOptions(batch_size=50, rank=size - 1, size=size, num_epochs=None, epoch_steps=8,
+                       drop_remainder=True, seed=8, reader_workers=1, cache=True, row_groups=info.row_groups)
+    full = _epochs(info.url, spec, opts, 4, 8)
+    assert _epochs(info.url, spec, opts, 4, 8) == full  # seeded: the same on a second run
+    assert _epochs(info.url, spec, replace(opts, first_epoch=2), 2, 8) == full[2:]
+
+
+def test_a_share_whose_order_petastorm_does_not_confirm_is_streamed(prepared):
+    from downpour.training.input import load_share
+
+    spec, info = _spec(prepared), prepared.split("train")
+    wrong = ReadOptions(batch_size=64, rank=0, size=2, seed=3, reader_workers=1, row_groups=info.row_groups + 2)
+    assert load_share(info.url, spec, wrong) is None  # a manifest that does not match the shards
 
 
 def test_share_bytes_bounds_what_the_cache_holds_and_decides_it(prepared, tmp_path):
@@ -267,12 +301,17 @@ def test_share_bytes_bounds_what_the_cache_holds_and_decides_it(prepared, tmp_pa
     from downpour.training.plan import make_plan
     from downpour.training.rank import train_read_options
 
+    uneven = str(tmp_path / "uneven")  # 500 + 500 + 100 rows: rank 1 of 2 owns a full group only
+    write_prepared(uneven, {"train": 1100, "val": 100, "test": 100}, row_group_rows=500, files=1, seed=2)
+    for data in (prepared, open_prepared(uneven)):
+        spec, info = _spec(data), data.split("train")
+        for rank, size in [(0, 1), (0, 2), (1, 2), (1, 3)]:
+            share = load_share(info.url, spec, ReadOptions(batch_size=64, rank=rank, size=size,
+                                                           row_groups=info.row_groups))
+            held = sum(v.nbytes for g in share.groups.values() for v in g.values())
+            estimate = share_bytes(info, spec, rank, size, shard=True)
+            assert held <= estimate <= 2.5 * held, (info.rows, rank, size, held, estimate)
     spec, info = _spec(prepared), prepared.split("train")
-    for rank, size in [(0, 1), (0, 2), (1, 3)]:
-        held = sum(v.nbytes for g in load_share(info.url, spec, ReadOptions(batch_size=64, rank=rank, size=size))
-                   for v in g.values())
-        estimate = share_bytes(info, spec, rank, size, shard=True)
-        assert held <= estimate <= 1.5 * held, (rank, size, held, estimate)
 
     conf = os.path.join(os.path.dirname(__file__), "..", "conf", "fraud.yaml")
     for budget_mb, cached in [(512, True), (0, False)]:

@@ -18,10 +18,11 @@ epoch ``k`` on without re-reading epochs ``0..k-1``. Negative downsampling and c
 applied here, vectorized, per row group.
 
 With ``cache`` (``training.input_cache_mb``: the rank's share, estimated from the manifest, fits), the
-rank's row groups are decoded by one petastorm pass and kept; every pass then replays them in an order
-drawn from the pass seed, with the same window shuffle, downsampling and epoch cut. Reopening petastorm
-and decoding every epoch cost more CPU than the shuffle itself, and on a worker whose cores all run
-TensorFlow that CPU is taken from the model.
+rank's row groups are decoded by one petastorm pass and kept; every pass then replays them in the
+order petastorm would have read them with that pass's seed (``piece_order``, checked against the
+reader when the share is loaded), so replaying and streaming feed the model the same data. Reopening
+petastorm and decoding every epoch cost more CPU than the shuffle itself, and on a worker whose cores
+all run TensorFlow that CPU is taken from the model.
 
 Long: the shard reading plan per rank and the petastorm -> tf.data pipeline share their batch and
 row-group arithmetic.
@@ -29,6 +30,7 @@ row-group arithmetic.
 
 from __future__ import annotations
 
+import random
 import re
 import time
 import warnings
@@ -61,6 +63,7 @@ class SplitInfo:
     positives: int
     row_groups: int
     files: int
+    row_group_rows_max: int = 0  # rows of the largest row group (0: not recorded)
 
     @property
     def negatives(self) -> int:
@@ -93,6 +96,7 @@ class PreparedData:
                 positives=int(s.get("positives", 0)),
                 row_groups=int(s.get("row_groups", 0)),
                 files=int(s.get("files", 0)),
+                row_group_rows_max=int(s.get("row_group_rows_max", 0)),
             )
         except (KeyError, TypeError, ValueError):
             raise DataContractError(f"{where}: needs integer 'rows' (and 'positives', 'row_groups')") from None
@@ -183,6 +187,7 @@ class ReadOptions:
     epoch_steps: int | None = None   # endless reads only: epochs of exactly this many batches (resumable)
     first_epoch: int = 0             # with epoch_steps: the epoch the stream starts at (0-based)
     cache: bool = False              # decode the rank's row groups once and replay them every pass
+    row_groups: int = 0              # with cache: the split's row groups (the manifest's), for replay
 
 
 def expected_train_rows(info: SplitInfo, keep_negatives: float) -> float:
@@ -191,17 +196,15 @@ def expected_train_rows(info: SplitInfo, keep_negatives: float) -> float:
 
 
 def share_bytes(info: SplitInfo, spec: InputSpec, rank: int, size: int, shard: bool) -> int:
-    """Decoded bytes of the row groups rank ``rank`` of ``size`` reads from ``info`` (an estimate from
-    the manifest: shards are balanced, so each row group holds about ``rows / row_groups`` rows).
-
-    What ``training.input_cache_mb`` is compared with, before anything is read, so that the choice
-    between replaying and streaming is the same on every run of the same data (a resumed run reads
-    what an uninterrupted one reads).
-    """
+    """At least the decoded bytes of the row groups rank ``rank`` of ``size`` reads from ``info``, from
+    the manifest alone (the rank's row groups times the largest row group's rows, at 8 bytes for the
+    label, weight and extra columns): what ``training.input_cache_mb`` is compared with before
+    anything is read."""
     per_row = 4 * len(spec.numeric) + 8 * len(spec.categorical) + 8 * (2 + len(spec.extra))
     groups = max(1, info.row_groups)
     owned = len(range(rank, groups, size)) if shard and size > 1 else groups
-    return per_row * -(-info.rows * owned // groups)
+    largest = info.row_group_rows_max or -(-info.rows // groups)
+    return per_row * min(info.rows, owned * largest)
 
 
 # ---- numpy: row groups -> shuffled blocks of batches ---------------------------------------------------
@@ -217,33 +220,9 @@ def iter_row_groups(url: str, spec: InputSpec, opts: ReadOptions) -> Iterator[di
     reshuffled on every pass; the row groups a rank owns do not change (petastorm assigns row group
     ``i`` to shard ``i % shard_count``).
     """
-    from petastorm import make_batch_reader
-
-    reader_url = storage.reader_url(url)
-    patterns = [re.escape(c) + "$" for c in spec.columns]
     passes = range(opts.num_epochs) if opts.num_epochs is not None else _count()
     for p in passes:
-        # unsharded readers (too few row groups) get rank-specific orders so ranks do not march in step
-        seed = _pass_seed(opts.seed, 0 if opts.shard else opts.rank, p)
-        try:
-            reader = make_batch_reader(
-                reader_url,
-                schema_fields=patterns,
-                reader_pool_type="thread",
-                workers_count=opts.reader_workers,
-                results_queue_size=max(2, opts.window_row_groups + opts.reader_workers),
-                seed=seed,
-                shuffle_rows=False,
-                shuffle_row_groups=opts.shuffle,
-                num_epochs=1,
-                cur_shard=opts.rank if opts.shard and opts.size > 1 else None,
-                shard_count=opts.size if opts.shard and opts.size > 1 else None,
-                convert_early_to_numpy=False,
-            )
-        except Exception as exc:  # noqa: BLE001 - petastorm raises bare Exceptions/ValueErrors
-            raise DataContractError(f"{url}: cannot open the shards ({exc.__class__.__name__}: {exc})") from exc
-        _guard_end_of_pass(reader)
-        _zero_copy_results(reader)
+        reader = _open_reader(url, spec, opts, _seed_of_pass(opts, p), opts.reader_workers)
         try:
             if p == 0:
                 _check_schema(url, spec, reader.schema)
@@ -252,6 +231,38 @@ def iter_row_groups(url: str, spec: InputSpec, opts: ReadOptions) -> Iterator[di
         finally:
             reader.stop()
             reader.join()
+
+
+def _seed_of_pass(opts: ReadOptions, p: int) -> int:
+    # unsharded readers (too few row groups) get rank-specific orders so ranks do not march in step
+    return _pass_seed(opts.seed, 0 if opts.shard else opts.rank, p)
+
+
+def _open_reader(url: str, spec: InputSpec, opts: ReadOptions, seed: int, workers: int) -> Any:
+    """One petastorm pass (``num_epochs=1``) over this rank's row groups, ordered by ``seed``."""
+    from petastorm import make_batch_reader
+
+    sharded = opts.shard and opts.size > 1
+    try:
+        reader = make_batch_reader(
+            storage.reader_url(url),
+            schema_fields=[re.escape(c) + "$" for c in spec.columns],
+            reader_pool_type="thread",
+            workers_count=workers,
+            results_queue_size=max(2, opts.window_row_groups + workers),
+            seed=seed,
+            shuffle_rows=False,
+            shuffle_row_groups=opts.shuffle,
+            num_epochs=1,
+            cur_shard=opts.rank if sharded else None,
+            shard_count=opts.size if sharded else None,
+            convert_early_to_numpy=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - petastorm raises bare Exceptions/ValueErrors
+        raise DataContractError(f"{url}: cannot open the shards ({exc.__class__.__name__}: {exc})") from exc
+    _guard_end_of_pass(reader)
+    _zero_copy_results(reader)
+    return reader
 
 
 def _guard_end_of_pass(reader: Any) -> None:
@@ -310,31 +321,77 @@ def _count() -> Iterator[int]:
         i += 1
 
 
-def load_share(url: str, spec: InputSpec, opts: ReadOptions) -> list[dict[str, np.ndarray]]:
-    """This rank's row groups, decoded once by one petastorm pass in petastorm's row-group order (no
-    shuffle), for ``replay``. With one reader thread (``training.deterministic``) that order is fixed."""
+@dataclass(frozen=True)
+class Share:
+    """A rank's row groups decoded once: petastorm's piece index -> ``{column: numpy array}``."""
+
+    groups: dict[int, dict[str, np.ndarray]]
+    total: int  # row groups (petastorm pieces) in the split, the rank's and the others'
+
+
+def piece_order(total: int, opts: ReadOptions, seed: int) -> list[int]:
+    """The piece indices one petastorm 0.13 pass with ``seed`` reads, in its order: the shard filter
+    (``Reader._partition_row_groups``: ``random.Random(seed)`` shuffles every index, then those with
+    ``i % size == rank`` are kept), then the ventilator's ``np.random.default_rng(seed).permutation``
+    when row groups are shuffled. ``load_share`` checks it against the reader it opens."""
+    idx = list(range(total))
+    if opts.shard and opts.size > 1:
+        random.Random(seed).shuffle(idx)
+        idx = [i for i in idx if i % opts.size == opts.rank]
+    if opts.shuffle and idx:
+        idx = [int(i) for i in np.random.default_rng(seed).permutation(idx)]
+    return idx
+
+
+def load_share(url: str, spec: InputSpec, opts: ReadOptions) -> Share | None:
+    """This rank's row groups, decoded by one petastorm pass (one reader thread, so results come in
+    the order the reader lists its pieces) and keyed by piece index, for ``replay``; None (stream
+    instead, with a warning) when the reader's own piece list is not what ``piece_order`` predicts."""
     t0 = time.perf_counter()
-    groups = list(iter_row_groups(url, spec, replace(opts, num_epochs=1, shuffle=False, cache=False)))
+    seed = _seed_of_pass(opts, 0)
+    reader = _open_reader(url, spec, replace(opts, shuffle=False), seed, 1)
+    try:
+        _check_schema(url, spec, reader.schema)
+        items = getattr(getattr(reader, "ventilator", None), "_items_to_ventilate", None) or []
+        pieces = [int(item["piece_index"]) for item in items]
+        if pieces != piece_order(opts.row_groups, replace(opts, shuffle=False), seed):
+            LOG.warning("input: rank %d streams %s every epoch: petastorm's row-group order is not the one "
+                        "replay reproduces (a petastorm other than 0.13, or a manifest that does not match "
+                        "the shards)", opts.rank, url)
+            return None
+        groups = [batch._asdict() for batch in reader]
+    finally:
+        reader.stop()
+        reader.join()
+    if len(groups) != len(pieces):
+        raise DataContractError(f"{url}: petastorm read {len(groups)} row groups of the {len(pieces)} listed")
     held = sum(v.nbytes for g in groups for v in g.values())
     LOG.info("input: rank %d holds its %d row group(s) of %s in memory (%.1f MiB, read in %.1fs)",
              opts.rank, len(groups), url, held / 2**20, time.perf_counter() - t0)
-    return groups
+    return Share(dict(zip(pieces, groups, strict=True)), opts.row_groups)
 
 
-def replay(groups: Sequence[dict[str, np.ndarray]], opts: ReadOptions) -> Iterator[dict[str, np.ndarray]]:
-    """``iter_row_groups`` from memory: the same passes, each in a row-group order drawn from the pass
-    seed (``opts.seed``, the rank when unsharded, the pass index), without reopening a reader."""
+def replay(share: Share, opts: ReadOptions) -> Iterator[dict[str, np.ndarray]]:
+    """``iter_row_groups`` from memory: the same passes, each in the order petastorm would read with
+    that pass's seed (``piece_order``), without reopening a reader or decoding Parquet."""
     passes = range(opts.num_epochs) if opts.num_epochs is not None else _count()
     for p in passes:
-        order = (np.random.default_rng(_pass_seed(opts.seed, 0 if opts.shard else opts.rank, p)).permutation(
-            len(groups)) if opts.shuffle else range(len(groups)))
-        for i in order:
-            yield groups[i]
+        for i in piece_order(share.total, opts, _seed_of_pass(opts, p)):
+            yield share.groups[i]
 
 
-def _row_groups(url: str, spec: InputSpec, opts: ReadOptions,
-                share: Sequence[dict[str, np.ndarray]] | None) -> Iterator[dict[str, np.ndarray]]:
-    return replay(share, opts) if share else iter_row_groups(url, spec, opts)
+def _share_for(url: str, spec: InputSpec, opts: ReadOptions) -> Share | None:
+    """The replayable share when ``opts.cache`` asks for one (and a read has more than one pass)."""
+    if not opts.cache or opts.num_epochs == 1:
+        return None
+    share = load_share(url, spec, opts)
+    if share is not None and not share.groups:
+        raise DataContractError(f"{url}: rank {opts.rank} of {opts.size} has no row group to read")
+    return share
+
+
+def _row_groups(url: str, spec: InputSpec, opts: ReadOptions, share: Share | None) -> Iterator[dict[str, np.ndarray]]:
+    return replay(share, opts) if share is not None else iter_row_groups(url, spec, opts)
 
 
 def _check_schema(url: str, spec: InputSpec, schema: Any) -> None:
@@ -393,7 +450,7 @@ def iter_blocks(url: str, spec: InputSpec, opts: ReadOptions,
     if row_groups is not None:
         source = row_groups
     else:
-        source = _row_groups(url, spec, opts, load_share(url, spec, opts) if opts.cache else None)
+        source = _row_groups(url, spec, opts, _share_for(url, spec, opts))
 
     def emit(final: bool) -> Iterator[dict[str, np.ndarray]]:
         nonlocal pending, rows
@@ -438,8 +495,8 @@ def _shuffled(parts: Sequence[dict[str, np.ndarray]], perm: np.ndarray) -> dict[
     where = np.empty_like(perm)
     where[perm] = np.arange(len(perm), dtype=perm.dtype)
     out: dict[str, np.ndarray] = {}
-    for k, first in parts[0].items():
-        col = np.empty(len(perm), dtype=first.dtype)
+    for k in parts[0]:
+        col = np.empty(len(perm), dtype=np.result_type(*(part[k] for part in parts)))
         start = 0
         for part in parts:
             v = part[k]
@@ -466,7 +523,7 @@ def iter_epoch_blocks(url: str, spec: InputSpec, opts: ReadOptions) -> Iterator[
     if not opts.epoch_steps or opts.num_epochs is not None:
         raise ValueError("iter_epoch_blocks needs epoch_steps >= 1 and an endless read (num_epochs=None)")
     epoch = opts.first_epoch
-    share = load_share(url, spec, opts) if opts.cache else None  # decoded once, replayed every epoch
+    share = _share_for(url, spec, opts)  # decoded once, replayed every epoch
     while True:
         e_opts = replace(opts, seed=_epoch_seed(opts.seed, epoch), epoch_steps=None, first_epoch=0)
         source = _row_groups(url, spec, e_opts, share)

@@ -100,18 +100,18 @@ def train_read_options(plan: RankPlan, t: Any, rank: int, size: int, train: Spli
                        readers: int, **extra: Any) -> ReadOptions:
     """How rank ``rank`` of ``size`` reads the train split: its shard, seeded epochs of exactly the
     plan's ``steps_per_epoch`` whole batches from ``first_epoch`` on (the one definition, tested).
-    The rank's row groups are decoded once and replayed every epoch when its share fits in
-    ``training.input_cache_mb`` (decided from the manifest, so the same on every run of the data)."""
+    The rank's row groups are decoded once and replayed every epoch, in the order petastorm would read
+    them, when its share (bounded from the manifest) fits in ``training.input_cache_mb``."""
     shard = train.row_groups >= size
     if "cache" not in extra:
         need = share_bytes(train, InputSpec.from_feature_state(plan.feature_state), rank, size, shard)
-        extra["cache"] = need <= t.input_cache_mb * 2**20
+        extra["cache"] = t.input_cache_mb > 0 and need <= t.input_cache_mb * 2**20
     return ReadOptions(
         batch_size=t.batch_size, rank=rank, size=size, shard=shard, num_epochs=None,
         shuffle=True, window_row_groups=t.shuffle_window_row_groups, seed=t.seed,
         keep_negatives=plan.keep_negatives, positive_weight=plan.positive_weight,
         reader_workers=readers, drop_remainder=True, epoch_steps=plan.steps_per_epoch,
-        first_epoch=first_epoch, **extra)
+        first_epoch=first_epoch, row_groups=train.row_groups, **extra)
 
 
 @dataclass(frozen=True)
@@ -262,9 +262,9 @@ def _fit(plan: RankPlan, cfg: Config, model: Any, rank: int, size: int, resumed:
     budget: Budget = plan.budget
     state = resumed.state
     train_opts = train_read_options(plan, t, rank, size, train, resumed.initial_epoch, readers)
-    if rank == 0 and not train_opts.cache:
-        LOG.info("input: the train shards are streamed every epoch (rank 0's share ~%.0f MiB > "
-                 "training.input_cache_mb=%d)", share_bytes(train, spec, rank, size, train_opts.shard) / 2**20,
+    if not train_opts.cache:
+        LOG.info("input: rank %d streams its train shards every epoch (its share, up to %.0f MiB, exceeds "
+                 "training.input_cache_mb=%d)", rank, share_bytes(train, spec, rank, size, train_opts.shard) / 2**20,
                  t.input_cache_mb)
     train_ds = make_dataset(train.url, spec, train_opts)
     val_ds = None
