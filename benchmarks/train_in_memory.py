@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_in_memory --prepared /tmp/downpour-bench/full/prepare/small --repeats 3
 
-One worker, one process, one model definition; the only difference between the two contenders is
+One worker, one process, one model definition; the only difference between the three contenders is
 where the batches come from:
 
 * ``pipeline``: ``training.input.make_dataset`` over the prepared train shards with the options a rank
@@ -17,18 +17,19 @@ where the batches come from:
   of the same size and served by ``tf.data.Dataset.from_tensor_slices`` over the batches, repeated and
   prefetched. No per-row shuffle: the cheapest feed tf.data has, so it is the ceiling.
 
-Both fit a model from ``training.rank._compiled`` (``training.model.build_model``, Horovod's
+Each fits a model from ``training.rank._compiled`` (``training.model.build_model``, Horovod's
 ``DistributedOptimizer`` over Adam, the run's loss and metrics; Horovod initialised with one rank),
 with the rank's per-step callbacks (``StepLearningRate``, ``PooledMetrics``, ``EpochSeededDropout``),
 in a process whose TensorFlow threads were set by ``training.rank._configure_process`` (the
 ``training.threads_per_worker`` mechanism: cores / workers by default). Each contender has its own model
-(same seed) so neither retraces the other's train function. Same batch size, same steps per epoch, same
+(same seed) so none retraces another's train function. Same batch size, same steps per epoch, same
 epochs, no validation.
 
 Timing: one untimed warm-up ``fit`` of one epoch per contender (traces the train step, starts the
 thread pools, fills the page cache); then ``repeats`` rounds, each running every contender (the order
 rotated every round), each timed as the wall time of ``model.fit(epochs=epochs)``, dataset objects built
-before the clock (both lazy), iterator creation and reader start inside it for both. examples/s =
+before the clock (all lazy), iterator creation and reader start inside it for each (so the replaying
+contender decodes its share again inside the first epoch of every timed ``fit``). examples/s =
 steps_per_epoch x epochs x batch / seconds. ``train_vs_in_memory`` is the median over rounds of
 pipeline / in-memory examples/s of the same round, with their (min, max).
 
@@ -141,7 +142,7 @@ def _child(plan_path: str, out_path: str, repeats: int, epochs: int) -> None:
         models[name].fit(datasets[name], steps_per_epoch=steps, epochs=n_epochs, callbacks=callbacks, verbose=0)
         return time.perf_counter() - t0
 
-    for name in datasets:  # warm-up, untimed, the same for both
+    for name in datasets:  # warm-up, untimed, the same for each
         fit(name, 1)
     samples: dict[str, list[float]] = {name: [] for name in datasets}
     seconds: dict[str, list[float]] = {name: [] for name in datasets}
@@ -166,7 +167,7 @@ def _child(plan_path: str, out_path: str, repeats: int, epochs: int) -> None:
         "input_cache_mb": t.input_cache_mb,
         "pipeline_replays_from_memory": bool(train_read_options(plan, t, 0, 1, plan.train, 0, readers).cache),
         "warm_up": "one untimed fit of one epoch per contender",
-        "timing_window": "wall time of model.fit(epochs) for both: iterator creation and reader start inside, "
+        "timing_window": "wall time of model.fit(epochs) for each: iterator creation and reader start inside, "
                          "dataset objects (lazy) and the in-memory arrays built before",
         "seconds": seconds,
         "samples": samples,

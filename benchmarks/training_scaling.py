@@ -18,7 +18,7 @@
   over every epoch after the first (the first traces the graph: the warm-up, the same for all); each
   figure is the median over rounds of the ratio within the round, with its (min, max).
 * ``train_peak_rss_10x_ratio``: peak RSS of the Python processes under the driver (the Horovod
-  ranks and Spark's Python workers) training one epoch with the shipped ``conf/fraud.yaml`` and
+  ranks and Spark's Python workers) training one epoch with the shipped ``conf/fraud.yaml``, ``training.workers=1`` and
   ``training.input_cache_mb=0`` on shards prepared from 10x the rows, over the same on 1x: streaming
   row groups, so this should stay near 1. ``train_peak_rss_10x_ratio_default`` (reported) is the same
   with the shipped budget, under which a worker's share that fits is held in memory: it grows with the

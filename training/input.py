@@ -3,8 +3,8 @@
 Per Horovod rank, petastorm reads the rank's row groups of a split (``cur_shard=rank``,
 ``shard_count=size``) as whole-row-group column batches (Arrow, converted to numpy without copies),
 in a row-group order reshuffled on every pass. Rows are never unrolled one by one: a window of
-``shuffle_window_row_groups`` row groups is concatenated column by column and shuffled with one
-permutation (``np.take`` per column), cut into training batches and handed to ``tf.data`` a block of
+``shuffle_window_row_groups`` row groups is shuffled with one permutation (each row group scattered
+to its rows' new positions, one copy per column), cut into training batches and handed to ``tf.data`` a block of
 batches at a time (``from_generator`` -> ``unbatch`` of [m, B] blocks into [B] batches). Rows that do
 not fill a batch are carried into the next window.
 
@@ -17,12 +17,13 @@ of that pass is dropped), so a run resumed at epoch ``k`` reads what an uninterr
 epoch ``k`` on without re-reading epochs ``0..k-1``. Negative downsampling and class weights are
 applied here, vectorized, per row group.
 
-With ``cache`` (``training.input_cache_mb``: the rank's share, estimated from the manifest, fits), the
+With ``cache`` (``training.input_cache_mb``: the rank's share, bounded from the manifest, fits), the
 rank's row groups are decoded by one petastorm pass and kept; every pass then replays them in the
-order petastorm would have read them with that pass's seed (``piece_order``, checked against the
-reader when the share is loaded), so replaying and streaming feed the model the same data. Reopening
-petastorm and decoding every epoch cost more CPU than the shuffle itself, and on a worker whose cores
-all run TensorFlow that CPU is taken from the model.
+order petastorm would have read them with that pass's seed (``piece_order``; its shard order is
+checked against the reader when the share is loaded, its permutation by the tests), so replaying and
+streaming feed the model the same data. Reopening petastorm and decoding every epoch cost more CPU
+than the shuffle itself, and on a worker whose cores all run TensorFlow that CPU is taken from the
+model.
 
 Long: the shard reading plan per rank and the petastorm -> tf.data pipeline share their batch and
 row-group arithmetic.
@@ -438,8 +439,8 @@ def iter_blocks(url: str, spec: InputSpec, opts: ReadOptions,
     ``weight`` (and extras). A finite read ends with one partial batch ``[1, r]`` unless
     ``drop_remainder``.
 
-    A window of row groups is concatenated column by column and shuffled with one permutation
-    (``np.take``); rows that do not fill a batch are carried into the next window, so no row is
+    A window of row groups is shuffled with one permutation (``_shuffled``: one copy per column);
+    rows that do not fill a batch are carried into the next window, so no row is
     dropped before the final flush.
     """
     rng = np.random.default_rng([opts.seed, opts.rank, 0x5EED])
