@@ -15,7 +15,8 @@ where the batches come from:
   reported);
 * ``in_memory``: the same train rows, loaded once into numpy before anything is timed, cut into batches
   of the same size and served by ``tf.data.Dataset.from_tensor_slices`` over the batches, repeated and
-  prefetched. No per-row shuffle: the cheapest feed tf.data has, so it is the ceiling.
+  prefetched, with the same ``tf.data.Options`` as ``make_dataset`` (``training.input.dataset_options``).
+  No per-row shuffle: the cheapest feed tf.data has, so it is the ceiling.
 
 Each fits a model from ``training.rank._compiled`` (``training.model.build_model``, Horovod's
 ``DistributedOptimizer`` over Adam, the run's loss and metrics; Horovod initialised with one rank),
@@ -109,7 +110,7 @@ def _child(plan_path: str, out_path: str, repeats: int, epochs: int) -> None:
     import tensorflow as tf
 
     from downpour.training import callbacks as cb
-    from downpour.training.input import InputSpec, ReadOptions, iter_blocks, make_dataset
+    from downpour.training.input import InputSpec, ReadOptions, dataset_options, iter_blocks, make_dataset
 
     hvd.init()
     t = cfg.training
@@ -128,7 +129,7 @@ def _child(plan_path: str, out_path: str, repeats: int, epochs: int) -> None:
     del blocks, flat
     in_memory = tf.data.Dataset.from_tensor_slices(
         ({c: batched[c] for c in spec.features}, batched["label"], batched["weight"])
-    ).repeat().prefetch(tf.data.AUTOTUNE)
+    ).repeat().with_options(dataset_options()).prefetch(tf.data.AUTOTUNE)
     pipeline = make_dataset(plan.train.url, spec, train_read_options(plan, t, 0, 1, plan.train, 0, readers))
     streamed = make_dataset(plan.train.url, spec, train_read_options(plan, t, 0, 1, plan.train, 0, readers,
                                                                      cache=False))

@@ -127,6 +127,10 @@ def test_tf_dataset_batches_have_model_shapes_and_dtypes(prepared):
     assert set(sizes[:-1]) == {96} and 0 < sizes[-1] <= 96
     # endless training stream with whole batches only: more batches than one pass holds
     endless = make_dataset(info.url, spec, ReadOptions(batch_size=96, num_epochs=None, drop_remainder=True))
+    # whole batches have a static shape (Keras traces its step for [96], not [None]); a finite read
+    # keeps the batch dimension open for its last, partial batch
+    assert endless.element_spec[1].shape == (96,) and ds.element_spec[1].shape.as_list() == [None]
+    assert endless.options().autotune.enabled is False  # see dataset_options: no autotuning thread
     n = 0
     for _, label, _ in endless.take(40):
         assert label.shape == (96,)

@@ -561,12 +561,16 @@ def make_dataset(url: str, spec: InputSpec, opts: ReadOptions, keras: bool = Tru
     weight)`` for Keras (``keras=True``), else one dict of every column plus ``weight``.
 
     The generator hands over blocks of ``block_rows // B`` batches; ``unbatch`` cuts them into
-    batches inside tf.data, so Python runs once per block, not once per batch or row.
+    batches inside tf.data, so Python runs once per block, not once per batch or row. With
+    ``drop_remainder`` every batch has the static shape [B], so Keras traces its step for that
+    shape, as it does for tensors held in memory.
     """
     import tensorflow as tf
 
+    width = opts.batch_size if opts.drop_remainder else None  # static [B] batches, as tensors in memory have
+
     def spec_of(dtype: Any) -> Any:
-        return tf.TensorSpec([None, None], dtype)
+        return tf.TensorSpec([None, width], dtype)
 
     features = {c: spec_of(tf.float32) for c in spec.numeric}
     features.update({c: spec_of(tf.int64) for c in spec.categorical})
@@ -586,6 +590,21 @@ def make_dataset(url: str, spec: InputSpec, opts: ReadOptions, keras: bool = Tru
 
     ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
     ds = ds.unbatch()  # blocks [m, B] -> batches [B] (not rows: the batching was done in numpy)
+    return ds.with_options(dataset_options()).prefetch(tf.data.AUTOTUNE)
+
+
+def dataset_options() -> Any:
+    """The ``tf.data.Options`` of every dataset ``make_dataset`` returns.
+
+    Deterministic order. tf.data's model-based autotuning is off: the pipeline has no parallel stage
+    for it to tune (the prefetch buffer tunes itself without it), and destroying an iterator waits
+    for the autotuning thread, which made about one ``fit`` in three end 1.5 s late on the 2-core
+    development VM (a native stack of the wait, ``RootDataset::Iterator`` destructor, is in
+    benchmarks/README.md).
+    """
+    import tensorflow as tf
+
     options = tf.data.Options()
     options.deterministic = True
-    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+    options.autotune.enabled = False
+    return options
