@@ -155,31 +155,49 @@ def keepers(cfg: Config) -> list[Keeper]:
 def trim(history: DataFrame, cfg: Config, end_us: int) -> DataFrame:
     """The rows of ``history`` that any event after ``end_us`` can still see (see the module docstring).
 
-    Lazy. Per keeper one map-side combined aggregation by its keys that carries the picked row itself:
+    Lazy. Every keeper is served by one map-side combined aggregation that carries the picked row itself:
     ``max``/``min`` of ``struct(time, HID, row)`` is the latest (earliest) event, ties broken by ``HID``,
     so the pick is deterministic and needs no join back to the history. One event per key and pick is
-    all a later row's windows read from outside the horizon (a time, or that the key was seen)."""
+    all a later row's windows read from outside the horizon (a time, or that the key was seen). The
+    keepers share that aggregation: each event is listed once per keeper it counts for, under
+    ``(keeper, its key values)``, so the history is scanned once and shuffled once, whatever the
+    number of keepers."""
     names = cfg.names
     ts = names[cfg.timestamp_column]  # type: ignore[index]
     t = epoch_us(history, ts, "timestamp_column", "the history")
     out = history.where(t >= F.lit(end_us - horizon_seconds(cfg) * _US))
-    row = F.struct(t.alias("__t"), F.col(HID), *[c for c in history.columns if c != HID])
-    for k in keepers(cfg):
+    kept = keepers(cfg)
+    if kept:
+        out = out.unionByName(_picked(history, kept, t, end_us))
+    return out.dropDuplicates([HID]).select(*history.columns)
+
+
+def _picked(history: DataFrame, kept: list[Keeper], t: Column, end_us: int) -> DataFrame:
+    """The keepers' picks from one aggregation: the group is ``(keeper index, key)``, the key a struct of
+    every keeper's key columns (their own types) with the columns a keeper does not use left null."""
+    types = dict(history.dtypes)
+    key_cols = list(dict.fromkeys(c for k in kept for c in k.keys))
+    entries = []
+    for i, k in enumerate(kept):
         present = F.lit(True)
         for key in k.keys:
             present = present & F.col(key).isNotNull()
         if k.active:
             present = present & (F.col(k.active).cast("double") > 0)
-        if k.first:
-            picks = [F.min(row)]
-        else:  # the last event, and the last strictly before the end (a new row at the end needs it)
-            picks = [F.max(row), F.max(F.when(t < F.lit(end_us), row))]
-        picked = (history.where(present).groupBy(*k.keys)
-                  .agg(F.array(*picks).alias("__picks"))
-                  .select(F.explode("__picks").alias("__r")).where(F.col("__r").isNotNull())
-                  .select(*[F.col(f"__r.{c}").alias(c) for c in history.columns]))
-        out = out.unionByName(picked)
-    return out.dropDuplicates([HID]).select(*history.columns)
+        key = F.struct(*[(F.col(c) if c in k.keys else F.lit(None).cast(types[c])).alias(c) for c in key_cols])
+        entries.append(F.when(present, F.struct(F.lit(i).alias("k"), key.alias("key"))))
+    row = F.struct(t.alias("__t"), F.col(HID), *[c for c in history.columns if c != HID])
+    listed = history.select(F.explode(F.array(*entries)).alias("__g"), row.alias("__row"), t.alias("__tt"))
+    listed = listed.where(F.col("__g").isNotNull())
+    first = F.col("__g.k").isin([i for i, k in enumerate(kept) if k.first] or [-1])
+    r = F.col("__row")
+    picks = (listed.groupBy("__g")
+             .agg(F.min(F.when(first, r)).alias("__first"),
+                  F.max(F.when(~first, r)).alias("__last"),  # the last event, and the last strictly
+                  F.max(F.when(~first & (F.col("__tt") < F.lit(end_us)), r)).alias("__before")))  # before the end
+    return (picks.select(F.explode(F.array("__first", "__last", "__before")).alias("__r"))
+            .where(F.col("__r").isNotNull())
+            .select(*[F.col(f"__r.{c}").alias(c) for c in history.columns]))
 
 
 def before(history: DataFrame, cfg: Config, us: int) -> DataFrame:
