@@ -175,7 +175,7 @@ def trim(history: DataFrame, cfg: Config, end_us: int) -> DataFrame:
 def _picked(history: DataFrame, kept: list[Keeper], t: Column, end_us: int) -> DataFrame:
     """The keepers' picks from one aggregation: the group is ``(keeper index, key)``, the key a struct of
     every keeper's key columns (their own types) with the columns a keeper does not use left null."""
-    types = dict(history.dtypes)
+    types = {f.name: f.dataType for f in history.schema.fields}
     key_cols = list(dict.fromkeys(c for k in kept for c in k.keys))
     entries = []
     for i, k in enumerate(kept):

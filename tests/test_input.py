@@ -131,6 +131,11 @@ def test_tf_dataset_batches_have_model_shapes_and_dtypes(prepared):
     # keeps the batch dimension open for its last, partial batch
     assert endless.element_spec[1].shape == (96,) and ds.element_spec[1].shape.as_list() == [None]
     assert endless.options().autotune.enabled is False  # see dataset_options: no autotuning thread
+    # the training path: epochs of exactly 3 steps, cut from blocks of 2 batches
+    stepped = make_dataset(info.url, spec, ReadOptions(batch_size=96, num_epochs=None, drop_remainder=True,
+                                                       epoch_steps=3, block_rows=192))
+    assert stepped.element_spec[1].shape == (96,)
+    assert [tuple(label.shape) for _, label, _ in stepped.take(7)] == [(96,)] * 7
     n = 0
     for _, label, _ in endless.take(40):
         assert label.shape == (96,)
