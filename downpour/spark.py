@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from pyspark import SparkConf, SparkContext, StorageLevel
@@ -14,6 +15,8 @@ from downpour.config import Config
 from downpour.errors import ConfigError
 
 PERSIST_LEVEL_KEY = "spark.downpour.persistLevel"
+PERSIST_COMPRESSED_KEY = "spark.downpour.persistCompressed"
+CACHE_COMPRESSED_KEY = "spark.sql.inMemoryColumnarStorage.compressed"  # Spark's own; set per stage
 _LEVELS = ("DISK_ONLY", "DISK_ONLY_2", "MEMORY_AND_DISK", "MEMORY_AND_DISK_2", "MEMORY_AND_DISK_DESER")
 
 
@@ -100,3 +103,39 @@ def persist_level(spark: SparkSession) -> StorageLevel:
     if name not in _LEVELS:
         raise ConfigError(f"spark.conf.{PERSIST_LEVEL_KEY}: unknown storage level {name!r}; use one of {list(_LEVELS)}")
     return getattr(StorageLevel, name)
+
+
+def persist_compressed(spark: SparkSession) -> bool:
+    """Whether the frames a stage persists keep Spark's columnar compression: no unless
+    ``spark.downpour.persistCompressed`` is true."""
+    text = (spark.conf.get(PERSIST_COMPRESSED_KEY, None) or "false").strip().lower()
+    if text not in ("true", "false"):
+        raise ConfigError(f"spark.conf.{PERSIST_COMPRESSED_KEY}: {text!r} is not true or false")
+    return text == "true"
+
+
+@contextmanager
+def persisting(spark: SparkSession) -> Iterator[None]:
+    """The scope of a stage that persists frames: both persistence keys are validated on entry (before
+    any Spark work), and Spark's ``spark.sql.inMemoryColumnarStorage.compressed`` follows
+    ``persist_compressed`` until the stage ends, when the session's own setting comes back.
+
+    Why off by default: a cached block's columnar compression tries a dictionary for every string
+    column of every 10,000-row batch, hashing each value into a growing map, and the persisted frames
+    are mostly unique strings (ids, timestamps, the raw JSON) that no dictionary shrinks. A sampled JVM
+    profile of a 2M-row ``score`` found that work in 44 of 118 samples of the ingest pass, and the pass
+    took 22 s without it against 36 s with it. ``DISK_ONLY`` blocks land in the OS page cache, so the
+    larger blocks cost little. Spark reads the setting when a cache is first built (the stage's first
+    action over it), hence a scope around the whole stage rather than around each ``persist``.
+    """
+    persist_level(spark)
+    compressed = "true" if persist_compressed(spark) else "false"
+    before = spark.conf.get(CACHE_COMPRESSED_KEY, None)
+    spark.conf.set(CACHE_COMPRESSED_KEY, compressed)
+    try:
+        yield
+    finally:
+        if before is None:
+            spark.conf.unset(CACHE_COMPRESSED_KEY)
+        else:
+            spark.conf.set(CACHE_COMPRESSED_KEY, before)

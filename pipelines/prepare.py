@@ -41,7 +41,7 @@ from downpour.pipelines.ingest import (
 from downpour.pipelines.publish import Publisher, Staging
 from downpour.pipelines.rows import split_rows, tagged_rows
 from downpour.pipelines.split import SPLITS, split_counts
-from downpour.spark import persist_level, sized_partitions
+from downpour.spark import persist_level, persisting, sized_partitions
 from downpour.storage import FileInfo
 
 if TYPE_CHECKING:
@@ -66,7 +66,11 @@ def run_prepare(spark: SparkSession, cfg: Config, force: bool = False) -> dict[s
     """Build and publish the prepared data set; returns its manifest (the published one if unchanged)."""
     clean.check_policies(cfg)
     salt = clean.resolve_salt(cfg)  # ConfigError naming the variable, before any Spark work
-    persist_level(spark)  # ConfigError naming the key, before any Spark work
+    with persisting(spark):  # ConfigError naming a persistence key, before any Spark work
+        return _prepare(spark, cfg, salt, force)
+
+
+def _prepare(spark: SparkSession, cfg: Config, salt: str | None, force: bool) -> dict[str, Any]:
     timings: dict[str, float] = {}
     publisher = Publisher(spark, cfg.output.path)
     with _step("list input files", timings, "list_inputs"):

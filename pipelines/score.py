@@ -47,7 +47,7 @@ from downpour.pipelines.serving import (
     score_dataframe,
     signature_inputs,
 )
-from downpour.spark import persist_level, sized_partitions
+from downpour.spark import persist_level, persisting, sized_partitions
 from downpour.storage import FileInfo
 
 # ---- `downpour score`: any raw table -> scores ------------------------------------------------------
@@ -376,27 +376,28 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
         return h_full, scoring_rows(spark, h_full, list_input_files(spark, url), salt,
                                      model.stats)
 
-    past = SH.load(spark, full, model_root=model.artifact.root, card=model.card, history=history,
-                   store=history_store, no_history=no_history, tag_raw=tag_history)
-    cached: list[DataFrame] = []
-    try:
-        with contract_errors(full):
-            batch = _ingest(spark, cfg, full, input_url, salt, model.stats)
-            cached.append(batch.tagged)
-            SH.check_gap(full, past, batch.t_min, input_url)
-            scored = _serve(spark, cfg, model, _serving_rows(full, model, batch, past, input_url))
-            cached.append(scored.frame)
-            _write(spark, cfg, full, model, batch, scored, output_url, q_url, salt)
-            drift = _drift(cfg, model.card, batch.ok, scored.frame.where(F.col(ERROR).isNull()))
-            records = count_input_records(spark, full, batch.files)  # independent of the parsing it checks
-            counts = _accounted(records, batch.clean_n, scored.outcome)
-            out_url = history_out or history_store  # rolled forward only once every row is accounted for
-            rolled = (SH.roll_forward(full, past, batch.ok, batch.t_min, batch.t_max, out_url)
-                      if out_url and H.needed(full) else None)
-    finally:
-        for df in cached:
-            df.unpersist()
-        past.release()
+    with persisting(spark):  # the persisted frames of this stage (see downpour/spark.py)
+        past = SH.load(spark, full, model_root=model.artifact.root, card=model.card, history=history,
+                       store=history_store, no_history=no_history, tag_raw=tag_history)
+        cached: list[DataFrame] = []
+        try:
+            with contract_errors(full):
+                batch = _ingest(spark, cfg, full, input_url, salt, model.stats)
+                cached.append(batch.tagged)
+                SH.check_gap(full, past, batch.t_min, input_url)
+                scored = _serve(spark, cfg, model, _serving_rows(full, model, batch, past, input_url))
+                cached.append(scored.frame)
+                _write(spark, cfg, full, model, batch, scored, output_url, q_url, salt)
+                drift = _drift(cfg, model.card, batch.ok, scored.frame.where(F.col(ERROR).isNull()))
+                records = count_input_records(spark, full, batch.files)  # independent of the parsing it checks
+                counts = _accounted(records, batch.clean_n, scored.outcome)
+                out_url = history_out or history_store  # rolled forward only once every row is accounted for
+                rolled = (SH.roll_forward(full, past, batch.ok, batch.t_min, batch.t_max, out_url)
+                          if out_url and H.needed(full) else None)
+        finally:
+            for df in cached:
+                df.unpersist()
+            past.release()
     rule = model.rule
     summary = {**counts, "model_version": model.version, "output": cfg.scrub(output_url),
                "quarantine": cfg.scrub(q_url),

@@ -331,6 +331,47 @@ def test_persist_level_is_validated_before_any_work(spark, tmp_path):
         spark.conf.unset(PERSIST_LEVEL_KEY)
 
 
+def _cached_bytes(spark) -> int:
+    """Bytes of the first cached columnar batch Spark builds for 20k rows of one repeated string persisted
+    ``DISK_ONLY`` (read from the cache itself: its columns' buffers, before any stream compression)."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    df = spark.range(20_000).select(F.lit("the same text on every row").alias("s")).persist(StorageLevel.DISK_ONLY)
+    try:
+        df.count()
+        cached = spark._jsparkSession.sharedState().cacheManager().lookupCachedData(df._jdf).get()
+        batch = cached.cachedRepresentation().cacheBuilder().cachedColumnBuffers().first()
+        return sum(len(b) for b in batch.buffers())
+    finally:
+        df.unpersist(blocking=True)
+
+
+def test_stage_caches_skip_columnar_compression_and_the_session_setting_comes_back(spark, tmp_path):
+    from downpour.spark import CACHE_COMPRESSED_KEY, PERSIST_COMPRESSED_KEY, persisting
+
+    spark.conf.set(CACHE_COMPRESSED_KEY, "true")
+    try:
+        with persisting(spark):
+            assert spark.conf.get(CACHE_COMPRESSED_KEY) == "false"
+            plain = _cached_bytes(spark)
+        assert spark.conf.get(CACHE_COMPRESSED_KEY) == "true"  # the session's own setting is back
+        # the companion: the same frame with the opt-in keeps Spark's compression, and the check sees it
+        spark.conf.set(PERSIST_COMPRESSED_KEY, "true")
+        with persisting(spark):
+            packed = _cached_bytes(spark)
+        assert plain > 10 * packed, (plain, packed)
+        spark.conf.set(PERSIST_COMPRESSED_KEY, "sometimes")
+        cfg = make_cfg(write_csv(tmp_path / "in.csv", DIRTY[:1]), tmp_path / "out")
+        with pytest.raises(ConfigError, match=r"spark\.downpour\.persistCompressed.*sometimes") as err:
+            run_prepare(spark, cfg)
+        assert err.value.exit_code == 2 and not (tmp_path / "out").exists()
+        assert spark.conf.get(CACHE_COMPRESSED_KEY) == "true"
+    finally:
+        spark.conf.unset(PERSIST_COMPRESSED_KEY)
+        spark.conf.unset(CACHE_COMPRESSED_KEY)
+
+
 def test_bad_policy_values_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"cleaning\.ranges\.event_ts\.min"):
         clean.check_policies(make_cfg("x", "y", cleaning__ranges={"event_ts": {"min": "yesterday-ish"}}))
