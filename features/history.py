@@ -187,14 +187,14 @@ def _picked(history: DataFrame, kept: list[Keeper], t: Column, end_us: int) -> D
         key = F.struct(*[(F.col(c) if c in k.keys else F.lit(None).cast(types[c])).alias(c) for c in key_cols])
         entries.append(F.when(present, F.struct(F.lit(i).alias("k"), key.alias("key"))))
     row = F.struct(t.alias("__t"), F.col(HID), *[c for c in history.columns if c != HID])
-    listed = history.select(F.explode(F.array(*entries)).alias("__g"), row.alias("__row"), t.alias("__tt"))
+    listed = history.select(F.explode(F.array(*entries)).alias("__g"), row.alias("__row"))
     listed = listed.where(F.col("__g").isNotNull())
     first = F.col("__g.k").isin([i for i, k in enumerate(kept) if k.first] or [-1])
     r = F.col("__row")
     picks = (listed.groupBy("__g")
              .agg(F.min(F.when(first, r)).alias("__first"),
                   F.max(F.when(~first, r)).alias("__last"),  # the last event, and the last strictly
-                  F.max(F.when(~first & (F.col("__tt") < F.lit(end_us)), r)).alias("__before")))  # before the end
+                  F.max(F.when(~first & (F.col("__row.__t") < F.lit(end_us)), r)).alias("__before")))  # before the end
     return (picks.select(F.explode(F.array("__first", "__last", "__before")).alias("__r"))
             .where(F.col("__r").isNotNull())
             .select(*[F.col(f"__r.{c}").alias(c) for c in history.columns]))

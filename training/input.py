@@ -327,7 +327,6 @@ class Share:
     """A rank's row groups decoded once: petastorm's piece index -> ``{column: numpy array}``."""
 
     groups: dict[int, dict[str, np.ndarray]]
-    total: int  # row groups (petastorm pieces) in the split, the rank's and the others'
 
 
 def piece_order(total: int, opts: ReadOptions, seed: int) -> list[int]:
@@ -369,7 +368,7 @@ def load_share(url: str, spec: InputSpec, opts: ReadOptions) -> Share | None:
     held = sum(v.nbytes for g in groups for v in g.values())
     LOG.info("input: rank %d holds its %d row group(s) of %s in memory (%.1f MiB, read in %.1fs)",
              opts.rank, len(groups), url, held / 2**20, time.perf_counter() - t0)
-    return Share(dict(zip(pieces, groups, strict=True)), opts.row_groups)
+    return Share(dict(zip(pieces, groups, strict=True)))
 
 
 def replay(share: Share, opts: ReadOptions) -> Iterator[dict[str, np.ndarray]]:
@@ -377,7 +376,7 @@ def replay(share: Share, opts: ReadOptions) -> Iterator[dict[str, np.ndarray]]:
     that pass's seed (``piece_order``), without reopening a reader or decoding Parquet."""
     passes = range(opts.num_epochs) if opts.num_epochs is not None else _count()
     for p in passes:
-        for i in piece_order(share.total, opts, _seed_of_pass(opts, p)):
+        for i in piece_order(opts.row_groups, opts, _seed_of_pass(opts, p)):
             yield share.groups[i]
 
 
