@@ -122,11 +122,11 @@ def persisting(spark: SparkSession) -> Iterator[None]:
 
     Why off by default: a cached block's columnar compression tries a dictionary for every string
     column of every 10,000-row batch, hashing each value into a growing map, and the persisted frames
-    are mostly unique strings (ids, timestamps, the raw JSON) that no dictionary shrinks. A sampled JVM
-    profile of a 2M-row ``score`` found that work in 44 of 118 samples of the ingest pass, and the pass
-    took 22 s without it against 36 s with it. ``DISK_ONLY`` blocks land in the OS page cache, so the
-    larger blocks cost little. Spark reads the setting when a cache is first built (the stage's first
-    action over it), hence a scope around the whole stage rather than around each ``persist``.
+    are mostly unique strings (ids, timestamps, the raw JSON) that no dictionary shrinks: a sampled JVM
+    profile of ``score``'s ingest pass found most of its time there (benchmarks/README.md, "Investigation:
+    the columnar cache's compression"). ``DISK_ONLY`` blocks land in the OS page cache, so the larger
+    blocks cost little. Spark reads the setting when a cache is first built (the stage's first action
+    over it), hence a scope around the whole stage rather than around each ``persist``.
     """
     persist_level(spark)
     compressed = "true" if persist_compressed(spark) else "false"
