@@ -106,8 +106,8 @@ def persist_level(spark: SparkSession) -> StorageLevel:
 
 
 def persist_compressed(spark: SparkSession) -> bool:
-    """Whether the frames a stage persists keep Spark's columnar compression: no unless
-    ``spark.downpour.persistCompressed`` is true."""
+    """Whether a stage leaves Spark's columnar cache compression as the session has it:
+    ``spark.downpour.persistCompressed`` (false by default; a ConfigError naming the key if not a boolean)."""
     text = (spark.conf.get(PERSIST_COMPRESSED_KEY, None) or "false").strip().lower()
     if text not in ("true", "false"):
         raise ConfigError(f"spark.conf.{PERSIST_COMPRESSED_KEY}: {text!r} is not true or false")
@@ -117,21 +117,27 @@ def persist_compressed(spark: SparkSession) -> bool:
 @contextmanager
 def persisting(spark: SparkSession) -> Iterator[None]:
     """The scope of a stage that persists frames: both persistence keys are validated on entry (before
-    any Spark work), and Spark's ``spark.sql.inMemoryColumnarStorage.compressed`` follows
-    ``persist_compressed`` until the stage ends, when the session's own setting comes back.
+    any Spark work), and with a disk-only ``persist_level`` Spark's columnar cache compression
+    (``spark.sql.inMemoryColumnarStorage.compressed``) is off until the stage ends, when the session's
+    own setting (or its absence) comes back. ``spark.downpour.persistCompressed=true`` leaves the
+    session's setting alone, and so do memory levels, whose compressed blocks are what fits the heap.
 
-    Why off by default: a cached block's columnar compression tries a dictionary for every string
-    column of every 10,000-row batch, hashing each value into a growing map, and the persisted frames
-    are mostly unique strings (ids, timestamps, the raw JSON) that no dictionary shrinks: a sampled JVM
-    profile of ``score``'s ingest pass found most of its time there (benchmarks/README.md, "Investigation:
+    Why off: a cached block's columnar compression tries a dictionary for every string column of every
+    10,000-row batch, hashing each value into a growing map, and the persisted frames are mostly unique
+    strings (ids, timestamps, the raw JSON) that no dictionary shrinks: a sampled JVM profile of
+    ``score``'s ingest pass found a large share of its time there (benchmarks/README.md, "Investigation:
     the columnar cache's compression"). ``DISK_ONLY`` blocks land in the OS page cache, so the larger
-    blocks cost little. Spark reads the setting when a cache is first built (the stage's first action
-    over it), hence a scope around the whole stage rather than around each ``persist``.
+    blocks cost little. Spark reads the setting when a cache's buffers are first built (the stage's first
+    action over it; a copy taken at ``persist`` when ``spark.sql.optimizer.canChangeCachedPlanOutputPartitioning``
+    is false), hence a scope around the whole stage. The setting is the session's: stages run
+    concurrently on one session (notebook threads) share it.
     """
-    persist_level(spark)
-    compressed = "true" if persist_compressed(spark) else "false"
+    level = persist_level(spark)
+    if persist_compressed(spark) or level.useMemory:
+        yield  # the session's own setting applies
+        return
     before = spark.conf.get(CACHE_COMPRESSED_KEY, None)
-    spark.conf.set(CACHE_COMPRESSED_KEY, compressed)
+    spark.conf.set(CACHE_COMPRESSED_KEY, "false")
     try:
         yield
     finally:

@@ -347,29 +347,55 @@ def _cached_bytes(spark) -> int:
         df.unpersist(blocking=True)
 
 
-def test_stage_caches_skip_columnar_compression_and_the_session_setting_comes_back(spark, tmp_path):
-    from downpour.spark import CACHE_COMPRESSED_KEY, PERSIST_COMPRESSED_KEY, persisting
+def test_stage_caches_skip_columnar_compression_and_the_session_setting_comes_back(spark, tmp_path, monkeypatch):
+    from downpour.pipelines import prepare as prepare_mod
+    from downpour.spark import CACHE_COMPRESSED_KEY, PERSIST_COMPRESSED_KEY, PERSIST_LEVEL_KEY, persisting
 
+    with persisting(spark):  # a session that never set the key gets it unset again
+        assert spark.conf.get(CACHE_COMPRESSED_KEY) == "false"
+    assert spark.conf.get(CACHE_COMPRESSED_KEY, None) is None
     spark.conf.set(CACHE_COMPRESSED_KEY, "true")
     try:
         with persisting(spark):
             assert spark.conf.get(CACHE_COMPRESSED_KEY) == "false"
             plain = _cached_bytes(spark)
         assert spark.conf.get(CACHE_COMPRESSED_KEY) == "true"  # the session's own setting is back
-        # the companion: the same frame with the opt-in keeps Spark's compression, and the check sees it
+        # the companion: with the opt-in the session's compression applies, and the check sees it
         spark.conf.set(PERSIST_COMPRESSED_KEY, "true")
         with persisting(spark):
             packed = _cached_bytes(spark)
         assert plain > 10 * packed, (plain, packed)
-        spark.conf.set(PERSIST_COMPRESSED_KEY, "sometimes")
-        cfg = make_cfg(write_csv(tmp_path / "in.csv", DIRTY[:1]), tmp_path / "out")
-        with pytest.raises(ConfigError, match=r"spark\.downpour\.persistCompressed.*sometimes") as err:
-            run_prepare(spark, cfg)
-        assert err.value.exit_code == 2 and not (tmp_path / "out").exists()
-        assert spark.conf.get(CACHE_COMPRESSED_KEY) == "true"
-    finally:
         spark.conf.unset(PERSIST_COMPRESSED_KEY)
-        spark.conf.unset(CACHE_COMPRESSED_KEY)
+        spark.conf.set(PERSIST_LEVEL_KEY, "MEMORY_AND_DISK")  # blocks in the heap keep the session's setting
+        with persisting(spark):
+            assert spark.conf.get(CACHE_COMPRESSED_KEY) == "true"
+        spark.conf.unset(PERSIST_LEVEL_KEY)
+
+        # the stage itself: its first action over the persisted rows runs inside the scope
+        seen: list[str] = []
+        real_account = prepare_mod.account
+
+        def account(*args, **kwargs):
+            seen.append(spark.conf.get(CACHE_COMPRESSED_KEY))
+            return real_account(*args, **kwargs)
+
+        monkeypatch.setattr(prepare_mod, "account", account)
+        cfg = make_cfg(write_csv(tmp_path / "in.csv", DIRTY), tmp_path / "out")
+        run_prepare(spark, cfg)
+        assert seen == ["false"] and spark.conf.get(CACHE_COMPRESSED_KEY) == "true"
+
+        spark.conf.set(PERSIST_COMPRESSED_KEY, "sometimes")
+        with pytest.raises(ConfigError, match=r"spark\.downpour\.persistCompressed.*sometimes") as err:
+            run_prepare(spark, make_cfg(tmp_path / "in.csv", tmp_path / "out2"))
+        assert err.value.exit_code == 2 and not (tmp_path / "out2").exists()
+        assert spark.conf.get(CACHE_COMPRESSED_KEY) == "true"
+        from downpour.training.evaluate import run_evaluation
+
+        with pytest.raises(ConfigError, match=r"spark\.downpour\.persistCompressed"):  # the gate's, before any work
+            run_evaluation(spark, make_cfg(tmp_path / "in.csv", tmp_path / "nothing-prepared"), gate=True)
+    finally:
+        for key in (PERSIST_COMPRESSED_KEY, PERSIST_LEVEL_KEY, CACHE_COMPRESSED_KEY):
+            spark.conf.unset(key)
 
 
 def test_bad_policy_values_are_config_errors(tmp_path):

@@ -172,6 +172,29 @@ def test_fraud_gap_limit_and_explicit_no_history(spark, fraud, tmp_path):
     assert res["scored"] == len(day2) and res["history"]["disabled"]
 
 
+def test_scoring_builds_its_caches_inside_the_persisting_scope(spark, fraud, tmp_path, monkeypatch):
+    from downpour.pipelines import score as score_mod
+    from downpour.spark import CACHE_COMPRESSED_KEY
+
+    cfg, tmp, raw, early, late = fraud
+    seen: list[str] = []
+    real_serve = score_mod._serve
+
+    def serve(*args, **kwargs):  # between the input batch's first action (_ingest) and the scores' (inside)
+        seen.append(spark.conf.get(CACHE_COMPRESSED_KEY))
+        out = real_serve(*args, **kwargs)
+        seen.append(spark.conf.get(CACHE_COMPRESSED_KEY))
+        return out
+
+    monkeypatch.setattr(score_mod, "_serve", serve)
+    spark.conf.set(CACHE_COMPRESSED_KEY, "true")
+    try:
+        _score(spark, cfg, late.head(200), tmp_path, "scoped", no_history=True)
+        assert seen == ["false", "false"] and spark.conf.get(CACHE_COMPRESSED_KEY) == "true"
+    finally:
+        spark.conf.unset(CACHE_COMPRESSED_KEY)
+
+
 def test_crm_new_months_scored_with_history_equal_scoring_them_with_their_past(spark, tmp_path):
     raw = _generated(spark, "crm", 6000, tmp_path / "gen")
     months = sorted(raw["snapshot_date"].unique())

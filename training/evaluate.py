@@ -33,6 +33,7 @@ from downpour.errors import DataContractError
 from downpour.layout import REPORT_HTML, RunLayout
 from downpour.logs import LOG, timed
 from downpour.pipelines.serving import arrow_batch_rows, score_dataframe
+from downpour.spark import persist_compressed, persist_level
 from downpour.training import registry as reg_mod
 from downpour.training.baselines import baseline_scores, fit_baseline, fit_gbt_baseline
 from downpour.training.comparison import champion_comparison, compare_with_baseline, metric_args, rebuilt_splits
@@ -336,6 +337,9 @@ def run_evaluation(spark: SparkSession, cfg: Config, gate: bool = False) -> dict
     """Score val/test, compute metrics and the baselines, choose the decision threshold, write the card
     and the report; gate if asked. Steps: ``_subject``, ``_score``, ``_score_reference``, ``_threshold``,
     ``_baselines``, ``_gate``, ``_figures``, ``_write_card``, the report, ``_enforce``."""
+    if gate:  # the gate may persist raw test rows: a ConfigError naming a persistence key, before any work
+        persist_level(spark)
+        persist_compressed(spark)
     subject = _subject(cfg)
     LOG.info("evaluate: model %s on data %s", subject.version, subject.prepared.data_version)
     t0 = time.perf_counter()
