@@ -360,6 +360,9 @@ def test_stage_caches_skip_columnar_compression_and_the_session_setting_comes_ba
             assert spark.conf.get(CACHE_COMPRESSED_KEY) == "false"
             plain = _cached_bytes(spark)
         assert spark.conf.get(CACHE_COMPRESSED_KEY) == "true"  # the session's own setting is back
+        with pytest.raises(RuntimeError, match="stage failed"), persisting(spark):
+            raise RuntimeError("stage failed")
+        assert spark.conf.get(CACHE_COMPRESSED_KEY) == "true"  # and after a failing stage too
         # the companion: with the opt-in the session's compression applies, and the check sees it
         spark.conf.set(PERSIST_COMPRESSED_KEY, "true")
         with persisting(spark):
