@@ -133,15 +133,23 @@ def persisting(spark: SparkSession) -> Iterator[None]:
     concurrently on one session (notebook threads) share it.
     """
     level = persist_level(spark)
-    if persist_compressed(spark) or level.useMemory:
-        yield  # the session's own setting applies
-        return
-    before = spark.conf.get(CACHE_COMPRESSED_KEY, None)
-    spark.conf.set(CACHE_COMPRESSED_KEY, "false")
+    keep = persist_compressed(spark) or level.useMemory  # then the session's own setting applies
+    with session_conf(spark, {} if keep else {CACHE_COMPRESSED_KEY: "false"}):
+        yield
+
+
+@contextmanager
+def session_conf(spark: SparkSession, settings: dict[str, str]) -> Iterator[None]:
+    """Runtime settings for the actions run inside the block; each key's earlier value (or its absence)
+    comes back afterwards, also when the block raises."""
+    before = {k: spark.conf.get(k, None) for k in settings}
+    for k, v in settings.items():
+        spark.conf.set(k, v)
     try:
         yield
     finally:
-        if before is None:
-            spark.conf.unset(CACHE_COMPRESSED_KEY)
-        else:
-            spark.conf.set(CACHE_COMPRESSED_KEY, before)
+        for k, v in before.items():
+            if v is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, v)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -32,6 +32,7 @@ from pyspark.sql import functions as F
 
 from downpour.errors import ConfigError
 from downpour.logs import LOG
+from downpour.spark import session_conf
 
 KINDS = ("fraud", "crm")
 ROWS_PER_FILE = 1_000_000
@@ -159,7 +160,7 @@ def generate(spark: SparkSession, kind: str, rows: int, seed: int = 42, dirty_ra
              kind, f"{rows:,}", seed, dirty_rate, files)
     build = fraud if kind == "fraud" else crm
     # Timestamps are UTC instants whatever the session's zone (the zone is fixed at analysis).
-    with _session_conf(spark, {"spark.sql.session.timeZone": "UTC"}):
+    with session_conf(spark, {"spark.sql.session.timeZone": "UTC"}):
         return build(spark, rows, seed, float(dirty_rate), files)
 
 
@@ -178,7 +179,7 @@ def write_raw(df: DataFrame, out: str, fmt: str = "csv", partitions: int | None 
     target = partitions or (max(1, math.ceil(rows / ROWS_PER_FILE)) if rows else None)
     spark = df.sparkSession
     # Timestamps are parsed and printed in UTC, so the files are the same whatever the session zone.
-    with per_operator_codegen(spark), _session_conf(spark, {"spark.sql.session.timeZone": "UTC"}):
+    with per_operator_codegen(spark), session_conf(spark, {"spark.sql.session.timeZone": "UTC"}):
         if target is not None:
             current = df.rdd.getNumPartitions()
             # Fewer files: merge without a shuffle. More files: only a shuffle can split partitions.
@@ -200,22 +201,7 @@ def per_operator_codegen(spark: SparkSession) -> contextlib.AbstractContextManag
     above the JVM's 8000-byte JIT limit, so the JVM *interprets* it; per-operator codegen splits the
     same expressions into small compiled methods, which the JIT compiles.
     """
-    return _session_conf(spark, {"spark.sql.codegen.wholeStage": "false"})
-
-
-@contextlib.contextmanager
-def _session_conf(spark: SparkSession, settings: dict[str, str]) -> Iterator[None]:
-    before = {k: spark.conf.get(k, None) for k in settings}
-    for k, v in settings.items():
-        spark.conf.set(k, v)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                spark.conf.unset(k)
-            else:
-                spark.conf.set(k, v)
+    return session_conf(spark, {"spark.sql.codegen.wholeStage": "false"})
 
 
 def luhn_valid(number: str) -> bool:

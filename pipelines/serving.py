@@ -25,6 +25,7 @@ from pyspark.sql import types as T
 
 from downpour.artifact import CONTRIBUTIONS, EXPLAIN_ALPHAS, completeness_gap
 from downpour.errors import DataContractError
+from downpour.spark import session_conf
 
 SCORE = "score"
 ERROR = "score_error"
@@ -280,15 +281,6 @@ def score_dataframe(df: DataFrame, model_url: str, signature: str, keep: list[st
     return df.select(*cols).mapInPandas(run, out_schema)
 
 
-@contextlib.contextmanager
-def arrow_batch_rows(spark: SparkSession, rows: int) -> Iterator[None]:
+def arrow_batch_rows(spark: SparkSession, rows: int) -> contextlib.AbstractContextManager[None]:
     """Bound Arrow batches to ``rows`` for the Spark actions run inside the block."""
-    old = spark.conf.get(ARROW_BATCH, None)
-    spark.conf.set(ARROW_BATCH, str(int(rows)))
-    try:
-        yield
-    finally:
-        if old is None:
-            spark.conf.unset(ARROW_BATCH)
-        else:
-            spark.conf.set(ARROW_BATCH, old)
+    return session_conf(spark, {ARROW_BATCH: str(int(rows))})
