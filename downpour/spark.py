@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from pyspark import SparkConf, SparkContext, StorageLevel
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 
 from downpour.config import Config
 from downpour.errors import ConfigError
@@ -114,10 +114,45 @@ def persist_compressed(spark: SparkSession) -> bool:
     return text == "true"
 
 
+class Persisted:
+    """The frames one stage persists, all at the stage's storage level: whatever the stage still holds
+    when it ends, also when it fails (even in the first action over a frame), is released then.
+
+    Why the stage owns them: a frame persisted by a step that then raised never reached the caller's
+    cleanup, so each failed run in a long-lived session (a notebook, a scheduler's driver) left its
+    blocks on the executors' disks.
+    """
+
+    def __init__(self, level: StorageLevel) -> None:
+        self.level = level
+        self._held: list[DataFrame] = []
+
+    def persist(self, df: DataFrame) -> DataFrame:
+        """``df`` persisted at the stage's level and held until :meth:`release` or the stage's end."""
+        out = df.persist(self.level)
+        self._held.append(out)
+        return out
+
+    def release(self, *frames: DataFrame) -> None:
+        """Unpersist ``frames`` now (the stage no longer reads them)."""
+        for df in frames:
+            df.unpersist()
+            self._held = [h for h in self._held if h is not df]
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def _release_all(self) -> None:
+        while self._held:
+            self._held.pop().unpersist()
+
+
 @contextmanager
-def persisting(spark: SparkSession) -> Iterator[None]:
-    """The scope of a stage that persists frames: both persistence keys are validated on entry (before
-    any Spark work), and with a disk-only ``persist_level`` Spark's columnar cache compression
+def persisting(spark: SparkSession) -> Iterator[Persisted]:
+    """The scope of a stage that persists frames; yields the :class:`Persisted` that holds them and
+    releases what is left at the end. Both persistence keys are validated on entry (before any Spark
+    work), and with a disk-only ``persist_level`` Spark's columnar cache compression
     (``spark.sql.inMemoryColumnarStorage.compressed``) is off until the stage ends, when the session's
     own setting (or its absence) comes back. ``spark.downpour.persistCompressed=true`` leaves the
     session's setting alone, and so do memory levels, whose compressed blocks are what fits the heap.
@@ -134,8 +169,12 @@ def persisting(spark: SparkSession) -> Iterator[None]:
     """
     level = persist_level(spark)
     keep = persist_compressed(spark) or level.useMemory  # then the session's own setting applies
+    stage = Persisted(level)
     with session_conf(spark, {} if keep else {CACHE_COMPRESSED_KEY: "false"}):
-        yield
+        try:
+            yield stage
+        finally:
+            stage._release_all()
 
 
 @contextmanager

@@ -41,7 +41,7 @@ from downpour.pipelines.ingest import (
 from downpour.pipelines.publish import Publisher, Staging
 from downpour.pipelines.rows import split_rows, tagged_rows
 from downpour.pipelines.split import SPLITS, split_counts
-from downpour.spark import persist_level, persisting, sized_partitions
+from downpour.spark import Persisted, persisting, sized_partitions
 from downpour.storage import FileInfo
 
 if TYPE_CHECKING:
@@ -66,11 +66,13 @@ def run_prepare(spark: SparkSession, cfg: Config, force: bool = False) -> dict[s
     """Build and publish the prepared data set; returns its manifest (the published one if unchanged)."""
     clean.check_policies(cfg)
     salt = clean.resolve_salt(cfg)  # ConfigError naming the variable, before any Spark work
-    with persisting(spark):  # ConfigError naming a persistence key, before any Spark work
-        return _prepare(spark, cfg, salt, force)
+    # ConfigError naming a persistence key, before any Spark work; the stage's persisted frames are
+    # released when it ends, also when it fails
+    with persisting(spark) as stage:
+        return _prepare(spark, stage, cfg, salt, force)
 
 
-def _prepare(spark: SparkSession, cfg: Config, salt: str | None, force: bool) -> dict[str, Any]:
+def _prepare(spark: SparkSession, stage: Persisted, cfg: Config, salt: str | None, force: bool) -> dict[str, Any]:
     timings: dict[str, float] = {}
     publisher = Publisher(spark, cfg.output.path)
     with _step("list input files", timings, "list_inputs"):
@@ -84,7 +86,7 @@ def _prepare(spark: SparkSession, cfg: Config, salt: str | None, force: bool) ->
     LOG.info("prepare: building data version %s from %d input file(s)", data_version, len(files))
     staging = publisher.stage(data_version)
     try:
-        manifest = _build(spark, cfg, salt, files, data_version, publisher, staging, timings)
+        manifest = _build(spark, stage, cfg, salt, files, data_version, publisher, staging, timings)
         with _step("publish", timings, "publish"):
             publisher.commit(staging, manifest)
     except BaseException:
@@ -171,29 +173,29 @@ class _Shards:
     columns: list[str]
 
 
-def _build(spark: SparkSession, cfg: Config, salt: str | None,
+def _build(spark: SparkSession, stage: Persisted, cfg: Config, salt: str | None,
            files: list[FileInfo], data_version: str, publisher: Publisher, staging: Staging,
            timings: dict[str, float]) -> dict[str, Any]:
     """Stage every file of the data version and return its manifest (``run_prepare`` publishes both)."""
     where = _Target(staging, PreparedLayout(staging.url), PreparedLayout(publisher.final_url(staging)),
                     publisher.prepared)
     with contract_errors(cfg):
-        ingested = _ingest(spark, cfg, files, salt, timings)
+        ingested = _ingest(spark, stage, cfg, files, salt, timings)
         q_written = _write_quarantine(spark, cfg, files, salt, data_version, ingested, where, timings)
-        windowed = _split_and_window(spark, cfg, ingested, timings)
+        windowed = _split_and_window(stage, cfg, ingested, timings)
         fitted = _fit(cfg, windowed, where, timings)
         written = _write_split_shards(cfg, windowed, fitted, where, ingested.parts, timings)
-        windowed.frame.unpersist()
+        stage.release(windowed.frame)
         fitted.state.save(where.staged.feature_state)
     return _manifest(spark, cfg, files, data_version, where, timings, ingested, q_written, windowed, fitted, written)
 
 
-def _ingest(spark: SparkSession, cfg: Config, files: list[FileInfo], salt: str | None,
+def _ingest(spark: SparkSession, stage: Persisted, cfg: Config, files: list[FileInfo], salt: str | None,
             timings: dict[str, float]) -> _Ingested:
     """Read the input once into persisted tagged rows and account for every row; no clean row is an error."""
     with _step("ingest, clean, count", timings, "ingest_clean"):
         parts = sized_partitions(spark, files, cfg.input.format)
-        tagged = tagged_rows(spark, cfg, files, salt).coalesce(parts).persist(persist_level(spark))
+        tagged = stage.persist(tagged_rows(spark, cfg, files, salt).coalesce(parts))
         outcome, invariant = account(spark, cfg, files, tagged)
     ingested = _Ingested(tagged, parts, outcome, invariant)
     counts = ingested.counts
@@ -225,7 +227,7 @@ def _write_quarantine(spark: SparkSession, cfg: Config, files: list[FileInfo], s
     return q_written
 
 
-def _split_and_window(spark: SparkSession, cfg: Config, ingested: _Ingested,
+def _split_and_window(stage: Persisted, cfg: Config, ingested: _Ingested,
                       timings: dict[str, float]) -> _Windowed:
     """Split the clean rows and add their window features into the persisted frame everything after reads
     (the tagged rows are released then); every clean row must land in a split, and train must not be empty."""
@@ -236,9 +238,9 @@ def _split_and_window(spark: SparkSession, cfg: Config, ingested: _Ingested,
     with _step("window features", timings, "window_features"):
         from downpour.features.windows import add_window_features
 
-        frame = add_window_features(split_df, cfg).coalesce(ingested.parts).persist(persist_level(spark))
+        frame = stage.persist(add_window_features(split_df, cfg).coalesce(ingested.parts))
         per_split = split_counts(frame)
-        ingested.tagged.unpersist()
+        stage.release(ingested.tagged)
     n_split = sum(s["rows"] for s in per_split.values())
     if n_split != counts["clean"]:
         raise RuntimeError(f"row accounting broken after window features: {n_split} rows in the "

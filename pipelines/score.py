@@ -47,7 +47,7 @@ from downpour.pipelines.serving import (
     score_dataframe,
     signature_inputs,
 )
-from downpour.spark import persist_level, persisting, sized_partitions
+from downpour.spark import Persisted, persisting, sized_partitions
 from downpour.storage import FileInfo
 
 # ---- `downpour score`: any raw table -> scores ------------------------------------------------------
@@ -234,7 +234,7 @@ class _Batch:
         return self.tagged.where(F.col(REASON).isNull())
 
 
-def _ingest(spark: SparkSession, cfg: Config, full: Config,
+def _ingest(spark: SparkSession, stage: Persisted, cfg: Config, full: Config,
             input_url: str, salt: str | None, stats: dict[str, Any]) -> _Batch:
     """Read, parse and clean the input with prepare's rules; one aggregation counts the outcome."""
     names = cfg.names
@@ -246,8 +246,8 @@ def _ingest(spark: SparkSession, cfg: Config, full: Config,
     tagged = tagged.withColumn("__id", ident).withColumn(_RAW_JSON, F.to_json(F.col(RAW))).drop(RAW, ROW_HASH)
     # the input batch alone (not the windows over it and the history: coalescing has no shuffle
     # of its own, so it would also squeeze those)
-    tagged = tagged.coalesce(sized_partitions(spark, files, full.input.format)) \
-        .withColumn(_RID, F.monotonically_increasing_id()).persist(persist_level(spark))
+    tagged = stage.persist(tagged.coalesce(sized_partitions(spark, files, full.input.format))
+                           .withColumn(_RID, F.monotonically_increasing_id()))
     is_ok = F.col(REASON).isNull()
     with timed("score: ingest and clean"):
         by_outcome = tagged.groupBy(is_ok.alias("ok"), F.col(LINE).isNotNull().alias("malformed")).agg(
@@ -290,16 +290,16 @@ class _Scored:
     explained: dict[str, Any] | None
 
 
-def _serve(spark: SparkSession, cfg: Config, model: _Model, serving: DataFrame) -> _Scored:
+def _serve(spark: SparkSession, stage: Persisted, cfg: Config, model: _Model, serving: DataFrame) -> _Scored:
     """Score (and explain) every row in ``mapInPandas``; one aggregation counts failures, decisions and
     the largest reason-code completeness gap."""
     batch = cfg.evaluation.score_batch_rows
     reasons = model.reasons
     served = reasons.signature if reasons else RAW_SIGNATURE
     with arrow_batch_rows(spark, batch), timed(f"score: {served} in mapInPandas"):
-        scored = score_dataframe(serving, model.artifact.saved_model, RAW_SIGNATURE,
-                                 keep=["__id", _RID], batch_rows=batch, isolate_errors=True,
-                                 reasons=reasons).persist(persist_level(spark))
+        scored = stage.persist(score_dataframe(serving, model.artifact.saved_model, RAW_SIGNATURE,
+                                               keep=["__id", _RID], batch_rows=batch, isolate_errors=True,
+                                               reasons=reasons))
         gap = ([F.max(REASON_GAP).alias("gap"), F.count(F.when(F.col(REASON_GAP).isNull(), 1)).alias("unexplained")]
                if reasons else [])
         by = scored.groupBy(F.col(ERROR).isNotNull().alias("failed"), _decision(model.rule).alias("acted")).agg(
@@ -376,28 +376,21 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
         return h_full, scoring_rows(spark, h_full, list_input_files(spark, url), salt,
                                      model.stats)
 
-    with persisting(spark):  # the persisted frames of this stage (see downpour/spark.py)
-        past = SH.load(spark, full, model_root=model.artifact.root, card=model.card, history=history,
+    # the persisted frames of this stage (see downpour/spark.py), released when it ends or fails
+    with persisting(spark) as stage:
+        past = SH.load(spark, stage, full, model_root=model.artifact.root, card=model.card, history=history,
                        store=history_store, no_history=no_history, tag_raw=tag_history)
-        cached: list[DataFrame] = []
-        try:
-            with contract_errors(full):
-                batch = _ingest(spark, cfg, full, input_url, salt, model.stats)
-                cached.append(batch.tagged)
-                SH.check_gap(full, past, batch.t_min, input_url)
-                scored = _serve(spark, cfg, model, _serving_rows(full, model, batch, past, input_url))
-                cached.append(scored.frame)
-                _write(spark, cfg, full, model, batch, scored, output_url, q_url, salt)
-                drift = _drift(cfg, model.card, batch.ok, scored.frame.where(F.col(ERROR).isNull()))
-                records = count_input_records(spark, full, batch.files)  # independent of the parsing it checks
-                counts = _accounted(records, batch.clean_n, scored.outcome)
-                out_url = history_out or history_store  # rolled forward only once every row is accounted for
-                rolled = (SH.roll_forward(full, past, batch.ok, batch.t_min, batch.t_max, out_url)
-                          if out_url and H.needed(full) else None)
-        finally:
-            for df in cached:
-                df.unpersist()
-            past.release()
+        with contract_errors(full):
+            batch = _ingest(spark, stage, cfg, full, input_url, salt, model.stats)
+            SH.check_gap(full, past, batch.t_min, input_url)
+            scored = _serve(spark, stage, cfg, model, _serving_rows(full, model, batch, past, input_url))
+            _write(spark, cfg, full, model, batch, scored, output_url, q_url, salt)
+            drift = _drift(cfg, model.card, batch.ok, scored.frame.where(F.col(ERROR).isNull()))
+            records = count_input_records(spark, full, batch.files)  # independent of the parsing it checks
+            counts = _accounted(records, batch.clean_n, scored.outcome)
+            out_url = history_out or history_store  # rolled forward only once every row is accounted for
+            rolled = (SH.roll_forward(stage, full, past, batch.ok, batch.t_min, batch.t_max, out_url)
+                      if out_url and H.needed(full) else None)
     rule = model.rule
     summary = {**counts, "model_version": model.version, "output": cfg.scrub(output_url),
                "quarantine": cfg.scrub(q_url),

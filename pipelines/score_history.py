@@ -31,7 +31,7 @@ from downpour.errors import ConfigError, DataContractError
 from downpour.features import history as H
 from downpour.layout import RunLayout
 from downpour.logs import LOG, timed
-from downpour.spark import persist_level
+from downpour.spark import Persisted
 
 
 @dataclass
@@ -42,12 +42,6 @@ class ScoringHistory:
     end_us: int | None = None
     sources: list[dict[str, Any]] = field(default_factory=list)
     disabled: bool = False
-    cached: list[DataFrame] = field(default_factory=list)
-
-    def release(self) -> None:
-        for df in self.cached:
-            df.unpersist()
-        self.cached.clear()
 
     def summary(self, input_start_us: int | None, input_end_us: int | None) -> dict[str, Any]:
         gap = gap_seconds(self.end_us, input_start_us)
@@ -99,7 +93,7 @@ def model_history_url(cfg: Config, model_root: str, card: dict[str, Any]) -> str
     return next((c for c in candidates if H.is_history(c)), None)
 
 
-def load(spark: SparkSession, cfg: Config, *, model_root: str, card: dict[str, Any],
+def load(spark: SparkSession, stage: Persisted, cfg: Config, *, model_root: str, card: dict[str, Any],
          history: list[str], store: str | None, no_history: bool,
          tag_raw: Any) -> ScoringHistory:
     """Every history source of this run (lazy frames; only raw ``--history`` files cost a pass).
@@ -131,9 +125,8 @@ def load(spark: SparkSession, cfg: Config, *, model_root: str, card: dict[str, A
             continue
         with timed(f"score: reading history rows {cfg.scrub(url)}"):
             events, end, n_ok, n_rejected = raw_events(cfg, url, tag_raw)
-        # parsed once: the windows and the roll forward read it several times
-        events = events.persist(persist_level(spark))
-        out.cached.append(events)
+        # parsed once: the windows and the roll forward read it several times (the stage holds it)
+        events = stage.persist(events)
         parts.append(events)
         if end is not None:
             ends.append(int(end))
@@ -189,7 +182,7 @@ def check_gap(cfg: Config, hist: ScoringHistory, input_start_us: int | None, inp
             "the events in between; pass the missing days with --history or raise the limit")
 
 
-def roll_forward(cfg: Config, hist: ScoringHistory, clean_rows: DataFrame,
+def roll_forward(stage: Persisted, cfg: Config, hist: ScoringHistory, clean_rows: DataFrame,
                  input_start_us: int | None, input_end_us: int | None, url: str) -> dict[str, Any]:
     """Publish history + the clean input rows, trimmed to the horizon, as the new version of ``url``.
 
@@ -200,8 +193,7 @@ def roll_forward(cfg: Config, hist: ScoringHistory, clean_rows: DataFrame,
     new_events = H.events(clean_rows, cfg)
     # the input's version of an event wins over the history's (a corrected row replaces the old one)
     everything = H.with_context(new_events, hist.frame).drop(H.CONTEXT)
-    everything = everything.persist(persist_level(clean_rows.sparkSession))
-    hist.cached.append(everything)
+    everything = stage.persist(everything)
     end = max([e for e in (hist.end_us, input_end_us) if e is not None], default=None)
     kept = H.trim(everything, cfg, end) if end is not None else everything.limit(0)
     if input_start_us is not None and hist.frame is not None:

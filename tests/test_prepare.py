@@ -282,3 +282,34 @@ def test_partitions_follow_the_estimated_rows_of_the_input(spark):
     assert sized_partitions(spark, [File(path="/d/t.csv", size=gib)], "csv") == 32  # 2 GiB / 64 MiB
     assert sized_partitions(spark, [File(path="/d/t.csv.gz", size=gib)], "csv") == 64  # decoded grows more
     assert sized_partitions(spark, [File(path="/d/p", size=gib)] * 2, "parquet") == 128
+
+
+def _prepare_failing_after_both_persists(spark, tiny, monkeypatch, name: str) -> bool:
+    """Run prepare with a failure injected once both its frames are persisted (the tagged rows and the
+    windowed rows, before their first action); True if the session holds no cached frame afterwards."""
+    import downpour.pipelines.prepare as prepare
+
+    def split_counts(frame):
+        raise RuntimeError("injected after the windowed rows were persisted")
+
+    monkeypatch.setattr(prepare, "split_counts", split_counts)
+    spark.catalog.clearCache()
+    cfg = config_from_dict(_raw_cfg(tiny["src"], tiny["base"] / name))
+    with pytest.raises(RuntimeError, match="injected"):
+        run_prepare(spark, cfg)
+    empty = spark._jsparkSession.sharedState().cacheManager().isEmpty()
+    spark.catalog.clearCache()
+    return bool(empty)
+
+
+def test_a_failing_prepare_releases_the_frames_it_persisted(spark, tiny, monkeypatch):
+    """A long-lived session (a notebook, a scheduler's driver) must not keep a failed run's blocks."""
+    assert _prepare_failing_after_both_persists(spark, tiny, monkeypatch, "failing")
+
+
+def test_without_the_stage_release_a_failing_prepare_leaves_its_frames(spark, tiny, monkeypatch):
+    """The companion: with the stage's release disabled the check above sees the frames left behind."""
+    from downpour.spark import Persisted
+
+    monkeypatch.setattr(Persisted, "_release_all", lambda self: None)
+    assert not _prepare_failing_after_both_persists(spark, tiny, monkeypatch, "leaking")

@@ -195,6 +195,36 @@ def test_scoring_builds_its_caches_inside_the_persisting_scope(spark, fraud, tmp
         spark.conf.unset(CACHE_COMPRESSED_KEY)
 
 
+def _score_failing_after_the_scores_persist(spark, fraud, tmp_path, monkeypatch, name: str) -> bool:
+    """Score with a failure injected inside ``_serve`` once the scores are persisted (the input batch is
+    too); True if the session holds no cached frame afterwards."""
+    from downpour.pipelines import score as score_mod
+
+    def explained(*args, **kwargs):
+        raise RuntimeError("injected after the scores were persisted")
+
+    cfg, tmp, raw, early, late = fraud
+    monkeypatch.setattr(score_mod, "_explained", explained)
+    spark.catalog.clearCache()
+    with pytest.raises(RuntimeError, match="injected"):
+        _score(spark, cfg, late.head(200), tmp_path, name)
+    empty = spark._jsparkSession.sharedState().cacheManager().isEmpty()
+    spark.catalog.clearCache()
+    return bool(empty)
+
+
+def test_a_failing_scoring_run_releases_the_frames_it_persisted(spark, fraud, tmp_path, monkeypatch):
+    assert _score_failing_after_the_scores_persist(spark, fraud, tmp_path, monkeypatch, "failing")
+
+
+def test_without_the_stage_release_a_failing_scoring_run_leaves_its_frames(spark, fraud, tmp_path, monkeypatch):
+    """The companion: with the stage's release disabled the check above sees the frames left behind."""
+    from downpour.spark import Persisted
+
+    monkeypatch.setattr(Persisted, "_release_all", lambda self: None)
+    assert not _score_failing_after_the_scores_persist(spark, fraud, tmp_path, monkeypatch, "leaking")
+
+
 def test_crm_new_months_scored_with_history_equal_scoring_them_with_their_past(spark, tmp_path):
     raw = _generated(spark, "crm", 6000, tmp_path / "gen")
     months = sorted(raw["snapshot_date"].unique())

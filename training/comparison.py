@@ -23,7 +23,7 @@ from downpour.features.state import serving_frame
 from downpour.logs import LOG, timed
 from downpour.pipelines.score import RawInputs
 from downpour.pipelines.serving import arrow_batch_rows, score_dataframe, signature_inputs
-from downpour.spark import persist_level, persisting
+from downpour.spark import persisting
 from downpour.training import registry as reg_mod
 from downpour.training.input import PreparedData
 from downpour.training.metrics import evaluate_scores, evaluate_scores_by
@@ -117,17 +117,13 @@ def champion_comparison(spark: SparkSession, cfg: Config, registry: reg_mod.Regi
             return m, None, f"test shards ({FEATURE_SIGNATURE})"
         LOG.info("gate: champion %s has other features than data %s: comparing on raw test rows",
                  champ["model_version"], prepared.data_version)
-        with persisting(spark):  # the raw rows are persisted: see downpour/spark.py
+        with persisting(spark) as stage:  # the raw rows are persisted, and released: see downpour/spark.py
             with timed("gate: rebuilding the raw test rows"):
-                raw = raw_split_rows(spark, cfg, prepared)
-                raw = raw.persist(persist_level(spark))
-            try:
-                both = (_raw_scores(raw, saved, ev.score_batch_rows).withColumn("model", F.lit("champion"))
-                        .unionByName(_raw_scores(raw, new_saved_model, ev.score_batch_rows)
-                                     .withColumn("model", F.lit("new"))))
-                by = evaluate_scores_by(both, "model", **metric_args(cfg), what="gate (raw test rows)")
-            finally:
-                raw.unpersist()
+                raw = stage.persist(raw_split_rows(spark, cfg, prepared))
+            both = (_raw_scores(raw, saved, ev.score_batch_rows).withColumn("model", F.lit("champion"))
+                    .unionByName(_raw_scores(raw, new_saved_model, ev.score_batch_rows)
+                                 .withColumn("model", F.lit("new"))))
+            by = evaluate_scores_by(both, "model", **metric_args(cfg), what="gate (raw test rows)")
         return by["champion"], by["new"], f"raw test rows ({RAW_SIGNATURE})"
 
 
