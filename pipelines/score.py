@@ -222,7 +222,10 @@ class _Batch:
     """The input batch, ingested and cleaned (persisted), and what one pass over it counted."""
 
     files: list[FileInfo]
-    tagged: DataFrame  # every input row: ``__id``, ``_RID``, the raw values as JSON, the reason it failed (or null)
+    # every input row: ``__id``, ``_RID``, the reason it failed (or null), its raw values as JSON and its
+    # file where it has a reason (persisted)
+    tagged: DataFrame
+    wide: DataFrame  # the same rows with every row's raw values and file: the lineage, not persisted
     raw_schema: Any
     clean_n: dict[bool, int]  # clean (True) and rejected (False) rows
     any_malformed: bool
@@ -246,14 +249,21 @@ def _ingest(spark: SparkSession, stage: Persisted, cfg: Config, full: Config,
     tagged = tagged.withColumn("__id", ident).withColumn(_RAW_JSON, F.to_json(F.col(RAW))).drop(RAW, ROW_HASH)
     # the input batch alone (not the windows over it and the history: coalescing has no shuffle
     # of its own, so it would also squeeze those)
-    tagged = stage.persist(tagged.coalesce(sized_partitions(spark, files, full.input.format))
-                           .withColumn(_RID, F.monotonically_increasing_id()))
+    wide = tagged.coalesce(sized_partitions(spark, files, full.input.format)) \
+        .withColumn(_RID, F.monotonically_increasing_id())
+    # The persisted batch keeps the raw values and the file only where the quarantine needs them for sure
+    # (the rejected rows), as prepare does (clean.raw_only_for_quarantine): on every row they were most of
+    # its bytes, and every pass over the batch (the hot-key count, the windows, drift, the roll-forward)
+    # read them. A row the model fails on takes them from ``wide``, recomputed from the files by ``_RID``
+    # (``_failed_rows``): one more read of the input, only in a run with such rows.
+    rejected = F.col(REASON).isNotNull()
+    tagged = stage.persist(wide.withColumns({c: F.when(rejected, F.col(c)) for c in (_RAW_JSON, SOURCE)}))
     is_ok = F.col(REASON).isNull()
     with timed("score: ingest and clean"):
         by_outcome = tagged.groupBy(is_ok.alias("ok"), F.col(LINE).isNotNull().alias("malformed")).agg(
             F.count(F.lit(1)).alias("count"), *SH.input_time_columns(full, tagged, is_ok)).collect()
     times = [r for r in by_outcome if r["ok"] and "t_min" in r and r["t_min"] is not None]
-    return _Batch(files=files, tagged=tagged, raw_schema=raw_schema,
+    return _Batch(files=files, tagged=tagged, wide=wide, raw_schema=raw_schema,
                   clean_n={ok: sum(int(r["count"]) for r in by_outcome if r["ok"] == ok) for ok in (True, False)},
                   any_malformed=any(r["malformed"] for r in by_outcome),
                   t_min=min((r["t_min"] for r in times), default=None),
@@ -328,20 +338,33 @@ def _write(spark: SparkSession, cfg: Config, full: Config, model: _Model, batch:
             F.col(STAGE).alias("stage"), F.col(SOURCE).alias("source_file"),
             F.col(LINE_NUMBER).alias("line_number"))
         n_failed = scored.outcome.get(True, 0)
-        if n_failed:  # their raw values and source, from the persisted batch
-            errors = frame.where(F.col(ERROR).isNotNull()).select(_RID, ERROR)
-            if n_failed <= _BROADCAST_FAILED:
-                errors = F.broadcast(errors)
-            failed = tagged.join(errors, _RID).select(
-                F.from_json(_RAW_JSON, batch.raw_schema).alias("raw"), F.col(ERROR).alias("reason"),
-                F.lit("score").alias("stage"), F.col(SOURCE).alias("source_file"),
-                F.lit(None).cast("long").alias("line_number"))
-            rejected = rejected.unionByName(failed)
+        if n_failed:
+            rejected = rejected.unionByName(_failed_rows(batch, frame, n_failed))
         # the placeholder label never leaves
         raw_cols = clean.raw_value_columns(full, struct="raw", skip=(cfg.label.column,))
         quarantine = rejected.select(
             *raw_cols, "reason", "stage", "source_file", "line_number", F.lit(version).alias("model_version"))
         quarantine.write.mode("overwrite").parquet(q_url)
+        if n_failed:  # their raw values were recomputed from the files: none may have gone missing
+            written = spark.read.parquet(q_url).count()  # from the files' footers
+            expected = batch.clean_n.get(False, 0) + n_failed
+            if written != expected:
+                raise RuntimeError(f"score: quarantine: {written} rows written, {expected} counted "
+                                   f"({n_failed} failed in the model); did the input change while it was scored?")
+
+
+def _failed_rows(batch: _Batch, frame: DataFrame, n_failed: int) -> DataFrame:
+    """The rows the model failed on, as quarantine rows: raw values and file from the batch's lineage,
+    matched by ``_RID`` and ``__id`` (so a row never takes another row's raw values)."""
+    errors = frame.where(F.col(ERROR).isNotNull()).select(F.col(_RID).alias("_e_rid"),
+                                                           F.col("__id").alias("_e_id"), ERROR)
+    if n_failed <= _BROADCAST_FAILED:
+        errors = F.broadcast(errors)
+    wide = batch.wide.where(F.col(REASON).isNull()).select(_RID, "__id", _RAW_JSON, SOURCE)
+    return wide.join(errors, (F.col(_RID) == F.col("_e_rid")) & F.col("__id").eqNullSafe(F.col("_e_id"))).select(
+        F.from_json(_RAW_JSON, batch.raw_schema).alias("raw"), F.col(ERROR).alias("reason"),
+        F.lit("score").alias("stage"), F.col(SOURCE).alias("source_file"),
+        F.lit(None).cast("long").alias("line_number"))
 
 
 def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: str,
