@@ -13,6 +13,7 @@ from pyspark.sql import DataFrame, SparkSession
 
 from downpour.config import Config
 from downpour.errors import ConfigError
+from downpour.logs import LOG
 
 PERSIST_LEVEL_KEY = "spark.downpour.persistLevel"
 PERSIST_COMPRESSED_KEY = "spark.downpour.persistCompressed"
@@ -144,8 +145,14 @@ class Persisted:
         return len(self._held)
 
     def _release_all(self) -> None:
+        """Unpersist every held frame; one that fails (a stopped SparkContext) is logged, so the others
+        are still released and the stage's own error is the one that propagates."""
         while self._held:
-            self._held.pop().unpersist()
+            df = self._held.pop()
+            try:
+                df.unpersist()
+            except Exception as e:  # noqa: BLE001 - cleanup must not mask the stage's outcome
+                LOG.warning("persisted frame not released: %s", e)
 
 
 @contextmanager

@@ -55,7 +55,8 @@ from downpour.storage import FileInfo
 _RAW_JSON = "_dp_raw_json"
 # rows the model failed on, up to which their ids and errors (<= ~330 bytes each) are broadcast to the join
 _BROADCAST_FAILED = 100_000
-_RID = "_dp_rid"  # a row's number in the persisted input batch: how a row the model failed on finds its raw values
+_RID = "_dp_rid"  # a row's number in the persisted input batch (fixed there; a recomputation may renumber)
+_KEY = "_dp_raw_key"  # a hash of a row's raw values and file: how a row the model failed on finds them again
 GAP_WARNING = 0.01  # a completeness gap above this (in score units) is logged: more steps would help
 
 
@@ -222,8 +223,8 @@ class _Batch:
     """The input batch, ingested and cleaned (persisted), and what one pass over it counted."""
 
     files: list[FileInfo]
-    # every input row: ``__id``, ``_RID``, the reason it failed (or null), its raw values as JSON and its
-    # file where it has a reason (persisted)
+    # every input row: ``__id``, ``_RID``, the reason it failed (or null), ``_KEY``, its raw values as JSON
+    # and its file where it has a reason (persisted)
     tagged: DataFrame
     wide: DataFrame  # the same rows with every row's raw values and file: the lineage, not persisted
     raw_schema: Any
@@ -246,7 +247,8 @@ def _ingest(spark: SparkSession, stage: Persisted, cfg: Config, full: Config,
     ident = F.col(names[cfg.id_column]).cast("string") if cfg.id_column else F.col(ROW_HASH)
     raw_schema = tagged.schema[RAW].dataType
     # the raw values travel as one JSON string (the struct is dropped): one copy per row, not two
-    tagged = tagged.withColumn("__id", ident).withColumn(_RAW_JSON, F.to_json(F.col(RAW))).drop(RAW, ROW_HASH)
+    tagged = tagged.withColumns({"__id": ident, _RAW_JSON: F.to_json(F.col(RAW)),
+                                 _KEY: F.xxhash64(F.col(RAW), F.col(SOURCE))}).drop(RAW, ROW_HASH)
     # the input batch alone (not the windows over it and the history: coalescing has no shuffle
     # of its own, so it would also squeeze those)
     wide = tagged.coalesce(sized_partitions(spark, files, full.input.format)) \
@@ -254,8 +256,8 @@ def _ingest(spark: SparkSession, stage: Persisted, cfg: Config, full: Config,
     # The persisted batch keeps the raw values and the file only where the quarantine needs them for sure
     # (the rejected rows), as prepare does (clean.raw_only_for_quarantine): on every row they were most of
     # its bytes, and every pass over the batch (the hot-key count, the windows, drift, the roll-forward)
-    # read them. A row the model fails on takes them from ``wide``, recomputed from the files by ``_RID``
-    # (``_failed_rows``): one more read of the input, only in a run with such rows.
+    # read them. A row the model fails on takes them from ``wide``, recomputed from the files and matched
+    # by content (``_failed_rows``): one more read of the input, only in a run with such rows.
     rejected = F.col(REASON).isNotNull()
     tagged = stage.persist(wide.withColumns({c: F.when(rejected, F.col(c)) for c in (_RAW_JSON, SOURCE)}))
     is_ok = F.col(REASON).isNull()
@@ -277,10 +279,9 @@ def _serving_rows(full: Config, model: _Model, batch: _Batch, past: Any,
     from downpour.features.state import serving_frame
     from downpour.features.windows import add_window_features
 
-    # the raw JSON and source stay in the persisted batch: only the few rows the model fails on need them
-    # (``_write`` joins them back by ``_RID``), so the windows' shuffles and the Arrow round trip to the
-    # model do not carry them
-    ok = batch.ok.drop(_RAW_JSON, SOURCE)
+    # the windows' shuffles and the Arrow round trip to the model carry no raw values, file or content key:
+    # only the rows the model fails on need them (``_failed_rows``)
+    ok = batch.ok.drop(_RAW_JSON, SOURCE, _KEY)
     if H.needed(full):
         ok = H.drop_context(add_window_features(H.with_context(SH.clean_events(ok, full), past.frame),
                                                 full)).drop(H.HID)
@@ -354,14 +355,19 @@ def _write(spark: SparkSession, cfg: Config, full: Config, model: _Model, batch:
 
 
 def _failed_rows(batch: _Batch, frame: DataFrame, n_failed: int) -> DataFrame:
-    """The rows the model failed on, as quarantine rows: raw values and file from the batch's lineage,
-    matched by ``_RID`` and ``__id`` (so a row never takes another row's raw values)."""
-    errors = frame.where(F.col(ERROR).isNotNull()).select(F.col(_RID).alias("_e_rid"),
-                                                           F.col("__id").alias("_e_id"), ERROR)
-    if n_failed <= _BROADCAST_FAILED:
-        errors = F.broadcast(errors)
-    wide = batch.wide.where(F.col(REASON).isNull()).select(_RID, "__id", _RAW_JSON, SOURCE)
-    return wide.join(errors, (F.col(_RID) == F.col("_e_rid")) & F.col("__id").eqNullSafe(F.col("_e_id"))).select(
+    """The rows the model failed on, as quarantine rows: raw values and file from the batch's lineage.
+
+    Matched by content (``_KEY``, a hash of the raw values and the file, and the id), not by ``_RID``:
+    a recomputation may plan the file splits anew (on a cluster they follow the cores registered at the
+    time), which renumbers the rows. Rows with the same key hold the same raw values and file, so any
+    match is right; one per failed row is kept."""
+    small = n_failed <= _BROADCAST_FAILED
+    errors = frame.where(F.col(ERROR).isNotNull()).select(_RID, ERROR)
+    keyed = batch.tagged.join(F.broadcast(errors) if small else errors, _RID).select(
+        _RID, ERROR, F.col(_KEY).alias("_e_key"), F.col("__id").alias("_e_id"))
+    wide = batch.wide.where(F.col(REASON).isNull()).select(_KEY, "__id", _RAW_JSON, SOURCE)
+    on = (F.col(_KEY) == F.col("_e_key")) & F.col("__id").eqNullSafe(F.col("_e_id"))
+    return wide.join(F.broadcast(keyed) if small else keyed, on).dropDuplicates([_RID]).select(
         F.from_json(_RAW_JSON, batch.raw_schema).alias("raw"), F.col(ERROR).alias("reason"),
         F.lit("score").alias("stage"), F.col(SOURCE).alias("source_file"),
         F.lit(None).cast("long").alias("line_number"))

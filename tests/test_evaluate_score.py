@@ -379,10 +379,30 @@ def test_end_to_end_gate_and_score_parity(spark, telco_path, tmp_path, conf_dir,
     first20 = scoring.head(20)
     assert sorted(dq["customerid"]) == sorted(pseudonym(c, "test-salt") for c in first20["customerID"])
     assert sorted(dq["monthlycharges"]) == sorted(first20["MonthlyCharges"])  # the raw text, as read
-    # their raw values come from the input's lineage, not the persisted batch: a row lost on that way
-    # (here one dropped on purpose) stops the run instead of shrinking the quarantine
+    import dataclasses
+
+    from pyspark.sql import functions as F
+
     from downpour.pipelines import score as score_mod
 
+    # their raw values come from the input's lineage (not the persisted batch), matched by content: a
+    # recomputation that numbers the rows differently (on a cluster the file splits follow the cores
+    # registered at the time) still finds each row's own values
+    real_ingest = score_mod._ingest
+
+    def renumbered(*args, **kwargs):
+        batch = real_ingest(*args, **kwargs)
+        return dataclasses.replace(batch, wide=batch.wide.withColumn(score_mod._RID, -F.col(score_mod._RID) - 1))
+
+    with monkeypatch.context() as m:
+        m.setattr(score_mod, "_ingest", renumbered)
+        again = run_scoring(spark, cfg, str(tmp_path / "to_score_damaged"), str(tmp_path / "damaged_again"),
+                            model_dir=str(tmp_path / "damaged_model"))
+    assert (again["scored"], again["quarantined"]) == (1, 20)
+    dq2 = pd.read_parquet(str(tmp_path / "damaged_again") + "_quarantine")
+    assert sorted(zip(dq2["customerid"], dq2["monthlycharges"], strict=True)) == \
+        sorted(zip(dq["customerid"], dq["monthlycharges"], strict=True))
+    # a row lost on that way (here one dropped on purpose) stops the run instead of shrinking the quarantine
     real_failed_rows = score_mod._failed_rows
     with monkeypatch.context() as m:
         m.setattr(score_mod, "_failed_rows", lambda *a: real_failed_rows(*a).limit(19))
