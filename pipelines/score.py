@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from downpour import storage
@@ -56,7 +56,7 @@ _RAW_JSON = "_dp_raw_json"
 # rows the model failed on, up to which their ids and errors (<= ~330 bytes each) are broadcast to the join
 _BROADCAST_FAILED = 100_000
 _RID = "_dp_rid"  # a row's number in the persisted input batch (fixed there; a recomputation may renumber)
-_KEY = "_dp_raw_key"  # a hash of a row's raw values and file: how a row the model failed on finds them again
+_KEY = "_dp_raw_key"  # a hash of a row's raw values (nulls included) and file: how a failed row finds them again
 GAP_WARNING = 0.01  # a completeness gap above this (in score units) is logged: more steps would help
 
 
@@ -238,6 +238,15 @@ class _Batch:
         return self.tagged.where(F.col(REASON).isNull())
 
 
+def content_key(struct: str, schema: Any, *more: str) -> Column:
+    """A 64-bit hash of a struct column's values, which of its fields are null, and ``more`` columns.
+
+    Which fields are null is hashed too: a struct's ``xxhash64`` skips null fields, so ("5", null) and
+    (null, "5") would share a key."""
+    nulls = F.array(*[F.col(struct)[f.name].isNull() for f in schema.fields])
+    return F.xxhash64(F.col(struct), nulls, *[F.col(c) for c in more])
+
+
 def _ingest(spark: SparkSession, stage: Persisted, cfg: Config, full: Config,
             input_url: str, salt: str | None, stats: dict[str, Any]) -> _Batch:
     """Read, parse and clean the input with prepare's rules; one aggregation counts the outcome."""
@@ -248,7 +257,7 @@ def _ingest(spark: SparkSession, stage: Persisted, cfg: Config, full: Config,
     raw_schema = tagged.schema[RAW].dataType
     # the raw values travel as one JSON string (the struct is dropped): one copy per row, not two
     tagged = tagged.withColumns({"__id": ident, _RAW_JSON: F.to_json(F.col(RAW)),
-                                 _KEY: F.xxhash64(F.col(RAW), F.col(SOURCE))}).drop(RAW, ROW_HASH)
+                                 _KEY: content_key(RAW, raw_schema, SOURCE)}).drop(RAW, ROW_HASH)
     # the input batch alone (not the windows over it and the history: coalescing has no shuffle
     # of its own, so it would also squeeze those)
     wide = tagged.coalesce(sized_partitions(spark, files, full.input.format)) \

@@ -239,3 +239,18 @@ def test_crm_new_months_scored_with_history_equal_scoring_them_with_their_past(s
     _close(with_history, together[together[key].isin(with_history[key])], key)
     alone = _score(spark, cfg, late, tmp_path, "alone", no_history=True)
     assert _differs(alone, together, key) > len(late) * 0.05
+
+
+def test_the_content_key_tells_rows_apart_by_where_their_nulls_are(spark):
+    """A failed row finds its raw values by this key: rows that differ only in which field is null must
+    not share it (the companion: a plain struct hash, which skips nulls, does)."""
+    from pyspark.sql import functions as F
+
+    from downpour.pipelines.score import content_key
+
+    df = spark.createDataFrame([("5", None, "f"), (None, "5", "f"), ("5", None, "f")], "a string, b string, src string")
+    df = df.select(F.struct("a", "b").alias("raw"), "src")
+    keys = [r[0] for r in df.select(content_key("raw", df.schema["raw"].dataType, "src")).collect()]
+    assert keys[0] != keys[1] and keys[0] == keys[2]
+    plain = [r[0] for r in df.select(F.xxhash64("raw", "src")).collect()]
+    assert plain[0] == plain[1]
