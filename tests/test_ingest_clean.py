@@ -518,3 +518,23 @@ def test_dedup_without_an_id_or_a_time_column_keeps_one_of_each_raw_row(spark, t
     cfg = make_cfg(tmp_path / "in", tmp_path / "out", id_column=None, timestamp_column=None)
     tagged, outcome, _ = tag(spark, cfg)
     assert outcome["counts"] == {"input": 4, "clean": 2, "quarantined": 0, "duplicates": 2}
+
+
+def test_a_frame_that_fails_to_release_does_not_keep_the_others_or_hide_the_stage_error(spark):
+    """The stage's end releases every held frame even when one unpersist raises (a stopped context), and
+    the stage's own error is the one that propagates."""
+    from downpour.spark import persisting
+
+    spark.catalog.clearCache()
+    cache = spark._jsparkSession.sharedState().cacheManager()
+    with pytest.raises(ValueError, match="the stage's own error"), persisting(spark) as stage:
+        first = stage.persist(spark.range(10).selectExpr("id * 2 AS x"))
+        stuck = stage.persist(spark.range(10).selectExpr("id * 3 AS x"))
+        stuck.count()
+        stuck.unpersist = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("context stopped"))  # type: ignore[method-assign]
+        first.count()
+        raise ValueError("the stage's own error")
+    assert stage.held == 0
+    assert cache.lookupCachedData(first._jdf).isEmpty()  # released although the frame after it failed to
+    assert not cache.lookupCachedData(stuck._jdf).isEmpty()  # the one that raised is still cached: it is real
+    spark.catalog.clearCache()
