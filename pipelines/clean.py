@@ -373,16 +373,17 @@ def tag_rows(df: DataFrame, cfg: Config, stats: dict[str, Any] | None) -> DataFr
     return derive_columns(deduplicate(policed, cfg), cfg).drop(ROW_HASH)
 
 
-def raw_only_for_quarantine(policed: DataFrame) -> DataFrame:
-    """Keep the raw text, malformed line and source file only on rows with a reason (the rows that will
-    be quarantined: de-duplication only ever marks rows without one).
+def raw_only_for_quarantine(policed: DataFrame,
+                             columns: tuple[str, ...] = (RAW, CORRUPT, SOURCE, LINE)) -> DataFrame:
+    """Keep the raw text, malformed line and source file (``columns``) only on rows with a reason (the
+    rows that will be quarantined: de-duplication only ever marks rows without one).
 
     Only the quarantine reads them. Blanked before the de-duplication shuffle, which would otherwise
     carry every row's raw-text struct and path; on every row they also doubled the persisted frame, and
     its in-memory columnar batches of raw-text structs ran a 10M-row ``prepare`` out of a 4 GiB heap.
     """
     rejected = F.col(REASON).isNotNull()
-    return policed.withColumns({c: F.when(rejected, F.col(c)) for c in (RAW, CORRUPT, SOURCE, LINE)})
+    return policed.withColumns({c: F.when(rejected, F.col(c)) for c in columns})
 
 
 # ---- counting (one action) --------------------------------------------------------------------------

@@ -263,12 +263,11 @@ def _ingest(spark: SparkSession, stage: Persisted, cfg: Config, full: Config,
     wide = tagged.coalesce(sized_partitions(spark, files, full.input.format)) \
         .withColumn(_RID, F.monotonically_increasing_id())
     # The persisted batch keeps the raw values and the file only where the quarantine needs them for sure
-    # (the rejected rows), as prepare does (clean.raw_only_for_quarantine): on every row they were most of
-    # its bytes, and every pass over the batch (the hot-key count, the windows, drift, the roll-forward)
-    # read them. A row the model fails on takes them from ``wide``, recomputed from the files and matched
-    # by content (``_failed_rows``): one more read of the input, only in a run with such rows.
-    rejected = F.col(REASON).isNotNull()
-    tagged = stage.persist(wide.withColumns({c: F.when(rejected, F.col(c)) for c in (_RAW_JSON, SOURCE)}))
+    # (the rejected rows; the same blanking as prepare's): on every row they were most of its bytes, and
+    # every pass over the batch (the hot-key count, the windows, drift, the roll-forward) read them. A row
+    # the model fails on takes them from ``wide``, recomputed from the files and matched by content
+    # (``_failed_rows``): one more read of the input, only in a run with such rows.
+    tagged = stage.persist(clean.raw_only_for_quarantine(wide, (_RAW_JSON, SOURCE)))
     is_ok = F.col(REASON).isNull()
     with timed("score: ingest and clean"):
         by_outcome = tagged.groupBy(is_ok.alias("ok"), F.col(LINE).isNotNull().alias("malformed")).agg(
