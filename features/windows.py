@@ -122,14 +122,19 @@ def window_features(cfg: Config) -> list[WindowFeature]:
 
 
 # ---- the public stage --------------------------------------------------------------------------------
-def add_window_features(df: DataFrame, cfg: Config) -> DataFrame:
+def add_window_features(df: DataFrame, cfg: Config, rows: int | None = None) -> DataFrame:
     """``df`` plus the velocity / RFM columns of :func:`window_features`; a no-op when neither is on.
 
-    ``names`` maps the raw column names of the config to the safe names ``df`` uses. Run it on the
-    cleaned data *before* the split (windows need each entity's whole history). It runs one job at once
-    (the hot-key count; ``hot_key_rows: null`` skips it) and otherwise stays lazy: one shuffle per
-    entity. Persist ``df`` first if it is expensive to recompute: the hot-key count reads it once more,
-    and so do the hot-key context rows and RFM tenure without a signup date.
+    ``df`` has the safe column names of ``cfg.names``. Run it on the cleaned data *before* the split
+    (windows need each entity's whole history). It runs one job at once (the hot-key count;
+    ``hot_key_rows: null`` skips it) and otherwise stays lazy: one shuffle per entity. Persist ``df``
+    first if it is expensive to recompute: the hot-key count reads it once more, and so do the hot-key
+    context rows and RFM tenure without a signup date.
+
+    ``rows``: an upper bound on ``df``'s rows, where the caller has counted them already. No key can have
+    more rows than that, so an entity whose ``hot_key_rows`` is not below it is not counted, and when no
+    entity is, the count's pass is skipped. (Splitting a key into time buckets never changes a value, so
+    a wrong bound costs skew, not correctness.)
     """
     names = cfg.names
     vel, rfm = cfg.features.velocity, cfg.features.rfm
@@ -157,7 +162,7 @@ def add_window_features(df: DataFrame, cfg: Config) -> DataFrame:
         plans += [(names[e], vel.hot_key_rows) for e in vel.entities]
     if rfm.enabled:
         plans.append((names[rfm.entity], rfm.hot_key_rows))  # type: ignore[index]
-    hot = _hot_keys(out, plans)
+    hot = _hot_keys(out, plans, rows)
 
     spread = [f.name for f in df.schema if isinstance(f.dataType, T.AtomicType)] + [_T]
     if vel.enabled:
@@ -198,14 +203,17 @@ def epoch_us(df: DataFrame, col: str, key: str, source: str) -> Column:
     )
 
 
-def _hot_keys(df: DataFrame, plans: list[tuple[str, int | None]]) -> dict[int, list[str]]:
+def _hot_keys(df: DataFrame, plans: list[tuple[str, int | None]], rows: int | None = None) -> dict[int, list[str]]:
     """Keys with more rows than their threshold, for every planned entity, in ONE aggregation pass.
 
     Returns plan index -> key values (as strings). The keys stay on the driver and are never logged
-    (an entity may be a hashed PII column).
+    (an entity may be a hashed PII column). ``rows`` (an upper bound on ``df``'s rows) leaves out the
+    entities whose threshold no key can exceed.
     """
-    active = [(i, c, n) for i, (c, n) in enumerate(plans) if n is not None]
+    active = [(i, c, n) for i, (c, n) in enumerate(plans) if n is not None and (rows is None or rows > n)]
     if not active:
+        if rows is not None and any(n is not None for _, n in plans):
+            LOG.info("window features: %d rows, no more than any entity's hot_key_rows: no hot-key count", rows)
         return {}
     pairs = F.explode(
         F.array(*[F.struct(F.lit(i).alias("p"), F.col(c).cast("string").alias("k")) for i, c, _ in active])
@@ -214,12 +222,12 @@ def _hot_keys(df: DataFrame, plans: list[tuple[str, int | None]]) -> dict[int, l
     for i, _, n in active:
         limit = F.when(F.col("p") == i, F.lit(n)).otherwise(limit)
     with timed("window features: counting rows per entity to find hot keys"):
-        rows = (
+        found = (
             df.select(pairs.alias("e")).select("e.p", "e.k").where(F.col("k").isNotNull())
             .groupBy("p", "k").count().where(F.col("count") > limit).select("p", "k").collect()
         )
     hot: dict[int, list[str]] = {}
-    for r in rows:
+    for r in found:
         hot.setdefault(r["p"], []).append(r["k"])
     for i, keys in hot.items():
         LOG.warning(

@@ -238,7 +238,7 @@ def _split_and_window(stage: Persisted, cfg: Config, ingested: _Ingested,
     with _step("window features", timings, "window_features"):
         from downpour.features.windows import add_window_features
 
-        frame = stage.persist(add_window_features(split_df, cfg).coalesce(ingested.parts))
+        frame = stage.persist(add_window_features(split_df, cfg, rows=counts["clean"]).coalesce(ingested.parts))
         per_split = split_counts(frame)
         stage.release(ingested.tagged)
     n_split = sum(s["rows"] for s in per_split.values())

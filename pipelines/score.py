@@ -291,8 +291,10 @@ def _serving_rows(full: Config, model: _Model, batch: _Batch, past: Any,
     # only the rows the model fails on need them (``_failed_rows``)
     ok = batch.ok.drop(_RAW_JSON, SOURCE, _KEY)
     if H.needed(full):
+        # counted already: the clean input rows and the history sources' rows bound the rows per key
+        bound = None if past.rows is None else batch.clean_n.get(True, 0) + past.rows
         ok = H.drop_context(add_window_features(H.with_context(SH.clean_events(ok, full), past.frame),
-                                                full)).drop(H.HID)
+                                                full, rows=bound)).drop(H.HID)
     missing = [c for c in model.raw_inputs if c not in ok.columns]
     if missing:
         raise DataContractError(f"column {missing[0]!r}: the model {model.version} needs it; it is not produced "

@@ -43,6 +43,12 @@ class ScoringHistory:
     sources: list[dict[str, Any]] = field(default_factory=list)
     disabled: bool = False
 
+    @property
+    def rows(self) -> int | None:
+        """At most this many rows in ``frame`` (the sources' own counts; 0 without a history), or None."""
+        counts = [s.get("rows") for s in self.sources]
+        return None if any(n is None for n in counts) else sum(counts)
+
     def summary(self, input_start_us: int | None, input_end_us: int | None) -> dict[str, Any]:
         gap = gap_seconds(self.end_us, input_start_us)
         return {

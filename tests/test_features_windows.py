@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import time
 
 import pytest
 from pyspark.sql import types as T
@@ -151,6 +152,34 @@ def test_hot_key_time_buckets_give_the_same_values(spark):
         assert _approx(b[tid]["vel_card_id_secs_since_prev"], vals["since"]), tid
     # the 10-day silence: the first event after it finds its predecessor in an earlier bucket
     assert max(r["vel_card_id_secs_since_prev"] or 0 for r in b.values()) >= 10 * D
+
+
+def test_a_row_bound_leaves_out_only_the_entities_no_key_can_make_hot(spark):
+    """A key cannot have more rows than the frame has: given that bound, an entity whose threshold is not
+    below it is not counted, and with none left the pass is skipped. Above the bound a hot key is still
+    found."""
+    df = tx_frame(spark, _random_history(7))  # 144 rows, card H 120 of them
+    n = df.count()
+    sc = spark.sparkContext
+    assert _hot_keys(df, [("card_id", 20), ("customer_id", 1000)], rows=n) == {0: ["H"]}
+    assert _hot_keys(df, [("card_id", 119), ("customer_id", n)], rows=n) == {0: ["H"]}  # just below: counted
+    tracker = sc.statusTracker()
+    try:
+        sc.setJobGroup("hot-bound", "the hot-key count under a row bound")
+        assert _hot_keys(df, [("card_id", n), ("customer_id", 1000)], rows=n) == {}
+        # the companion: without the bound the same plans do run the pass (and find no hot key); its jobs
+        # are listed after any of the group above would be (the listener sees events in order)
+        sc.setJobGroup("hot-unbounded", "the hot-key count without a bound")
+        assert _hot_keys(df, [("card_id", n), ("customer_id", 1000)]) == {}
+        for _ in range(100):
+            if tracker.getJobIdsForGroup("hot-unbounded"):
+                break
+            time.sleep(0.1)
+        assert list(tracker.getJobIdsForGroup("hot-unbounded")) != []
+        assert list(tracker.getJobIdsForGroup("hot-bound")) == [], "no pass runs under the bound"
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+        sc.setLocalProperty("spark.job.description", None)
 
 
 CRM_SCHEMA = {"customer_id": "string", "snapshot_date": "date", "signup_date": "date", "sessions": "int",

@@ -302,6 +302,20 @@ def _prepare_failing_after_both_persists(spark, tiny, monkeypatch, name: str) ->
     return bool(empty)
 
 
+def test_prepare_bounds_the_hot_key_count_by_its_clean_rows(spark, tiny, monkeypatch):
+    """The windows' hot-key count gets the clean rows counted by the ingest pass as its bound."""
+    from downpour.features import windows
+
+    bounds: list[int | None] = []
+    count_hot = windows._hot_keys
+    monkeypatch.setattr(windows, "_hot_keys", lambda df, plans, rows=None: bounds.append(rows) or
+                        count_hot(df, plans, rows))
+    raw = _raw_cfg(tiny["src"], tiny["base"] / "velocity")
+    raw["features"]["velocity"] = {"enabled": True, "entities": ["Customer ID"], "windows": ["7d"]}
+    manifest = run_prepare(spark, config_from_dict(raw))
+    assert bounds == [manifest["counts"]["clean"]] and bounds[0] > 0
+
+
 def test_a_failing_prepare_releases_the_frames_it_persisted(spark, tiny, monkeypatch):
     """A long-lived session (a notebook, a scheduler's driver) must not keep a failed run's blocks."""
     assert _prepare_failing_after_both_persists(spark, tiny, monkeypatch, "failing")

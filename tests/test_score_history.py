@@ -87,13 +87,22 @@ def fraud_together(spark, fraud) -> pd.DataFrame:
     return together[together["transaction_id"].isin(late["transaction_id"])]
 
 
-def test_fraud_new_file_scored_with_history_equals_scoring_it_with_its_past(spark, fraud, fraud_together):
+def test_fraud_new_file_scored_with_history_equals_scoring_it_with_its_past(spark, fraud, fraud_together,
+                                                                              monkeypatch):
+    from downpour.features import windows
+
     cfg, tmp, raw, early, late = fraud
     together = fraud_together
+    bounds: list[int | None] = []
+    count_hot = windows._hot_keys
+    monkeypatch.setattr(windows, "_hot_keys", lambda df, plans, rows=None: bounds.append(rows) or
+                        count_hot(df, plans, rows))
     with_history = _score(spark, cfg, late, tmp, "late")
     _close(with_history, together, "transaction_id")
     summary = json.loads((tmp / "late_scores_summary.json").read_text())
     assert summary["history"]["sources"][0]["kind"] == "model" and summary["history"]["gap_seconds"] >= 0
+    # the hot-key count is bounded by rows already counted: the clean input rows (all scored) and the history's
+    assert bounds == [summary["scored"] + sum(s["rows"] for s in summary["history"]["sources"])]
 
     alone = _score(spark, cfg, late, tmp, "late_alone", no_history=True)
     assert _differs(alone, together, "transaction_id") > len(late) * 0.05, "without history the scores differ"

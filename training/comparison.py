@@ -61,7 +61,9 @@ def raw_split_rows(spark: SparkSession, cfg: Config, prepared: PreparedData,
 
     split_df = rebuilt_splits(spark, cfg, prepared)
     with contract_errors(cfg):
-        rows = add_window_features(split_df, cfg).where(F.col("split") == split)
+        # the same rows as the published version's (its data version is checked): its clean count bounds them
+        clean_rows = (prepared.manifest.get("counts") or {}).get("clean")
+        rows = add_window_features(split_df, cfg, rows=clean_rows).where(F.col("split") == split)
         rows = clean.serving_nulls(rows, cfg)  # serving_default imputes and flags them itself
     return rows
 
