@@ -214,7 +214,10 @@ def _text_lines(spark: SparkSession, paths: list[str], opts: dict[str, str]) -> 
 
 
 def _non_blank(value: Column, blank: str) -> Column:
-    return F.length(F.regexp_replace(value, blank, "")) > 0
+    """Any character outside the ``blank`` class: a search that stops at the first one (a
+    ``regexp_replace`` of the whole line took 3-4x as long on 2M lines)."""
+    assert blank.startswith("[") and not blank.startswith("[^") and blank.endswith("]"), blank
+    return value.rlike("[^" + blank[1:])
 
 
 def _read_parquet(spark: SparkSession, paths: list[str], opts: dict[str, str]) -> tuple[DataFrame, list[str]]:
