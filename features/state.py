@@ -39,8 +39,9 @@ from downpour.storage import HadoopFS
 
 VERSION = 1
 INT64_NULL = -(2**63)  # how serving spells a null integer category or timestamp (int64 has no null)
-# what cleaning trims (pipelines.ingest.WHITESPACE), as a regex that means the same in Java (Spark) and
-# RE2 (TensorFlow): the characters are literal inside the class
+# what cleaning trims (pipelines.ingest.WHITESPACE): Spark strips these characters from both ends with
+# ``btrim`` (a regex replace per value cost 2-3x as much), TensorFlow with this RE2 pattern (the
+# characters are literal inside the class), which removes the same leading and trailing runs
 WHITESPACE = " \t\r\n\u00a0"
 TRIM_PATTERN = f"\\A[{WHITESPACE}]+|[{WHITESPACE}]+\\z"
 CROSS_PRIME = 2_147_483_647  # hashed crosses: polynomial hash mod 2^31-1, then Knuth's multiplicative hash
@@ -83,7 +84,7 @@ def _category_string(src: str, dtype: str, strings: dict[str, bool], impute: str
     s = F.col(src).cast("string")
     if dtype == "string":
         if strings.get("trim"):
-            s = F.regexp_replace(s, TRIM_PATTERN, "")
+            s = F.btrim(s, F.lit(WHITESPACE))
         if strings.get("lower"):
             s = F.lower(s)
     s = F.when(s != "", s)

@@ -212,3 +212,21 @@ def test_cleaning_imputes_and_flags_carry_over(spark):
     assert rows["t4"]["n__monthly_charges__missing"] == 1.0  # the imputed row keeps its flag
     assert rows["t3"]["n__monthly_charges__missing"] == 0.0
     assert rows["t4"]["n__monthly_charges"] == pytest.approx((0.0 - mc["mean"]) / mc["std"], rel=1e-6)
+
+
+def test_the_spark_category_trim_strips_what_the_python_and_tensorflow_trims_strip(spark):
+    """The category string Spark computes (``btrim``) equals the Python normalisation (``str.strip``)
+    and the Keras layers' RE2 pattern, for values cleaning never saw (each whitespace character, inside
+    and around, alone, and unicode): the feature state's own trim, not the cleaning stage's, is tested."""
+    import tensorflow as tf
+
+    from downpour.features.state import TRIM_PATTERN, WHITESPACE, _category_string, _normalize
+
+    values = [" a ", "\u00a0b\t", "\r\nc d\n", " \t\r\n\u00a0", "", "Café\u00a0", "x\u00a0y", None, "plain"]
+    strings = {"trim": True, "lower": False}
+    df = spark.createDataFrame([(i, v) for i, v in enumerate(values)], "i int, v string")
+    got = [r[0] for r in df.orderBy("i").select(_category_string("v", "string", strings)).collect()]
+    assert got == [_normalize(v, "string", strings) for v in values]
+    tf_trimmed = tf.strings.regex_replace(tf.constant([v or "" for v in values]), TRIM_PATTERN, "").numpy()
+    assert [t.decode() or None for t in tf_trimmed] == [g or None for g in got]
+    assert got[:4] == ["a", "b", "c d", None] and got[6] == "x\u00a0y" and WHITESPACE.startswith(" ")
