@@ -122,7 +122,8 @@ def window_features(cfg: Config) -> list[WindowFeature]:
 
 
 # ---- the public stage --------------------------------------------------------------------------------
-def add_window_features(df: DataFrame, cfg: Config, rows: int | None = None) -> DataFrame:
+def add_window_features(df: DataFrame, cfg: Config, rows: int | None = None,
+                        count_over: DataFrame | None = None) -> DataFrame:
     """``df`` plus the velocity / RFM columns of :func:`window_features`; a no-op when neither is on.
 
     ``df`` has the safe column names of ``cfg.names``. Run it on the cleaned data *before* the split
@@ -135,6 +136,10 @@ def add_window_features(df: DataFrame, cfg: Config, rows: int | None = None) -> 
     more rows than that, so an entity whose ``hot_key_rows`` is not below it is not counted, and when no
     entity is, the count's pass is skipped. (Splitting a key into time buckets never changes a value, so
     a wrong bound costs skew, not correctness.)
+
+    ``count_over``: a frame holding every entity value of ``df``'s rows (and possibly more) that is
+    cheaper to read, to count the keys over instead of ``df``; ``rows`` then bounds its rows. Counting
+    more rows can only split more keys, for the same reason.
     """
     names = cfg.names
     vel, rfm = cfg.features.velocity, cfg.features.rfm
@@ -162,7 +167,7 @@ def add_window_features(df: DataFrame, cfg: Config, rows: int | None = None) -> 
         plans += [(names[e], vel.hot_key_rows) for e in vel.entities]
     if rfm.enabled:
         plans.append((names[rfm.entity], rfm.hot_key_rows))  # type: ignore[index]
-    hot = _hot_keys(out, plans, rows)
+    hot = _hot_keys(out if count_over is None else count_over, plans, rows)
 
     spread = [f.name for f in df.schema if isinstance(f.dataType, T.AtomicType)] + [_T]
     if vel.enabled:

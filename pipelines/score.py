@@ -293,8 +293,12 @@ def _serving_rows(full: Config, model: _Model, batch: _Batch, past: Any,
     if H.needed(full):
         # counted already: the clean input rows and the history sources' rows bound the rows per key
         bound = None if past.rows is None else batch.clean_n.get(True, 0) + past.rows
-        ok = H.drop_context(add_window_features(H.with_context(SH.clean_events(ok, full), past.frame),
-                                                full, rows=bound)).drop(H.HID)
+        events = SH.clean_events(ok, full)
+        # the hot keys are counted over the input and the whole history, without the anti-join that
+        # drops the history's copies of input rows (those count twice: that can only split more keys)
+        every = events if past.frame is None else events.unionByName(past.frame, allowMissingColumns=True)
+        ok = H.drop_context(add_window_features(H.with_context(events, past.frame), full, rows=bound,
+                                                count_over=every)).drop(H.HID)
     missing = [c for c in model.raw_inputs if c not in ok.columns]
     if missing:
         raise DataContractError(f"column {missing[0]!r}: the model {model.version} needs it; it is not produced "

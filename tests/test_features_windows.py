@@ -182,6 +182,25 @@ def test_a_row_bound_leaves_out_only_the_entities_no_key_can_make_hot(spark):
         sc.setLocalProperty("spark.job.description", None)
 
 
+def test_keys_counted_over_a_superset_split_more_keys_and_change_no_value(spark, caplog):
+    """``count_over`` (a cheaper frame with every entity value of the rows, maybe more, as scoring's
+    input plus its whole history): the keys are counted there. Here every row twice: card H (120 rows,
+    240 counted) is split only under ``count_over``, and every value stays what the whole history gives."""
+    rows = _random_history(7)
+    df = tx_frame(spark, rows)
+    cfg = fraud_cfg(hot_key_rows=200, hot_key_bucket="7d")
+    with caplog.at_level("WARNING", logger="downpour"):
+        plain = {r["transaction_id"]: r.asDict() for r in add_window_features(df, cfg).collect()}
+        assert not any("hot key(s) in" in r.getMessage() for r in caplog.records), "over df, H is not hot"
+        split = {r["transaction_id"]: r.asDict()
+                 for r in add_window_features(df, cfg, count_over=df.unionByName(df)).collect()}
+    assert any("1 hot key(s) in 'card_id'" in r.getMessage() for r in caplog.records), "H is split"
+    assert plain.keys() == split.keys() and len(plain) == len(rows)
+    for tid in plain:
+        for k, v in plain[tid].items():
+            assert _approx(v, split[tid][k]) if isinstance(v, float) else v == split[tid][k], (tid, k)
+
+
 CRM_SCHEMA = {"customer_id": "string", "snapshot_date": "date", "signup_date": "date", "sessions": "int",
               "spend": "double", "churned": "int"}
 
