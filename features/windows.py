@@ -129,8 +129,8 @@ def add_window_features(df: DataFrame, cfg: Config, rows: int | None = None,
     ``df`` has the safe column names of ``cfg.names``. Run it on the cleaned data *before* the split
     (windows need each entity's whole history). It runs one job at once (the hot-key count;
     ``hot_key_rows: null`` skips it) and otherwise stays lazy: one shuffle per entity. Persist ``df``
-    first if it is expensive to recompute: the hot-key count reads it once more, and so do the hot-key
-    context rows and RFM tenure without a signup date.
+    first if it is expensive to recompute: the hot-key count reads it once more (or ``count_over``),
+    and so do the hot-key context rows and RFM tenure without a signup date.
 
     ``rows``: an upper bound on ``df``'s rows, where the caller has counted them already. No key can have
     more rows than that, so an entity whose ``hot_key_rows`` is not below it is not counted, and when no

@@ -222,7 +222,9 @@ def test_the_spark_category_trim_strips_what_the_python_and_tensorflow_trims_str
 
     from downpour.features.state import TRIM_PATTERN, WHITESPACE, _category_string, _normalize
 
-    values = [" a ", "\u00a0b\t", "\r\nc d\n", " \t\r\n\u00a0", "", "Café\u00a0", "x\u00a0y", None, "plain"]
+    # "à" (C3 A0) and "†" (E2 80 A0) end in the byte of U+00A0's C2 A0: whole characters are stripped, not bytes
+    values = [" a ", "\u00a0b\t", "\r\nc d\n", " \t\r\n\u00a0", "", "Café\u00a0", "x\u00a0y", None, "plain",
+              "\u00e0", " \u2020x\u2020 ", "\U0001f600\u00a0"]
     strings = {"trim": True, "lower": False}
     df = spark.createDataFrame([(i, v) for i, v in enumerate(values)], "i int, v string")
     got = [r[0] for r in df.orderBy("i").select(_category_string("v", "string", strings)).collect()]
@@ -230,3 +232,4 @@ def test_the_spark_category_trim_strips_what_the_python_and_tensorflow_trims_str
     tf_trimmed = tf.strings.regex_replace(tf.constant([v or "" for v in values]), TRIM_PATTERN, "").numpy()
     assert [t.decode() or None for t in tf_trimmed] == [g or None for g in got]
     assert got[:4] == ["a", "b", "c d", None] and got[6] == "x\u00a0y" and WHITESPACE.startswith(" ")
+    assert got[9:] == ["\u00e0", "\u2020x\u2020", "\U0001f600"]

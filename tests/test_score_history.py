@@ -101,7 +101,8 @@ def test_fraud_new_file_scored_with_history_equals_scoring_it_with_its_past(spar
     _close(with_history, together, "transaction_id")
     summary = json.loads((tmp / "late_scores_summary.json").read_text())
     assert summary["history"]["sources"][0]["kind"] == "model" and summary["history"]["gap_seconds"] >= 0
-    # the hot-key count is bounded by rows already counted: the clean input rows (all scored) and the history's
+    # the hot-key count is bounded by rows already counted: the clean input rows (none failed in the model,
+    # so they are the scored ones) and the history's
     assert bounds == [summary["scored"] + sum(s["rows"] for s in summary["history"]["sources"])]
 
     alone = _score(spark, cfg, late, tmp, "late_alone", no_history=True)
