@@ -15,6 +15,12 @@ A data version (PreparedLayout)::
     entity_history/            the events score needs for window features (features/history.py)
     feature_state.json         manifest.json (written last: its presence means "complete")
 
+A scoring run (ScoringLayout), beside its ``--output`` URL::
+
+    <output> -> .<output>.versions/<stamp>     the scores (a plain directory where there are no symlinks)
+    <output>_quarantine                         rows that could not be scored, with the reason
+    <output>_summary.json                       counts, history, drift (written last: "complete")
+
 Stages read and write these through the objects here, never by joining names by hand, so the layout
 can only change in one place.
 """
@@ -107,6 +113,26 @@ class RunLayout:
     @property
     def report_metrics(self) -> str:
         return storage.join(self.root, REPORT, "metrics.json")
+
+
+@dataclass(frozen=True)
+class ScoringLayout:
+    """The outputs of one ``downpour score`` run, named from its ``--output`` URL."""
+
+    output: str
+
+    @property
+    def scores(self) -> str:
+        return self.output.rstrip("/")
+
+    @property
+    def quarantine(self) -> str:
+        return f"{self.scores}_quarantine"
+
+    @property
+    def summary(self) -> str:
+        """Counts, model version, history and drift of the run: written after both directories."""
+        return f"{self.scores}_summary.json"
 
 
 CHAMPION = "champion.json"

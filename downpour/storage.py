@@ -191,6 +191,19 @@ def delete_dir(url: str) -> None:
         fs.delete_dir(path)
 
 
+def delete_file(url: str) -> None:
+    """Remove one file if it exists."""
+    if is_local(url):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(local_path(url))
+        return
+    from pyarrow import fs as pafs
+
+    fs, path = _arrow_fs(url)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_file(path)
+
+
 def listdir(url: str) -> list[str]:
     """Base names of the entries of a directory ([] when it does not exist)."""
     if is_local(url):
@@ -277,11 +290,8 @@ class _PythonFS:
     def delete(url: str, recursive: bool = True) -> None:
         if recursive:
             delete_dir(url)
-        elif is_local(url):
-            os.unlink(local_path(url))
         else:
-            fs, path = _arrow_fs(url)
-            fs.delete_file(path)
+            delete_file(url)
 
     @staticmethod
     def write_json(url: str, obj: Any) -> None:

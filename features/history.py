@@ -302,6 +302,13 @@ def with_context(rows: DataFrame, history: DataFrame | None) -> DataFrame:
     return targets.unionByName(ctx, allowMissingColumns=True)
 
 
+def with_every_event(rows: DataFrame, history: DataFrame | None) -> DataFrame:
+    """``rows`` plus every history row, copies of ``rows`` included: a superset of :func:`with_context`
+    without its anti-join, for what only needs an upper bound (the hot-key count: a row counted twice can
+    only split more keys, which never changes a value)."""
+    return rows if history is None else rows.unionByName(history, allowMissingColumns=True)
+
+
 def drop_context(windowed: DataFrame) -> DataFrame:
     """The rows to score again, after the windows ran over them and their history."""
     return windowed.where(~F.col(CONTEXT)).drop(CONTEXT)

@@ -167,6 +167,9 @@ def add_window_features(df: DataFrame, cfg: Config, rows: int | None = None,
         plans += [(names[e], vel.hot_key_rows) for e in vel.entities]
     if rfm.enabled:
         plans.append((names[rfm.entity], rfm.hot_key_rows))  # type: ignore[index]
+    lacking = [e for e, _ in plans if count_over is not None and e not in count_over.columns]
+    if lacking:  # a caller's mistake, not the data's: the frame to count over must hold every entity
+        raise ValueError(f"count_over has no column {lacking[0]!r}: it must hold every entity column")
     hot = _hot_keys(out if count_over is None else count_over, plans, rows)
 
     spread = [f.name for f in df.schema if isinstance(f.dataType, T.AtomicType)] + [_T]

@@ -36,6 +36,7 @@ from downpour.pipelines.ingest import (
     malformed_line_numbers,
 )
 from downpour.pipelines.rows import scoring_rows, without_label
+from downpour.pipelines.score_outputs import ScoreOutputs
 from downpour.pipelines.serving import (
     ERROR,
     REASON_GAP,
@@ -294,11 +295,9 @@ def _serving_rows(full: Config, model: _Model, batch: _Batch, past: Any,
         # counted already: the clean input rows and the history sources' rows bound the rows per key
         bound = None if past.rows is None else batch.clean_n.get(True, 0) + past.rows
         events = SH.clean_events(ok, full)
-        # the hot keys are counted over the input and the whole history, without the anti-join that
-        # drops the history's copies of input rows (those count twice: that can only split more keys)
-        every = events if past.frame is None else events.unionByName(past.frame, allowMissingColumns=True)
+        # the hot keys are counted over the input and the whole history, without the anti-join
         ok = H.drop_context(add_window_features(H.with_context(events, past.frame), full, rows=bound,
-                                                count_over=every)).drop(H.HID)
+                                                count_over=H.with_every_event(events, past.frame))).drop(H.HID)
     missing = [c for c in model.raw_inputs if c not in ok.columns]
     if missing:
         raise DataContractError(f"column {missing[0]!r}: the model {model.version} needs it; it is not produced "
@@ -336,9 +335,10 @@ def _serve(spark: SparkSession, stage: Persisted, cfg: Config, model: _Model, se
 
 
 def _write(spark: SparkSession, cfg: Config, full: Config, model: _Model, batch: _Batch,
-           scored: _Scored, output_url: str, q_url: str, salt: str | None) -> None:
+           scored: _Scored, outputs: ScoreOutputs, salt: str | None) -> None:
     """The scores (one row per scored input row) and the quarantine (rejected and failed rows, raw
-    values under the PII policy, with the reason and where to find them)."""
+    values under the PII policy, with the reason and where to find them), into their staging
+    directories: ``run_scoring`` publishes them once every row is accounted for."""
     rule, reasons, version = model.rule, model.reasons, model.version
     frame, tagged = scored.frame, batch.tagged
     with timed("score: write scores and quarantine"):
@@ -346,7 +346,7 @@ def _write(spark: SparkSession, cfg: Config, full: Config, model: _Model, batch:
          .select(F.col("__id").alias(cfg.id_column or "row_id"), F.col(SCORE).cast("double").alias(SCORE),
                  *([_decision(rule).alias("decision")] if rule else []), *(reasons.columns() if reasons else []),
                  F.lit(version).alias("model_version"))
-         .write.mode("overwrite").parquet(output_url))
+         .write.mode("overwrite").parquet(outputs.staged(outputs.layout.scores)))
         lines = malformed_line_numbers(spark, full, batch.files, tagged, salt) if batch.any_malformed else None
         rejected = clean.with_line_numbers(tagged.where(F.col(REASON).isNotNull()), lines).select(
             F.from_json(_RAW_JSON, batch.raw_schema).alias("raw"), F.col(REASON).alias("reason"),
@@ -359,6 +359,7 @@ def _write(spark: SparkSession, cfg: Config, full: Config, model: _Model, batch:
         raw_cols = clean.raw_value_columns(full, struct="raw", skip=(cfg.label.column,))
         quarantine = rejected.select(
             *raw_cols, "reason", "stage", "source_file", "line_number", F.lit(version).alias("model_version"))
+        q_url = outputs.staged(outputs.layout.quarantine)
         quarantine.write.mode("overwrite").parquet(q_url)
         if n_failed:  # their raw values were recomputed from the files: none may have gone missing
             written = spark.read.parquet(q_url).count()  # from the files' footers
@@ -398,8 +399,8 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
     ``<output_url>_quarantine`` with its reason, ``<output_url>_summary.json``; returns the summary.
 
     Steps: check the flags and open the model (before any Spark work), load the history, ``_ingest``,
-    ``_serving_rows``, ``_serve``, ``_write``, drift, the row accounting, the history roll-forward, the
-    summary."""
+    ``_serving_rows``, ``_serve``, ``_write`` (staged), drift, the row accounting, publishing the scores
+    and the quarantine (pipelines/score_outputs.py), the history roll-forward, the summary (last)."""
     t0 = time.perf_counter()
     history = list(history or [])
     SH.check_flags(history, history_out, history_store, no_history)
@@ -411,7 +412,7 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
     if unlabeled.names != {k: v for k, v in cfg.names.items() if k in unlabeled.schema_}:
         raise DataContractError(f"column {cfg.label.column!r}: its safe name collides with another column's; "
                                 "rename one of them to score without a label")
-    q_url = f"{output_url.rstrip('/')}_quarantine"
+    outputs = ScoreOutputs(spark, output_url)
     LOG.info("score: %s with model %s -> %s", input_url, model.version, output_url)
 
     def tag_history(url: str) -> tuple[Config, DataFrame]:  # raw --history rows: the input's own chain
@@ -419,29 +420,31 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
         return h_full, scoring_rows(spark, h_full, list_input_files(spark, url), salt,
                                      model.stats)
 
-    # the persisted frames of this stage (see downpour/spark.py), released when it ends or fails
-    with persisting(spark) as stage:
+    # the persisted frames of this stage (downpour/spark.py) are released when it ends or fails; the outputs
+    # are staged, and published only once every row is accounted for (pipelines/score_outputs.py)
+    with outputs.removed_on_failure(), persisting(spark) as stage:
         past = SH.load(spark, stage, full, model_root=model.artifact.root, card=model.card, history=history,
                        store=history_store, no_history=no_history, tag_raw=tag_history)
         with contract_errors(full):
             batch = _ingest(spark, stage, cfg, full, input_url, salt, model.stats)
             SH.check_gap(full, past, batch.t_min, input_url)
             scored = _serve(spark, stage, cfg, model, _serving_rows(full, model, batch, past, input_url))
-            _write(spark, cfg, full, model, batch, scored, output_url, q_url, salt)
+            _write(spark, cfg, full, model, batch, scored, outputs, salt)
             drift = _drift(cfg, model.card, batch.ok, scored.frame.where(F.col(ERROR).isNull()))
             records = count_input_records(spark, full, batch.files)  # independent of the parsing it checks
             counts = _accounted(records, batch.clean_n, scored.outcome)
+            outputs.publish()
             out_url = history_out or history_store  # rolled forward only once every row is accounted for
             rolled = (SH.roll_forward(stage, full, past, batch.ok, batch.t_min, batch.t_max, out_url)
                       if out_url and H.needed(full) else None)
     rule = model.rule
     summary = {**counts, "model_version": model.version, "output": cfg.scrub(output_url),
-               "quarantine": cfg.scrub(q_url),
+               "quarantine": cfg.scrub(outputs.layout.quarantine),
                "history": {**past.summary(batch.t_min, batch.t_max), "written": rolled} if H.needed(full) else None,
                "decision": {"threshold": rule.get("threshold"), "acted": scored.acted} if rule else None,
                "drift": drift,
                "reason_codes": scored.explained,
                "seconds": round(time.perf_counter() - t0, 3)}
-    storage.write_json_atomic(SH.summary_url(output_url), summary)
+    outputs.write_summary(summary)
     LOG.info("score: %s in %.1fs", json.dumps(counts), time.perf_counter() - t0)
-    return {**summary, "output": output_url, "quarantine": q_url}
+    return {**summary, "output": output_url, "quarantine": outputs.layout.quarantine}

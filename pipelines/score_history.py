@@ -29,7 +29,7 @@ from downpour.artifact import ModelArtifact
 from downpour.config import Config, parse_duration
 from downpour.errors import ConfigError, DataContractError
 from downpour.features import history as H
-from downpour.layout import RunLayout
+from downpour.layout import RunLayout, ScoringLayout
 from downpour.logs import LOG, timed
 from downpour.spark import Persisted
 
@@ -61,7 +61,7 @@ class ScoringHistory:
 
 def summary_url(output_url: str) -> str:
     """``<output>_summary.json``: counts, model version and the history of a scoring run."""
-    return f"{output_url.rstrip('/')}_summary.json"
+    return ScoringLayout(output_url).summary
 
 
 def gap_seconds(end_us: int | None, start_us: int | None) -> float | None:

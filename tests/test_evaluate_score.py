@@ -409,6 +409,17 @@ def test_end_to_end_gate_and_score_parity(spark, telco_path, tmp_path, conf_dir,
         with pytest.raises(RuntimeError, match="quarantine: 19 rows written, 20 counted"):
             run_scoring(spark, cfg, str(tmp_path / "to_score_damaged"), str(tmp_path / "damaged_lost"),
                         model_dir=str(tmp_path / "damaged_model"))
+    # ... and publishes nothing: no scores, no quarantine, no summary, no staging left behind
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("damaged_lost")]
+    assert not [p for p in tmp_path.rglob(".staging-*")]
+    # a failed run over an earlier run's output leaves that output as it was (scores, quarantine, summary)
+    before = _published(tmp_path / "damaged_scores")
+    with monkeypatch.context() as m:
+        m.setattr(score_mod, "_failed_rows", lambda *a: real_failed_rows(*a).limit(19))
+        with pytest.raises(RuntimeError, match="quarantine: 19 rows written"):
+            run_scoring(spark, cfg, str(tmp_path / "to_score_damaged"), str(tmp_path / "damaged_scores"),
+                        model_dir=str(tmp_path / "damaged_model"))
+    assert _published(tmp_path / "damaged_scores") == before
 
     ev = pd.read_parquet(Path(res["scores"]) / "split=test")
     joined = ev.merge(scored, left_on="row_id", right_on="customerID", suffixes=("_eval", "_score"))
@@ -445,6 +456,13 @@ def test_end_to_end_gate_and_score_parity(spark, telco_path, tmp_path, conf_dir,
     assert raw_gate["compared_on"].startswith("raw test rows")
     assert raw_gate["champion_value"] == pytest.approx(res["metrics"]["test"]["roc_auc"], abs=1e-4)
     assert raw_gate["value"] == pytest.approx(0.5)
+
+
+def _published(scores: Path) -> tuple:
+    """What a reader of a scoring run's outputs sees: the scores' files, the quarantine's rows, the summary."""
+    files = sorted(p.name for p in scores.iterdir())
+    quarantine = pd.read_parquet(f"{scores}_quarantine").sort_values("customerid").to_dict("records")
+    return files, quarantine, Path(f"{scores}_summary.json").read_text()
 
 
 def _check_reason_codes(scored: pd.DataFrame, summary: dict, card: dict) -> None:

@@ -199,6 +199,8 @@ def test_keys_counted_over_a_superset_split_more_keys_and_change_no_value(spark,
     for tid in plain:
         for k, v in plain[tid].items():
             assert _approx(v, split[tid][k]) if isinstance(v, float) else v == split[tid][k], (tid, k)
+    with pytest.raises(ValueError, match="count_over has no column 'card_id'"):  # before any job
+        add_window_features(df, cfg, count_over=df.drop("card_id"))
 
 
 CRM_SCHEMA = {"customer_id": "string", "snapshot_date": "date", "signup_date": "date", "sessions": "int",

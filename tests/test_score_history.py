@@ -235,6 +235,48 @@ def test_without_the_stage_release_a_failing_scoring_run_leaves_its_frames(spark
     assert not _score_failing_after_the_scores_persist(spark, fraud, tmp_path, monkeypatch, "leaking")
 
 
+def _rescore_failing_in_the_accounting(spark, fraud, tmp_path, monkeypatch) -> tuple[tuple, tuple]:
+    """Score 200 rows, then score them again into the same output with the record count off by one (the
+    row accounting fails); what a reader sees at the output before and after the failed run."""
+    from downpour.pipelines import score as score_mod
+
+    cfg, tmp, raw, early, late = fraud
+    _score(spark, cfg, late.head(200), tmp_path, "daily")
+    out = tmp_path / "daily_scores"
+
+    def published() -> tuple:
+        return (sorted(p.name for p in out.iterdir()), pd.read_parquet(out).sort_values("transaction_id")
+                .to_dict("records"), Path(f"{out}_summary.json").read_text(),
+                sorted(p.name for p in Path(f"{out}_quarantine").iterdir()))
+
+    before = published()
+    real = score_mod.count_input_records
+    monkeypatch.setattr(score_mod, "count_input_records", lambda *a: real(*a) + 1)
+    with pytest.raises(RuntimeError, match="row accounting broken"):
+        _score(spark, cfg, late.head(200), tmp_path, "daily")
+    return before, published()
+
+
+def test_a_failing_scoring_run_leaves_the_previous_outputs_as_they_were(spark, fraud, tmp_path, monkeypatch):
+    """Scores and quarantine are staged and published only once every row is accounted for, the summary
+    last: a failed run over yesterday's output leaves it whole, and leaves no staging behind."""
+    before, after = _rescore_failing_in_the_accounting(spark, fraud, tmp_path, monkeypatch)
+    assert after == before
+    assert not list(tmp_path.rglob(".staging-*"))
+
+
+def test_without_the_staging_a_failing_scoring_run_replaces_the_previous_outputs(spark, fraud, tmp_path,
+                                                                                 monkeypatch):
+    """The companion: scores written straight to ``--output`` (no staging, no publish) let the failed run
+    replace the previous scores, which the check above sees."""
+    from downpour.pipelines.score_outputs import ScoreOutputs
+
+    monkeypatch.setattr(ScoreOutputs, "staged", lambda self, url: url)
+    monkeypatch.setattr(ScoreOutputs, "publish", lambda self: None)
+    before, after = _rescore_failing_in_the_accounting(spark, fraud, tmp_path, monkeypatch)
+    assert after != before
+
+
 def test_crm_new_months_scored_with_history_equal_scoring_them_with_their_past(spark, tmp_path):
     raw = _generated(spark, "crm", 6000, tmp_path / "gen")
     months = sorted(raw["snapshot_date"].unique())
