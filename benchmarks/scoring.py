@@ -30,6 +30,7 @@ def measure(spark: Any, raw: str, model_out: str, workdir: str, repeats: int = 3
     from benchmarks.common import ratio_figure
     from benchmarks.procmem import PeakRSS
     from downpour.pipelines.score import run_scoring
+    from downpour.pipelines.score_outputs import remove_outputs
 
     scores = os.path.join(workdir, "scores")
     cfg = fraud_config(raw, model_out)
@@ -37,8 +38,7 @@ def measure(spark: Any, raw: str, model_out: str, workdir: str, repeats: int = 3
 
     def scorer(name: str, url: str) -> Any:
         def go() -> None:
-            for suffix in ("", "_quarantine"):
-                shutil.rmtree(scores + suffix, ignore_errors=True)
+            remove_outputs(scores)
             runs[name].append(run_scoring(spark, cfg, input_url=url, output_url=scores))
         return go
 
@@ -51,8 +51,8 @@ def measure(spark: Any, raw: str, model_out: str, workdir: str, repeats: int = 3
     with PeakRSS() as mem:
         alternate(fns, 1)  # warm-up: the same for all
         s = alternate(fns, repeats)
-    for path in (scores, scores + "_quarantine", os.path.join(workdir, "scores-bare")):
-        shutil.rmtree(path, ignore_errors=True)
+    remove_outputs(scores)
+    shutil.rmtree(os.path.join(workdir, "scores-bare"), ignore_errors=True)
     last, summary = runs["score"][-1], mem.summary()
     history = last.get("history") or {}
     vs_bare, vs_bare_spread = ratio_figure(s["score"], s["bare_io"])
@@ -92,6 +92,7 @@ def measure_reasons(spark: Any, raw: str, model_out: str, workdir: str, repeats:
     """``downpour score`` of ``raw`` without and with reason codes, side by side."""
     from benchmarks.common import ratio_figure
     from downpour.pipelines.score import run_scoring
+    from downpour.pipelines.score_outputs import remove_outputs
 
     plain_cfg = fraud_config(raw, model_out)
     reasons_cfg = fraud_config(raw, model_out, "scoring.reason_codes.enabled=true")
@@ -101,8 +102,7 @@ def measure_reasons(spark: Any, raw: str, model_out: str, workdir: str, repeats:
         out = os.path.join(workdir, f"scores-{name}")
 
         def go() -> None:
-            for suffix in ("", "_quarantine"):
-                shutil.rmtree(out + suffix, ignore_errors=True)
+            remove_outputs(out)
             runs[name].append(run_scoring(spark, cfg, input_url=raw, output_url=out))
         return go
 
@@ -112,8 +112,7 @@ def measure_reasons(spark: Any, raw: str, model_out: str, workdir: str, repeats:
     rows = runs["plain"][-1]["input"]
     explained = runs["reasons"][-1]["reason_codes"]
     for name in fns:
-        for suffix in ("", "_quarantine"):
-            shutil.rmtree(os.path.join(workdir, f"scores-{name}") + suffix, ignore_errors=True)
+        remove_outputs(os.path.join(workdir, f"scores-{name}"))
     return {
         "reasons_rows": rows,
         "reasons_repeats": repeats,

@@ -17,9 +17,9 @@ A data version (PreparedLayout)::
 
 A scoring run (ScoringLayout), beside its ``--output`` URL::
 
-    <output> -> .<output>.versions/<stamp>     the scores (a plain directory where there are no symlinks)
-    <output>_quarantine                         rows that could not be scored, with the reason
-    <output>_summary.json                       counts, history, drift (written last: "complete")
+    <output>                 the scores            } each a symlink to .<name>.versions/<stamp> on
+    <output>_quarantine      rows not scored       } local disks, a directory elsewhere
+    <output>_summary.json    counts, history, drift (written last: "complete")
 
 Stages read and write these through the objects here, never by joining names by hand, so the layout
 can only change in one place.

@@ -346,7 +346,7 @@ def _write(spark: SparkSession, cfg: Config, full: Config, model: _Model, batch:
          .select(F.col("__id").alias(cfg.id_column or "row_id"), F.col(SCORE).cast("double").alias(SCORE),
                  *([_decision(rule).alias("decision")] if rule else []), *(reasons.columns() if reasons else []),
                  F.lit(version).alias("model_version"))
-         .write.mode("overwrite").parquet(outputs.staged(outputs.layout.scores)))
+         .write.mode("overwrite").parquet(outputs.staged("scores")))
         lines = malformed_line_numbers(spark, full, batch.files, tagged, salt) if batch.any_malformed else None
         rejected = clean.with_line_numbers(tagged.where(F.col(REASON).isNotNull()), lines).select(
             F.from_json(_RAW_JSON, batch.raw_schema).alias("raw"), F.col(REASON).alias("reason"),
@@ -359,7 +359,7 @@ def _write(spark: SparkSession, cfg: Config, full: Config, model: _Model, batch:
         raw_cols = clean.raw_value_columns(full, struct="raw", skip=(cfg.label.column,))
         quarantine = rejected.select(
             *raw_cols, "reason", "stage", "source_file", "line_number", F.lit(version).alias("model_version"))
-        q_url = outputs.staged(outputs.layout.quarantine)
+        q_url = outputs.staged("quarantine")
         quarantine.write.mode("overwrite").parquet(q_url)
         if n_failed:  # their raw values were recomputed from the files: none may have gone missing
             written = spark.read.parquet(q_url).count()  # from the files' footers
@@ -399,8 +399,8 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
     ``<output_url>_quarantine`` with its reason, ``<output_url>_summary.json``; returns the summary.
 
     Steps: check the flags and open the model (before any Spark work), load the history, ``_ingest``,
-    ``_serving_rows``, ``_serve``, ``_write`` (staged), drift, the row accounting, publishing the scores
-    and the quarantine (pipelines/score_outputs.py), the history roll-forward, the summary (last)."""
+    ``_serving_rows``, ``_serve``, ``_write`` (staged), drift, the row accounting, the history roll-forward,
+    publishing the scores and the quarantine (pipelines/score_outputs.py), the summary (last)."""
     t0 = time.perf_counter()
     history = list(history or [])
     SH.check_flags(history, history_out, history_store, no_history)
@@ -433,10 +433,10 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
             drift = _drift(cfg, model.card, batch.ok, scored.frame.where(F.col(ERROR).isNull()))
             records = count_input_records(spark, full, batch.files)  # independent of the parsing it checks
             counts = _accounted(records, batch.clean_n, scored.outcome)
-            outputs.publish()
             out_url = history_out or history_store  # rolled forward only once every row is accounted for
             rolled = (SH.roll_forward(stage, full, past, batch.ok, batch.t_min, batch.t_max, out_url)
                       if out_url and H.needed(full) else None)
+            outputs.publish()
     rule = model.rule
     summary = {**counts, "model_version": model.version, "output": cfg.scrub(output_url),
                "quarantine": cfg.scrub(outputs.layout.quarantine),

@@ -1,18 +1,21 @@
 """The outputs of ``downpour score``: staged, then published only once every input row is accounted for.
 
-A scoring run writes its scores and its quarantine into staging directories beside ``--output``; the
-drift figures, the independent record count and the row accounting run against those; only then are
-both directories published by ``storage.publish_dir`` (the product's one publisher: a symlink swap on
-local disks, renames elsewhere) and the summary written last. So a run that fails, at any step, leaves
-the previous run's scores, quarantine and summary as they were, and a reader never sees a partial
-directory or a summary beside scores it does not describe (the old summary is removed before the
-first directory is swapped).
+A scoring run writes its scores and its quarantine into staging directories in a hidden
+``.<name>.versions/`` beside each; the drift figures, the independent record count, the row accounting
+and the history roll-forward run before either is published. Then ``storage.publish_dir`` (the
+product's one publisher: a symlink swap on local disks, renames through Hadoop elsewhere) publishes
+the scores and the quarantine, the old summary removed first and the new one written last. A run that
+fails before publishing leaves the previous run's outputs as they were; a crash while publishing leaves
+no summary, which says "not complete" (a summary only ever sits beside the outputs it describes).
+
+URLs follow Spark's rules, as prepare's do: a path without a scheme is on the cluster's default file
+system (``HadoopFS.qualify``); only ``file:`` paths off Databricks' FUSE mounts are published by a
+symlink swap.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,36 +29,38 @@ from downpour.logs import LOG
 from downpour.storage import HadoopFS, has_symlinks
 
 
+def versions_dir(url: str) -> str:
+    """``.<name>.versions`` beside ``url``: its published versions (local), staging and retired trees.
+    Hidden, so a reader of the parent (e.g. partitioned scores ``dt=...``) never lists them."""
+    parent, _, name = url.rstrip("/").rpartition("/")
+    return f"{parent}/.{name}.versions"
+
+
 class ScoreOutputs:
     """Where a scoring run writes (``staged``), how it publishes (``publish``) or cleans up after a failure."""
 
     def __init__(self, spark: SparkSession, output_url: str) -> None:
         self.layout = ScoringLayout(output_url)
         self.fs = HadoopFS(spark)
-        self.local = has_symlinks(self.layout.scores)
+        self._final = {name: self.fs.qualify(url) for name, url in
+                       (("scores", self.layout.scores), ("quarantine", self.layout.quarantine))}
+        self.local = has_symlinks(self._final["scores"])
         tag = uuid.uuid4().hex[:12]
         self.version = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{tag}"
-        self._staged = {url: self._staging(url, tag) for url in (self.layout.scores, self.layout.quarantine)}
+        self._staged = {name: f"{versions_dir(url)}/.staging-{tag}" for name, url in self._final.items()}
 
-    def _staging(self, url: str, tag: str) -> str:
-        """A directory Spark writes into, on the file system of ``url``: inside its versions directory
-        locally (published by a rename there), else beside it."""
-        if self.local:
-            path = storage.local_path(url)
-            versions = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.versions")
-            return "file://" + os.path.join(versions, f".staging-{tag}")
-        return f"{url.rstrip('/')}.staging-{tag}"
-
-    def staged(self, url: str) -> str:
-        """The Spark URL to write ``url``'s new contents to (the scores or the quarantine)."""
-        return self._staged[url]
+    def staged(self, name: str) -> str:
+        """The URL Spark writes ``name`` ("scores" or "quarantine") into."""
+        return self._staged[name]
 
     def publish(self) -> None:
         """Both directories appear at their URLs, each in one step; the old summary goes first."""
         storage.delete_file(self.layout.summary)
-        for url, staging in self._staged.items():
-            where = storage.publish_dir(storage.local_path(staging) if self.local else staging, url,
-                                        self.version, hadoop=None if self.local else self.fs,
+        for name, url in self._final.items():
+            staging = self._staged[name]
+            where = storage.publish_dir(storage.local_path(staging) if self.local else staging,
+                                        storage.local_path(url) if self.local else url, self.version,
+                                        versions=versions_dir(url), hadoop=None if self.local else self.fs,
                                         drop_stale_staging=True, symlinks=self.local)
             LOG.info("score: published %s -> %s", url, where)
 
@@ -73,3 +78,13 @@ class ScoreOutputs:
                 with contextlib.suppress(Exception):
                     self.fs.delete(staging, recursive=True)
             raise
+
+
+def remove_outputs(output_url: str) -> None:
+    """Delete a scoring run's outputs and their versions (local or FUSE paths), e.g. between benchmark
+    rounds: ``<output>``, ``<output>_quarantine``, ``<output>_summary.json``."""
+    layout = ScoringLayout(output_url)
+    for url in (layout.scores, layout.quarantine):
+        storage.delete_dir(url)
+        storage.delete_dir(versions_dir(storage.local_path(url)))
+    storage.delete_file(layout.summary)

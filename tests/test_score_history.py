@@ -236,7 +236,7 @@ def test_without_the_stage_release_a_failing_scoring_run_leaves_its_frames(spark
 
 
 def _rescore_failing_in_the_accounting(spark, fraud, tmp_path, monkeypatch) -> tuple[tuple, tuple]:
-    """Score 200 rows, then score them again into the same output with the record count off by one (the
+    """Score 200 rows, then 200 other rows into the same output with the record count off by one (the
     row accounting fails); what a reader sees at the output before and after the failed run."""
     from downpour.pipelines import score as score_mod
 
@@ -245,24 +245,30 @@ def _rescore_failing_in_the_accounting(spark, fraud, tmp_path, monkeypatch) -> t
     out = tmp_path / "daily_scores"
 
     def published() -> tuple:
-        return (sorted(p.name for p in out.iterdir()), pd.read_parquet(out).sort_values("transaction_id")
-                .to_dict("records"), Path(f"{out}_summary.json").read_text(),
-                sorted(p.name for p in Path(f"{out}_quarantine").iterdir()))
+        return (pd.read_parquet(out).sort_values("transaction_id").to_dict("records"),
+                len(pd.read_parquet(f"{out}_quarantine")), Path(f"{out}_summary.json").read_text())
 
     before = published()
     real = score_mod.count_input_records
     monkeypatch.setattr(score_mod, "count_input_records", lambda *a: real(*a) + 1)
     with pytest.raises(RuntimeError, match="row accounting broken"):
-        _score(spark, cfg, late.head(200), tmp_path, "daily")
+        _score(spark, cfg, late.iloc[200:400], tmp_path, "daily")
     return before, published()
 
 
-def test_a_failing_scoring_run_leaves_the_previous_outputs_as_they_were(spark, fraud, tmp_path, monkeypatch):
+@pytest.mark.parametrize("symlinks", [True, False], ids=["symlink-swap", "renames"])
+def test_a_failing_scoring_run_leaves_the_previous_outputs_as_they_were(spark, fraud, tmp_path, monkeypatch,
+                                                                         symlinks):
     """Scores and quarantine are staged and published only once every row is accounted for, the summary
-    last: a failed run over yesterday's output leaves it whole, and leaves no staging behind."""
+    last: a failed run over yesterday's output leaves it whole and no staging behind, whether published
+    by a symlink swap (local disks) or by renames (every other file system)."""
+    from downpour.pipelines import score_outputs
+
+    monkeypatch.setattr(score_outputs, "has_symlinks", lambda url: symlinks)
     before, after = _rescore_failing_in_the_accounting(spark, fraud, tmp_path, monkeypatch)
     assert after == before
-    assert not list(tmp_path.rglob(".staging-*"))
+    assert (tmp_path / "daily_scores").is_symlink() == symlinks
+    assert not list(tmp_path.rglob(".staging-*")) and not list(tmp_path.rglob(".retired-*"))
 
 
 def test_without_the_staging_a_failing_scoring_run_replaces_the_previous_outputs(spark, fraud, tmp_path,
@@ -271,10 +277,10 @@ def test_without_the_staging_a_failing_scoring_run_replaces_the_previous_outputs
     replace the previous scores, which the check above sees."""
     from downpour.pipelines.score_outputs import ScoreOutputs
 
-    monkeypatch.setattr(ScoreOutputs, "staged", lambda self, url: url)
+    monkeypatch.setattr(ScoreOutputs, "staged", lambda self, name: self._final[name])
     monkeypatch.setattr(ScoreOutputs, "publish", lambda self: None)
     before, after = _rescore_failing_in_the_accounting(spark, fraud, tmp_path, monkeypatch)
-    assert after != before
+    assert after[0] != before[0]
 
 
 def test_crm_new_months_scored_with_history_equal_scoring_them_with_their_past(spark, tmp_path):
