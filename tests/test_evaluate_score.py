@@ -461,7 +461,7 @@ def test_end_to_end_gate_and_score_parity(spark, telco_path, tmp_path, conf_dir,
 def _published(scores: Path) -> tuple:
     """What a reader of a scoring run's outputs sees: the scores' files, the quarantine's rows, the summary."""
     files = sorted(p.name for p in scores.iterdir())
-    quarantine = pd.read_parquet(f"{scores}_quarantine").sort_values("customerid").to_dict("records")
+    quarantine = pd.read_parquet(f"{scores}_quarantine").sort_values("customerid").astype(str).to_dict("records")
     return files, quarantine, Path(f"{scores}_summary.json").read_text()
 
 
