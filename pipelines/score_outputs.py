@@ -6,11 +6,13 @@ and the history roll-forward run before either is published. Then ``storage.publ
 product's one publisher: a symlink swap on local disks, renames through Hadoop elsewhere) publishes
 the scores and the quarantine, the old summary removed first and the new one written last. A run that
 fails before publishing leaves the previous run's outputs as they were; a crash while publishing leaves
-no summary, which says "not complete" (a summary only ever sits beside the outputs it describes).
+no summary, which says "not complete". One run per output at a time (the next publish clears stale
+staging directories).
 
-URLs follow Spark's rules, as prepare's do: a path without a scheme is on the cluster's default file
-system (``HadoopFS.qualify``); only ``file:`` paths off Databricks' FUSE mounts are published by a
-symlink swap.
+The two directories' URLs follow Spark's rules, as prepare's do: a path without a scheme is on the
+cluster's default file system (``HadoopFS.qualify``); only ``file:`` paths off Databricks' FUSE mounts are
+published by a symlink swap. The summary goes through the driver's Python (``storage``), for which such a
+path is local: the README asks for a scheme on clusters.
 """
 
 from __future__ import annotations
