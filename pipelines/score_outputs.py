@@ -59,11 +59,9 @@ class ScoreOutputs:
         """Both directories appear at their URLs, each in one step; the old summary goes first."""
         storage.delete_file(self.layout.summary)
         for name, url in self._final.items():
-            staging = self._staged[name]
-            where = storage.publish_dir(storage.local_path(staging) if self.local else staging,
-                                        storage.local_path(url) if self.local else url, self.version,
-                                        versions=versions_dir(url), hadoop=None if self.local else self.fs,
-                                        drop_stale_staging=True, symlinks=self.local)
+            where = storage.publish_dir(self._staged[name], url, self.version, versions=versions_dir(url),
+                                        hadoop=None if self.local else self.fs, drop_stale_staging=True,
+                                        symlinks=self.local)
             LOG.info("score: published %s -> %s", url, where)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
