@@ -71,7 +71,13 @@ def local_path(url: str) -> str:
     if s == "":
         return os.path.abspath(os.path.expanduser(url))
     if s == "file":
-        return urlparse(url).path
+        # the path as Hadoop writes it (``file:/a#b``, ``file:///a b``): everything after the scheme and
+        # an optional ``//authority``, with no query or fragment split off (a ``#`` or ``?`` is part of a
+        # file name) and nothing percent-decoded (Hadoop's ``Path.toString`` does not encode)
+        rest = url[len("file:"):]
+        if rest.startswith("//"):  # file://authority/path
+            return "/" + rest[2:].partition("/")[2]
+        return rest
     if s == "dbfs":
         return "/dbfs/" + url.split(":", 1)[1].lstrip("/")
     raise ValueError(f"{url}: not a local URL")

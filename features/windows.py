@@ -170,7 +170,7 @@ def add_window_features(df: DataFrame, cfg: Config, rows: int | None = None,
     lacking = [e for e, _ in plans if count_over is not None and e not in count_over.columns]
     if lacking:  # a caller's mistake, not the data's: the frame to count over must hold every entity
         raise ValueError(f"count_over has no column {lacking[0]!r}: it must hold every entity column")
-    hot = _hot_keys(out if count_over is None else count_over, plans, rows)
+    hot = _hot_keys(out if count_over is None else count_over, plans, rows, over_more=count_over is not None)
 
     spread = [f.name for f in df.schema if isinstance(f.dataType, T.AtomicType)] + [_T]
     if vel.enabled:
@@ -211,12 +211,14 @@ def epoch_us(df: DataFrame, col: str, key: str, source: str) -> Column:
     )
 
 
-def _hot_keys(df: DataFrame, plans: list[tuple[str, int | None]], rows: int | None = None) -> dict[int, list[str]]:
+def _hot_keys(df: DataFrame, plans: list[tuple[str, int | None]], rows: int | None = None,
+              over_more: bool = False) -> dict[int, list[str]]:
     """Keys with more rows than their threshold, for every planned entity, in ONE aggregation pass.
 
     Returns plan index -> key values (as strings). The keys stay on the driver and are never logged
     (an entity may be a hashed PII column). ``rows`` (an upper bound on ``df``'s rows) leaves out the
-    entities whose threshold no key can exceed.
+    entities whose threshold no key can exceed. ``over_more``: ``df`` is a caller's ``count_over``,
+    which may hold a row more than once, so the warning says the rows were counted there.
     """
     active = [(i, c, n) for i, (c, n) in enumerate(plans) if n is not None and (rows is None or rows > n)]
     if not active:
@@ -239,8 +241,9 @@ def _hot_keys(df: DataFrame, plans: list[tuple[str, int | None]], rows: int | No
         hot.setdefault(r["p"], []).append(r["k"])
     for i, keys in hot.items():
         LOG.warning(
-            "window features: %d hot key(s) in %r (> %d rows) are split into time buckets",
+            "window features: %d hot key(s) in %r (> %d rows%s) are split into time buckets",
             len(keys), plans[i][0], plans[i][1],
+            " counted over the rows and their history, where an event may count twice" if over_more else "",
         )
     return hot
 

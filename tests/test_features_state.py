@@ -214,22 +214,45 @@ def test_cleaning_imputes_and_flags_carry_over(spark):
     assert rows["t4"]["n__monthly_charges"] == pytest.approx((0.0 - mc["mean"]) / mc["std"], rel=1e-6)
 
 
+# "à" (C3 A0) and "†" (E2 80 A0) end in the byte of U+00A0's C2 A0: whole characters are stripped, not bytes
+_TRIM_VALUES = [" a ", "\u00a0b\t", "\r\nc d\n", " \t\r\n\u00a0", "", "Café\u00a0", "x\u00a0y", None, "plain",
+                "\u00e0", " \u2020x\u2020 ", "\U0001f600\u00a0"]
+
+
+def _trim_disagreements(spark) -> tuple[list[str | None], list[int]]:
+    """The feature state's Spark category strings of ``_TRIM_VALUES``, and the indices where they differ
+    from the Python normalisation or the Keras layers' RE2 pattern."""
+    import tensorflow as tf
+
+    from downpour.features.state import TRIM_PATTERN, _category_string, _normalize
+
+    strings = {"trim": True, "lower": False}
+    df = spark.createDataFrame([(i, v) for i, v in enumerate(_TRIM_VALUES)], "i int, v string")
+    got = [r[0] for r in df.orderBy("i").select(_category_string("v", "string", strings)).collect()]
+    tf_trimmed = [t.decode() or None for t in tf.strings.regex_replace(
+        tf.constant([v or "" for v in _TRIM_VALUES]), TRIM_PATTERN, "").numpy()]
+    bad = [i for i, v in enumerate(_TRIM_VALUES)
+           if got[i] != _normalize(v, "string", strings) or (got[i] or None) != tf_trimmed[i]]
+    return got, bad
+
+
 def test_the_spark_category_trim_strips_what_the_python_and_tensorflow_trims_strip(spark):
     """The category string Spark computes (``btrim``) equals the Python normalisation (``str.strip``)
     and the Keras layers' RE2 pattern, for values cleaning never saw (each whitespace character, inside
     and around, alone, and unicode): the feature state's own trim, not the cleaning stage's, is tested."""
-    import tensorflow as tf
+    from downpour.features.state import WHITESPACE
 
-    from downpour.features.state import TRIM_PATTERN, WHITESPACE, _category_string, _normalize
-
-    # "à" (C3 A0) and "†" (E2 80 A0) end in the byte of U+00A0's C2 A0: whole characters are stripped, not bytes
-    values = [" a ", "\u00a0b\t", "\r\nc d\n", " \t\r\n\u00a0", "", "Café\u00a0", "x\u00a0y", None, "plain",
-              "\u00e0", " \u2020x\u2020 ", "\U0001f600\u00a0"]
-    strings = {"trim": True, "lower": False}
-    df = spark.createDataFrame([(i, v) for i, v in enumerate(values)], "i int, v string")
-    got = [r[0] for r in df.orderBy("i").select(_category_string("v", "string", strings)).collect()]
-    assert got == [_normalize(v, "string", strings) for v in values]
-    tf_trimmed = tf.strings.regex_replace(tf.constant([v or "" for v in values]), TRIM_PATTERN, "").numpy()
-    assert [t.decode() or None for t in tf_trimmed] == [g or None for g in got]
+    got, bad = _trim_disagreements(spark)
+    assert bad == []
     assert got[:4] == ["a", "b", "c d", None] and got[6] == "x\u00a0y" and WHITESPACE.startswith(" ")
     assert got[9:] == ["\u00e0", "\u2020x\u2020", "\U0001f600"]
+
+
+def test_with_spark_s_plain_trim_the_category_strings_disagree_with_serving(spark, monkeypatch):
+    """Companion: Spark's ``trim`` strips spaces only; with it in place of ``btrim`` over the
+    whitespace class, the check above finds the tab, newline and no-break-space values."""
+    from pyspark.sql import functions as F
+
+    monkeypatch.setattr(F, "btrim", lambda s, _chars: F.trim(s))
+    _, bad = _trim_disagreements(spark)
+    assert set(bad) >= {1, 2, 3, 5, 11}

@@ -538,3 +538,17 @@ def test_a_frame_that_fails_to_release_does_not_keep_the_others_or_hide_the_stag
     assert cache.lookupCachedData(first._jdf).isEmpty()  # released although the frame after it failed to
     assert not cache.lookupCachedData(stuck._jdf).isEmpty()  # the one that raised is still cached: it is real
     spark.catalog.clearCache()
+
+
+def test_the_non_blank_filter_takes_only_a_positive_character_class(spark):
+    """The record count's filter negates the blank class it is given; a class that is already negated
+    (or not a class) would count the wrong lines, so it is refused, also under ``python -O``."""
+    from pyspark.sql import functions as F
+
+    from downpour.pipelines.ingest import CSV_BLANK, _non_blank
+
+    df = spark.createDataFrame([(" \t",), (" x ",), ("",)], "value string")
+    assert df.where(_non_blank(F.col("value"), CSV_BLANK)).count() == 1
+    for bad in ("[^ ]", " \t", "[ \t"):
+        with pytest.raises(ValueError, match="positive character class"):
+            _non_blank(F.col("value"), bad)

@@ -22,6 +22,22 @@ def test_dbfs_is_the_fuse_mount_for_python_and_has_no_symlinks():
         assert not storage.is_local(url) and not storage.has_symlinks(url), url
 
 
+def test_a_hadoop_qualified_file_url_is_the_path_it_names_whatever_its_characters(spark, tmp_path):
+    """Spark names a local output ``file:/dir/a#b c?d`` (Hadoop neither encodes nor splits it): the
+    driver's Python must write where Spark wrote, not at ``/dir/a`` (a URL parser's path before ``#``)."""
+    from downpour.storage import HadoopFS
+
+    path = f"{tmp_path}/a#b c?d%20e/run"
+    url = HadoopFS(spark).qualify(path)
+    assert url.startswith("file:") and storage.local_path(url) == path
+    for other in (f"file://{path}", f"file://localhost{path}"):
+        assert storage.local_path(other) == path, other
+    storage.write_json_atomic(storage.join(url, "x.json"), {"a": 1})
+    assert os.path.exists(f"{path}/x.json") and not os.path.exists(f"{tmp_path}/a")
+    spark.range(3).write.parquet(storage.join(url, "p"))
+    assert storage.exists(storage.join(url, "p", "_SUCCESS"))
+
+
 def _publish(url: str, content: str, version: str) -> str:
     staging = storage.staging_dir(url)
     storage.write_text_atomic(storage.join(staging, "data.txt"), content)
