@@ -251,8 +251,10 @@ import horovod.tensorflow as hvd_tf
 import horovod.tensorflow.keras as hvd
 from downpour.config import TrainingConfig
 from downpour.training.model import build_model
+from downpour.training.rank import plain_allreduce_tracing
 
 hvd.init()
+plain_allreduce_tracing()  # as every rank of `downpour train` does: the averages below check that path
 rank, size = hvd.rank(), hvd.size()
 spec = json.loads(sys.argv[1])
 tcfg = TrainingConfig(hidden_units=[8], dropout=0.0, seed=9, devices_per_worker=2,
@@ -315,6 +317,25 @@ for dense in (False, True):
         np.savez(f"{sys.argv[2]}/reference_dense{int(dense)}.npz", **logical(ref))
 print(json.dumps(report))
 """
+
+
+def test_horovod_traces_its_gradient_allreduce_without_autograph_once_asked():
+    """``plain_allreduce_tracing`` takes hold on the installed Horovod (its hook is where the rank expects
+    it), once however often it is called; the two-rank test below checks the averages it traces."""
+    import horovod.tensorflow as hvd_tf
+
+    from downpour.training.rank import plain_allreduce_tracing
+
+    before = hvd_tf._make_subgraph
+    try:
+        assert before(lambda x: x)._autograph is True, "Horovod's own hook traces with AutoGraph"
+        plain_allreduce_tracing()
+        patched = hvd_tf._make_subgraph
+        assert patched is not before and patched(lambda x: x)._autograph is False
+        plain_allreduce_tracing()
+        assert hvd_tf._make_subgraph is patched
+    finally:
+        hvd_tf._make_subgraph = before
 
 
 @pytest.mark.slow

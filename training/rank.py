@@ -201,6 +201,7 @@ def _compiled(plan: RankPlan, cfg: Config, rank: int, size: int, devices: list[s
     # so a resumed run draws the masks an uninterrupted one draws
     tf.keras.backend.experimental.enable_tf_random_generator()
     model = build_model(plan.feature_state, t, devices or None)
+    plain_allreduce_tracing()
     optimizer = hvd.DistributedOptimizer(
         tf.keras.optimizers.legacy.Adam(learning_rate=t.learning_rate * size),
         sparse_as_dense=sparse_as_dense(model, t.batch_size, size),
@@ -216,6 +217,30 @@ def _compiled(plan: RankPlan, cfg: Config, rank: int, size: int, devices: list[s
     # broadcast of optimizer.variables() (paired by position) then deadlocks on mismatched tensors.
     optimizer._create_all_weights(model.trainable_variables)
     return model, optimizer
+
+
+def plain_allreduce_tracing() -> None:
+    """Have Horovod trace its gradient allreduce without AutoGraph, in this process, from now on.
+
+    Horovod wraps the allreduce of every gradient in a ``tf.function`` with AutoGraph on
+    (``horovod.tensorflow._make_subgraph``). That code branches on Python values only (the gradient's
+    type, the op, the group), so AutoGraph's rewrite of about 17 Horovod functions yields the graph that
+    plain tracing yields, and it took about 1.3 s of every rank's first step (benchmarks/README.md,
+    "Investigation: a small training run's fixed costs"). Call it before ``hvd.DistributedOptimizer``,
+    which builds its allreduce function once. A Horovod without that hook is left as it is.
+    """
+    import horovod.tensorflow as hvd_tf
+    import tensorflow as tf
+
+    make = getattr(hvd_tf, "_make_subgraph", None)
+    if make is None or getattr(make, "plain_tracing", False):
+        return
+
+    def subgraph(fn: Any) -> Any:
+        return tf.function(fn, autograph=False)
+
+    subgraph.plain_tracing = True  # type: ignore[attr-defined]
+    hvd_tf._make_subgraph = subgraph
 
 
 def _resume(plan: RankPlan, cfg: Config, model: Any, optimizer: Any, rank: int, size: int) -> _Resumed:
