@@ -33,13 +33,21 @@ def _bin_index(col: Column, edges: list[float]) -> Column:
     return F.when(col.isNull(), F.lit(len(edges) + 1)).otherwise(index)
 
 
-def _bin_aggs(columns: dict[str, tuple[Column, list[float]]]) -> list[Column]:
-    """One count per (column, bin), to be evaluated in a single aggregation."""
+def _binned(df: DataFrame, columns: dict[str, tuple[Column, list[float]]]) -> tuple[DataFrame, list[Column]]:
+    """``df`` with each column's bin index computed once (``__bin<i>``), and one count per (column, bin)
+    over those indices, to be evaluated in a single aggregation.
+
+    Why a projection first: with the index written into every count, the aggregation held each column's
+    edge comparisons ``bins + 2`` times over, and on small tables building and planning that tree took
+    longer than the counting (benchmarks/README.md, "Investigation: a small run's fixed costs"). Catalyst
+    keeps the projection, as each index is read more than once."""
+    binned = df.withColumns({f"__bin{i}": _bin_index(col.cast("double"), edges)
+                             for i, (col, edges) in enumerate(columns.values())})
     out = []
-    for key, (col, edges) in columns.items():
-        idx = _bin_index(col.cast("double"), edges)
-        out += [F.sum(F.when(idx == k, 1).otherwise(0)).alias(f"{key}#{k}") for k in range(len(edges) + 2)]
-    return out
+    for i, (key, (_, edges)) in enumerate(columns.items()):
+        idx = F.col(f"__bin{i}")
+        out += [F.count(F.when(idx == k, 1)).alias(f"{key}#{k}") for k in range(len(edges) + 2)]
+    return binned, out
 
 
 def _shares(row: Any, key: str, n_bins: int, total: int) -> list[float]:
@@ -55,7 +63,8 @@ def numeric_reference(df: DataFrame, columns: dict[str, Column]) -> dict[str, di
     quantiles = keyed.approxQuantile(list(keyed.columns), probs, _REL_ERROR)
     edges = {key: sorted({float(q) for q in qs}) for key, qs in zip(columns, quantiles, strict=True)}
     specs = {key: (col, edges[key]) for key, col in columns.items()}
-    row = df.agg(F.count(F.lit(1)).alias("__n"), *_bin_aggs(specs)).first()
+    binned, counts = _binned(df, specs)
+    row = binned.agg(F.count(F.lit(1)).alias("__n"), *counts).first()
     total = int(row["__n"])
     return {key: {"edges": edges[key], "shares": _shares(row, key, len(edges[key]) + 2, total)} for key in columns}
 
@@ -107,12 +116,13 @@ def profile(df: DataFrame, ref: dict[str, Any], names: dict[str, str], score: Co
         specs["score"] = (score, score_ref["edges"])
     unseen = {c: r["values"] for c, r in (ref.get("categorical") or {}).items()
               if r.get("values") is not None and names.get(c) in df.columns}
-    aggs = [F.count(F.lit(1)).alias("__n"), *_bin_aggs(specs)]
+    binned, counts = _binned(df, specs)
+    aggs = [F.count(F.lit(1)).alias("__n"), *counts]
     for c, values in unseen.items():
         col = F.col(names[c]).cast("string")
         aggs.append(F.sum(F.when(col.isNotNull() & ~col.isin(values), 1).otherwise(0)).alias(f"u:{c}"))
         aggs.append(F.sum(F.when(col.isNotNull(), 1).otherwise(0)).alias(f"k:{c}"))
-    row = df.agg(*aggs).first()
+    row = binned.agg(*aggs).first()
     total = int(row["__n"])
     out: dict[str, Any] = {"rows": total, "features": {}, "score": None, "unseen": {}}
     for key, (_, edges) in specs.items():
