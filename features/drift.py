@@ -38,7 +38,7 @@ def _binned(df: DataFrame, columns: dict[str, tuple[Column, list[float]]]) -> tu
     over those indices, to be evaluated in a single aggregation.
 
     Why a projection first: with the index written into every count, the aggregation held each column's
-    edge comparisons ``bins + 2`` times over, and on small tables building and planning that tree took
+    edge comparisons ``len(edges) + 2`` times over, and on small tables building and planning that tree took
     longer than the counting (benchmarks/README.md, "Investigation: a small run's fixed costs"). Catalyst
     keeps the projection, as each index is read more than once."""
     binned = df.withColumns({f"__bin{i}": _bin_index(col.cast("double"), edges)

@@ -321,7 +321,8 @@ print(json.dumps(report))
 
 def test_horovod_traces_its_gradient_allreduce_without_autograph_once_asked():
     """``plain_allreduce_tracing`` takes hold on the installed Horovod (its hook is where the rank expects
-    it), once however often it is called; the two-rank test below checks the averages it traces."""
+    it, and the gradient allreduce Horovod builds goes through it), once however often it is called; the
+    two-rank test below checks the averages it traces."""
     import horovod.tensorflow as hvd_tf
 
     from downpour.training.rank import plain_allreduce_tracing
@@ -334,6 +335,10 @@ def test_horovod_traces_its_gradient_allreduce_without_autograph_once_asked():
         assert patched is not before and patched(lambda x: x)._autograph is False
         plain_allreduce_tracing()
         assert hvd_tf._make_subgraph is patched
+        # what DistributedOptimizer builds goes through the hook (a name of its own: Horovod caches by it)
+        grads = hvd_tf._make_allreduce_grads_fn("downpour_plain_tracing_test", "", "", hvd_tf.Compression.none,
+                                                False, hvd_tf.Average, 1.0, None, hvd_tf.global_process_set)
+        assert grads._autograph is False
     finally:
         hvd_tf._make_subgraph = before
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import re
 from pathlib import Path
 
@@ -136,6 +137,9 @@ def test_register_is_idempotent_and_missing_champion_dir_is_reported(tmp_path):
 
 def test_registry_paths(tmp_path):
     assert R.local_path("file:///x/y", "k") == Path("/x/y")
+    # as Spark qualifies local paths (one slash), and with an authority: never a directory named "file:"
+    assert R.local_path("file:/x/y", "k") == R.local_path("file://localhost/x/y", "k") == Path("/x/y")
+    assert R.local_path("rel/reg", "k") == Path(os.path.abspath("rel/reg"))
     assert R.local_path("dbfs:/mnt/reg", "k") == Path("/dbfs/mnt/reg")
     with pytest.raises(ConfigError, match="evaluation.registry"):
         R.local_path("s3a://bucket/reg", "evaluation.registry")

@@ -226,8 +226,9 @@ def plain_allreduce_tracing() -> None:
     (``horovod.tensorflow._make_subgraph``). That code branches on Python values only (the gradient's
     type, the op, the group), so AutoGraph's rewrite of about 17 Horovod functions yields the graph that
     plain tracing yields, and it took about 1.3 s of every rank's first step (benchmarks/README.md,
-    "Investigation: a small training run's fixed costs"). Call it before ``hvd.DistributedOptimizer``,
-    which builds its allreduce function once. A Horovod without that hook is left as it is.
+    "Investigation: a small run's fixed costs"). Call it before the process's first
+    ``hvd.DistributedOptimizer``: Horovod caches the allreduce function it builds (per name, op, devices
+    and the like), and a cached one keeps AutoGraph. A Horovod without that hook is left as it is.
     """
     import horovod.tensorflow as hvd_tf
     import tensorflow as tf

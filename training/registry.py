@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from downpour import champion
+from downpour import champion, storage
 from downpour.config import Config
 from downpour.errors import ConfigError, DataContractError, DownpourError, GateRefused
 from downpour.layout import RegisteredLayout, RegistryLayout
@@ -40,15 +40,12 @@ from downpour.logs import LOG
 
 
 def local_path(url: str, key: str) -> Path:
-    """A registry or model URL as a local (or mounted) path; other schemes are a config error."""
-    if url.startswith("file://"):
-        return Path(url[len("file://"):])
-    if url.startswith("dbfs:/"):
-        return Path("/dbfs") / url[len("dbfs:/"):].lstrip("/")
-    if "://" in url:
+    """A registry or model URL as a local (or mounted) path, by storage's URL rules (``file:/x`` as Spark
+    qualifies it, ``dbfs:/``); other schemes are a config error."""
+    if not storage.is_local(url):
         raise ConfigError(f"{key}: {url!r} must be a local or mounted path (file://, dbfs:/ or a path); "
                           "the registry renames files atomically, which object stores cannot do")
-    return Path(url)
+    return Path(storage.local_path(url))
 
 
 def registry_root(cfg: Config) -> Path:
