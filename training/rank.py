@@ -211,6 +211,9 @@ def _compiled(plan: RankPlan, cfg: Config, rank: int, size: int, devices: list[s
         loss=tf.keras.losses.BinaryCrossentropy(),
         metrics=[cb.SpreadAUC(num_thresholds=METRIC_THRESHOLDS, name="auc"),
                  cb.SpreadAUC(num_thresholds=METRIC_THRESHOLDS, curve="PR", name="pr_auc")],
+        # the metrics are unweighted on purpose (the loss takes the rows' weights): said here, so Keras
+        # does not warn at every validation that the weights reach no metric
+        weighted_metrics=[],
     )
     # Create the optimizer's slots now, in one fixed order on every rank. Left to the first step, a
     # rank that restored a checkpoint creates them in restoration order instead, and Horovod's
