@@ -308,8 +308,8 @@ def test_prepare_bounds_the_hot_key_count_by_its_clean_rows(spark, tiny, monkeyp
 
     bounds: list[int | None] = []
     count_hot = windows._hot_keys
-    monkeypatch.setattr(windows, "_hot_keys", lambda df, plans, rows=None: bounds.append(rows) or
-                        count_hot(df, plans, rows))
+    monkeypatch.setattr(windows, "_hot_keys", lambda df, plans, rows=None, **kw: bounds.append(rows) or
+                        count_hot(df, plans, rows, **kw))
     raw = _raw_cfg(tiny["src"], tiny["base"] / "velocity")
     raw["features"]["velocity"] = {"enabled": True, "entities": ["Customer ID"], "windows": ["7d"]}
     manifest = run_prepare(spark, config_from_dict(raw))

@@ -95,8 +95,8 @@ def test_fraud_new_file_scored_with_history_equals_scoring_it_with_its_past(spar
     together = fraud_together
     bounds: list[int | None] = []
     count_hot = windows._hot_keys
-    monkeypatch.setattr(windows, "_hot_keys", lambda df, plans, rows=None: bounds.append(rows) or
-                        count_hot(df, plans, rows))
+    monkeypatch.setattr(windows, "_hot_keys", lambda df, plans, rows=None, **kw: bounds.append(rows) or
+                        count_hot(df, plans, rows, **kw))
     with_history = _score(spark, cfg, late, tmp, "late")
     _close(with_history, together, "transaction_id")
     summary = json.loads((tmp / "late_scores_summary.json").read_text())
