@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -73,7 +74,7 @@ _PACKED = (".gz", ".bz2", ".zst", ".zstd", ".lz4", ".snappy", ".deflate", ".xz")
 def sized_partitions(spark: SparkSession, files: Sequence[Any], fmt: str) -> int:
     """How many partitions a frame persisted right after a shuffle keeps: one per advisory partition
     size (``spark.sql.adaptive.advisoryPartitionSizeInBytes``, 64 MiB by default) of the rows it holds,
-    and at least the default parallelism, so every core still gets work.
+    and a multiple of the default parallelism, so every core gets work in every wave.
 
     Why: AQE merges small shuffle partitions within a query, but not the output of a persisted frame,
     which keeps ``spark.sql.shuffle.partitions`` (200 on a cluster). Every later pass over it then
@@ -83,12 +84,110 @@ def sized_partitions(spark: SparkSession, files: Sequence[Any], fmt: str) -> int
     The rows are estimated from the input files (objects with a ``path`` and a ``size``): twice their
     bytes (the stages keep a raw copy beside the typed columns), four times for columnar or compressed
     files, which grow more once decoded. An underestimate only makes partitions larger than advised.
+    The count is rounded up to a multiple of the cores, so the last wave of tasks is a full one.
     """
     packed = fmt.lower() not in ("csv", "json", "text")
     est = sum(f.size * (4 if packed or str(f.path).lower().endswith(_PACKED) else 2) for f in files)
     text = spark.conf.get("spark.sql.adaptive.advisoryPartitionSizeInBytes", None) or "64m"
     advisory = max(1, int(spark.sparkContext._jvm.org.apache.spark.network.util.JavaUtils.byteStringAsBytes(text)))
-    return max(spark.sparkContext.defaultParallelism, -(-est // advisory), 1)
+    slots = max(1, spark.sparkContext.defaultParallelism)
+    return -(-max(1, -(-est // advisory)) // slots) * slots  # whole waves: 13 tasks on 2 cores idle one for a 14th
+
+
+MAX_SPLIT_KEY = "spark.sql.files.maxPartitionBytes"  # Spark's own; set per stage by input_split_settings
+_OPEN_COST_KEY = "spark.sql.files.openCostInBytes"
+_SPLITTABLE = ("csv", "json", "text")
+
+
+def _byte_conf(spark: SparkSession, key: str, default: str) -> int:
+    text = spark.conf.get(key, None) or default
+    return int(spark.sparkContext._jvm.org.apache.spark.network.util.JavaUtils.byteStringAsBytes(text))
+
+
+def scan_tasks(sizes: Sequence[int], splittable: Sequence[bool], cap: int, open_cost: int, min_parts: int) -> list[int]:
+    """The bytes each task of a file scan reads, as Spark 3.5 plans it (``FilePartition``): empty files
+    dropped; a split size of ``cap`` (``maxPartitionBytes``) or less where the input spread over
+    ``min_parts`` tasks is smaller; files cut into chunks of that size where they can be split; the chunks
+    sorted largest first and packed into tasks of at most that size, each chunk counted with ``open_cost``."""
+    files = [(s, split) for s, split in zip(sizes, splittable, strict=True) if s > 0]
+    total = sum(s + open_cost for s, _ in files)
+    max_split = min(cap, max(open_cost, total // max(1, min_parts)))
+    chunks: list[int] = []
+    for size, split in files:
+        chunks += [min(max_split, size - o) for o in range(0, size, max_split)] if split else [size]
+    tasks: list[int] = []
+    current, held = 0, 0
+    for c in sorted(chunks, reverse=True):
+        if held and current + c > max_split:
+            tasks.append(current)
+            current, held = 0, 0
+        current += c + open_cost
+        held += 1
+    return tasks + ([current] if held else [])
+
+
+def _makespan(tasks: Sequence[int], slots: int) -> int:
+    """When the last of ``tasks`` (bytes each, started in order as cores free up) ends on ``slots`` cores."""
+    ends = [0] * max(1, min(slots, len(tasks)))
+    for t in tasks:
+        heapq.heapreplace(ends, ends[0] + t)
+    return max(ends)
+
+
+def input_split_settings(spark: SparkSession, files: Sequence[Any], fmt: str,
+                         multiline: bool = False) -> dict[str, str]:
+    """A ``spark.sql.files.maxPartitionBytes`` for a stage's file scans whose tasks over ``files`` (objects
+    with a ``path`` and a ``size``) fill whole waves of the cores, or ``{}`` when Spark's own split does.
+
+    Why: Spark cuts an input into splits of at most ``maxPartitionBytes`` (128 MiB), with no regard for the
+    cores. 385 MB of CSV made 3 tasks on 2 cores, so the first pass over it (19 s of a 96 s ``prepare``)
+    ran its last third on one core while the other idled; 4 tasks of about 98 MB took ``prepare``'s ingest
+    step from 27-28 s to 22-23 s (benchmarks/README.md, "Investigation: input splits and the cores"). 51
+    splits on 50 executor cores are the same case. Of the split sizes that make a whole number of waves
+    (1 to 3 more than Spark's), up to the session's own ``maxPartitionBytes`` (a user's ceiling stays one),
+    this takes the one whose tasks end soonest on ``defaultParallelism`` cores, planned as Spark plans them
+    (:func:`scan_tasks`), where that is at least 5 % sooner than Spark's own split. Uncompressed text
+    only: Parquet splits at row groups, which the file sizes do not show, and ``multiLine`` or compressed
+    files are read whole (or, bzip2, as Hadoop splits them). Splits never go below 4 x
+    ``openCostInBytes`` (16 MiB), where a task's fixed cost is most of it; a session that sets
+    ``spark.sql.files.maxPartitionNum`` keeps Spark's own split.
+    """
+    if fmt.lower() not in _SPLITTABLE or multiline or not files:
+        return {}
+    if spark.conf.get("spark.sql.files.maxPartitionNum", None) or any(
+            str(f.path).lower().endswith(_PACKED) for f in files):
+        return {}
+    slots = max(1, spark.sparkContext.defaultParallelism)
+    ceiling = _byte_conf(spark, MAX_SPLIT_KEY, "128m")
+    open_cost = _byte_conf(spark, _OPEN_COST_KEY, "4m")
+    min_parts = int(spark.conf.get("spark.sql.files.minPartitionNum", None)
+                    or spark.conf.get("spark.sql.leafNodeDefaultParallelism", None) or slots)
+    sizes = [int(f.size) for f in files]
+    splittable = [True] * len(sizes)
+    total = sum(s + open_cost for s in sizes if s > 0)
+
+    def makespan(cap: int) -> int:
+        return _makespan(scan_tasks(sizes, splittable, cap, open_cost, min_parts), slots)
+
+    own_tasks = scan_tasks(sizes, splittable, ceiling, open_cost, min_parts)
+    spark_own = _makespan(own_tasks, slots)
+    if spark_own <= 1.05 * -(-total // slots):
+        return {}  # Spark's own split already ends within 5 % of the bytes per core
+    best, best_cap = spark_own, ceiling
+    waves = -(-len(own_tasks) // slots)
+    for target in (w * slots for w in range(waves, waves + 3)):
+        for stretch in (1.0, 1.01, 1.03):
+            cap = int(total / target * stretch)
+            if cap >= ceiling or cap < 4 * open_cost:
+                continue
+            span = makespan(cap)
+            if span < best:
+                best, best_cap = span, cap
+    if best_cap == ceiling or best > 0.95 * spark_own:
+        return {}
+    LOG.info("input splits: %d bytes each (not %d): the scan's tasks fill whole waves of %d cores",
+             best_cap, ceiling, slots)
+    return {MAX_SPLIT_KEY: str(best_cap)}
 
 
 def persist_level(spark: SparkSession) -> StorageLevel:

@@ -31,6 +31,7 @@ from pyspark.sql import types as T
 from downpour.config import Config
 from downpour.errors import DataContractError
 from downpour.logs import LOG
+from downpour.spark import input_split_settings
 from downpour.storage import FileInfo, HadoopFS
 
 # Internal helper columns (safe names never start with "_", so these cannot clash).
@@ -279,6 +280,12 @@ def contract_errors(cfg: Config) -> Iterator[None]:
         raise DataContractError(
             f"input file {where}: its header has another number of columns than the first file"
         ) from None
+
+
+def split_settings(spark: SparkSession, cfg: Config, files: list[FileInfo]) -> dict[str, str]:
+    """The session settings under which a stage scans ``files``: input splits that fill whole waves of
+    the cores (``downpour.spark.input_split_settings``; a multi-line input is read file by file)."""
+    return input_split_settings(spark, files, cfg.input.format, _multiline(reader_options(cfg)))
 
 
 # ---- the independent count --------------------------------------------------------------------------

@@ -37,11 +37,12 @@ from downpour.pipelines.ingest import (
     input_fingerprint,
     list_input_files,
     malformed_line_numbers,
+    split_settings,
 )
 from downpour.pipelines.publish import Publisher, Staging
 from downpour.pipelines.rows import split_rows, tagged_rows
 from downpour.pipelines.split import SPLITS, split_counts
-from downpour.spark import Persisted, persisting, sized_partitions
+from downpour.spark import Persisted, persisting, session_conf, sized_partitions
 from downpour.storage import FileInfo
 
 if TYPE_CHECKING:
@@ -86,7 +87,9 @@ def _prepare(spark: SparkSession, stage: Persisted, cfg: Config, salt: str | Non
     LOG.info("prepare: building data version %s from %d input file(s)", data_version, len(files))
     staging = publisher.stage(data_version)
     try:
-        manifest = _build(spark, stage, cfg, salt, files, data_version, publisher, staging, timings)
+        # every scan of the input (the ingest pass, the independent count, the malformed lines' numbers)
+        with session_conf(spark, split_settings(spark, cfg, files)):
+            manifest = _build(spark, stage, cfg, salt, files, data_version, publisher, staging, timings)
         with _step("publish", timings, "publish"):
             publisher.commit(staging, manifest)
     except BaseException:

@@ -34,6 +34,7 @@ from downpour.pipelines.ingest import (
     count_input_records,
     list_input_files,
     malformed_line_numbers,
+    split_settings,
 )
 from downpour.pipelines.rows import scoring_rows, without_label
 from downpour.pipelines.score_outputs import ScoreOutputs
@@ -48,7 +49,7 @@ from downpour.pipelines.serving import (
     score_dataframe,
     signature_inputs,
 )
-from downpour.spark import Persisted, persisting, sized_partitions
+from downpour.spark import Persisted, persisting, session_conf, sized_partitions
 from downpour.storage import FileInfo
 
 # ---- `downpour score`: any raw table -> scores ------------------------------------------------------
@@ -248,11 +249,10 @@ def content_key(struct: str, schema: Any, *more: str) -> Column:
     return F.xxhash64(F.col(struct), nulls, *[F.col(c) for c in more])
 
 
-def _ingest(spark: SparkSession, stage: Persisted, cfg: Config, full: Config,
-            input_url: str, salt: str | None, stats: dict[str, Any]) -> _Batch:
-    """Read, parse and clean the input with prepare's rules; one aggregation counts the outcome."""
+def _ingest(spark: SparkSession, stage: Persisted, cfg: Config, full: Config, files: list[FileInfo],
+            salt: str | None, stats: dict[str, Any]) -> _Batch:
+    """Read, parse and clean the input ``files`` with prepare's rules; one aggregation counts the outcome."""
     names = cfg.names
-    files = list_input_files(spark, input_url)
     tagged = scoring_rows(spark, full, files, salt, stats)
     ident = F.col(names[cfg.id_column]).cast("string") if cfg.id_column else F.col(ROW_HASH)
     raw_schema = tagged.schema[RAW].dataType
@@ -417,16 +417,16 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
 
     def tag_history(url: str) -> tuple[Config, DataFrame]:  # raw --history rows: the input's own chain
         h_full = _scoring_config(cfg, url, fmt)
-        return h_full, scoring_rows(spark, h_full, list_input_files(spark, url), salt,
-                                     model.stats)
+        return h_full, scoring_rows(spark, h_full, list_input_files(spark, url), salt, model.stats)
 
     # the persisted frames of this stage (downpour/spark.py) are released when it ends or fails; the outputs
     # are staged, and published only once every row is accounted for (pipelines/score_outputs.py)
     with outputs.removed_on_failure(), persisting(spark) as stage:
         past = SH.load(spark, stage, full, model_root=model.artifact.root, card=model.card, history=history,
                        store=history_store, no_history=no_history, tag_raw=tag_history)
-        with contract_errors(full):
-            batch = _ingest(spark, stage, cfg, full, input_url, salt, model.stats)
+        files = list_input_files(spark, input_url)  # its every scan (failed rows' values, the count) split alike
+        with contract_errors(full), session_conf(spark, split_settings(spark, full, files)):
+            batch = _ingest(spark, stage, cfg, full, files, salt, model.stats)
             SH.check_gap(full, past, batch.t_min, input_url)
             scored = _serve(spark, stage, cfg, model, _serving_rows(full, model, batch, past, input_url))
             _write(spark, cfg, full, model, batch, scored, outputs, salt)

@@ -271,6 +271,25 @@ def test_without_sizing_prepare_runs_a_task_per_shuffle_partition(spark, tiny, m
     assert 64 in _prepare_stage_tasks(spark, cfg, "unsized")
 
 
+def test_prepare_scans_its_input_under_the_split_settings(spark, tiny, monkeypatch):
+    """The ingest pass and the independent count run under ``ingest.split_settings`` (a marker value here),
+    and the session's own value comes back when the stage ends."""
+    import downpour.pipelines.prepare as prepare
+    from downpour.spark import MAX_SPLIT_KEY
+
+    seen: list[str | None] = []
+    real_rows, real_count = prepare.tagged_rows, prepare.count_input_records
+    monkeypatch.setattr(prepare, "split_settings", lambda spark, cfg, files: {MAX_SPLIT_KEY: "1234567"})
+    monkeypatch.setattr(prepare, "tagged_rows", lambda *a, **k: seen.append(spark.conf.get(MAX_SPLIT_KEY, None))
+                        or real_rows(*a, **k))
+    monkeypatch.setattr(prepare, "count_input_records", lambda *a, **k: seen.append(
+        spark.conf.get(MAX_SPLIT_KEY, None)) or real_count(*a, **k))
+    before = spark.conf.get(MAX_SPLIT_KEY, None)
+    run_prepare(spark, config_from_dict(_raw_cfg(tiny["src"], tiny["base"] / "split")))
+    assert seen == ["1234567", "1234567"]
+    assert spark.conf.get(MAX_SPLIT_KEY, None) == before
+
+
 def test_partitions_follow_the_estimated_rows_of_the_input(spark):
     from types import SimpleNamespace as File
 
@@ -282,6 +301,9 @@ def test_partitions_follow_the_estimated_rows_of_the_input(spark):
     assert sized_partitions(spark, [File(path="/d/t.csv", size=gib)], "csv") == 32  # 2 GiB / 64 MiB
     assert sized_partitions(spark, [File(path="/d/t.csv.gz", size=gib)], "csv") == 64  # decoded grows more
     assert sized_partitions(spark, [File(path="/d/p", size=gib)] * 2, "parquet") == 128
+    # 13 advisory sizes of rows: rounded up to whole waves of the cores (4 in this session), not 13
+    assert floor == 4
+    assert sized_partitions(spark, [File(path="/d/t.csv", size=13 * (32 << 20))], "csv") == 16
 
 
 def _prepare_failing_after_both_persists(spark, tiny, monkeypatch, name: str) -> bool:

@@ -312,3 +312,23 @@ def test_the_content_key_tells_rows_apart_by_where_their_nulls_are(spark):
     assert keys[0] != keys[1] and keys[0] == keys[2]
     plain = [r[0] for r in df.select(F.xxhash64("raw", "src")).collect()]
     assert plain[0] == plain[1]
+
+
+def test_scoring_scans_its_input_under_the_split_settings(spark, fraud, tmp_path, monkeypatch):
+    """The ingest pass and the independent count both run under ``ingest.split_settings`` (a marker value
+    here), and the session's own value comes back when the stage ends."""
+    from downpour.pipelines import score as score_mod
+    from downpour.spark import MAX_SPLIT_KEY
+
+    cfg, tmp, raw, early, late = fraud
+    seen: list[str | None] = []
+    real_ingest, real_count = score_mod._ingest, score_mod.count_input_records
+    monkeypatch.setattr(score_mod, "split_settings", lambda spark, cfg, files: {MAX_SPLIT_KEY: "1234567"})
+    monkeypatch.setattr(score_mod, "_ingest", lambda *a, **k: seen.append(spark.conf.get(MAX_SPLIT_KEY, None))
+                        or real_ingest(*a, **k))
+    monkeypatch.setattr(score_mod, "count_input_records", lambda *a, **k: seen.append(
+        spark.conf.get(MAX_SPLIT_KEY, None)) or real_count(*a, **k))
+    before = spark.conf.get(MAX_SPLIT_KEY, None)
+    _score(spark, cfg, late.head(200), tmp_path, "split", no_history=True)
+    assert seen == ["1234567", "1234567"]
+    assert spark.conf.get(MAX_SPLIT_KEY, None) == before
