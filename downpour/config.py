@@ -234,7 +234,6 @@ class FeaturesConfig(_Strict):
     crosses: list[list[str]] = Field(default_factory=list)
     weight_column: str | None = None
     cross_buckets: int = Field(10000, ge=2)  # a cross wider than this is hashed into this many buckets
-    quantile_error: float = Field(0.001, gt=0, lt=1)  # relative error of the fitted medians/clip quantiles
     velocity: VelocityConfig = Field(default_factory=VelocityConfig)
     rfm: RfmConfig = Field(default_factory=RfmConfig)
 

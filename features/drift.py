@@ -1,6 +1,6 @@
 """Drift: how far a scoring batch has moved from the data the model learned from.
 
-``prepare`` fits a reference on the train split (one ``approxQuantile`` job and one aggregation):
+``prepare`` fits a reference on the train split (exact deciles, features/exact.py, and one aggregation):
 for each numeric feature column its decile edges and the share of train rows in each bin (nulls are
 a bin of their own), for each vocabulary-encoded categorical column the values of its vocabulary
 (seen ``min_count`` times, the ``top_k`` most frequent, at most ``MAX_VALUES``). ``evaluate`` adds
@@ -21,10 +21,11 @@ from typing import Any
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
+from downpour.features import exact
+
 BINS = 10
 MAX_VALUES = 1000
 EPS = 1e-4
-_REL_ERROR = 1e-3
 
 
 def _bin_index(col: Column, edges: list[float]) -> Column:
@@ -58,10 +59,9 @@ def numeric_reference(df: DataFrame, columns: dict[str, Column]) -> dict[str, di
     """{key: {edges, shares}} of ``columns`` (key -> numeric Column) over ``df``: two Spark jobs."""
     if not columns:
         return {}
-    keyed = df.select(*[c.cast("double").alias(f"_q{i}") for i, c in enumerate(columns.values())])
     probs = [k / BINS for k in range(1, BINS)]
-    quantiles = keyed.approxQuantile(list(keyed.columns), probs, _REL_ERROR)
-    edges = {key: sorted({float(q) for q in qs}) for key, qs in zip(columns, quantiles, strict=True)}
+    quantiles = exact.quantiles(df, columns, probs)  # the same edges whatever the partitioning
+    edges = {key: sorted({float(q) for q in qs or []}) for key, qs in quantiles.items()}
     specs = {key: (col, edges[key]) for key, col in columns.items()}
     binned, counts = _binned(df, specs)
     row = binned.agg(F.count(F.lit(1)).alias("__n"), *counts).first()

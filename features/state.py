@@ -1,9 +1,11 @@
 """FeatureState: statistics, quantiles and vocabularies fitted on the train split, applied to every split.
 
 ``fit`` first resolves the config against the data into a frozen ``FitPlan`` (every name and type
-checked, no Spark job), then runs three Spark passes whatever the number of columns (one
-``approxQuantile`` for every median and clip bound, one ``agg`` for every null count / mean / std, one
-``groupBy`` over exploded (column, value) pairs for every vocabulary) and assembles the JSON from them.
+checked, no Spark job), then runs a few Spark passes whatever the number of columns (exact quantiles
+for every median and clip bound, one ``agg`` for every null count / mean / std, one ``groupBy`` over
+exploded (column, value) pairs for every vocabulary) and assembles the JSON from them. Every statistic is
+exact or summed in integers, so the fit depends on the train rows alone, not on their order or
+partitioning (features/exact.py).
 ``transform`` is one projection plus broadcast joins against the (small) vocabularies, and gives the
 model-ready shard columns of DEVELOPERS.md. The same arithmetic is rebuilt as Keras layers by
 ``features.keras_preprocessing`` from the JSON alone, so the exported model takes raw columns (see
@@ -32,6 +34,7 @@ from pyspark.sql import types as T
 from downpour import storage
 from downpour.config import CategoricalSpec, Config
 from downpour.errors import ConfigError, DataContractError
+from downpour.features import exact
 from downpour.features.hashing import hash_buckets
 from downpour.features.windows import window_features
 from downpour.logs import LOG, timed
@@ -387,7 +390,7 @@ class CategoricalItem:
 
 @dataclass(frozen=True)
 class FitPlan:
-    """What the three Spark passes of :func:`_fit` fit, checked before any of them runs."""
+    """What the Spark passes of :func:`_fit` fit, checked before any of them runs."""
 
     numeric: tuple[NumericItem, ...]      # configured columns, then window features
     categorical: tuple[CategoricalItem, ...]
@@ -547,15 +550,15 @@ def _check_required(cols: _Columns, cfg: Config) -> None:
             raise DataContractError(f"column {c!r} is missing from the data given to FeatureState.fit")
 
 
-# ---- fitting internals: three Spark passes, then pure assembly of the JSON entries -------------------------
+# ---- fitting internals: the Spark passes, then pure assembly of the JSON entries ----------------------------
 def _fit(df: DataFrame, cfg: Config, plan: FitPlan) -> dict[str, Any]:
-    """The fitted JSON: quantiles, moments and vocabularies (one Spark action each), then the entries."""
-    medians, bounds = _quantiles(df, plan.numeric, cfg.features.quantile_error)
-    stats = _moments(df, plan, medians, bounds)
+    """The fitted JSON: quantiles, moments and vocabularies (order-independent Spark passes), then the entries."""
+    medians, bounds, extremes = _quantiles(df, plan.numeric)
+    stats, moments = _moments(df, plan, medians, bounds, extremes)
     rows = int(stats["rows"])
     if rows == 0:
         raise DataContractError("the train split is empty: nothing to fit features on")
-    numeric, flags = _numeric_entries(plan.numeric, stats, medians, bounds)
+    numeric, flags = _numeric_entries(plan.numeric, stats, moments, medians, bounds)
     categorical = _categorical_entries(plan, stats, _fit_vocabularies(df, plan))
     crosses = _cross_entries(plan.crosses, categorical, cfg.features.cross_buckets)
     _check_unique_names([n["name"] for n in numeric] + [f["name"] for f in flags]
@@ -567,43 +570,84 @@ def _fit(df: DataFrame, cfg: Config, plan: FitPlan) -> dict[str, Any]:
     }
 
 
-def _quantiles(
-    df: DataFrame, numeric: tuple[NumericItem, ...], error: float
-) -> tuple[dict[str, float | None], dict[str, list[float] | None]]:
-    """Pass 1: every median (the default impute) and clip bound, all columns in one approxQuantile call."""
-    medians: dict[str, float | None] = {}
+Quantiles = dict[str, float | None]
+
+
+def _quantiles(df: DataFrame, numeric: tuple[NumericItem, ...]
+               ) -> tuple[Quantiles, dict[str, list[float] | None], dict[str, tuple[float, float] | None]]:
+    """Pass 1: every median (the default impute), clip bound and extreme (which scales the moments' sums),
+    exact and order-independent (features/exact.py), all columns together."""
+    medians: Quantiles = {}
     bounds: dict[str, list[float] | None] = {}
+    extremes: dict[str, tuple[float, float] | None] = {}
     if not numeric:
-        return medians, bounds
-    probs = sorted({0.5} | {p for n in numeric if n.q for p in n.q})
+        return medians, bounds, extremes
+    probs = sorted({0.0, 0.5, 1.0} | {p for n in numeric if n.q for p in n.q})
     srcs = list(dict.fromkeys(n.source for n in numeric))
-    qdf = df.select(*[F.col(s).cast("double").alias(s) for s in srcs])
     with timed(f"feature state: quantiles of {len(numeric)} numeric columns"):
-        qs = qdf.approxQuantile(srcs, probs, error)
-    by_src = dict(zip(srcs, qs, strict=True))
+        qs = exact.quantiles(df, {s: F.col(s) for s in srcs}, probs)
     for n in numeric:
-        vals = dict(zip(probs, by_src[n.source], strict=False)) if by_src[n.source] else {}
+        vals = dict(zip(probs, qs[n.source], strict=True)) if qs[n.source] else {}
         medians[n.source] = vals.get(0.5)
         bounds[n.source] = [vals[n.q[0]], vals[n.q[1]]] if n.q and vals else None
-    return medians, bounds
+        extremes[n.source] = (vals[0.0], vals[1.0]) if vals else None
+    return medians, bounds, extremes
+
+
+@dataclass(frozen=True)
+class _Scaled:
+    """How one numeric column's moments are summed: around ``pivot``, in fixed point of ``bits`` /
+    ``bits2`` (deviations / squared deviations); ``exact`` False where a value is not finite."""
+
+    pivot: float
+    bits: int
+    bits2: int
+    exact: bool
+
+
+def _scaled(impute: float, clip: list[float] | None, transform: str, extreme: tuple[float, float] | None,
+            median: float | None) -> _Scaled:
+    """The pre-scaled value is monotone in the raw one (impute, clip, signed log1p), so its largest
+    deviation from the pivot is at the raw extremes or the imputed value; a margin covers an ulp between
+    Python's and the JVM's ``log1p``."""
+    def pre(v: float) -> float:
+        if clip is not None:
+            v = min(max(v, clip[0]), clip[1])
+        return math.copysign(math.log1p(abs(v)), v) if transform == "log1p" else v
+
+    ends = [pre(v) for v in (*(extreme or ()), impute)]
+    if not all(math.isfinite(v) for v in ends):
+        return _Scaled(0.0, 0, 0, False)
+    pivot = float(f"{pre(median if median is not None else impute):.9g}")  # near the mean, the same everywhere
+    dev = max(abs(v - pivot) for v in ends) * (1 + 1e-9)
+    if not math.isfinite(dev * dev):
+        return _Scaled(0.0, 0, 0, False)
+    return _Scaled(pivot, exact.scale_bits(dev), exact.scale_bits(dev * dev), True)
 
 
 def _moments(
-    df: DataFrame, plan: FitPlan, medians: dict[str, float | None], bounds: dict[str, list[float] | None]
-) -> Row:
-    """Pass 2, one aggregation: the row count; per numeric its null count (``z``), mean (``m``) and std
-    (``s``) after impute, clip and transform; and the value cleaning imputed where it imputed a statistic
-    (``l`` numeric, ``cl`` categorical), each suffixed with the item's index in the plan."""
+    df: DataFrame, plan: FitPlan, medians: Quantiles, bounds: dict[str, list[float] | None],
+    extremes: dict[str, tuple[float, float] | None],
+) -> tuple[Row, list[tuple[float | None, float | None]]]:
+    """Pass 2, one aggregation: the row count; per numeric its null count (``z``), and the sums that give
+    its mean and std after impute, clip and transform (fixed-point integers: the same whatever the row
+    order, features/exact.py); and the value cleaning imputed where it imputed a statistic (``l`` numeric,
+    ``cl`` categorical), each suffixed with the item's index in the plan. Returns the row and per numeric
+    (mean, std)."""
     aggs = [F.count(F.lit(1)).alias("rows")]
+    scales: list[_Scaled] = []
     for i, n in enumerate(plan.numeric):
         s = n.source
         impute = medians[s] if medians[s] is not None else 0.0
         x = _pre_scale(s, impute, bounds[s], n.transform)
-        aggs += [
-            F.count(F.when(_missing(F.col(s).cast("double")), 1)).alias(f"z{i}"),
-            F.avg(x).alias(f"m{i}"),
-            F.stddev_pop(x).alias(f"s{i}"),
-        ]
+        sc = _scaled(impute, bounds[s], n.transform, extremes[s], medians[s])
+        scales.append(sc)
+        aggs.append(F.count(F.when(_missing(F.col(s).cast("double")), 1)).alias(f"z{i}"))
+        if sc.exact:
+            d = x - F.lit(sc.pivot)
+            aggs += [*exact.sum_parts(d, sc.bits, f"d{i}"), *exact.sum_parts(d * d, sc.bits2, f"q{i}")]
+        else:  # an infinite value: the mean and std are not finite whatever the order
+            aggs += [F.avg(x).alias(f"m{i}"), F.stddev_pop(x).alias(f"s{i}")]
         if n.learn:
             flagged = F.coalesce(F.col(n.cleaning_flag).cast("int"), F.lit(0)) == 1
             aggs.append(F.max(F.when(flagged, F.col(s).cast("double"))).alias(f"l{i}"))
@@ -615,12 +659,23 @@ def _moments(
     with timed("feature state: null counts, means and standard deviations"):
         stats = df.agg(*aggs).first()
     assert stats is not None  # a global aggregation has exactly one row
-    return stats
+    rows = int(stats["rows"])
+    moments: list[tuple[float | None, float | None]] = []
+    for i, sc in enumerate(scales):
+        if not sc.exact:
+            moments.append((stats[f"m{i}"], stats[f"s{i}"]))
+        elif rows == 0:
+            moments.append((None, None))
+        else:
+            mean_d = exact.fixed_sum(stats, f"d{i}", sc.bits) / rows
+            var = exact.fixed_sum(stats, f"q{i}", sc.bits2) / rows - mean_d * mean_d
+            moments.append((sc.pivot + float(mean_d), math.sqrt(max(float(var), 0.0))))
+    return stats, moments
 
 
 def _numeric_entries(
-    numeric: tuple[NumericItem, ...], stats: Row, medians: dict[str, float | None],
-    bounds: dict[str, list[float] | None],
+    numeric: tuple[NumericItem, ...], stats: Row, moments: list[tuple[float | None, float | None]],
+    medians: Quantiles, bounds: dict[str, list[float] | None],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The ``numeric`` and ``flags`` entries of the JSON, from the pass 1 and 2 results."""
     out_num: list[dict[str, Any]] = []
@@ -635,7 +690,7 @@ def _numeric_entries(
         if impute is None:
             LOG.warning("feature state: numeric column %r is null in every train row; imputing 0", s)
         scaled = n.transform in ("standardize", "log1p")
-        mean, std = stats[f"m{i}"], stats[f"s{i}"]
+        mean, std = moments[i]
         ok_std = scaled and std is not None and math.isfinite(std) and std > 1e-12
         clip = bounds[s]
         out_num.append({

@@ -28,6 +28,7 @@ from pyspark.sql import functions as F
 
 from downpour.config import Config
 from downpour.errors import ConfigError, DataContractError
+from downpour.features import exact
 from downpour.pipelines.ingest import (
     BLANK_PREFIX,
     CORRUPT,
@@ -194,10 +195,10 @@ def null_statistics(train: DataFrame, cfg: Config) -> dict[str, Any]:
     split's clean rows (the caller passes them: a statistic seen on val or test would leak them).
 
     The statistic columns are still null where they will be imputed (``apply_policies`` defers them),
-    so only observed values count. Means and medians come from one ``agg``; modes from one grouped
-    count over the stacked columns (ties go to the larger value, so the result never depends on
-    partitioning). Floats are rounded to 12 significant digits so summation order cannot change a
-    published value.
+    so only observed values count. Medians are exact lower medians and means sums of fixed-point
+    integers (features/exact.py: the exact pass also gives the extremes that scale the sums); modes
+    come from one grouped count over the stacked columns (ties go to the larger value). None of them
+    depends on the row order or the partitioning. Floats are published to 12 significant digits.
     """
     names = cfg.names
     wanted = statistic_columns(cfg)
@@ -209,11 +210,17 @@ def null_statistics(train: DataFrame, cfg: Config) -> dict[str, Any]:
         # NaN / +-Infinity parse as doubles but are no statistic (a NaN median cannot be imputed).
         finite = {c: F.when(~F.isnan(names[c]) & (F.abs(names[c]) != F.lit(float("inf"))), F.col(names[c]))
                   for c in numeric}
-        aggs = [(F.avg(finite[c]) if s == "mean" else F.percentile_approx(finite[c], 0.5, 100000)).alias(names[c])
-                for c, s in numeric.items()]
-        row = train.agg(*aggs).first()
-        for c in numeric:
-            stats[c] = row[names[c]]
+        qs = exact.quantiles(train, finite, [0.0, 0.5, 1.0])
+        means = {c: exact.scale_bits(max(abs(qs[c][0]), abs(qs[c][2])))
+                 for c, s in numeric.items() if s == "mean" and qs[c]}
+        if means:
+            row = train.agg(*[p for c, bits in means.items() for p in exact.sum_parts(finite[c], bits, names[c])],
+                            *[F.count(finite[c]).alias(f"{names[c]}_n") for c in means]).first()
+            for c, bits in means.items():
+                stats[c] = float(exact.fixed_sum(row, names[c], bits) / int(row[f"{names[c]}_n"]))
+        for c, s in numeric.items():
+            if s == "median" and qs[c]:
+                stats[c] = qs[c][1]
     modes = [c for c, s in wanted.items() if s == "mode"]
     if modes:
         stacked = train.select(F.explode(F.array(*[

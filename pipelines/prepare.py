@@ -50,8 +50,9 @@ if TYPE_CHECKING:
 
 # 2: PII pseudonyms are HMAC-SHA256; imputation statistics fitted on train; 3: the manifest carries the
 # drift reference (a version prepared before it would be a no-op re-run without one); 4: duplicates tied at
-# one id and time keep the row with the smallest values, not the smallest row hash
-FORMAT_VERSION = 4
+# one id and time keep the row with the smallest values, not the smallest row hash; 5: exact quantiles and
+# fixed-point moments in the feature state and the drift reference (the same whatever the partitioning)
+FORMAT_VERSION = 5
 _MAX_LISTED_FILES = 1000
 
 

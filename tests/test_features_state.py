@@ -256,3 +256,20 @@ def test_with_spark_s_plain_trim_the_category_strings_disagree_with_serving(spar
     monkeypatch.setattr(F, "btrim", lambda s, _chars: F.trim(s))
     _, bad = _trim_disagreements(spark)
     assert set(bad) >= {1, 2, 3, 5, 11}
+
+
+def test_the_fitted_state_does_not_move_with_the_partitioning(spark):
+    """60,000 train rows in 1 and in 7 shuffled partitions fit the same state, to the last digit
+    (features/exact.py). The companions: Spark's approxQuantile and avg / stddev_pop, which the fit used
+    before, give those frames different quantiles and moments, so this test would fail with them."""
+    rng = np.random.default_rng(5)
+    rows = [(f"t{i}", "train", float(i % 2), 1.0, float(rng.lognormal(4, 1)), int(rng.integers(0, 73)),
+             "One year", f"pm{i % 3}", i % 2, MONDAY_1305) for i in range(60_000)]
+    base = spark.createDataFrame(rows, FRAME)
+    one, seven = base.repartition(1), base.repartition(7).sortWithinPartitions(F.rand(1))
+    cfg = make_cfg()
+    assert FeatureState.fit(one, cfg).to_dict() == FeatureState.fit(seven, cfg).to_dict()
+    probs = [k / 20 for k in range(1, 20)]
+    assert one.approxQuantile("monthly_charges", probs, 0.001) != seven.approxQuantile("monthly_charges", probs, 0.001)
+    moments = [f.agg(F.avg("monthly_charges"), F.stddev_pop("monthly_charges")).first() for f in (one, seven)]
+    assert moments[0] != moments[1]

@@ -1,0 +1,130 @@
+"""Quantiles and moments that depend on the rows alone, never on their order or partitioning.
+
+Why: Spark's ``approxQuantile`` builds a Greenwald-Khanna summary per partition and merges the summaries
+in the order the tasks end, and ``avg`` / ``stddev_pop`` add floating-point numbers in the order the rows
+arrive. Above some ten thousand rows both move with the partitioning: 2,000,000 fraud rows whose windows
+were sorted another way fitted other medians (40.24 against 40.23) and means that differ in the last
+digits, so the feature state and every shard built from it changed (benchmarks/README.md, "Investigation:
+the fit and the partitioning"). Here every partial result is an integer (a count, a sum of fixed-point
+integers) or a min / max, and those combine to the same result in any order.
+
+- :func:`quantiles`: the k-th smallest value, exactly (k = max(1, ceil(p * n)): the lower quantile), found
+  by counting the values per bin of their binary form (sign, exponent, leading mantissa bits), then, only
+  in a wanted bin that holds more than one value, per value: one or two passes whose groups are bins.
+- :func:`sum_parts` / :func:`fixed_sum`: a sum of doubles as a sum of integers: each value scaled by a power
+  of two that fits the column's largest magnitude into 51 bits, rounded to an integer, and split into two
+  longs that cannot overflow below about 10^11 rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from fractions import Fraction
+from typing import Any
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+_BITS = 8  # leading mantissa bits of the first pass's bins: 256 bins per power of two at most
+_INF = 1 << 62
+_SPLIT = 26  # a fixed-point integer m = hi * 2^26 + lo, 0 <= lo < 2^26
+
+
+def _bin(x: Column) -> Column:
+    """An integer that orders like ``x`` (a non-NaN double) up to its leading ``_BITS`` mantissa bits."""
+    a = F.abs(x)
+    e1 = F.floor(F.log2(a))
+    r = a / F.pow(F.lit(2.0), e1)
+    e = F.when(r >= 2, e1 + 1).when(r < 1, e1 - 1).otherwise(e1)  # log2 may round across a power of two
+    frac = a / F.pow(F.lit(2.0), e) - F.lit(1.0)  # [0, 1), exact: a power-of-two division
+    mag = (e.cast("long") + F.lit(1075)) * F.lit(1 << _BITS) + F.floor(frac * F.lit(float(1 << _BITS))).cast("long") + 1
+    return (F.when(x == 0, F.lit(0).cast("long"))
+            .when(x == float("inf"), F.lit(_INF)).when(x == float("-inf"), F.lit(-_INF))
+            .when(x > 0, mag).otherwise(-mag))
+
+
+def _rank(p: float, n: Column) -> Column:
+    """The 1-based rank of the lower quantile p among n values: max(1, ceil(p * n)), capped at n."""
+    return F.least(F.greatest(F.lit(1).cast("long"), F.ceil(F.lit(p) * n)), n)
+
+
+def _pick(groups: DataFrame, part: list[str], order: str, targets: list[tuple[Column, Column]]) -> DataFrame:
+    """The groups (``n`` values each) of every partition ``part``, in ``order``, that hold one of the
+    ranks of ``targets`` (target id, rank): (id, rank, the values before the group) added."""
+    w = Window.partitionBy(*part).orderBy(order)
+    cum = groups.withColumn("cum", F.sum("n").over(w.rowsBetween(Window.unboundedPreceding, 0)))
+    wanted = F.explode(F.array(*[F.struct(t.alias("t"), k.alias("k")) for t, k in targets])).alias("w")
+    return cum.select("*", wanted).select("*", "w.t", "w.k").where(
+        (F.col("cum") - F.col("n") < F.col("k")) & (F.col("k") <= F.col("cum")))
+
+
+def quantiles(df: DataFrame, columns: Mapping[str, Column], probs: Sequence[float]) -> dict[str, list[float] | None]:
+    """``{key: [the exact lower quantile of the column at each of probs]}`` over the non-null, non-NaN
+    values of each column (None for a column without one).
+
+    Pass 1 counts the values per (column, bin of 8 mantissa bits) with each bin's min and max, and keeps,
+    with a window over each column's bins, only the bins that hold a wanted rank: where that rank is the
+    bin's first or last value, or the bin holds one value, its min or max is the answer. Pass 2, only for
+    the other wanted bins, counts the values between that bin's min and max one by one the same way. Only
+    the wanted rows reach the driver."""
+    keys = list(columns)
+    if not keys:
+        return {}
+    exprs = list(columns.values())
+    groups = (_values(df, exprs, range(len(exprs))).withColumn("b", _bin(F.col("x"))).groupBy("i", "b")
+              .agg(F.count(F.lit(1)).alias("n"), F.min("x").alias("lo"), F.max("x").alias("hi")))
+    groups = groups.withColumn("total", F.sum("n").over(Window.partitionBy("i")))
+    targets = [(F.lit(j), _rank(p, F.col("total"))) for j, p in enumerate(probs)]
+    hits = _pick(groups, ["i"], "b", targets).select("i", "n", "lo", "hi", "cum", "total", "t", "k").collect()
+    found: dict[tuple[int, int], float] = {}
+    counts: dict[int, int] = {}
+    deeper: list[tuple[int, float, float, int, int]] = []  # (column, bin's min, max, target, rank within)
+    for r in hits:
+        i, t = int(r["i"]), int(r["t"])
+        counts[i] = int(r["total"])
+        local = int(r["k"]) - (int(r["cum"]) - int(r["n"]))
+        if r["lo"] == r["hi"] or local == 1:
+            found[(i, t)] = float(r["lo"])
+        elif local == int(r["n"]):
+            found[(i, t)] = float(r["hi"])
+        else:
+            deeper.append((i, float(r["lo"]), float(r["hi"]), t, local))
+    if deeper:
+        wanted = df.sparkSession.createDataFrame(deeper, "i int, lo double, hi double, t int, k long")
+        inside = (_values(df, exprs, sorted({d[0] for d in deeper}))
+                  .join(F.broadcast(wanted), "i").where(F.col("x").between(F.col("lo"), F.col("hi")))
+                  .groupBy("i", "t", "k", "x").agg(F.count(F.lit(1)).alias("n")))
+        w = Window.partitionBy("i", "t").orderBy("x")
+        cum = inside.withColumn("cum", F.sum("n").over(w.rowsBetween(Window.unboundedPreceding, 0)))
+        for r in cum.where((F.col("cum") - F.col("n") < F.col("k")) & (F.col("k") <= F.col("cum"))).collect():
+            found[(int(r["i"]), int(r["t"]))] = float(r["x"])
+    return {key: [found[(i, j)] for j in range(len(probs))] if counts.get(i) else None
+            for i, key in enumerate(keys)}
+
+
+def _values(df: DataFrame, exprs: list[Column], which: Sequence[int]) -> DataFrame:
+    """(i, x): the non-null, non-NaN values of the columns ``which`` (indexes into ``exprs``), stacked."""
+    pairs = F.explode(F.array(*[F.struct(F.lit(i).alias("i"), exprs[i].cast("double").alias("x")) for i in which]))
+    return df.select(pairs.alias("p")).select("p.i", "p.x").where(F.col("x").isNotNull() & ~F.isnan("x"))
+
+
+# ---- fixed-point sums -------------------------------------------------------------------------------------
+def scale_bits(bound: float) -> int:
+    """The power of two that maps magnitudes up to ``bound`` into 51 bits (``bound`` finite, >= 0; at
+    most 2^1000, so the factor stays a finite double)."""
+    return min(1000, 51 - math.frexp(bound)[1]) if bound > 0 else 0
+
+
+def sum_parts(x: Column, bits: int, name: str) -> list[Column]:
+    """Aggregations whose integer results :func:`fixed_sum` turns into the sum of ``x`` (|x| within the
+    bound of ``bits``): each value times 2^bits rounded to an integer, as two longs."""
+    m = F.rint(x * F.lit(math.ldexp(1.0, bits))).cast("long")
+    hi = F.shiftright(m, _SPLIT)
+    return [F.sum(hi).alias(f"{name}_hi"), F.sum(m - F.shiftleft(hi, _SPLIT)).alias(f"{name}_lo")]
+
+
+def fixed_sum(row: Any, name: str, bits: int) -> Fraction:
+    """The sum :func:`sum_parts` aggregated, exactly (integers add up the same in any order)."""
+    hi, lo = int(row[f"{name}_hi"] or 0), int(row[f"{name}_lo"] or 0)
+    return Fraction((hi << _SPLIT) + lo, 1 << bits) if bits >= 0 else Fraction(((hi << _SPLIT) + lo) << -bits)

@@ -1,0 +1,76 @@
+"""Order-independent statistics (features/exact.py): exact against numpy, and the same whatever the
+partitioning, where Spark's approxQuantile and floating-point sums are not."""
+
+from __future__ import annotations
+
+import math
+import random
+from fractions import Fraction
+
+import numpy as np
+from pyspark.sql import functions as F
+
+from downpour.features import exact
+
+PROBS = [0.0, 0.001, 0.01, 0.25, 0.5, 0.75, 0.999, 1.0]
+
+
+def _lower(values: list[float], p: float) -> float:
+    v = sorted(values)
+    return v[max(1, min(len(v), math.ceil(p * len(v)))) - 1]
+
+
+def _columns(rng: random.Random, n: int) -> dict[str, list[float | None]]:
+    """Continuous, heavy-tailed, discrete, tied, signed, tiny and huge values, nulls, NaN and infinities."""
+    cont = [rng.lognormvariate(3, 1.5) for _ in range(n)]
+    signed = [rng.gauss(0, 1) * 10 ** rng.randint(-300, 300) for _ in range(n)]
+    discrete = [float(rng.choice([0, 0, 0, 1, 2, 5])) for _ in range(n)]
+    near = [1.0 + rng.randint(0, 3) * 2.0 ** -52 for _ in range(n)]  # neighbouring doubles: the last pass
+    odd = [rng.choice([None, float("nan"), float("inf"), -float("inf"), -0.0, 5e-324, rng.random()])
+           for _ in range(n)]
+    return {"cont": cont, "signed": signed, "discrete": discrete, "near": near, "odd": odd}
+
+
+def test_quantiles_are_the_exact_lower_quantiles(spark):
+    rng = random.Random(7)
+    cols = _columns(rng, 3000)
+    rows = list(zip(*cols.values(), strict=True))
+    df = spark.createDataFrame(rows, ", ".join(f"{c} double" for c in cols)).repartition(5)
+    got = exact.quantiles(df, {c: F.col(c) for c in cols}, PROBS)
+    for c, values in cols.items():
+        kept = [v for v in values if v is not None and not math.isnan(v)]
+        assert got[c] == [_lower(kept, p) for p in PROBS], c
+    empty = exact.quantiles(df.where(F.lit(False)), {"cont": F.col("cont")}, PROBS)
+    assert empty == {"cont": None}
+
+
+def test_quantiles_and_sums_do_not_move_with_the_partitioning_where_spark_s_do(spark):
+    """The same 200,000 values in 1 and in 9 shuffled partitions: exact quantiles and fixed-point sums
+    agree; the companion: approxQuantile (and a floating-point sum) of the very same frames do not, so
+    this test can fail."""
+    rng = random.Random(11)
+    vals = [rng.lognormvariate(0, 2) for _ in range(200_000)]
+    base = spark.createDataFrame([(i, v) for i, v in enumerate(vals)], "id long, x double")
+    one = base.repartition(1).sortWithinPartitions("id")
+    nine = base.repartition(9, "id").sortWithinPartitions(F.rand(3))
+    probs = [0.001, 0.5, 0.999]
+    assert exact.quantiles(one, {"x": F.col("x")}, probs) == exact.quantiles(nine, {"x": F.col("x")}, probs)
+    assert one.approxQuantile("x", probs, 0.001) != nine.approxQuantile("x", probs, 0.001)
+
+    bits = exact.scale_bits(max(abs(v) for v in vals))
+    sums = [exact.fixed_sum(f.agg(*exact.sum_parts(F.col("x"), bits, "s")).first(), "s", bits) for f in (one, nine)]
+    assert sums[0] == sums[1]
+    assert abs(float(sums[0]) - math.fsum(vals)) <= len(vals) * 2.0 ** -bits
+    floats = {f.agg(F.sum("x")).first()[0] for f in (one, nine, base.repartition(4).sortWithinPartitions(F.rand(5)))}
+    assert len(floats) > 1, floats
+
+
+def test_fixed_point_sums_are_exact_for_values_on_their_grid(spark):
+    rng = random.Random(3)
+    bound = 1e6
+    bits = exact.scale_bits(bound)
+    vals = [math.ldexp(rng.randint(-(2**40), 2**40), -bits) for _ in range(5000)] + [-bound, bound]
+    df = spark.createDataFrame([(v,) for v in vals], "x double").repartition(3)
+    got = exact.fixed_sum(df.agg(*exact.sum_parts(F.col("x"), bits, "s")).first(), "s", bits)
+    assert got == sum(Fraction(v) for v in vals)
+    assert np.isclose(float(got), math.fsum(vals))
