@@ -56,7 +56,8 @@ def _shares(row: Any, key: str, n_bins: int, total: int) -> list[float]:
 
 
 def numeric_reference(df: DataFrame, columns: dict[str, Column]) -> dict[str, dict[str, Any]]:
-    """{key: {edges, shares}} of ``columns`` (key -> numeric Column) over ``df``: two Spark jobs."""
+    """{key: {edges, shares}} of ``columns`` (key -> numeric Column) over ``df``: the exact deciles' passes
+    and one aggregation."""
     if not columns:
         return {}
     probs = [k / BINS for k in range(1, BINS)]

@@ -106,7 +106,8 @@ def quantiles(df: DataFrame, columns: Mapping[str, Column], probs: Sequence[floa
 def _values(df: DataFrame, exprs: list[Column], which: Sequence[int]) -> DataFrame:
     """(i, x): the non-null, non-NaN values of the columns ``which`` (indexes into ``exprs``), stacked."""
     pairs = F.explode(F.array(*[F.struct(F.lit(i).alias("i"), exprs[i].cast("double").alias("x")) for i in which]))
-    return df.select(pairs.alias("p")).select("p.i", "p.x").where(F.col("x").isNotNull() & ~F.isnan("x"))
+    x = F.when(F.col("p.x") == 0, F.lit(0.0)).otherwise(F.col("p.x"))  # -0.0 is 0.0: min / max keep either
+    return df.select(pairs.alias("p")).select("p.i", x.alias("x")).where(F.col("x").isNotNull() & ~F.isnan("x"))
 
 
 # ---- fixed-point sums -------------------------------------------------------------------------------------

@@ -646,7 +646,8 @@ def _moments(
         if sc.exact:
             d = x - F.lit(sc.pivot)
             aggs += [*exact.sum_parts(d, sc.bits, f"d{i}"), *exact.sum_parts(d * d, sc.bits2, f"q{i}")]
-        else:  # an infinite value: the mean and std are not finite whatever the order
+        else:  # an infinite value, or squares beyond the double range (|x| > ~1e154): Spark's own moments,
+            # which are not finite or not exact anyway (and there may depend on the row order)
             aggs += [F.avg(x).alias(f"m{i}"), F.stddev_pop(x).alias(f"s{i}")]
         if n.learn:
             flagged = F.coalesce(F.col(n.cleaning_flag).cast("int"), F.lit(0)) == 1

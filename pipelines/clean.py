@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+from decimal import Decimal
 from typing import Any
 
 import pandas as pd
@@ -196,9 +197,10 @@ def null_statistics(train: DataFrame, cfg: Config) -> dict[str, Any]:
 
     The statistic columns are still null where they will be imputed (``apply_policies`` defers them),
     so only observed values count. Medians are exact lower medians and means sums of fixed-point
-    integers (features/exact.py: the exact pass also gives the extremes that scale the sums); modes
+    integers scaled to the largest magnitude (features/exact.py); modes
     come from one grouped count over the stacked columns (ties go to the larger value). None of them
-    depends on the row order or the partitioning. Floats are published to 12 significant digits.
+    depends on the row order or the partitioning. Means and double medians are published to 12 significant
+    digits; an integer or decimal median is the column's value.
     """
     names = cfg.names
     wanted = statistic_columns(cfg)
@@ -210,17 +212,19 @@ def null_statistics(train: DataFrame, cfg: Config) -> dict[str, Any]:
         # NaN / +-Infinity parse as doubles but are no statistic (a NaN median cannot be imputed).
         finite = {c: F.when(~F.isnan(names[c]) & (F.abs(names[c]) != F.lit(float("inf"))), F.col(names[c]))
                   for c in numeric}
-        qs = exact.quantiles(train, finite, [0.0, 0.5, 1.0])
-        means = {c: exact.scale_bits(max(abs(qs[c][0]), abs(qs[c][2])))
-                 for c, s in numeric.items() if s == "mean" and qs[c]}
+        medians = [c for c, s in numeric.items() if s == "median"]
+        qs = exact.quantiles(train, {c: finite[c] for c in medians}, [0.5]) if medians else {}
+        means = [c for c, s in numeric.items() if s == "mean"]
+        largest = train.agg(*[F.max(F.abs(finite[c])).alias(names[c]) for c in means]).first() if means else None
+        means = {c: exact.scale_bits(largest[names[c]]) for c in means if largest[names[c]] is not None}
         if means:
             row = train.agg(*[p for c, bits in means.items() for p in exact.sum_parts(finite[c], bits, names[c])],
                             *[F.count(finite[c]).alias(f"{names[c]}_n") for c in means]).first()
             for c, bits in means.items():
                 stats[c] = float(exact.fixed_sum(row, names[c], bits) / int(row[f"{names[c]}_n"]))
-        for c, s in numeric.items():
-            if s == "median" and qs[c]:
-                stats[c] = qs[c][1]
+        for c in medians:
+            if qs[c]:
+                stats[c] = qs[c][0]
     modes = [c for c, s in wanted.items() if s == "mode"]
     if modes:
         stacked = train.select(F.explode(F.array(*[
@@ -236,10 +240,15 @@ def null_statistics(train: DataFrame, cfg: Config) -> dict[str, Any]:
                 f"column {c!r} in {cfg.input.path}: cannot impute the {s}: the column has no values "
                 "in the train split"
             )
+        typ = cfg.schema_[c]
         if isinstance(v, float):
-            v = float(f"{v:.12g}")
-            if cfg.schema_[c] in ("int", "integer", "long", "bigint"):
-                v = int(round(v))
+            if typ in ("int", "integer", "long", "bigint"):
+                # a median is one of the column's values (exact below 2^53); a mean rounds to one
+                v = int(v) if s == "median" else int(round(float(f"{v:.12g}")))
+            elif typ.startswith("decimal"):
+                v = Decimal(repr(v) if s == "median" else f"{v:.12g}")
+            else:
+                v = float(f"{v:.12g}")
         stats[c] = v
     return stats
 

@@ -74,3 +74,11 @@ def test_fixed_point_sums_are_exact_for_values_on_their_grid(spark):
     got = exact.fixed_sum(df.agg(*exact.sum_parts(F.col("x"), bits, "s")).first(), "s", bits)
     assert got == sum(Fraction(v) for v in vals)
     assert np.isclose(float(got), math.fsum(vals))
+
+
+def test_a_zero_quantile_is_always_positive_zero(spark):
+    """Spark's min / max keep whichever of -0.0 and 0.0 comes first: the values are normalised first."""
+    for order in (1, 2):
+        df = spark.createDataFrame([(v,) for v in ([-0.0, 0.0] * 50)[::order]], "x double").repartition(3)
+        got = exact.quantiles(df, {"x": F.col("x")}, [0.0, 0.5, 1.0])["x"]
+        assert [math.copysign(1.0, v) for v in got] == [1.0, 1.0, 1.0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -552,3 +553,25 @@ def test_the_non_blank_filter_takes_only_a_positive_character_class(spark):
     for bad in ("[^ ]", " \t", "[ \t"):
         with pytest.raises(ValueError, match="positive character class"):
             _non_blank(F.col("value"), bad)
+
+
+def test_imputed_medians_are_the_column_s_values(spark):
+    """A long median is exact (an epoch in milliseconds is not rounded to 12 digits), a zero median is 0.0
+    whatever its rows' signs, and a mean is the exact mean."""
+    from downpour.pipelines.clean import null_statistics
+
+    cfg = config_from_dict({
+        "name": "t", "input": {"path": "/data/t.csv"}, "output": {"path": "/tmp/out"},
+        "schema": {"k": "string", "ms": "long", "x": "double", "m": "double", "y": "int"},
+        "label": {"column": "y", "positive": 1}, "features": {"numeric": ["x"]},
+        "cleaning": {"nulls": {"ms": {"action": "impute", "statistic": "median"},
+                               "x": {"action": "impute", "statistic": "median"},
+                               "m": {"action": "impute", "statistic": "mean"}}},
+    })
+    n = cfg.names
+    rows = [(str(i), 1_700_000_000_123 + i, -0.0 if i % 2 else 0.0, 0.1 * i, 1) for i in range(5)]
+    df = spark.createDataFrame(rows, f"{n['k']} string, {n['ms']} long, {n['x']} double, {n['m']} double, {n['y']} int")
+    stats = null_statistics(df, cfg)
+    assert stats["ms"] == 1_700_000_000_125 and isinstance(stats["ms"], int)
+    assert stats["x"] == 0.0 and math.copysign(1.0, stats["x"]) == 1.0
+    assert stats["m"] == 0.2
