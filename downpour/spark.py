@@ -88,8 +88,7 @@ def sized_partitions(spark: SparkSession, files: Sequence[Any], fmt: str) -> int
     """
     packed = fmt.lower() not in ("csv", "json", "text")
     est = sum(f.size * (4 if packed or str(f.path).lower().endswith(_PACKED) else 2) for f in files)
-    text = spark.conf.get("spark.sql.adaptive.advisoryPartitionSizeInBytes", None) or "64m"
-    advisory = max(1, int(spark.sparkContext._jvm.org.apache.spark.network.util.JavaUtils.byteStringAsBytes(text)))
+    advisory = max(1, _byte_conf(spark, "spark.sql.adaptive.advisoryPartitionSizeInBytes", "64m"))
     slots = max(1, spark.sparkContext.defaultParallelism)
     return -(-max(1, -(-est // advisory)) // slots) * slots  # whole waves: 13 tasks on 2 cores idle one for a 14th
 

@@ -49,14 +49,16 @@ def _rank(p: float, n: Column) -> Column:
     return F.least(F.greatest(F.lit(1).cast("long"), F.ceil(F.lit(p) * n)), n)
 
 
-def _pick(groups: DataFrame, part: list[str], order: str, targets: list[tuple[Column, Column]]) -> DataFrame:
-    """The groups (``n`` values each) of every partition ``part``, in ``order``, that hold one of the
-    ranks of ``targets`` (target id, rank): (id, rank, the values before the group) added."""
-    w = Window.partitionBy(*part).orderBy(order)
-    cum = groups.withColumn("cum", F.sum("n").over(w.rowsBetween(Window.unboundedPreceding, 0)))
-    wanted = F.explode(F.array(*[F.struct(t.alias("t"), k.alias("k")) for t, k in targets])).alias("w")
-    return cum.select("*", wanted).select("*", "w.t", "w.k").where(
-        (F.col("cum") - F.col("n") < F.col("k")) & (F.col("k") <= F.col("cum")))
+def _cumulative(groups: DataFrame, part: list[str], order: str) -> DataFrame:
+    """``groups`` (``n`` values each) with ``cum``: the values of their partition ``part`` up to and
+    including them, taken in ``order``."""
+    w = Window.partitionBy(*part).orderBy(order).rowsBetween(Window.unboundedPreceding, 0)
+    return groups.withColumn("cum", F.sum("n").over(w))
+
+
+def _holding(cum: DataFrame) -> DataFrame:
+    """The rows of a :func:`_cumulative` frame whose group holds their wanted rank ``k``."""
+    return cum.where((F.col("cum") - F.col("n") < F.col("k")) & (F.col("k") <= F.col("cum")))
 
 
 def quantiles(df: DataFrame, columns: Mapping[str, Column], probs: Sequence[float]) -> dict[str, list[float] | None]:
@@ -75,8 +77,10 @@ def quantiles(df: DataFrame, columns: Mapping[str, Column], probs: Sequence[floa
     groups = (_values(df, exprs, range(len(exprs))).withColumn("b", _bin(F.col("x"))).groupBy("i", "b")
               .agg(F.count(F.lit(1)).alias("n"), F.min("x").alias("lo"), F.max("x").alias("hi")))
     groups = groups.withColumn("total", F.sum("n").over(Window.partitionBy("i")))
-    targets = [(F.lit(j), _rank(p, F.col("total"))) for j, p in enumerate(probs)]
-    hits = _pick(groups, ["i"], "b", targets).select("i", "n", "lo", "hi", "cum", "total", "t", "k").collect()
+    wanted_ranks = F.explode(F.array(*[F.struct(F.lit(j).alias("t"), _rank(p, F.col("total")).alias("k"))
+                                       for j, p in enumerate(probs)])).alias("w")
+    ranked = _cumulative(groups, ["i"], "b").select("*", wanted_ranks).select("*", "w.t", "w.k")
+    hits = _holding(ranked).select("i", "n", "lo", "hi", "cum", "total", "t", "k").collect()
     found: dict[tuple[int, int], float] = {}
     counts: dict[int, int] = {}
     deeper: list[tuple[int, float, float, int, int]] = []  # (column, bin's min, max, target, rank within)
@@ -95,9 +99,7 @@ def quantiles(df: DataFrame, columns: Mapping[str, Column], probs: Sequence[floa
         inside = (_values(df, exprs, sorted({d[0] for d in deeper}))
                   .join(F.broadcast(wanted), "i").where(F.col("x").between(F.col("lo"), F.col("hi")))
                   .groupBy("i", "t", "k", "x").agg(F.count(F.lit(1)).alias("n")))
-        w = Window.partitionBy("i", "t").orderBy("x")
-        cum = inside.withColumn("cum", F.sum("n").over(w.rowsBetween(Window.unboundedPreceding, 0)))
-        for r in cum.where((F.col("cum") - F.col("n") < F.col("k")) & (F.col("k") <= F.col("cum"))).collect():
+        for r in _holding(_cumulative(inside, ["i", "t"], "x")).collect():
             found[(int(r["i"]), int(r["t"]))] = float(r["x"])
     return {key: [found[(i, j)] for j in range(len(probs))] if counts.get(i) else None
             for i, key in enumerate(keys)}
