@@ -55,13 +55,16 @@ def _shares(row: Any, key: str, n_bins: int, total: int) -> list[float]:
     return [(int(row[f"{key}#{k}"] or 0) / total) if total else 0.0 for k in range(n_bins)]
 
 
-def numeric_reference(df: DataFrame, columns: dict[str, Column]) -> dict[str, dict[str, Any]]:
+DECILES = [k / BINS for k in range(1, BINS)]
+
+
+def numeric_reference(df: DataFrame, columns: dict[str, Column],
+                      known: exact.Table | None = None) -> dict[str, dict[str, Any]]:
     """{key: {edges, shares}} of ``columns`` (key -> numeric Column) over ``df``: the exact deciles' passes
-    and one aggregation."""
+    (or ``known``'s deciles, by the same keys) and one aggregation."""
     if not columns:
         return {}
-    probs = [k / BINS for k in range(1, BINS)]
-    quantiles = exact.quantiles(df, columns, probs)  # the same edges whatever the partitioning
+    quantiles = exact.quantiles_of(known, df, columns, DECILES)  # the same edges whatever the partitioning
     edges = {key: sorted({float(q) for q in qs or []}) for key, qs in quantiles.items()}
     specs = {key: (col, edges[key]) for key, col in columns.items()}
     binned, counts = _binned(df, specs)
@@ -70,14 +73,21 @@ def numeric_reference(df: DataFrame, columns: dict[str, Column]) -> dict[str, di
     return {key: {"edges": edges[key], "shares": _shares(row, key, len(edges[key]) + 2, total)} for key in columns}
 
 
-def fit_reference(train: DataFrame, cfg: Any) -> dict[str, Any]:
-    """The drift reference of the train split's clean rows (raw feature columns, before the transform)."""
+def quantiles_wanted(cfg: Any) -> dict[str, list[float]]:
+    """The exact quantiles :func:`fit_reference` reads, per (safe) column name: the deciles."""
+    return {cfg.names[s.column]: DECILES for s in cfg.features.numeric_specs()}
+
+
+def fit_reference(train: DataFrame, cfg: Any, quantiles: exact.Table | None = None) -> dict[str, Any]:
+    """The drift reference of the train split's clean rows (raw feature columns, before the transform).
+    ``quantiles``: an :func:`exact.table` of those rows (by safe column name) holding :func:`quantiles_wanted`."""
     names = cfg.names
     numeric = {s.column: F.col(names[s.column]) for s in cfg.features.numeric_specs()}
+    known = {c: quantiles[names[c]] for c in numeric if names[c] in quantiles} if quantiles is not None else None
     # hashed columns are high-cardinality by design: only vocabulary columns are checked for unseen values
     specs = {s.column: s for s in cfg.features.categorical_specs() if s.encoding == "vocab"}
     categorical = list(specs)
-    ref: dict[str, Any] = {"bins": BINS, "numeric": numeric_reference(train, numeric), "categorical": {}}
+    ref: dict[str, Any] = {"bins": BINS, "numeric": numeric_reference(train, numeric, known), "categorical": {}}
     if categorical:
         pairs = F.explode(F.array(*[F.struct(F.lit(c).alias("c"), F.col(names[c]).cast("string").alias("v"))
                                     for c in categorical]))

@@ -19,7 +19,7 @@ integers) or a min / max, and those combine to the same result in any order.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -103,6 +103,32 @@ def quantiles(df: DataFrame, columns: Mapping[str, Column], probs: Sequence[floa
             found[(int(r["i"]), int(r["t"]))] = float(r["x"])
     return {key: [found[(i, j)] for j in range(len(probs))] if counts.get(i) else None
             for i, key in enumerate(keys)}
+
+
+Table = dict[str, dict[float, float] | None]  # {key: {p: the exact lower quantile}}, None: no value
+
+
+def table(df: DataFrame, columns: Mapping[str, Column], wanted: Mapping[str, Iterable[float]]) -> Table:
+    """:func:`quantiles` of every column at the probabilities ``wanted`` names for it (by the same key),
+    computed in one go, for fits that read the same columns (prepare's feature state and drift reference:
+    the passes scan the train rows once instead of once per fit)."""
+    probs = sorted({float(p) for key in columns for p in wanted.get(key, ())})
+    qs = quantiles(df, columns, probs) if probs else {key: None for key in columns}
+    return {key: dict(zip(probs, values, strict=True)) if values else None for key, values in qs.items()}
+
+
+def quantiles_of(known: Table | None, df: DataFrame, columns: Mapping[str, Column],
+                 probs: Sequence[float]) -> dict[str, list[float] | None]:
+    """:func:`quantiles`, read from ``known`` (a :func:`table` of the same rows) where it holds every
+    column at every probability, computed otherwise."""
+    def held(key: str) -> bool:
+        got = known.get(key, {}) if known is not None else {}
+        return got is None or (bool(got) and all(float(p) in got for p in probs))
+
+    if known is None or not all(held(key) for key in columns):
+        return quantiles(df, columns, probs)
+    return {key: None if known[key] is None else [known[key][float(p)] for p in probs]  # type: ignore[index]
+            for key in columns}
 
 
 def _values(df: DataFrame, exprs: list[Column], which: Sequence[int]) -> DataFrame:

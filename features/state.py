@@ -152,19 +152,27 @@ class FeatureState:
 
     # ---- fitting -----------------------------------------------------------------------------------
     @classmethod
-    def fit(cls, train_df: DataFrame, cfg: Config) -> FeatureState:
+    def fit(cls, train_df: DataFrame, cfg: Config, quantiles: exact.Table | None = None) -> FeatureState:
         """Fit on the train rows of ``train_df`` (rows of another ``split``, if the column is there, are
-        ignored, so nothing about val/test can leak into the statistics)."""
+        ignored, so nothing about val/test can leak into the statistics). ``quantiles``: an
+        :func:`exact.table` of those same rows holding :meth:`quantiles_wanted` (prepare computes one for
+        this fit and the drift reference together); without it the fit computes its own."""
         if "split" in train_df.columns:
             train_df = train_df.where(F.col("split") == "train")
         plan = _plan(train_df, cfg)
         with timed("feature state: fitting on the train split"):
-            d = _fit(train_df, cfg, plan)
+            d = _fit(train_df, cfg, plan, quantiles)
         LOG.info(
             "feature state: %d numeric (+%d missing flags), %d categorical, %d crosses from %d train rows",
             len(d["numeric"]), len(d["flags"]), len(d["categorical"]), len(d["crosses"]), d["fitted_rows"],
         )
         return cls(d)
+
+    @staticmethod
+    def quantiles_wanted(train_df: DataFrame, cfg: Config) -> dict[str, set[float]]:
+        """The exact quantiles :meth:`fit` reads, per source column: extremes, median, clip bounds (the
+        config checked against the data as :meth:`fit` checks it; no Spark job)."""
+        return {n.source: _probs(n) for n in _plan(train_df, cfg).numeric}
 
     # ---- applying ----------------------------------------------------------------------------------
     def transform(self, df: DataFrame, keep: Sequence[str] = ()) -> DataFrame:
@@ -551,9 +559,9 @@ def _check_required(cols: _Columns, cfg: Config) -> None:
 
 
 # ---- fitting internals: the Spark passes, then pure assembly of the JSON entries ----------------------------
-def _fit(df: DataFrame, cfg: Config, plan: FitPlan) -> dict[str, Any]:
+def _fit(df: DataFrame, cfg: Config, plan: FitPlan, known: exact.Table | None) -> dict[str, Any]:
     """The fitted JSON: quantiles, moments and vocabularies (order-independent Spark passes), then the entries."""
-    medians, bounds, extremes = _quantiles(df, plan.numeric)
+    medians, bounds, extremes = _quantiles(df, plan.numeric, known)
     stats, moments = _moments(df, plan, medians, bounds, extremes)
     rows = int(stats["rows"])
     if rows == 0:
@@ -573,19 +581,24 @@ def _fit(df: DataFrame, cfg: Config, plan: FitPlan) -> dict[str, Any]:
 Quantiles = dict[str, float | None]
 
 
-def _quantiles(df: DataFrame, numeric: tuple[NumericItem, ...]
+def _probs(n: NumericItem) -> set[float]:
+    """The quantiles the fit reads of one numeric: its extremes, median and clip bounds."""
+    return {0.0, 0.5, 1.0} | set(n.q or ())
+
+
+def _quantiles(df: DataFrame, numeric: tuple[NumericItem, ...], known: exact.Table | None
                ) -> tuple[Quantiles, dict[str, list[float] | None], dict[str, tuple[float, float] | None]]:
     """Pass 1: every median (the default impute), clip bound and extreme (which scales the moments' sums),
-    exact and order-independent (features/exact.py), all columns together."""
+    exact and order-independent (features/exact.py), all columns together (or read from ``known``)."""
     medians: Quantiles = {}
     bounds: dict[str, list[float] | None] = {}
     extremes: dict[str, tuple[float, float] | None] = {}
     if not numeric:
         return medians, bounds, extremes
-    probs = sorted({0.0, 0.5, 1.0} | {p for n in numeric if n.q for p in n.q})
+    probs = sorted(set().union(*(_probs(n) for n in numeric)))
     srcs = list(dict.fromkeys(n.source for n in numeric))
     with timed(f"feature state: quantiles of {len(numeric)} numeric columns"):
-        qs = exact.quantiles(df, {s: F.col(s) for s in srcs}, probs)
+        qs = exact.quantiles_of(known, df, {s: F.col(s) for s in srcs}, probs)
     for n in numeric:
         vals = dict(zip(probs, qs[n.source], strict=True)) if qs[n.source] else {}
         medians[n.source] = vals.get(0.5)

@@ -261,16 +261,20 @@ def _fit(cfg: Config, windowed: _Windowed, where: _Target, timings: dict[str, fl
     with _step("entity history", timings, "entity_history"):
         entity_history = write_entity_history(windowed.frame, cfg, where.staged.entity_history)
 
+    from downpour.features import drift, exact
+    from downpour.features.state import FeatureState
+
     train = windowed.frame.where(F.col("split") == "train")
     with _step("fit feature state on train", timings, "fit_features"):
-        from downpour.features.state import FeatureState
-
-        state = FeatureState.fit(train, cfg)
+        # the exact quantiles both fits read, in one computation: the passes scan the train rows once
+        wanted: dict[str, set[float]] = FeatureState.quantiles_wanted(train, cfg)
+        for c, probs in drift.quantiles_wanted(cfg).items():
+            wanted.setdefault(c, set()).update(probs)
+        known = exact.table(train, {c: F.col(c) for c in wanted}, wanted)
+        state = FeatureState.fit(train, cfg, known)
 
     with _step("drift reference on train", timings, "drift_reference"):
-        from downpour.features.drift import fit_reference
-
-        drift_reference = fit_reference(train, cfg)
+        drift_reference = drift.fit_reference(train, cfg, known)
     return _Fitted(entity_history, state, drift_reference)
 
 

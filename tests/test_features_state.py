@@ -273,3 +273,27 @@ def test_the_fitted_state_does_not_move_with_the_partitioning(spark):
     assert one.approxQuantile("monthly_charges", probs, 0.001) != seven.approxQuantile("monthly_charges", probs, 0.001)
     moments = [f.agg(F.avg("monthly_charges"), F.stddev_pop("monthly_charges")).first() for f in (one, seven)]
     assert moments[0] != moments[1]
+
+
+def test_a_shared_quantile_table_fits_the_same_state_and_is_what_the_fit_reads(spark):
+    """Prepare computes one exact quantile table for the feature fit and the drift reference together
+    (features/exact.py ``table``). Fitted from that table the state is the state the fit computes on its
+    own, a table lacking a probability the fit reads is not used, and the companion shows the table is
+    read: a doctored median moves the state."""
+    from downpour.features import drift, exact
+
+    df = frame(spark).where(F.col("split") == "train")  # the table is of the rows the fit reads
+    cfg = make_cfg(numeric=[{"column": "Monthly Charges", "clip_quantiles": [0.05, 0.95]}, "tenure"])
+    wanted = FeatureState.quantiles_wanted(df, cfg)
+    assert wanted["monthly_charges"] == {0.0, 0.5, 1.0, 0.05, 0.95} and 0.5 in wanted["tenure"]
+    for c, probs in drift.quantiles_wanted(cfg).items():
+        wanted.setdefault(c, set()).update(probs)
+    known = exact.table(df, {c: F.col(c) for c in wanted}, wanted)
+    alone = FeatureState.fit(df, cfg).to_dict()
+    assert FeatureState.fit(df, cfg, known).to_dict() == alone
+    lacking = {c: {p: v for p, v in q.items() if p != 0.95} for c, q in known.items()}
+    assert FeatureState.fit(df, cfg, lacking).to_dict() == alone
+    doctored = {c: dict(q) for c, q in known.items()}
+    doctored["tenure"][0.5] += 1.0
+    fitted = FeatureState.fit(df, cfg, doctored).to_dict()
+    assert [n["impute"] for n in fitted["numeric"]] != [n["impute"] for n in alone["numeric"]]

@@ -290,6 +290,20 @@ def test_prepare_scans_its_input_under_the_split_settings(spark, tiny, monkeypat
     assert spark.conf.get(MAX_SPLIT_KEY, None) == before
 
 
+def test_prepare_computes_the_fit_s_and_the_drift_s_quantiles_in_one_go(spark, tiny, monkeypatch):
+    """The feature fit and the drift reference read one exact quantile table of the train rows: one
+    computation holds the fit's median and the drift's deciles, and none computes either alone."""
+    from downpour.features import drift, exact
+
+    calls: list[list[float]] = []
+    real = exact.quantiles
+    monkeypatch.setattr(exact, "quantiles", lambda df, columns, probs: calls.append(list(probs))
+                        or real(df, columns, probs))
+    run_prepare(spark, config_from_dict(_raw_cfg(tiny["src"], tiny["base"] / "shared")))
+    fit_or_drift = [p for p in calls if 1.0 in p or set(drift.DECILES) <= set(p)]
+    assert len(fit_or_drift) == 1 and {0.0, 0.5, 1.0, *drift.DECILES} <= set(fit_or_drift[0]), calls
+
+
 def test_partitions_follow_the_estimated_rows_of_the_input(spark):
     from types import SimpleNamespace as File
 
