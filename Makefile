@@ -87,18 +87,18 @@ DBR_PY := $(DBR_VENV)/bin/python
 DBR_PIP := $(DBR_VENV)/bin/pip
 DBR_PINS := constraints-dbr15.4.txt
 DBR_STAMP := $(DBR_VENV)/.dbr-installed
-DBR_CACHE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/downpour/pip-dbr-$(shell cat $(DBR_PINS) | cksum | cut -d" " -f1)
+DBR_CACHE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/downpour/pip-dbr-$(shell echo '$(HOROVOD_ENV)' | cat - $(DBR_PINS) | cksum | cut -d" " -f1)
 DBR_TESTS := tests/test_notebook.py tests/test_mlflow.py \
 	tests/test_train.py::test_two_workers_on_uneven_shards_survive_a_kill_resume_agree_learn_and_export
 .PHONY: dbr-env test-dbr
 
 dbr-env: check-tools $(DBR_STAMP)
 
-# horovod: built from source against this environment's TensorFlow, through a pip cache of its own, keyed
-# by the pins (the default cache holds the wheel `make setup` built against TF 2.15, which fails the import
-# check: HorovodVersionMismatchError), so only the first run compiles; without its [spark] extra (it pins
-# pyarrow<11; the runtime has 14). mlflow-skinny by its pin, not downpour[mlflow] (>=2.16; the runtime has
-# 2.13.1).
+# horovod: built from source against this environment's TensorFlow, through a pip cache of its own keyed
+# by the pins and the build flags (the default cache holds the wheel `make setup` built against TF 2.15,
+# which fails the import check: HorovodVersionMismatchError), so only the first run compiles; without its
+# [spark] extra (it pins pyarrow<11; the runtime has 14). mlflow-skinny by its pin, not downpour[mlflow]
+# (>=2.16; the runtime has 2.13.1).
 $(DBR_STAMP): pyproject.toml $(DBR_PINS)
 	@test -x $(DBR_PY) || $(PYTHON) -m venv $(DBR_VENV)
 	$(DBR_PIP) install -q -U pip "setuptools<70" wheel

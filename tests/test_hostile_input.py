@@ -39,10 +39,16 @@ FUZZ = settings(max_examples=15, deadline=None, suppress_health_check=[HealthChe
 _CASES: dict[str, int] = {}
 
 
+_DIRS: list[Path] = []  # where _write puts each case's input: under pytest's own temporary directory
+
+
 @pytest.fixture(scope="module", autouse=True)
-def _case_summary():
-    """Print how many hostile cases ran (never written into the tree: a test must not edit tracked files)."""
+def _case_summary(tmp_path_factory):
+    """Print how many hostile cases ran (never written into the tree: a test must not edit tracked files).
+    Each case's input goes under pytest's temporary directory, which pytest prunes, not loose in /tmp."""
+    _DIRS.append(tmp_path_factory.mktemp("hostile"))
     yield
+    _DIRS.clear()
     total = sum(_CASES.values())
     print(f"\nhostile input: {total} cases {dict(sorted(_CASES.items()))}")
 
@@ -206,7 +212,7 @@ def _oracle_records(data: bytes, header: bool, blank: bytes = bytes(range(0x21))
 
 
 def _write(data: bytes, name: str) -> Path:
-    d = Path(tempfile.mkdtemp(prefix="hostile-"))
+    d = Path(tempfile.mkdtemp(prefix="case-", dir=_DIRS[-1]))
     path = d / "in" / name
     path.parent.mkdir()
     path.write_bytes(data)
