@@ -113,7 +113,9 @@ def table(df: DataFrame, columns: Mapping[str, Column], wanted: Mapping[str, Ite
     computed in one go, for fits that read the same columns (prepare's feature state and drift reference:
     the passes scan the train rows once instead of once per fit)."""
     probs = sorted({float(p) for key in columns for p in wanted.get(key, ())})
-    qs = quantiles(df, columns, probs) if probs else {key: None for key in columns}
+    if not probs:
+        return {}  # nothing wanted: an empty table (None would say "no value" to quantiles_of)
+    qs = quantiles(df, columns, probs)
     return {key: dict(zip(probs, values, strict=True)) if values else None for key, values in qs.items()}
 
 

@@ -292,16 +292,18 @@ def test_prepare_scans_its_input_under_the_split_settings(spark, tiny, monkeypat
 
 def test_prepare_computes_the_fit_s_and_the_drift_s_quantiles_in_one_go(spark, tiny, monkeypatch):
     """The feature fit and the drift reference read one exact quantile table of the train rows: one
-    computation holds the fit's median and the drift's deciles, and none computes either alone."""
+    computation holds the fit's median and the drift's deciles, none computes either alone, and it reads
+    the train split's rows only (as many as the train shards hold)."""
     from downpour.features import drift, exact
 
-    calls: list[list[float]] = []
+    calls: list[tuple[list[float], int]] = []
     real = exact.quantiles
-    monkeypatch.setattr(exact, "quantiles", lambda df, columns, probs: calls.append(list(probs))
+    monkeypatch.setattr(exact, "quantiles", lambda df, columns, probs: calls.append((list(probs), df.count()))
                         or real(df, columns, probs))
-    run_prepare(spark, config_from_dict(_raw_cfg(tiny["src"], tiny["base"] / "shared")))
-    fit_or_drift = [p for p in calls if 1.0 in p or set(drift.DECILES) <= set(p)]
-    assert len(fit_or_drift) == 1 and {0.0, 0.5, 1.0, *drift.DECILES} <= set(fit_or_drift[0]), calls
+    m = run_prepare(spark, config_from_dict(_raw_cfg(tiny["src"], tiny["base"] / "shared")))
+    fit_or_drift = [(p, n) for p, n in calls if 1.0 in p or set(drift.DECILES) <= set(p)]
+    assert len(fit_or_drift) == 1 and {0.0, 0.5, 1.0, *drift.DECILES} <= set(fit_or_drift[0][0]), calls
+    assert fit_or_drift[0][1] == m["splits"]["train"]["rows"] < sum(s["rows"] for s in m["splits"].values())
 
 
 def test_partitions_follow_the_estimated_rows_of_the_input(spark):
