@@ -108,14 +108,15 @@ def quantiles(df: DataFrame, columns: Mapping[str, Column], probs: Sequence[floa
 Table = dict[str, dict[float, float] | None]  # {key: {p: the exact lower quantile}}, None: no value
 
 
-def table(df: DataFrame, columns: Mapping[str, Column], wanted: Mapping[str, Iterable[float]]) -> Table:
-    """:func:`quantiles` of every column at the probabilities ``wanted`` names for it (by the same key),
-    computed in one go, for fits that read the same columns (prepare's feature state and drift reference:
+def table(df: DataFrame, *wanted: Mapping[str, Iterable[float]]) -> Table:
+    """:func:`quantiles` of the columns of ``df`` that the ``wanted`` maps name, at every probability they
+    name, computed in one go for the fits that read them (prepare's feature state and drift reference:
     the passes scan the train rows once instead of once per fit)."""
-    probs = sorted({float(p) for key in columns for p in wanted.get(key, ())})
+    keys = list(dict.fromkeys(key for w in wanted for key in w))
+    probs = sorted({float(p) for w in wanted for ps in w.values() for p in ps})
     if not probs:
         return {}  # nothing wanted: an empty table (None would say "no value" to quantiles_of)
-    qs = quantiles(df, columns, probs)
+    qs = quantiles(df, {key: F.col(key) for key in keys}, probs)
     return {key: dict(zip(probs, values, strict=True)) if values else None for key, values in qs.items()}
 
 
@@ -124,10 +125,10 @@ def quantiles_of(known: Table | None, df: DataFrame, columns: Mapping[str, Colum
     """:func:`quantiles`, read from ``known`` (a :func:`table` of the same rows) where it holds every
     column at every probability, computed otherwise."""
     def held(key: str) -> bool:
-        got = known.get(key, {}) if known is not None else {}
+        got = known[key] if known is not None and key in known else {}
         return got is None or (bool(got) and all(float(p) in got for p in probs))
 
-    if known is None or not all(held(key) for key in columns):
+    if not all(held(key) for key in columns):
         return quantiles(df, columns, probs)
     return {key: None if known[key] is None else [known[key][float(p)] for p in probs]  # type: ignore[index]
             for key in columns}

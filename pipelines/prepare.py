@@ -267,10 +267,7 @@ def _fit(cfg: Config, windowed: _Windowed, where: _Target, timings: dict[str, fl
     train = windowed.frame.where(F.col("split") == "train")
     with _step("fit feature state on train", timings, "fit_features"):
         # the exact quantiles both fits read, in one computation: the passes scan the train rows once
-        wanted: dict[str, set[float]] = FeatureState.quantiles_wanted(train, cfg)
-        for c, probs in drift.quantiles_wanted(cfg).items():
-            wanted.setdefault(c, set()).update(probs)
-        known = exact.table(train, {c: F.col(c) for c in wanted}, wanted)
+        known = exact.table(train, FeatureState.quantiles_wanted(train, cfg), drift.quantiles_wanted(cfg))
         state = FeatureState.fit(train, cfg, known)
 
     with _step("drift reference on train", timings, "drift_reference"):

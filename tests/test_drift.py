@@ -94,15 +94,13 @@ def test_the_reference_keeps_only_the_vocabulary(spark):
 def test_the_reference_read_from_a_shared_quantile_table_is_the_one_it_computes(spark):
     """fit_reference given prepare's exact quantile table (by internal column name) gives the reference it
     computes on its own; the companion: doctored deciles in the table become its edges."""
-    from pyspark.sql import functions as F
-
     from downpour.features import exact
 
     cfg = _cfg()
     df, names = _frame(spark, 3000, seed=3)
     wanted = D.quantiles_wanted(cfg)
     assert wanted == {names["amount"]: D.DECILES}
-    known = exact.table(df, {c: F.col(c) for c in wanted}, wanted)
+    known = exact.table(df, wanted)
     alone = D.fit_reference(df, cfg)
     assert D.fit_reference(df, cfg, known) == alone
     doctored = {c: {p: v + 1.0 for p, v in q.items()} for c, q in known.items()}
