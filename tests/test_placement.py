@@ -251,7 +251,7 @@ import horovod.tensorflow as hvd_tf
 import horovod.tensorflow.keras as hvd
 from downpour.config import TrainingConfig
 from downpour.training.model import build_model
-from downpour.training.rank import plain_allreduce_tracing
+from downpour.training.rank import distributed_optimizer, plain_allreduce_tracing
 
 hvd.init()
 plain_allreduce_tracing()  # as every rank of `downpour train` does: the averages below check that path
@@ -280,21 +280,27 @@ def logical(model):
             out[f"{part}/{i}"] = w
     return out
 
-report = {"rank": rank, "size": size}
+def horovod_ops(model):  # the Horovod op types in the train step that fit traced
+    graphs = [c.graph.as_graph_def() for c in model.train_function._list_all_concrete_functions()]
+    nodes = [n for g in graphs for n in list(g.node) + [n for f in g.library.function for n in f.node_def]]
+    return sorted({n.op for n in nodes if n.op.startswith("Horovod")})
+
+report = {"rank": rank, "size": size, "ops": {}}
 x, y = data(rank)
-for dense in (False, True):
+for dense, groups in ((False, 0), (True, 0), (False, 1), (True, 1)):
     model = build_model(spec, tcfg, devs)
     rng = np.random.default_rng(1000 + rank)      # every rank starts different ...
     for v in model.weights:
         v.assign(rng.normal(scale=0.3, size=v.shape).astype("float32"))
     hvd_tf.broadcast_variables(model.variables, root_rank=0)   # ... until rank 0's weights are broadcast
     init = logical(model)
-    opt = hvd.DistributedOptimizer(tf.keras.optimizers.SGD(lr), sparse_as_dense=dense)
+    opt = distributed_optimizer(tf.keras.optimizers.SGD(lr), model, groups, dense)  # as a rank builds it
     model.compile(optimizer=opt, loss="binary_crossentropy")
     model.fit(x, y, batch_size=b, epochs=1, shuffle=False, verbose=0)
     got = logical(model)
-    np.savez(f"{sys.argv[2]}/rank{rank}_dense{int(dense)}.npz", **got)
-    if rank == 0:
+    report["ops"][f"dense{int(dense)}_groups{groups}"] = horovod_ops(model)
+    np.savez(f"{sys.argv[2]}/rank{rank}_dense{int(dense)}_groups{groups}.npz", **got)
+    if rank == 0 and not groups:
         # reference: one process, unsharded model, SGD on each step's global batch (all ranks' rows)
         np.savez(f"{sys.argv[2]}/init_dense{int(dense)}.npz", **init)
         ref = build_model(spec, TrainingConfig(hidden_units=[8], dropout=0.0, seed=9))
@@ -315,7 +321,8 @@ for dense in (False, True):
             grads = tape.gradient(loss, ref.trainable_weights)
             sgd.apply_gradients(zip(grads, ref.trainable_weights))
         np.savez(f"{sys.argv[2]}/reference_dense{int(dense)}.npz", **logical(ref))
-print(json.dumps(report))
+if rank == 0:
+    print("REPORT " + json.dumps(report))
 """
 
 
@@ -347,7 +354,9 @@ def test_horovod_traces_its_gradient_allreduce_without_autograph_once_asked():
 def test_horovod_two_ranks_with_two_devices_each_match_single_process_sgd(tmp_path):
     """2 ranks x 2 logical devices, sharded tables: after broadcast + 6 DistributedOptimizer steps
     on different data per rank, both ranks hold identical weights equal to one process doing SGD on
-    the global batches, with sparse (allgathered IndexedSlices) and with dense gradient averaging."""
+    the global batches, with sparse (allgathered IndexedSlices) and with dense gradient averaging, each
+    gradient averaged on its own (Horovod's default) or all in one grouped collective
+    (``training.allreduce_groups: 1``, which a rank builds through ``rank.distributed_optimizer``)."""
     horovodrun = Path(sys.executable).with_name("horovodrun")
     if not horovodrun.exists():
         horovodrun = Path(shutil.which("horovodrun") or "horovodrun")
@@ -359,14 +368,22 @@ def test_horovod_two_ranks_with_two_devices_each_match_single_process_sgd(tmp_pa
         capture_output=True, text=True, timeout=240, cwd=ROOT, env=env,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    for dense in (0, 1):
-        r0 = np.load(tmp_path / f"rank0_dense{dense}.npz")
-        r1 = np.load(tmp_path / f"rank1_dense{dense}.npz")
+    (line,) = [x for x in proc.stdout.splitlines() if "REPORT " in x]
+    ops = json.loads(line.split("REPORT ", 1)[1])["ops"]
+    # the setting decides the collective: grouped, no gradient travels alone (and per gradient, none grouped)
+    assert ops == {"dense0_groups0": ["HorovodAllgather", "HorovodAllreduce"],
+                   "dense1_groups0": ["HorovodAllreduce"],
+                   "dense0_groups1": ["HorovodGroupedAllgather", "HorovodGroupedAllreduce"],
+                   "dense1_groups1": ["HorovodGroupedAllreduce"]}, ops
+    for dense, groups in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        r0 = np.load(tmp_path / f"rank0_dense{dense}_groups{groups}.npz")
+        r1 = np.load(tmp_path / f"rank1_dense{dense}_groups{groups}.npz")
         ref = np.load(tmp_path / f"reference_dense{dense}.npz")
         assert set(r0.files) == set(ref.files) and "embeddings/c__y" in r0.files
         for key in ref.files:
             np.testing.assert_array_equal(r0[key], r1[key], err_msg=f"ranks diverged on {key}")
-            np.testing.assert_allclose(r0[key], ref[key], atol=1e-5, err_msg=f"{key} (sparse_as_dense={dense})")
+            np.testing.assert_allclose(r0[key], ref[key], atol=1e-5,
+                                       err_msg=f"{key} (sparse_as_dense={dense}, groups={groups})")
         # every part trained (equal-to-reference would hold vacuously for frozen weights)
         init = np.load(tmp_path / f"init_dense{dense}.npz")
         for key in ("embeddings/c__y", "wide/c__x_x_y", "wide/dense_kernel", "deep_tower/0", "head/0"):

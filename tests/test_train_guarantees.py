@@ -220,7 +220,12 @@ def test_resumed_two_worker_run_ends_with_the_weights_of_an_uninterrupted_run(sp
     with open(os.path.join(ckpts, LATEST), "w") as f:
         json.dump({**state, "epoch": 2, "path": "epoch-000002", "history": state["history"][:2],
                    "best": None, "best_path": None, "stopped_early": False}, f)
-    resumed = run_training(spark, cfg)["training"]
+    # and the resumed run averages each gradient with its own allreduce (Horovod's default) where the
+    # uninterrupted one grouped them all (the default, one allreduce a step): the same average
+    assert whole["allreduce_groups"] == 1
+    per_gradient = cfg.model_copy(update={"training": cfg.training.model_copy(update={"allreduce_groups": 0})})
+    resumed = run_training(spark, per_gradient)["training"]
+    assert resumed["allreduce_groups"] == 0
     assert resumed["initial_epoch"] == 2 and resumed["epochs_completed"] == 3
     got = _checkpoint(os.path.join(ckpts, "epoch-000003"))
 

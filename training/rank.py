@@ -188,7 +188,6 @@ def _train_rank(plan: RankPlan, rank: int) -> dict[str, Any]:
 
 def _compiled(plan: RankPlan, cfg: Config, rank: int, size: int, devices: list[str]) -> tuple[Any, Any]:
     """The model (placed on ``devices``) compiled with Horovod's distributed Adam, slots created."""
-    import horovod.tensorflow.keras as hvd
     import tensorflow as tf
 
     from downpour.training import callbacks as cb
@@ -202,10 +201,8 @@ def _compiled(plan: RankPlan, cfg: Config, rank: int, size: int, devices: list[s
     tf.keras.backend.experimental.enable_tf_random_generator()
     model = build_model(plan.feature_state, t, devices or None)
     plain_allreduce_tracing()
-    optimizer = hvd.DistributedOptimizer(
-        tf.keras.optimizers.legacy.Adam(learning_rate=t.learning_rate * size),
-        sparse_as_dense=sparse_as_dense(model, t.batch_size, size),
-    )
+    optimizer = distributed_optimizer(tf.keras.optimizers.legacy.Adam(learning_rate=t.learning_rate * size),
+                                      model, t.allreduce_groups, sparse_as_dense(model, t.batch_size, size))
     model.compile(
         optimizer=optimizer,
         loss=tf.keras.losses.BinaryCrossentropy(),
@@ -220,6 +217,30 @@ def _compiled(plan: RankPlan, cfg: Config, rank: int, size: int, devices: list[s
     # broadcast of optimizer.variables() (paired by position) then deadlocks on mismatched tensors.
     optimizer._create_all_weights(model.trainable_variables)
     return model, optimizer
+
+
+def distributed_optimizer(inner: Any, model: Any, groups: int, dense: bool) -> Any:
+    """``inner`` wrapped to average every step's gradients across the ranks before applying them.
+
+    ``groups`` (``training.allreduce_groups``): 1 puts the gradients in one grouped collective, so a step
+    costs one negotiation and one fused reduction. Horovod's default (0 here) sends each gradient on its
+    own as it is ready and fuses whatever arrived within a cycle: for the fraud model, 24 tensors in
+    several round trips a step (benchmarks/README.md "Investigation: data parallelism on two cores").
+    ``dense``: embedding gradients densified (``placement.sparse_as_dense``); otherwise each table's
+    gradient is allgathered as its own group, because Horovod 0.28.1's grouped allreduce fails on a
+    group that mixes sparse and dense gradients.
+    """
+    import horovod.tensorflow.keras as hvd
+
+    from downpour.training.placement import embedding_tables
+
+    split: int | list[list[Any]] | None = groups or None
+    if groups and not dense:
+        tables = {id(v) for table in embedding_tables(model) for v in table.shards}
+        rest = [v for v in model.trainable_weights if id(v) not in tables]
+        step = max(1, -(-len(rest) // groups))
+        split = [rest[i:i + step] for i in range(0, len(rest), step)]  # tables: one group each (Horovod)
+    return hvd.DistributedOptimizer(inner, sparse_as_dense=dense, groups=split)
 
 
 def plain_allreduce_tracing() -> None:
