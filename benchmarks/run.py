@@ -43,6 +43,9 @@ GOALS: dict[str, tuple[str, tuple[str, float] | None]] = {
                                          "machine either way, so not a data-parallel figure", None),
     "horovod_2v1_speedup_same_global_batch": ("the same, 2 workers at half the per-worker batch (same global "
                                               "batch)", None),
+    "horovod_grouped_vs_per_gradient": ("training examples/s of the 2 fixed-thread workers averaging all gradients "
+                                        "in one grouped allreduce (`training.allreduce_groups: 1`, the default) / "
+                                        "one allreduce per gradient (`0`, Horovod's default)", None),
     "prepare_vs_bare_io": ("`prepare` wall time / bare Spark read-CSV-write-Parquet, same raw data", ("<=", 5)),
     "prepare_no_windows_vs_bare_io": ("the same without velocity window features", ("<=", 3)),
     "prepare_10x_scaling": ("`prepare` time on 10x rows / on 1x", ("<=", 11)),
@@ -70,7 +73,8 @@ SIZES = {
              # 200k -> 2M: prepare of 10M rows in local[2] with a 4 GiB driver runs out of heap here
              # (README, Troubleshooting); on a bigger machine: --size prepare_rows=1000000
              "prepare_rows": 200_000, "prepare_repeats": 3, "scale": 10,
-             "train_repeats": 3, "train_epochs": 2, "in_memory_epochs": 5,
+             # epochs: 3 timed after the first (a timed epoch of the 200k rows is about a second)
+             "train_repeats": 3, "train_epochs": 4, "in_memory_epochs": 5,
              # peer: a pair (ours, then the peer) took ~375 s at 100k rows, ~175 s at 40k (ours 67 s; peer
              # 106 s, 75 of them its per-row transform): warm-up + 3 pairs at 40k is ~10 minutes. 40k rows
              # give 6,000 test rows with ~28 positives (AUC standard error ~0.05, reported); for an AUC

@@ -8,12 +8,15 @@
   pools and ``OMP_NUM_THREADS``) and one petastorm reader thread (``training.reader_workers=1``), the
   same per-worker batch, the same data and epochs. Not capped: tf.data's own thread pool and Horovod's
   background thread. On a machine with fewer free cores than workers this cannot reach 2.
+* ``horovod_grouped_vs_per_gradient``: the 2 fixed-thread workers with every gradient in one grouped
+  allreduce a step (``training.allreduce_groups: 1``, the default) over one allreduce per gradient
+  (``0``, Horovod's own default), alternated with the rest.
 * ``horovod_2v1_speedup_same_machine`` (was ``horovod_2v1_speedup``): 1 worker with the default threads
   (all cores) against 2 workers with cores/2 each, same per-worker batch: both use the whole machine,
   so on one machine this says nothing about data parallelism (reported, no goal);
   ``horovod_2v1_speedup_same_global_batch`` is the same with 2 workers at half the per-worker batch.
 
-  All five runs alternate ``repeats`` times (the order rotated every round) on the same prepared fraud
+  All six runs alternate ``repeats`` times (the order rotated every round) on the same prepared fraud
   shards with ``training.imbalance=none`` (every train row is read and trained on); examples/s is taken
   over every epoch after the first (the first traces the graph: the warm-up, the same for all); each
   figure is the median over rounds of the ratio within the round, with its (min, max).
@@ -59,6 +62,8 @@ RUNS: dict[str, tuple[int, float, tuple[str, ...]]] = {
     # fixed resources per worker: one TensorFlow thread (intra- and inter-op) and one reader thread each
     "1_fixed_threads": (1, 1.0, FIXED),
     "2_fixed_threads": (2, 1.0, FIXED),
+    # the same, each gradient averaged on its own (Horovod's default) instead of in one grouped allreduce
+    "2_fixed_threads_per_gradient": (2, 1.0, (*FIXED, "training.allreduce_groups=0")),
 }
 
 
@@ -84,6 +89,7 @@ def measure_scaling(spark: Any, raw: str, out: str, repeats: int = 3, epochs: in
     same, same_spread = ratio_figure(speeds["2"], speeds["1"])
     sgb, sgb_spread = ratio_figure(speeds["2_same_global_batch"], speeds["1"])
     fixed, fixed_spread = ratio_figure(speeds["2_fixed_threads"], speeds["1_fixed_threads"])
+    grouped, grouped_spread = ratio_figure(speeds["2_fixed_threads"], speeds["2_fixed_threads_per_gradient"])
     per = {k: summary(v, 0) for k, v in speeds.items()}
     return {
         "epochs": epochs,
@@ -106,6 +112,8 @@ def measure_scaling(spark: Any, raw: str, out: str, repeats: int = 3, epochs: in
         "horovod_2v1_speedup_same_global_batch_spread": sgb_spread,
         "horovod_2v1_speedup_fixed_threads": fixed,
         "horovod_2v1_speedup_fixed_threads_spread": fixed_spread,
+        "horovod_grouped_vs_per_gradient": grouped,
+        "horovod_grouped_vs_per_gradient_spread": grouped_spread,
     }
 
 
