@@ -73,8 +73,8 @@ SIZES = {
              # 200k -> 2M: prepare of 10M rows in local[2] with a 4 GiB driver runs out of heap here
              # (README, Troubleshooting); on a bigger machine: --size prepare_rows=1000000
              "prepare_rows": 200_000, "prepare_repeats": 3, "scale": 10,
-             # epochs: 3 timed after the first (a timed epoch of the 200k rows is about a second)
-             "train_repeats": 3, "train_epochs": 4, "in_memory_epochs": 5,
+             # epochs: 2 timed after the first (a timed epoch of the 200k rows is about a second)
+             "train_repeats": 3, "train_epochs": 3, "in_memory_epochs": 5,
              # peer: a pair (ours, then the peer) took ~375 s at 100k rows, ~175 s at 40k (ours 67 s; peer
              # 106 s, 75 of them its per-row transform): warm-up + 3 pairs at 40k is ~10 minutes. 40k rows
              # give 6,000 test rows with ~28 positives (AUC standard error ~0.05, reported); for an AUC

@@ -10,13 +10,14 @@
   background thread. On a machine with fewer free cores than workers this cannot reach 2.
 * ``horovod_grouped_vs_per_gradient``: the 2 fixed-thread workers with every gradient in one grouped
   allreduce a step (``training.allreduce_groups: 1``, the default) over one allreduce per gradient
-  (``0``, Horovod's own default), alternated with the rest.
+  (``0``, Horovod's own default).
 * ``horovod_2v1_speedup_same_machine`` (was ``horovod_2v1_speedup``): 1 worker with the default threads
   (all cores) against 2 workers with cores/2 each, same per-worker batch: both use the whole machine,
   so on one machine this says nothing about data parallelism (reported, no goal);
   ``horovod_2v1_speedup_same_global_batch`` is the same with 2 workers at half the per-worker batch.
 
-  All six runs alternate ``repeats`` times (the order rotated every round) on the same prepared fraud
+  All six runs alternate ``repeats`` times (the order rotated every round and reversed every other
+  round, so each pair runs in both orders) on the same prepared fraud
   shards with ``training.imbalance=none`` (every train row is read and trained on); examples/s is taken
   over every epoch after the first (the first traces the graph: the warm-up, the same for all); each
   figure is the median over rounds of the ratio within the round, with its (min, max).
@@ -78,7 +79,8 @@ def measure_scaling(spark: Any, raw: str, out: str, repeats: int = 3, epochs: in
     threads: dict[str, Any] = {}
     names = list(RUNS)
     for i in range(repeats):
-        for name in names[i % len(names):] + names[:i % len(names)]:  # rotate who goes first
+        order = names[i % len(names):] + names[:i % len(names)]  # rotate who goes first ...
+        for name in order[::-1] if i % 2 else order:  # ... and reverse every other round: pairs swap
             workers, fraction, extra = RUNS[name]
             card = train(spark, raw, out, f"training.workers={workers}", f"training.epochs={epochs}",
                          f"training.batch_size={max(1, int(batch * fraction))}", "training.imbalance=none",

@@ -280,14 +280,22 @@ def logical(model):
             out[f"{part}/{i}"] = w
     return out
 
-def horovod_ops(model):  # the Horovod op types in the train step that fit traced
-    graphs = [c.graph.as_graph_def() for c in model.train_function._list_all_concrete_functions()]
-    nodes = [n for g in graphs for n in list(g.node) + [n for f in g.library.function for n in f.node_def]]
-    return sorted({n.op for n in nodes if n.op.startswith("Horovod")})
+def horovod_ops(model):  # per train step fit traced: {Horovod op type: tensors each node takes}
+    import collections
+    found = set()
+    for fn in model.train_function._list_all_concrete_functions():
+        graph = fn.graph.as_graph_def()
+        ops = collections.defaultdict(list)
+        for n in list(graph.node) + [n for f in graph.library.function for n in f.node_def]:
+            if n.op.startswith("Horovod"):
+                ops[n.op].append(n.attr["num_tensors"].i if "num_tensors" in n.attr else 1)
+        found.add(json.dumps({k: sorted(v) for k, v in ops.items()}, sort_keys=True))
+    return [json.loads(x) for x in sorted(found)]
 
+VARIANTS = ((False, 0), (True, 0), (False, 1), (True, 1), (False, 2), (True, 100))
 report = {"rank": rank, "size": size, "ops": {}}
 x, y = data(rank)
-for dense, groups in ((False, 0), (True, 0), (False, 1), (True, 1)):
+for dense, groups in VARIANTS:
     model = build_model(spec, tcfg, devs)
     rng = np.random.default_rng(1000 + rank)      # every rank starts different ...
     for v in model.weights:
@@ -370,12 +378,17 @@ def test_horovod_two_ranks_with_two_devices_each_match_single_process_sgd(tmp_pa
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     (line,) = [x for x in proc.stdout.splitlines() if "REPORT " in x]
     ops = json.loads(line.split("REPORT ", 1)[1])["ops"]
-    # the setting decides the collective: grouped, no gradient travels alone (and per gradient, none grouped)
-    assert ops == {"dense0_groups0": ["HorovodAllgather", "HorovodAllreduce"],
-                   "dense1_groups0": ["HorovodAllreduce"],
-                   "dense0_groups1": ["HorovodGroupedAllgather", "HorovodGroupedAllreduce"],
-                   "dense1_groups1": ["HorovodGroupedAllreduce"]}, ops
-    for dense, groups in ((0, 0), (1, 0), (0, 1), (1, 1)):
+    # the setting decides the collectives (the model: 15 trainable weights, 10 of them table shards):
+    # per gradient, each on its own (a shard's sparse gradient as two allgathers, values and indices);
+    # grouped, every dense gradient in one allreduce and the shards' sparse ones in one pair of allgathers
+    assert ops == {"dense0_groups0": [{"HorovodAllgather": [1] * 20, "HorovodAllreduce": [1] * 5}],
+                   "dense1_groups0": [{"HorovodAllreduce": [1] * 15}],
+                   "dense0_groups1": [{"HorovodGroupedAllgather": [10, 10], "HorovodGroupedAllreduce": [5]}],
+                   "dense1_groups1": [{"HorovodGroupedAllreduce": [15]}],
+                   # up to n groups: more groups than gradients leaves one gradient per group
+                   "dense0_groups2": [{"HorovodGroupedAllgather": [10, 10], "HorovodGroupedAllreduce": [2, 3]}],
+                   "dense1_groups100": [{"HorovodGroupedAllreduce": [1] * 15}]}, ops
+    for dense, groups in ((0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 100)):
         r0 = np.load(tmp_path / f"rank0_dense{dense}_groups{groups}.npz")
         r1 = np.load(tmp_path / f"rank1_dense{dense}_groups{groups}.npz")
         ref = np.load(tmp_path / f"reference_dense{dense}.npz")

@@ -223,23 +223,28 @@ def distributed_optimizer(inner: Any, model: Any, groups: int, dense: bool) -> A
     """``inner`` wrapped to average every step's gradients across the ranks before applying them.
 
     ``groups`` (``training.allreduce_groups``): 1 puts the gradients in one grouped collective, so a step
-    costs one negotiation and one fused reduction. Horovod's default (0 here) sends each gradient on its
-    own as it is ready and fuses whatever arrived within a cycle: for the fraud model, 24 tensors in
-    several round trips a step (benchmarks/README.md "Investigation: data parallelism on two cores").
-    ``dense``: embedding gradients densified (``placement.sparse_as_dense``); otherwise each table's
-    gradient is allgathered as its own group, because Horovod 0.28.1's grouped allreduce fails on a
-    group that mixes sparse and dense gradients.
+    costs one negotiation and one fused reduction; n splits them into up to n groups. Horovod's default
+    (0 here) sends each gradient on its own as it is ready and fuses whatever arrived within a cycle:
+    for the fraud model, 24 tensors in more than a dozen round trips a step (benchmarks/README.md
+    "Investigation: data parallelism on two cores"). ``dense``: embedding gradients densified
+    (``placement.sparse_as_dense``); otherwise the tables' sparse gradients form one group of their own
+    (two grouped allgathers), because Horovod 0.28.1's grouped allreduce fails on a group that mixes
+    sparse and dense gradients. Horovod matches gradients to groups by variable name.
     """
     import horovod.tensorflow.keras as hvd
 
     from downpour.training.placement import embedding_tables
 
-    split: int | list[list[Any]] | None = groups or None
-    if groups and not dense:
-        tables = {id(v) for table in embedding_tables(model) for v in table.shards}
-        rest = [v for v in model.trainable_weights if id(v) not in tables]
-        step = max(1, -(-len(rest) // groups))
-        split = [rest[i:i + step] for i in range(0, len(rest), step)]  # tables: one group each (Horovod)
+    if not groups:
+        return hvd.DistributedOptimizer(inner, sparse_as_dense=dense)
+    weights = list(model.trainable_weights)
+    if len({v.name for v in weights}) != len(weights):
+        raise RuntimeError("two trainable weights share a name: Horovod could not tell their gradients apart")
+    sparse = set() if dense else {id(v) for table in embedding_tables(model) for v in table.shards}
+    rest = [v for v in weights if id(v) not in sparse]
+    step = max(1, -(-len(rest) // groups))
+    split = [rest[i:i + step] for i in range(0, len(rest), step)]
+    split += [[v for v in weights if id(v) in sparse]] if sparse else []
     return hvd.DistributedOptimizer(inner, sparse_as_dense=dense, groups=split)
 
 
