@@ -224,8 +224,8 @@ def distributed_optimizer(inner: Any, model: Any, groups: int, dense: bool) -> A
 
     ``groups`` (``training.allreduce_groups``): 1 puts the gradients in one grouped collective, so a step
     costs one negotiation and one fused reduction; n splits them into up to n groups. Horovod's default
-    (0 here) sends each gradient on its own as it is ready and fuses whatever arrived within a cycle:
-    for the fraud model, 24 tensors in more than a dozen round trips a step (benchmarks/README.md
+    (0 here) negotiates each gradient on its own as it is ready and fuses whatever is ready within a
+    cycle: for the fraud model, 24 negotiations and about two reductions a step (benchmarks/README.md
     "Investigation: data parallelism on two cores"). ``dense``: embedding gradients densified
     (``placement.sparse_as_dense``); otherwise the tables' sparse gradients form one group of their own
     (two grouped allgathers), because Horovod 0.28.1's grouped allreduce fails on a group that mixes
