@@ -196,7 +196,7 @@ def _checkpoint(path: str) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_resumed_two_worker_run_ends_with_the_weights_of_an_uninterrupted_run(spark, tmp_path):
+def test_resumed_two_worker_run_ends_with_the_weights_of_an_uninterrupted_run(spark, tmp_path, monkeypatch):
     from downpour.training.checkpoints import LATEST
     from downpour.training.train import run_training
 
@@ -208,7 +208,12 @@ def test_resumed_two_worker_run_ends_with_the_weights_of_an_uninterrupted_run(sp
                   early_stopping_patience=0)
     ckpts = os.path.join(out, "training", "checkpoints")
 
+    # Horovod's settings in the driver's environment reach the ranks: rank 0 records its timeline
+    timeline = tmp_path / "timeline.json"
+    monkeypatch.setenv("HOROVOD_TIMELINE", str(timeline))
     whole = run_training(spark, cfg, fresh=True)["training"]  # never interrupted
+    monkeypatch.delenv("HOROVOD_TIMELINE")
+    assert '"name": "ALLREDUCE"' in timeline.read_text()
     expected = _checkpoint(os.path.join(ckpts, "epoch-000003"))  # model + optimizer after 3 epochs
     final = whole["final_metrics"]
     scores, labels = _val_scores(out)

@@ -38,6 +38,11 @@ from downpour.training.plan import RankPlan, make_plan
 from downpour.training.rank import RANK_ERROR, rank_main
 
 _COMM_ERRORS = ("HorovodInternalError", "ConnectionResetError", "BrokenPipeError")
+# Horovod's own tuning and diagnostics: set in the driver's environment, they reach every rank (what
+# Horovod sets per rank, such as HOROVOD_RANK, stays Horovod's)
+HOROVOD_SETTINGS = ("HOROVOD_TIMELINE", "HOROVOD_TIMELINE_MARK_CYCLES", "HOROVOD_CYCLE_TIME",
+                    "HOROVOD_FUSION_THRESHOLD", "HOROVOD_CACHE_CAPACITY", "HOROVOD_LOG_LEVEL",
+                    "HOROVOD_AUTOTUNE", "HOROVOD_AUTOTUNE_LOG")
 
 
 class TrainingFailed(DownpourError):
@@ -109,6 +114,7 @@ def launch(spark: Any, plan: RankPlan, workers: int, timeout_s: int) -> list[dic
         "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
         "PYTHONUNBUFFERED": "1",
         "DOWNPOUR_LOG_LEVEL": os.environ.get("DOWNPOUR_LOG_LEVEL", "INFO"),
+        **{k: os.environ[k] for k in HOROVOD_SETTINGS if k in os.environ},
     }
     if "TF_USE_LEGACY_KERAS" in os.environ:
         # TF 2.16+ (Databricks 15.4 LTS ML): tf.keras is Keras 2 (tf_keras) only with this set; a rank
