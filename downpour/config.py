@@ -275,9 +275,9 @@ class TrainingConfig(_Strict):
     early_stopping_metric: str = "val_auc"
     shuffle_window_row_groups: int = Field(4, ge=1)
     threads_per_worker: int | None = Field(None, ge=1)
-    # gradient allreduces per step: 1 averages every gradient in one grouped allreduce (one negotiation
-    # per step, the latency-bound case of small tabular models); n > 1 splits them into n groups; 0 is
-    # Horovod's default, one allreduce per gradient, fused as they become ready
+    # gradient allreduces per step (training/rank.py distributed_optimizer): 1 averages every gradient in
+    # one grouped allreduce (one negotiation a step); n > 1 up to n groups; sparse table gradients form
+    # one more group; 0 is Horovod's default, one allreduce per gradient, fused as they become ready
     allreduce_groups: int = Field(1, ge=0)
     seed: int = 42
     timeout_s: int = Field(3600, ge=10)

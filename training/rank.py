@@ -240,11 +240,12 @@ def distributed_optimizer(inner: Any, model: Any, groups: int, dense: bool) -> A
     weights = list(model.trainable_weights)
     if len({v.name for v in weights}) != len(weights):
         raise RuntimeError("two trainable weights share a name: Horovod could not tell their gradients apart")
-    sparse = set() if dense else {id(v) for table in embedding_tables(model) for v in table.shards}
-    rest = [v for v in weights if id(v) not in sparse]
-    step = max(1, -(-len(rest) // groups))
+    shards = set() if dense else {id(v) for table in embedding_tables(model) for v in table.shards}
+    rest = [v for v in weights if id(v) not in shards]
+    step = max(1, -(-len(rest) // groups))  # ceil: at most `groups` groups, none empty
     split = [rest[i:i + step] for i in range(0, len(rest), step)]
-    split += [[v for v in weights if id(v) in sparse]] if sparse else []
+    if shards:
+        split.append([v for v in weights if id(v) in shards])
     return hvd.DistributedOptimizer(inner, sparse_as_dense=dense, groups=split)
 
 
