@@ -78,7 +78,7 @@ def sized_partitions(spark: SparkSession, files: Sequence[Any], fmt: str) -> int
 
     Why: AQE merges small shuffle partitions within a query, but not the output of a persisted frame,
     which keeps ``spark.sql.shuffle.partitions`` (200 on a cluster). Every later pass over it then
-    ran 200 tasks: a 7,043-row ``prepare`` on two executors took three minutes. Coalescing to more
+    ran 200 tasks, most of them near-empty for a small input. Coalescing to more
     partitions than the frame has is a no-op, so large inputs keep the session's partitioning.
 
     The rows are estimated from the input files (objects with a ``path`` and a ``size``): twice their

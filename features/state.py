@@ -43,7 +43,8 @@ from downpour.storage import HadoopFS
 VERSION = 1
 INT64_NULL = -(2**63)  # how serving spells a null integer category or timestamp (int64 has no null)
 # what cleaning trims (pipelines.ingest.WHITESPACE): Spark strips these characters from both ends with
-# ``btrim`` (a regex replace per value cost 2-3x as much), TensorFlow with this RE2 pattern (the
+# ``btrim`` (faster than a regex replace per value: benchmarks/README.md, "Investigation: per-row
+# expressions and the hot-key count"), TensorFlow with this RE2 pattern (the
 # characters are literal inside the class), which removes the same leading and trailing runs
 WHITESPACE = " \t\r\n\u00a0"
 TRIM_PATTERN = f"\\A[{WHITESPACE}]+|[{WHITESPACE}]+\\z"

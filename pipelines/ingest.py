@@ -216,7 +216,8 @@ def _text_lines(spark: SparkSession, paths: list[str], opts: dict[str, str]) -> 
 
 def _non_blank(value: Column, blank: str) -> Column:
     """Any character outside the ``blank`` class: a search that stops at the first one (a
-    ``regexp_replace`` of the whole line took 3-4x as long on 2M lines)."""
+    ``regexp_replace`` of the whole line took 3-5x as long on 2M lines: benchmarks/README.md,
+    "Investigation: per-row expressions and the hot-key count")."""
     if not (blank.startswith("[") and not blank.startswith("[^") and blank.endswith("]")):
         raise ValueError(f"_non_blank needs a positive character class such as '[ \\t]', not {blank!r}")
     return value.rlike("[^" + blank[1:])

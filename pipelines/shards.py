@@ -162,7 +162,7 @@ def _write(df: DataFrame, base_url: str, names: list[str], columns: list[str], c
     per_split = {i: plans[n].rows_per_group for i, n in enumerate(names) if plans[n].rows}
     gid = _by_split(group_base) + F.floor(F.col(_IDX) / _by_split(per_split)).cast("long")
     # A task writes one file per group it holds (sorted by group, then position): fewer tasks than
-    # groups, since each task costs a writer and a commit (126 tiny tasks were most of a small prepare).
+    # groups, since each task costs a writer and a commit, which a small split's tiny groups would not repay.
     tasks = min(total_groups, _write_tasks(df.sparkSession, total_groups))
     rows = (keyed.join(off, [_S, _B]).withColumn(_IDX, idx).withColumn(_GID, gid)
             .repartition(tasks, _GID).sortWithinPartitions(_S, _GID, _IDX).select(*columns, _S, _GID))

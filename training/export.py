@@ -198,8 +198,8 @@ def _state_of(keras_model: Any) -> list[Any]:
     """What a signature that calls ``keras_model`` captures: its variables and lookup tables.
 
     The scorer tracks these rather than the Keras model itself: tracking a Keras object makes
-    ``tf.saved_model.save`` trace every layer's call for Keras' own loader, which took half of the
-    export's time (and nothing loads the Keras objects back: serving uses the two signatures). A
+    ``tf.saved_model.save`` trace every layer's call for Keras' own loader, which lengthens every
+    export (and nothing loads the Keras objects back: serving uses the two signatures). A
     captured object that is missed here is not silently dropped: saving refuses an untracked resource.
     """
     tables = [layer.lookup_table for layer in keras_model.submodules  # nested layers included

@@ -291,9 +291,9 @@ def _guard_end_of_pass(reader: Any) -> None:
 class _ArrowToNumpy:
     """Results reader for a petastorm batch reader: Arrow row group -> ``{column: numpy array}``.
 
-    petastorm's own converts every column through a pandas Series (about half a millisecond per
-    column per row group, more than the Parquet decode of a 16k-row group of a numeric column);
-    ``ChunkedArray.to_numpy`` is zero-copy for the null-free numeric columns shards hold.
+    petastorm's own converts every column through a pandas Series, a per-column, per-row-group cost
+    on top of the Parquet decode; ``ChunkedArray.to_numpy`` is zero-copy for the null-free numeric
+    columns shards hold.
     """
 
     batched_output = True
