@@ -43,6 +43,10 @@ _COMM_ERRORS = ("HorovodInternalError", "ConnectionResetError", "BrokenPipeError
 HOROVOD_SETTINGS = ("HOROVOD_TIMELINE", "HOROVOD_TIMELINE_MARK_CYCLES", "HOROVOD_CYCLE_TIME",
                     "HOROVOD_FUSION_THRESHOLD", "HOROVOD_CACHE_CAPACITY", "HOROVOD_LOG_LEVEL",
                     "HOROVOD_AUTOTUNE", "HOROVOD_AUTOTUNE_LOG")
+# what a rank takes from the driver's environment when set there: a rank gets the executor's environment,
+# which may lack it. TF_USE_LEGACY_KERAS: on TF 2.16+ (Databricks 15.4 LTS ML) tf.keras is Keras 2
+# (tf_keras) only with it set
+PASSED_TO_RANKS = (*HOROVOD_SETTINGS, "TF_USE_LEGACY_KERAS")
 
 
 class TrainingFailed(DownpourError):
@@ -114,12 +118,8 @@ def launch(spark: Any, plan: RankPlan, workers: int, timeout_s: int) -> list[dic
         "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
         "PYTHONUNBUFFERED": "1",
         "DOWNPOUR_LOG_LEVEL": os.environ.get("DOWNPOUR_LOG_LEVEL", "INFO"),
-        **{k: os.environ[k] for k in HOROVOD_SETTINGS if k in os.environ},
+        **{k: os.environ[k] for k in PASSED_TO_RANKS if k in os.environ},
     }
-    if "TF_USE_LEGACY_KERAS" in os.environ:
-        # TF 2.16+ (Databricks 15.4 LTS ML): tf.keras is Keras 2 (tf_keras) only with this set; a rank
-        # gets the executor's environment, which may lack what the driver set
-        env["TF_USE_LEGACY_KERAS"] = os.environ["TF_USE_LEGACY_KERAS"]
     out, err = _Tee(sys.stdout), _Tee(sys.stderr)
     group = f"horovod.spark.run.{job_id.JOB_ID + 1}"  # the job group horovod.spark.run is about to use
     done, fired = threading.Event(), threading.Event()
