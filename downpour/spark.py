@@ -19,6 +19,7 @@ from downpour.logs import LOG
 PERSIST_LEVEL_KEY = "spark.downpour.persistLevel"
 PERSIST_COMPRESSED_KEY = "spark.downpour.persistCompressed"
 CACHE_COMPRESSED_KEY = "spark.sql.inMemoryColumnarStorage.compressed"  # Spark's own; set per stage
+CONSTRAINTS_KEY = "spark.sql.constraintPropagation.enabled"  # Spark's own; off while a stage runs
 _LEVELS = ("DISK_ONLY", "DISK_ONLY_2", "MEMORY_AND_DISK", "MEMORY_AND_DISK_2", "MEMORY_AND_DISK_DESER")
 
 
@@ -261,6 +262,8 @@ def persisting(spark: SparkSession) -> Iterator[Persisted]:
     (``spark.sql.inMemoryColumnarStorage.compressed``) is off until the stage ends, when the session's
     own setting (or its absence) comes back. ``spark.downpour.persistCompressed=true`` leaves the
     session's setting alone, and so do memory levels, whose compressed blocks are what fits the heap.
+    The optimizer's constraint propagation (``spark.sql.constraintPropagation.enabled``) is off in the
+    same scope, and comes back alike.
 
     Why off: a cached block's columnar compression tries a dictionary for every string column of every
     10,000-row batch, hashing each value into a growing map, and the persisted frames are mostly unique
@@ -271,11 +274,18 @@ def persisting(spark: SparkSession) -> Iterator[Persisted]:
     action over it; a copy taken at ``persist`` when ``spark.sql.optimizer.canChangeCachedPlanOutputPartitioning``
     is false), hence a scope around the whole stage. The setting is the session's: stages run
     concurrently on one session (notebook threads) share it.
+
+    Why constraint propagation off: it infers every predicate that holds below each node of a plan by
+    substituting each alias into each known predicate, and the window features' hot-key path (a frame
+    reused in a union and in joins per entity, dozens of derived columns) made that grow with every
+    input column: with hot keys in both entities of 200,000 fraud rows, planning the windows took 3.5 s
+    at 7 input columns, 12 s at 11, and at 16 had not finished after 229 s (another run's driver ran
+    out of heap); 1.6 s without it (benchmarks/README.md, "Investigation: planning the hot-key path").
     """
     level = persist_level(spark)
     keep = persist_compressed(spark) or level.useMemory  # then the session's own setting applies
     stage = Persisted(level)
-    with session_conf(spark, {} if keep else {CACHE_COMPRESSED_KEY: "false"}):
+    with session_conf(spark, {CONSTRAINTS_KEY: "false", **({} if keep else {CACHE_COMPRESSED_KEY: "false"})}):
         try:
             yield stage
         finally:
