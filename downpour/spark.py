@@ -279,8 +279,8 @@ def persisting(spark: SparkSession) -> Iterator[Persisted]:
     substituting each alias into each known predicate, and the window features' hot-key path (a frame
     reused in a union and in joins per entity, dozens of derived columns) made that grow with every
     input column: with hot keys in both entities of 200,000 fraud rows, planning the windows took 3.5 s
-    at 7 input columns, 12 s at 11, and at 16 had not finished after 229 s (another run's driver ran
-    out of heap); 1.6 s without it (benchmarks/README.md, "Investigation: planning the hot-key path").
+    at 7 input columns, 12 s at 11, and at 16 had not finished when stopped about 225 s in (another
+    run's driver ran out of heap); 1.6 s without it (benchmarks/README.md, "Investigation: planning the hot-key path").
     """
     level = persist_level(spark)
     keep = persist_compressed(spark) or level.useMemory  # then the session's own setting applies

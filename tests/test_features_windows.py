@@ -274,12 +274,12 @@ def _constraints(plan) -> int:
 def test_hot_keys_in_both_entities_of_a_wide_frame_plan_inside_a_stage(spark, tmp_path):
     """The hot-key path reuses each entity's input in a union and in joins, and with Spark's constraint
     propagation on, planning it grew with every input column: in a local run with hot keys in both
-    entities, 3.5 s at 7 columns, 12 s at 11, and at 16 not done after 229 s (or a driver out of heap).
+    entities, 3.5 s at 7 columns, 12 s at 11, and at 16 not done about 225 s in (or a driver out of heap).
     Stages run with the propagation off (``downpour/spark.py::persisting``): a 16-column frame with both
     entities hot plans, and every value is what the unsplit windows give.
 
-    The companion: outside a stage the optimizer derives hundreds of predicates for the 7-column frame's
-    hot-key plan; inside one, none for the 16-column frame's."""
+    The companion: outside a stage the optimizer derives more than a hundred predicates for the 7-column
+    frame's hot-key plan (428 in a local run); inside one, none for the 16-column frame's."""
     from pyspark.sql import functions as F
 
     from downpour.spark import CONSTRAINTS_KEY, persisting
