@@ -88,7 +88,7 @@ DBR_PIP := $(DBR_VENV)/bin/pip
 DBR_PINS := constraints-dbr15.4.txt
 DBR_STAMP := $(DBR_VENV)/.dbr-installed
 DBR_CACHE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/downpour/pip-dbr-$(shell echo '$(HOROVOD_ENV)' | cat - $(DBR_PINS) | cksum | cut -d" " -f1)
-DBR_TESTS := tests/test_notebook.py tests/test_mlflow.py \
+DBR_TESTS := tests/test_notebook.py tests/test_mlflow.py tests/test_keras_tracing.py \
 	tests/test_train.py::test_two_workers_on_uneven_shards_survive_a_kill_resume_agree_learn_and_export
 .PHONY: dbr-env test-dbr
 
