@@ -35,7 +35,8 @@ class _Enough(BaseException):
 
 def _rewritten_by_one_step(monkeypatch, keras_enough: int = 0) -> list[str]:
     """``module:qualname`` of every function AutoGraph rewrites while the model is built and ``fit``
-    traces its step (up to the first ``keras_enough`` of Keras' own, if given: all of them take 20 s)."""
+    traces its step; with ``keras_enough``, it stops at that many of Keras' own (without the exemption
+    they come while the model is built already; all of them take 20 s)."""
     rewritten: list[str] = []
     convert = api._convert_actual
 

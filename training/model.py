@@ -459,21 +459,22 @@ def keras_internals_unconverted() -> bool:
     """Have AutoGraph leave Keras' own code alone whichever package ``tf.keras`` is; True if it does.
 
     TensorFlow lists ``keras`` among the packages AutoGraph never rewrites, but TF 2.16 (Databricks 15.4
-    LTS ML, ``TF_USE_LEGACY_KERAS=1``) does not list ``tf_keras``, so tracing ``fit``'s train function
-    rewrote about 1,700 of Keras' functions and the first epoch took about 8 times longer
-    (benchmarks/README.md, "Investigation: Keras 2 on TF 2.16"). With ``tf_keras`` listed the trace is
-    the one TF 2.15 makes: Keras' own code branches on Python values only. Called by ``build_model``, so
-    before anything of ours is traced; a TensorFlow without that registry is left as it is.
+    LTS ML, ``TF_USE_LEGACY_KERAS=1``) does not list ``tf_keras``, so AutoGraph rewrote some 120 of
+    Keras' functions while the model was built and ``fit`` traced its step, and the first epoch took
+    about 8 times longer (benchmarks/README.md, "Investigation: Keras 2 on TF 2.16"). With ``tf_keras``
+    listed, the run trains to the same weights as without it. Called by ``build_model``, so before
+    anything of ours is traced; a TensorFlow without that registry is left as it is.
     """
     try:
         from tensorflow.python.autograph.core import config
         from tensorflow.python.autograph.impl.conversion import is_allowlisted
-    except ImportError:
+
+        if is_allowlisted(tf.keras.Model.train_step):
+            return True
+        package = tf.keras.Model.train_step.__module__.split(".")[0]
+        config.CONVERSION_RULES = (config.DoNotConvert(package), *config.CONVERSION_RULES)
+    except (ImportError, AttributeError):
         return False
-    if is_allowlisted(tf.keras.Model.train_step):
-        return True
-    package = tf.keras.Model.train_step.__module__.split(".")[0]
-    config.CONVERSION_RULES = (config.DoNotConvert(package), *config.CONVERSION_RULES)
     return is_allowlisted(tf.keras.Model.train_step)
 
 
