@@ -14,7 +14,6 @@ process and alternate: AutoGraph's caches make a second measurement in one proce
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import time
@@ -32,7 +31,13 @@ def main() -> None:
     from downpour.config import load_config
     from downpour.training.input import open_prepared
     from downpour.training.plan import make_plan
-    from downpour.training.rank import _compiled, _configure_process, train_read_options
+    from downpour.training.rank import (
+        _compiled,
+        _configure_process,
+        step_callbacks,
+        train_read_options,
+        weights_sha256,
+    )
 
     if a.without_rule:
         model_module.keras_internals_unconverted = lambda: False
@@ -44,7 +49,6 @@ def main() -> None:
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
 
-    from downpour.training import callbacks as cb
     from downpour.training.input import InputSpec, make_dataset
 
     hvd.init()
@@ -55,18 +59,14 @@ def main() -> None:
     model = _compiled(plan, cfg, 0, 1, devices)[0]
     seconds = {"compile": time.perf_counter() - t0}
     for epoch in ("first_epoch", "second_epoch"):
-        callbacks = [cb.PooledMetrics(), cb.EpochSeededDropout(t.seed, 0),
-                     cb.StepLearningRate(plan.budget, t.learning_rate, 1)]
+        callbacks = step_callbacks(plan, t.seed, t.learning_rate, 0, 1)
         t0 = time.perf_counter()
         model.fit(dataset, steps_per_epoch=plan.steps_per_epoch, epochs=1, callbacks=callbacks, verbose=0)
         seconds[epoch] = time.perf_counter() - t0
-    weights = hashlib.sha256()
-    for w in model.get_weights():
-        weights.update(w.tobytes())
     print(json.dumps({"tensorflow": tf.__version__, "keras": tf.keras.Model.train_step.__module__.split(".")[0],
                       "rule": not a.without_rule, "steps_per_epoch": plan.steps_per_epoch,
                       "seconds": {k: round(v, 2) for k, v in seconds.items()},
-                      "weights_sha256": weights.hexdigest()}))
+                      "weights_sha256": weights_sha256(model)}))
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def measure(raw: str, prepared_out: str, repeats: int = 3, epochs: int = 3, work
 def _child(plan_path: str, out_path: str, repeats: int, epochs: int) -> None:
     """In a fresh process: set threads, build both datasets and models, warm up, alternate, time."""
     from downpour.logs import LOG, setup_logging
-    from downpour.training.rank import _compiled, _configure_process, train_read_options
+    from downpour.training.rank import _compiled, _configure_process, step_callbacks, train_read_options
 
     setup_logging()
     with open(plan_path, "rb") as f:
@@ -109,7 +109,6 @@ def _child(plan_path: str, out_path: str, repeats: int, epochs: int) -> None:
     import numpy as np
     import tensorflow as tf
 
-    from downpour.training import callbacks as cb
     from downpour.training.input import InputSpec, ReadOptions, dataset_options, iter_blocks, make_dataset
 
     hvd.init()
@@ -137,8 +136,7 @@ def _child(plan_path: str, out_path: str, repeats: int, epochs: int) -> None:
     models = {name: _compiled(plan, cfg, 0, 1, devices)[0] for name in datasets}
 
     def fit(name: str, n_epochs: int) -> float:
-        callbacks = [cb.PooledMetrics(), cb.EpochSeededDropout(t.seed, 0),
-                     cb.StepLearningRate(plan.budget, t.learning_rate, 1)]
+        callbacks = step_callbacks(plan, t.seed, t.learning_rate, 0, 1)
         t0 = time.perf_counter()
         models[name].fit(datasets[name], steps_per_epoch=steps, epochs=n_epochs, callbacks=callbacks, verbose=0)
         return time.perf_counter() - t0

@@ -27,7 +27,6 @@ from downpour.artifact import TENSORBOARD, ModelArtifact
 from downpour.config import Config
 from downpour.errors import ConfigError
 from downpour.logs import LOG, timed
-from downpour.training.budget import Budget
 from downpour.training.checkpoints import CheckpointStore
 from downpour.training.input import InputSpec, ReadOptions, SplitInfo, share_bytes
 from downpour.training.plan import RankPlan
@@ -149,12 +148,9 @@ def _train_rank(plan: RankPlan, rank: int) -> dict[str, Any]:
     if not resumed.finished:
         state = _fit(plan, cfg, model, rank, size, resumed, tb_dir)
 
-    weights = hashlib.sha256()
-    for w in model.get_weights():
-        weights.update(w.tobytes())
     result: dict[str, Any] = {
         "rank": rank,
-        "weights_sha256": weights.hexdigest(),
+        "weights_sha256": weights_sha256(model),
         "optimizer_iterations": int(optimizer.iterations.numpy()),
     }
     if rank != 0:
@@ -316,7 +312,6 @@ def _fit(plan: RankPlan, cfg: Config, model: Any, rank: int, size: int, resumed:
     spec = InputSpec.from_feature_state(plan.feature_state)
     train, val = plan.train, plan.val
     readers = 1 if t.deterministic else t.reader_workers
-    budget: Budget = plan.budget
     state = resumed.state
     train_opts = train_read_options(plan, t, rank, size, train, resumed.initial_epoch, readers)
     if not train_opts.cache:
@@ -330,8 +325,7 @@ def _fit(plan: RankPlan, cfg: Config, model: Any, rank: int, size: int, resumed:
             batch_size=t.batch_size, rank=rank, size=size, shard=val.row_groups >= size, num_epochs=1,
             shuffle=False, seed=t.seed, reader_workers=readers))
     # no BroadcastGlobalVariablesCallback: the ranks were made identical in _resume, before step 1
-    callbacks: list[Any] = [cb.PooledMetrics(), cb.EpochSeededDropout(t.seed, rank)]
-    callbacks.append(cb.StepLearningRate(budget, t.learning_rate, size))
+    callbacks = step_callbacks(plan, t.seed, t.learning_rate, rank, size)
     early = None
     if t.early_stopping_patience > 0:
         early = cb.ResumableEarlyStopping(plan.monitor, t.early_stopping_patience,
@@ -349,10 +343,26 @@ def _fit(plan: RankPlan, cfg: Config, model: Any, rank: int, size: int, resumed:
     kill = plan.kill_worker
     if kill and kill["rank"] == rank:
         callbacks.append(cb.KillMidEpoch(kill["epoch"], kill["batch"]))
-    model.fit(train_ds, steps_per_epoch=plan.steps_per_epoch, epochs=budget.rounds,
+    model.fit(train_ds, steps_per_epoch=plan.steps_per_epoch, epochs=plan.budget.rounds,
               initial_epoch=resumed.initial_epoch, validation_data=val_ds, callbacks=callbacks,
               verbose=2 if rank == 0 else 0)
     return recorder.state if recorder is not None else state
+
+
+def step_callbacks(plan: RankPlan, seed: int, learning_rate: float, rank: int, size: int) -> list[Any]:
+    """The per-step callbacks of every rank's ``fit``; the training benchmarks time them too."""
+    from downpour.training import callbacks as cb
+
+    return [cb.PooledMetrics(), cb.EpochSeededDropout(seed, rank),
+            cb.StepLearningRate(plan.budget, learning_rate, size)]
+
+
+def weights_sha256(model: Any) -> str:
+    """One digest of every weight, in the model's order: equal digests, equal models."""
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        digest.update(w.tobytes())
+    return digest.hexdigest()
 
 
 def _export_best(plan: RankPlan, cfg: Config, model: Any, store: CheckpointStore,
