@@ -16,12 +16,14 @@ feature and for the score, and per categorical column the share of values train 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
-from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from downpour.features import exact
+from downpour.features.passes import Counted, Passes, TopValues
 
 BINS = 10
 MAX_VALUES = 1000
@@ -34,21 +36,22 @@ def _bin_index(col: Column, edges: list[float]) -> Column:
     return F.when(col.isNull(), F.lit(len(edges) + 1)).otherwise(index)
 
 
-def _binned(df: DataFrame, columns: dict[str, tuple[Column, list[float]]]) -> tuple[DataFrame, list[Column]]:
-    """``df`` with each column's bin index computed once (``__bin<i>``), and one count per (column, bin)
-    over those indices, to be evaluated in a single aggregation.
+def _bins(columns: dict[str, tuple[Column, list[float]]], prefix: str = ""
+          ) -> tuple[dict[str, Column], list[Column]]:
+    """Each column's bin index as a per-row column (``__bin<i>``, computed once), and one count per
+    (column, bin) over those indices (aliased ``<prefix><key>#<bin>``), to be evaluated in one aggregation.
 
-    Why a projection first: with the index written into every count, the aggregation held each column's
-    edge comparisons ``len(edges) + 2`` times over, and on small tables building and planning that tree took
-    longer than the counting (benchmarks/README.md, "Investigation: a small run's fixed costs"). Catalyst
-    keeps the projection, as each index is read more than once."""
-    binned = df.withColumns({f"__bin{i}": _bin_index(col.cast("double"), edges)
-                             for i, (col, edges) in enumerate(columns.values())})
+    Why per-row columns first: with the index written into every count, the aggregation held each
+    column's edge comparisons ``len(edges) + 2`` times over, and on small tables building and planning
+    that tree took longer than the counting (benchmarks/README.md, "Investigation: a small run's fixed
+    costs"). Catalyst keeps the projection, as each index is read more than once."""
+    bins = {f"__bin{prefix}{i}": _bin_index(col.cast("double"), edges)
+            for i, (col, edges) in enumerate(columns.values())}
     out = []
     for i, (key, (_, edges)) in enumerate(columns.items()):
-        idx = F.col(f"__bin{i}")
-        out += [F.count(F.when(idx == k, 1)).alias(f"{key}#{k}") for k in range(len(edges) + 2)]
-    return binned, out
+        idx = F.col(f"__bin{prefix}{i}")
+        out += [F.count(F.when(idx == k, 1)).alias(f"{prefix}{key}#{k}") for k in range(len(edges) + 2)]
+    return bins, out
 
 
 def _shares(row: Any, key: str, n_bins: int, total: int) -> list[float]:
@@ -56,21 +59,35 @@ def _shares(row: Any, key: str, n_bins: int, total: int) -> list[float]:
 
 
 DECILES = [k / BINS for k in range(1, BINS)]
+_FIT = "drift:"  # the prefix of the reference's aggregations among the other fits' (features/passes.py)
 
 
 def numeric_reference(df: DataFrame, columns: dict[str, Column],
                       known: exact.Table | None = None) -> dict[str, dict[str, Any]]:
     """{key: {edges, shares}} of ``columns`` (key -> numeric Column) over ``df``: the exact deciles' passes
     (or ``known``'s deciles, by the same keys) and one aggregation."""
+    passes = Passes()
+    finish = _numeric_fitting(df, columns, known, passes)
+    return finish(passes.run(df))
+
+
+def _numeric_fitting(df: DataFrame, columns: dict[str, Column], known: exact.Table | None,
+                     passes: Passes) -> Callable[[Counted], dict[str, dict[str, Any]]]:
     if not columns:
-        return {}
+        return lambda counted: {}
     quantiles = exact.quantiles_of(known, df, columns, DECILES)  # the same edges whatever the partitioning
     edges = {key: sorted({float(q) for q in qs or []}) for key, qs in quantiles.items()}
-    specs = {key: (col, edges[key]) for key, col in columns.items()}
-    binned, counts = _binned(df, specs)
-    row = binned.agg(F.count(F.lit(1)).alias("__n"), *counts).first()
-    total = int(row["__n"])
-    return {key: {"edges": edges[key], "shares": _shares(row, key, len(edges[key]) + 2, total)} for key in columns}
+    bins, counts = _bins({key: (col, edges[key]) for key, col in columns.items()}, _FIT)
+    passes.columns(bins)
+    passes.aggregate(F.count(F.lit(1)).alias(f"{_FIT}n"), *counts)
+
+    def finish(counted: Counted) -> dict[str, dict[str, Any]]:
+        row = counted.row
+        total = int(row[f"{_FIT}n"])
+        return {key: {"edges": edges[key], "shares": _shares(row, f"{_FIT}{key}", len(edges[key]) + 2, total)}
+                for key in columns}
+
+    return finish
 
 
 def quantiles_wanted(cfg: Any) -> dict[str, list[float]]:
@@ -81,31 +98,32 @@ def quantiles_wanted(cfg: Any) -> dict[str, list[float]]:
 def fit_reference(train: DataFrame, cfg: Any, quantiles: exact.Table | None = None) -> dict[str, Any]:
     """The drift reference of the train split's clean rows (raw feature columns, before the transform).
     ``quantiles``: an :func:`exact.table` of those rows (by safe column name) holding :func:`quantiles_wanted`."""
+    passes = Passes()
+    finish = reference_fitting(train, cfg, quantiles, passes)
+    return finish(passes.run(train))
+
+
+def reference_fitting(train: DataFrame, cfg: Any, quantiles: exact.Table | None,
+                      passes: Passes) -> Callable[[Counted], dict[str, Any]]:
+    """:func:`fit_reference` in two steps: add its aggregation and value counts to ``passes`` (which the
+    caller runs over ``train``, with other fits' work), then build the reference from what they counted."""
     names = cfg.names
     numeric = {s.column: F.col(names[s.column]) for s in cfg.features.numeric_specs()}
     known = {c: quantiles[names[c]] for c in numeric if names[c] in quantiles} if quantiles is not None else None
-    # hashed columns are high-cardinality by design: only vocabulary columns are checked for unseen values
+    numeric_done = _numeric_fitting(train, numeric, known, passes)
+    # hashed columns are high-cardinality by design: only vocabulary columns are checked for unseen values.
+    # The vocabulary's own rule (features/passes.py): values seen min_count times, the top_k most
+    # frequent; rarer values are out of vocabulary for the model, so they count as unseen here, and they
+    # never reach the card. The raw value as a string, as scoring's profile compares it.
     specs = {s.column: s for s in cfg.features.categorical_specs() if s.encoding == "vocab"}
-    categorical = list(specs)
-    ref: dict[str, Any] = {"bins": BINS, "numeric": numeric_reference(train, numeric, known), "categorical": {}}
-    if categorical:
-        pairs = F.explode(F.array(*[F.struct(F.lit(c).alias("c"), F.col(names[c]).cast("string").alias("v"))
-                                    for c in categorical]))
-        counts = (train.select(pairs.alias("p")).select("p.c", "p.v").where(F.col("v").isNotNull())
-                  .groupBy("c", "v").count())
-        # the vocabulary's own rule (features/state.py): values seen min_count times, the top_k most
-        # frequent; rarer values are out of vocabulary for the model, so they count as unseen here, and
-        # they never reach the card
-        min_count = F.coalesce(*[F.when(F.col("c") == c, F.lit(s.min_count)) for c, s in specs.items()])
-        top_k = F.coalesce(*[F.when(F.col("c") == c, F.lit(min(s.top_k, MAX_VALUES))) for c, s in specs.items()])
-        rank = F.row_number().over(Window.partitionBy("c").orderBy(F.col("count").desc(), F.col("v")))
-        kept = counts.where(F.col("count") >= min_count).withColumn("_r", rank).where(F.col("_r") <= top_k)
-        seen: dict[str, list[str]] = {}
-        for r in kept.select("c", "v").collect():
-            seen.setdefault(r["c"], []).append(r["v"])
-        for c in categorical:
-            ref["categorical"][c] = {"values": sorted(seen.get(c, []))}
-    return ref
+    passes.top_values(*[TopValues(f"{_FIT}{c}", F.col(names[c]).cast("string"), s.min_count,
+                                  min(s.top_k, MAX_VALUES)) for c, s in specs.items()])
+
+    def finish(counted: Counted) -> dict[str, Any]:
+        return {"bins": BINS, "numeric": numeric_done(counted),
+                "categorical": {c: {"values": sorted(counted.tops[f"{_FIT}{c}"])} for c in specs}}
+
+    return finish
 
 
 def psi(expected: list[float], actual: list[float]) -> float:
@@ -127,7 +145,8 @@ def profile(df: DataFrame, ref: dict[str, Any], names: dict[str, str], score: Co
         specs["score"] = (score, score_ref["edges"])
     unseen = {c: r["values"] for c, r in (ref.get("categorical") or {}).items()
               if r.get("values") is not None and names.get(c) in df.columns}
-    binned, counts = _binned(df, specs)
+    bins, counts = _bins(specs)
+    binned = df.withColumns(bins)
     aggs = [F.count(F.lit(1)).alias("__n"), *counts]
     for c, values in unseen.items():
         col = F.col(names[c]).cast("string")

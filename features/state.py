@@ -3,7 +3,8 @@
 ``fit`` first resolves the config against the data into a frozen ``FitPlan`` (every name and type
 checked, no Spark job), then runs a few Spark passes whatever the number of columns (exact quantiles
 for every median and clip bound, one ``agg`` for every null count / mean / std, one ``groupBy`` over
-exploded (column, value) pairs for every vocabulary) and assembles the JSON from them. Every statistic is
+exploded (column, value) pairs for every vocabulary; the last two through features/passes.py, which
+``fitting`` lets other fits of the same rows share) and assembles the JSON from them. Every statistic is
 exact or summed in integers, so the fit depends on the train rows alone, not on their order or
 partitioning (features/exact.py).
 ``transform`` is one projection plus broadcast joins against the (small) vocabularies, and gives the
@@ -22,12 +23,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
-from pyspark.sql import Column, DataFrame, Row, SparkSession, Window
+from pyspark.sql import Column, DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -36,6 +38,7 @@ from downpour.config import CategoricalSpec, Config
 from downpour.errors import ConfigError, DataContractError
 from downpour.features import exact
 from downpour.features.hashing import hash_buckets
+from downpour.features.passes import Counted, Passes, TopValues
 from downpour.features.windows import window_features
 from downpour.logs import LOG, timed
 from downpour.storage import HadoopFS
@@ -160,14 +163,31 @@ class FeatureState:
         this fit and the drift reference together); without it the fit computes its own."""
         if "split" in train_df.columns:
             train_df = train_df.where(F.col("split") == "train")
+        passes = Passes()
+        finish = cls.fitting(train_df, cfg, quantiles, passes)
+        return finish(passes.run(train_df))
+
+    @classmethod
+    def fitting(cls, train_df: DataFrame, cfg: Config, quantiles: exact.Table | None,
+                passes: Passes) -> Callable[[Counted], FeatureState]:
+        """:meth:`fit` in two steps, so that other fits of the same rows share its passes (prepare's drift
+        reference): check the config against the data, compute the quantiles and add the fit's
+        aggregation and vocabularies to ``passes``; the caller runs them over ``train_df`` (the train
+        rows only) and hands what they counted to the returned function, which assembles the state."""
         plan = _plan(train_df, cfg)
-        with timed("feature state: fitting on the train split"):
-            d = _fit(train_df, cfg, plan, quantiles)
-        LOG.info(
-            "feature state: %d numeric (+%d missing flags), %d categorical, %d crosses from %d train rows",
-            len(d["numeric"]), len(d["flags"]), len(d["categorical"]), len(d["crosses"]), d["fitted_rows"],
-        )
-        return cls(d)
+        clock = time.perf_counter()
+        assemble = _fitting(train_df, cfg, plan, quantiles, passes)
+
+        def finish(counted: Counted) -> FeatureState:
+            d = assemble(counted)
+            LOG.info(
+                "feature state: %d numeric (+%d missing flags), %d categorical, %d crosses from %d train rows "
+                "in %.1fs", len(d["numeric"]), len(d["flags"]), len(d["categorical"]), len(d["crosses"]),
+                d["fitted_rows"], time.perf_counter() - clock,
+            )
+            return cls(d)
+
+        return finish
 
     @staticmethod
     def quantiles_wanted(train_df: DataFrame, cfg: Config) -> dict[str, set[float]]:
@@ -560,23 +580,34 @@ def _check_required(cols: _Columns, cfg: Config) -> None:
 
 
 # ---- fitting internals: the Spark passes, then pure assembly of the JSON entries ----------------------------
-def _fit(df: DataFrame, cfg: Config, plan: FitPlan, known: exact.Table | None) -> dict[str, Any]:
-    """The fitted JSON: quantiles, moments and vocabularies (order-independent Spark passes), then the entries."""
+def _fitting(df: DataFrame, cfg: Config, plan: FitPlan, known: exact.Table | None,
+             passes: Passes) -> Callable[[Counted], dict[str, Any]]:
+    """Pass 1 (the quantiles) now, passes 2 and 3 (moments, vocabularies) added to ``passes``; the
+    returned function assembles the fitted JSON from what they counted. Every pass is order-independent."""
     medians, bounds, extremes = _quantiles(df, plan.numeric, known)
-    stats, moments = _moments(df, plan, medians, bounds, extremes)
-    rows = int(stats["rows"])
-    if rows == 0:
-        raise DataContractError("the train split is empty: nothing to fit features on")
-    numeric, flags = _numeric_entries(plan.numeric, stats, moments, medians, bounds)
-    categorical = _categorical_entries(plan, stats, _fit_vocabularies(df, plan))
-    crosses = _cross_entries(plan.crosses, categorical, cfg.features.cross_buckets)
-    _check_unique_names([n["name"] for n in numeric] + [f["name"] for f in flags]
-                        + [c["name"] for c in categorical] + [c["name"] for c in crosses])
-    return {
-        "version": VERSION, "numeric": numeric, "flags": flags, "categorical": categorical, "crosses": crosses,
-        "raw_inputs": dict(plan.raw_inputs), "label": "label", "weight": plan.weight,
-        "strings": dict(plan.strings), "window_features": list(plan.windows), "fitted_rows": rows,
-    }
+    moments_of = _moments(plan, medians, bounds, extremes, passes)
+    vocab = [c for c in plan.categorical if c.spec.encoding == "vocab"]
+    passes.top_values(*[TopValues(f"vocab:{c.source}", _category_string(c.source, c.dtype, plan.strings),
+                                  c.spec.min_count, c.spec.top_k) for c in vocab])
+
+    def assemble(counted: Counted) -> dict[str, Any]:
+        stats, moments = moments_of(counted.row)
+        rows = int(stats["rows"])
+        if rows == 0:
+            raise DataContractError("the train split is empty: nothing to fit features on")
+        numeric, flags = _numeric_entries(plan.numeric, stats, moments, medians, bounds)
+        vocabs = {c.source: counted.tops[f"vocab:{c.source}"] for c in vocab}
+        categorical = _categorical_entries(plan, stats, vocabs)
+        crosses = _cross_entries(plan.crosses, categorical, cfg.features.cross_buckets)
+        _check_unique_names([n["name"] for n in numeric] + [f["name"] for f in flags]
+                            + [c["name"] for c in categorical] + [c["name"] for c in crosses])
+        return {
+            "version": VERSION, "numeric": numeric, "flags": flags, "categorical": categorical,
+            "crosses": crosses, "raw_inputs": dict(plan.raw_inputs), "label": "label", "weight": plan.weight,
+            "strings": dict(plan.strings), "window_features": list(plan.windows), "fitted_rows": rows,
+        }
+
+    return assemble
 
 
 Quantiles = dict[str, float | None]
@@ -640,14 +671,14 @@ def _scaled(impute: float, clip: list[float] | None, transform: str, extreme: tu
 
 
 def _moments(
-    df: DataFrame, plan: FitPlan, medians: Quantiles, bounds: dict[str, list[float] | None],
-    extremes: dict[str, tuple[float, float] | None],
-) -> tuple[Row, list[tuple[float | None, float | None]]]:
+    plan: FitPlan, medians: Quantiles, bounds: dict[str, list[float] | None],
+    extremes: dict[str, tuple[float, float] | None], passes: Passes,
+) -> Callable[[Row | None], tuple[Row, list[tuple[float | None, float | None]]]]:
     """Pass 2, one aggregation: the row count; per numeric its null count (``z``), and the sums that give
     its mean and std after impute, clip and transform (fixed-point integers: the same whatever the row
     order, features/exact.py); and the value cleaning imputed where it imputed a statistic (``l`` numeric,
-    ``cl`` categorical), each suffixed with the item's index in the plan. Returns the row and per numeric
-    (mean, std)."""
+    ``cl`` categorical), each suffixed with the item's index in the plan, added to ``passes``. Returns
+    the function that reads the row and per numeric (mean, std) from the aggregation's row."""
     aggs = [F.count(F.lit(1)).alias("rows")]
     scales: list[_Scaled] = []
     for i, n in enumerate(plan.numeric):
@@ -671,21 +702,24 @@ def _moments(
             flagged = F.coalesce(F.col(c.cleaning_flag).cast("int"), F.lit(0)) == 1
             value = _category_string(c.source, c.dtype, plan.strings)
             aggs.append(F.max(F.when(flagged, value)).alias(f"cl{j}"))
-    with timed("feature state: null counts, means and standard deviations"):
-        stats = df.agg(*aggs).first()
-    assert stats is not None  # a global aggregation has exactly one row
-    rows = int(stats["rows"])
-    moments: list[tuple[float | None, float | None]] = []
-    for i, sc in enumerate(scales):
-        if not sc.exact:
-            moments.append((stats[f"m{i}"], stats[f"s{i}"]))
-        elif rows == 0:
-            moments.append((None, None))
-        else:
-            mean_d = exact.fixed_sum(stats, f"d{i}", sc.bits) / rows
-            var = exact.fixed_sum(stats, f"q{i}", sc.bits2) / rows - mean_d * mean_d
-            moments.append((sc.pivot + float(mean_d), math.sqrt(max(float(var), 0.0))))
-    return stats, moments
+    passes.aggregate(*aggs)
+
+    def read(stats: Row | None) -> tuple[Row, list[tuple[float | None, float | None]]]:
+        assert stats is not None  # a global aggregation has exactly one row
+        rows = int(stats["rows"])
+        moments: list[tuple[float | None, float | None]] = []
+        for i, sc in enumerate(scales):
+            if not sc.exact:
+                moments.append((stats[f"m{i}"], stats[f"s{i}"]))
+            elif rows == 0:
+                moments.append((None, None))
+            else:
+                mean_d = exact.fixed_sum(stats, f"d{i}", sc.bits) / rows
+                var = exact.fixed_sum(stats, f"q{i}", sc.bits2) / rows - mean_d * mean_d
+                moments.append((sc.pivot + float(mean_d), math.sqrt(max(float(var), 0.0))))
+        return stats, moments
+
+    return read
 
 
 def _numeric_entries(
@@ -772,35 +806,6 @@ def _check_unique_names(names: list[str]) -> None:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"features: two features would both be named {dup[0]!r}")
-
-
-def _fit_vocabularies(df: DataFrame, plan: FitPlan) -> dict[str, list[str]]:
-    """Pass 3: top-K values (count desc, then value) of every vocab categorical from ONE grouped pass."""
-    vocab = [c for c in plan.categorical if c.spec.encoding == "vocab"]
-    if not vocab:
-        return {}
-    pairs = F.explode(F.array(*[
-        F.struct(F.lit(i).alias("i"), _category_string(c.source, c.dtype, plan.strings).alias("v"))
-        for i, c in enumerate(vocab)
-    ]))
-    top_k = F.lit(None).cast("long")
-    min_count = F.lit(None).cast("long")
-    for i, c in enumerate(vocab):
-        top_k = F.when(F.col("i") == i, F.lit(c.spec.top_k)).otherwise(top_k)
-        min_count = F.when(F.col("i") == i, F.lit(c.spec.min_count)).otherwise(min_count)
-    rank = F.row_number().over(Window.partitionBy("i").orderBy(F.desc("count"), F.asc("v")))
-    max_k = max(c.spec.top_k for c in vocab)
-    with timed(f"feature state: vocabularies of {len(vocab)} categorical columns"):
-        rows = (
-            df.select(pairs.alias("p")).select("p.i", "p.v").where(F.col("v").isNotNull())
-            .groupBy("i", "v").count().where(F.col("count") >= min_count)
-            .withColumn("r", rank).where((F.col("r") <= max_k) & (F.col("r") <= top_k))
-            .select("i", "v", "r").collect()
-        )
-    out: dict[str, list[tuple[int, str]]] = {c.source: [] for c in vocab}
-    for r in rows:
-        out[vocab[r["i"]].source].append((r["r"], r["v"]))
-    return {s: [v for _, v in sorted(items)] for s, items in out.items()}
 
 
 # ---- file systems -------------------------------------------------------------------------------------

@@ -262,16 +262,19 @@ def _fit(cfg: Config, windowed: _Windowed, where: _Target, timings: dict[str, fl
         entity_history = write_entity_history(windowed.frame, cfg, where.staged.entity_history)
 
     from downpour.features import drift, exact
+    from downpour.features.passes import Passes
     from downpour.features.state import FeatureState
 
     train = windowed.frame.where(F.col("split") == "train")
-    with _step("fit feature state on train", timings, "fit_features"):
-        # the exact quantiles both fits read, in one computation: the passes scan the train rows once
+    with _step("fit feature state and drift reference on train", timings, "fit_features"):
+        # both fits read the same train rows: one computation of the exact quantiles either reads, then
+        # one aggregation and one grouped count for both
         known = exact.table(train, FeatureState.quantiles_wanted(train, cfg), drift.quantiles_wanted(cfg))
-        state = FeatureState.fit(train, cfg, known)
-
-    with _step("drift reference on train", timings, "drift_reference"):
-        drift_reference = drift.fit_reference(train, cfg, known)
+        passes = Passes()
+        state_of = FeatureState.fitting(train, cfg, known, passes)
+        reference_of = drift.reference_fitting(train, cfg, known, passes)
+        counted = passes.run(train)
+        state, drift_reference = state_of(counted), reference_of(counted)
     return _Fitted(entity_history, state, drift_reference)
 
 

@@ -295,3 +295,52 @@ def test_a_shared_quantile_table_fits_the_same_state_and_is_what_the_fit_reads(s
     doctored["tenure"][0.5] += 1.0
     fitted = FeatureState.fit(df, cfg, doctored).to_dict()
     assert [n["impute"] for n in fitted["numeric"]] != [n["impute"] for n in alone["numeric"]]
+
+
+def test_the_feature_fit_and_the_drift_reference_share_their_passes(spark):
+    """prepare runs the feature fit and the drift reference through one ``Passes`` (features/passes.py):
+    one aggregation and one grouped count of values for both. Each comes out as it does alone, in fewer
+    Spark jobs, and the one count keeps the vocabulary (normalized values) apart from the reference's
+    values (raw, as scoring compares them). Companion: aggregations or value counts of two fits that
+    share a name are refused, never mixed up in one row."""
+    from downpour.features import drift, exact
+    from downpour.features.passes import Passes, TopValues
+
+    cfg = make_cfg(cleaning={"lowercase_categoricals": True})
+    base = frame(spark).where(F.col("split") == "train")
+    df = base.unionByName(base.where(F.col("contract") == "One year").withColumn("contract", F.lit("ONE YEAR")))
+    known = exact.table(df, FeatureState.quantiles_wanted(df, cfg), drift.quantiles_wanted(cfg))
+    sc = spark.sparkContext
+
+    def jobs(group, fit):
+        sc.setJobGroup(group, group)
+        try:
+            return fit(), len(sc.statusTracker().getJobIdsForGroup(group))
+        finally:
+            sc.setLocalProperty("spark.jobGroup.id", None)
+
+    def shared():
+        passes = Passes()
+        state_of = FeatureState.fitting(df, cfg, known, passes)
+        reference_of = drift.reference_fitting(df, cfg, known, passes)
+        counted = passes.run(df)
+        return state_of(counted), reference_of(counted)
+
+    (alone_state, alone_ref), apart = jobs("apart", lambda: (FeatureState.fit(df, cfg, known),
+                                                             drift.fit_reference(df, cfg, known)))
+    (state, ref), together = jobs("together", shared)
+    assert state == alone_state and ref == alone_ref
+    assert 0 < together < apart
+    assert next(c for c in state.categorical if c["name"] == "c__contract")["vocab"] == ["one year", "month-to-month"]
+    assert ref["categorical"]["Contract"]["values"] == ["Month-to-month", "ONE YEAR"]
+    assert ref["numeric"]["Monthly Charges"]["shares"] == alone_ref["numeric"]["Monthly Charges"]["shares"]
+
+    clash = Passes()
+    clash.aggregate(F.count(F.lit(1)).alias("rows"))
+    FeatureState.fitting(df, cfg, known, clash)  # its row count is named "rows" too
+    with pytest.raises(ValueError, match="two aggregations are named 'rows'"):
+        clash.run(df)
+    twice = Passes()
+    twice.top_values(TopValues("k", F.col("contract"), 1, 5))
+    with pytest.raises(ValueError, match="asked for twice"):
+        twice.top_values(TopValues("k", F.col("payment_method"), 1, 5))
