@@ -306,7 +306,9 @@ def test_the_feature_fit_and_the_drift_reference_share_their_passes(spark):
     from downpour.features import drift, exact
     from downpour.features.passes import Passes, TopValues
 
-    cfg = make_cfg(cleaning={"lowercase_categoricals": True})
+    cfg = make_cfg(cleaning={"lowercase_categoricals": True},
+                   categorical=[{"column": "Contract", "top_k": 2, "min_count": 2},
+                                {"column": "Payment Method", "top_k": 1, "min_count": 1}])  # rules per column
     base = frame(spark).where(F.col("split") == "train")
     df = base.unionByName(base.where(F.col("contract") == "One year").withColumn("contract", F.lit("ONE YEAR")))
     known = exact.table(df, FeatureState.quantiles_wanted(df, cfg), drift.quantiles_wanted(cfg))
@@ -333,6 +335,8 @@ def test_the_feature_fit_and_the_drift_reference_share_their_passes(spark):
     assert 0 < together < apart
     assert next(c for c in state.categorical if c["name"] == "c__contract")["vocab"] == ["one year", "month-to-month"]
     assert ref["categorical"]["Contract"]["values"] == ["Month-to-month", "ONE YEAR"]
+    assert next(c for c in state.categorical if c["name"] == "c__payment_method")["vocab"] == ["pm0"]  # 5 each
+    assert ref["categorical"]["Payment Method"]["values"] == ["pm0"]
     assert ref["numeric"]["Monthly Charges"]["shares"] == alone_ref["numeric"]["Monthly Charges"]["shares"]
 
     clash = Passes()
