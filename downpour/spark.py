@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from py4j.java_gateway import java_import
 from pyspark import SparkConf, SparkContext, StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 
@@ -66,7 +67,22 @@ def get_spark(cfg: Config | None = None, master: str | None = None) -> SparkSess
         builder = builder.config(k, str(v).lower() if isinstance(v, bool) else str(v))
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("DOWNPOUR_SPARK_LOG_LEVEL", "WARN"))
+    direct_function_lookup()
     return spark
+
+
+def direct_function_lookup() -> None:
+    """Let the driver's py4j view find Spark's ``functions`` class by its own import.
+
+    Why: every ``pyspark.sql.functions`` call (``F.col``, ``F.when``, ...) first asks the JVM for the
+    unqualified name ``functions``, which py4j resolves by trying each package PySpark imported with a
+    wildcard in turn (``org.apache.spark.api.java.*`` and four more) before ``org.apache.spark.sql.*``; a
+    single-class import is looked up first. A stage builds a few thousand expressions, one lookup each:
+    ``F.col`` took 0.66-0.87 ms without it and 0.32-0.34 ms with it (benchmarks/README.md, "Investigation:
+    a small run's fixed costs"). The class it names is the one the wildcard finds, so nothing else changes.
+    Idempotent; a no-op without a classic driver JVM (Spark Connect)."""
+    if SparkContext._active_spark_context is not None and SparkContext._jvm is not None:
+        java_import(SparkContext._jvm, "org.apache.spark.sql.functions")
 
 
 _PACKED = (".gz", ".bz2", ".zst", ".zstd", ".lz4", ".snappy", ".deflate", ".xz")
@@ -282,6 +298,7 @@ def persisting(spark: SparkSession) -> Iterator[Persisted]:
     at 7 input columns, 12 s at 11, and at 16 had not finished when stopped about 225 s in (another
     run's driver ran out of heap); 1.6 s without it (benchmarks/README.md, "Investigation: planning the hot-key path").
     """
+    direct_function_lookup()  # a notebook's or spark-submit's session too
     level = persist_level(spark)
     keep = persist_compressed(spark) or level.useMemory  # then the session's own setting applies
     stage = Persisted(level)

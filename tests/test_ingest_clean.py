@@ -575,3 +575,23 @@ def test_imputed_medians_are_the_column_s_values(spark):
     assert stats["ms"] == 1_700_000_000_125 and isinstance(stats["ms"], int)
     assert stats["x"] == 0.0 and math.copysign(1.0, stats["x"]) == 1.0
     assert stats["m"] == 0.2
+
+
+def test_a_stage_looks_up_sparks_functions_by_their_own_import(spark, monkeypatch):
+    """Every stage's scope (``persisting``, also on a notebook's or spark-submit's session) imports Spark's
+    ``functions`` class into the driver's py4j view, so that each ``F.*`` call finds it without trying the
+    wildcard-imported packages first. Shown on a fresh view in the context's place: before the scope the
+    name is no class there, inside it is ``org.apache.spark.sql.functions``, the class PySpark's own
+    view finds."""
+    from py4j.java_gateway import JavaClass
+    from pyspark import SparkContext
+
+    from downpour.spark import persisting
+
+    fresh = spark.sparkContext._gateway.new_jvm_view("test-fresh-view")
+    monkeypatch.setattr(SparkContext, "_jvm", fresh)
+    assert not isinstance(fresh.functions, JavaClass)
+    with persisting(spark):
+        assert isinstance(fresh.functions, JavaClass)
+        assert fresh.functions._fqn == "org.apache.spark.sql.functions" == spark._jvm.functions._fqn
+        assert fresh.functions.col("id").toString() == "id"
