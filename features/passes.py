@@ -69,7 +69,7 @@ class Passes:
         """One action for the aggregations (if any), one for the value counts (if any)."""
         row = None
         if self._aggs:
-            agg = df.withColumns(self._columns).agg(*self._aggs) if self._columns else df.agg(*self._aggs)
+            agg = df.withColumns(self._columns).agg(*self._aggs)
             names = agg.columns
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:  # a Row would answer the first of two fields of one name: two fits' results mixed up
@@ -91,6 +91,8 @@ def _top_values(df: DataFrame, items: list[TopValues]) -> dict[str, list[str]]:
         top_k = F.when(F.col("i") == i, F.lit(it.top_k)).otherwise(top_k)
         min_count = F.when(F.col("i") == i, F.lit(it.min_count)).otherwise(min_count)
     rank = F.row_number().over(Window.partitionBy("i").orderBy(F.desc("count"), F.asc("v")))
+    # the literal bound lets Spark limit each partition's ranks before the window (a window group limit);
+    # the per-item bound alone is an expression it cannot push down
     max_k = max(it.top_k for it in items)
     with timed(f"train passes: the most frequent values of {len(items)} columns"):
         rows = (
