@@ -46,6 +46,7 @@ from downpour.pipelines.ingest import (
 STATUS = "_dp_status"
 DUP = "_dp_dup"
 IMPUTED_PREFIX = "_dp_imputed__"
+_NEW_REASON = "_dp_policy_reason"  # apply_policies: the first rule a row breaks, before the ingest reason
 FLAG_SUFFIX = "__missing"
 NUMERIC = {"int", "integer", "long", "bigint", "double", "float"}
 QUARANTINE_META = ("raw_record", "reason", "stage", "source_file", "line_number", "data_version", "model_version")
@@ -322,9 +323,13 @@ def apply_policies(df: DataFrame, cfg: Config,
     if new_reason is None:
         return out
     # A null comparison is not a violation (nulls are the null policy's business): coalesce to no reason.
-    return out.withColumn(STAGE, F.when(reason.isNull() & new_reason.isNotNull(), F.lit("clean"))
-                          .otherwise(F.col(STAGE))) \
-              .withColumn(REASON, F.coalesce(reason, new_reason))
+    # The new reason is a column of its own, read twice below: written into both, its chain of rules ran
+    # twice per row (ingest.parse_columns says why).
+    found = F.col(_NEW_REASON)
+    return out.withColumn(_NEW_REASON, new_reason).withColumns({
+        STAGE: F.when(reason.isNull() & found.isNotNull(), F.lit("clean")).otherwise(F.col(STAGE)),
+        REASON: F.coalesce(reason, found),
+    }).drop(_NEW_REASON)
 
 
 def deduplicate(df: DataFrame, cfg: Config) -> DataFrame:

@@ -354,6 +354,9 @@ def malformed_line_numbers(spark: SparkSession, cfg: Config, files: list[FileInf
 
 # ---- parsing ----------------------------------------------------------------------------------------
 _NORM = "_dp_n__"
+_TRIM = "_dp_t__"
+_VALUE = "_dp_v__"
+_PSEUDO = "_dp_p__"
 
 
 def parse_columns(raw: DataFrame, cfg: Config, salt: str | None) -> DataFrame:
@@ -364,6 +367,12 @@ def parse_columns(raw: DataFrame, cfg: Config, salt: str | None) -> DataFrame:
     ``_dp_stage`` (``malformed`` or ``cast_failed:<column>`` from stage ``ingest``), the source file,
     without an id column a stable hash of the raw row (null with one), and one ``_dp_blank__<col>``
     flag per text column for the counts.
+
+    Why in projections that each compute a value once (trimmed text; typed values and pseudonyms; the
+    reason; the stage): an expression written twice into one projection is evaluated twice per row when
+    one use sits in a conditional branch (Spark 3.5 shares only unconditional uses), so the trim, the
+    try-casts, the HMAC and the whole reason chain ran two or three times per row. A column referenced
+    twice by the next projection is not inlined into it (``CollapseProject`` keeps costly producers).
     """
     names = cfg.names
     c_opts = cfg.cleaning
@@ -371,15 +380,19 @@ def parse_columns(raw: DataFrame, cfg: Config, salt: str | None) -> DataFrame:
     lowered = lowercase_columns(cfg)
     ts_fmt, date_fmt = _opt_get(cfg, "timestampFormat"), _opt_get(cfg, "dateFormat")
     keep_line = not (cfg.pii.hash or cfg.pii.drop)
+    text = {c for c in cfg.schema_ if isinstance(raw.schema[names[c]].dataType, T.StringType)}
 
     # Step 1: normalised values (text columns: trimmed, blanks -> null, case-folded) under _dp_n__<s>.
+    if c_opts.trim and text:
+        raw = raw.select("*", *[F.btrim(F.col(names[c]), F.lit(WHITESPACE)).alias(f"{_TRIM}{names[c]}")
+                                for c in cfg.schema_ if c in text])
     step1: list[Column] = []
     blanks: list[str] = []
     for col_name in cfg.schema_:
         s = names[col_name]
         src = F.col(s)
-        if isinstance(raw.schema[s].dataType, T.StringType):
-            norm = F.btrim(src, F.lit(WHITESPACE)) if c_opts.trim else src
+        if col_name in text:
+            norm = F.col(f"{_TRIM}{s}") if c_opts.trim else src
             if c_opts.blank_as_null:
                 step1.append((src.isNotNull() & (norm == F.lit(""))).alias(f"{BLANK_PREFIX}{s}"))
                 blanks.append(f"{BLANK_PREFIX}{s}")
@@ -391,24 +404,35 @@ def parse_columns(raw: DataFrame, cfg: Config, salt: str | None) -> DataFrame:
         step1 += [src, norm.alias(f"{_NORM}{s}")]
     df = raw.select(*step1, CORRUPT, REASON, SOURCE, EXTRA)
 
-    # Step 2: typed values, failures, PII policy, raw copy.
+    # Step 2: typed values and pseudonyms, each computed once (the reason and the raw copy read them).
+    casts = {c: _try_cast(f"{_NORM}{names[c]}", t, ts_fmt if t == "timestamp" else date_fmt if t == "date" else None,
+                          c in text)
+             for c, t in cfg.schema_.items() if t != "string"}  # a cast to text never fails: nothing to check
+    pseudonyms = {c: salted_hash(F.col(f"{_NORM}{names[c]}"), salt) for c in cfg.schema_
+                  if c in hashed and c not in dropped}
+    df = df.select("*", *[v.alias(f"{_VALUE}{names[c]}") for c, v in casts.items()],
+                   *[v.alias(f"{_PSEUDO}{names[c]}") for c, v in pseudonyms.items()])
+
+    # Step 3: failures, PII policy, raw copy.
     typed: list[Column] = []
     raw_fields: list[Column] = []
     hash_fields: list[Column] = []
     malformed = F.col(CORRUPT).isNotNull()
     reason = F.when(F.col(REASON).isNotNull(), F.col(REASON)).when(malformed, F.lit("malformed"))
-    for col_name, typ in cfg.schema_.items():
+    for col_name in cfg.schema_:
         s = names[col_name]
         norm = F.col(f"{_NORM}{s}")
-        is_text = isinstance(df.schema[f"{_NORM}{s}"].dataType, T.StringType)
-        value = _try_cast(f"{_NORM}{s}", typ, ts_fmt if typ == "timestamp" else date_fmt if typ == "date" else None,
-                          is_text)
-        reason = reason.when(norm.isNotNull() & value.isNull(), F.lit(f"cast_failed:{col_name}"))
+        is_text = col_name in text
+        if col_name in casts:
+            value = F.col(f"{_VALUE}{s}")
+            reason = reason.when(norm.isNotNull() & value.isNull(), F.lit(f"cast_failed:{col_name}"))
+        else:
+            value = norm if is_text else norm.cast("string")
         if col_name in dropped:
             continue
         raw_text = F.col(s) if is_text else F.col(s).cast("string")
         if col_name in hashed:
-            value = raw_text = salted_hash(norm, salt)
+            value = raw_text = F.col(f"{_PSEUDO}{s}")
         hash_fields.append(raw_text.alias(s))  # pseudonymised: the hash can become row_id (no id column)
         typed.append(value.alias(s))
         raw_fields.append(shift_safe(raw_text, malformed, keep_line).alias(s))
@@ -420,18 +444,23 @@ def parse_columns(raw: DataFrame, cfg: Config, salt: str | None) -> DataFrame:
     else:
         row_text = F.concat(F.to_json(F.struct(*hash_fields)), F.coalesce(F.col(CORRUPT), F.lit("")))
         row_hash = salted_hash(row_text, salt) if salt else F.sha2(row_text, 256)
-    return df.select(
+    out = [
         *typed,
         F.struct(*raw_fields).alias(RAW),
         (F.col(CORRUPT) if keep_line else F.lit(None).cast("string")).alias(CORRUPT),
         F.when(malformed, line_hash(F.col(CORRUPT), salt)).alias(LINE),
         reason.alias(REASON),
-        F.when(reason.isNotNull(), F.lit("ingest")).alias(STAGE),
         F.col(SOURCE),
         row_hash.alias(ROW_HASH),
         F.col(EXTRA),
         *blanks,
-    )
+    ]
+    tagged = df.select(*out)
+    # Step 4: the stage from the reason column (written into the step above, the chain ran twice a row)
+    stage = F.when(F.col(REASON).isNotNull(), F.lit("ingest")).alias(STAGE)
+    cols = [F.col(c) for c in tagged.columns]
+    at = tagged.columns.index(REASON) + 1
+    return tagged.select(*cols[:at], stage, *cols[at:])
 
 
 def shift_safe(raw_text: Column, malformed: Column, keep_line: bool) -> Column:

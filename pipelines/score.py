@@ -257,18 +257,23 @@ def _ingest(spark: SparkSession, stage: Persisted, cfg: Config, full: Config, fi
     ident = F.col(names[cfg.id_column]).cast("string") if cfg.id_column else F.col(ROW_HASH)
     raw_schema = tagged.schema[RAW].dataType
     # the raw values travel as one JSON string (the struct is dropped): one copy per row, not two
-    tagged = tagged.withColumns({"__id": ident, _RAW_JSON: F.to_json(F.col(RAW)),
-                                 _KEY: content_key(RAW, raw_schema, SOURCE)}).drop(RAW, ROW_HASH)
+    raw_json, key = F.to_json(F.col(RAW)), content_key(RAW, raw_schema, SOURCE)
     # the input batch alone (not the windows over it and the history: coalescing has no shuffle
     # of its own, so it would also squeeze those)
-    wide = tagged.coalesce(sized_partitions(spark, files, full.input.format)) \
-        .withColumn(_RID, F.monotonically_increasing_id())
+    parts = sized_partitions(spark, files, full.input.format)
+    wide = tagged.withColumns({"__id": ident, _RAW_JSON: raw_json, _KEY: key}).drop(RAW, ROW_HASH) \
+        .coalesce(parts).withColumn(_RID, F.monotonically_increasing_id())
     # The persisted batch keeps the raw values and the file only where the quarantine needs them for sure
     # (the rejected rows; the same blanking as prepare's): on every row they were most of its bytes, and
     # every pass over the batch (the hot-key count, the windows, drift, the roll-forward) read them. A row
     # the model fails on takes them from ``wide``, recomputed from the files and matched by content
-    # (``_failed_rows``): one more read of the input, only in a run with such rows.
-    tagged = stage.persist(clean.raw_only_for_quarantine(wide, (_RAW_JSON, SOURCE)))
+    # (``_failed_rows``): one more read of the input, only in a run with such rows. The JSON is written
+    # under the condition itself: blanked in a projection of its own (``clean.raw_only_for_quarantine``),
+    # it was computed for every row, as Spark does not inline it there (the reason it tests is read twice).
+    rejected = F.col(REASON).isNotNull()
+    tagged = stage.persist(tagged.withColumns({"__id": ident, _RAW_JSON: F.when(rejected, raw_json), _KEY: key,
+                                               SOURCE: F.when(rejected, F.col(SOURCE))}).drop(RAW, ROW_HASH)
+                           .coalesce(parts).withColumn(_RID, F.monotonically_increasing_id()))
     is_ok = F.col(REASON).isNull()
     with timed("score: ingest and clean"):
         by_outcome = tagged.groupBy(is_ok.alias("ok"), F.col(LINE).isNotNull().alias("malformed")).agg(
