@@ -256,20 +256,14 @@ def _ingest(spark: SparkSession, stage: Persisted, cfg: Config, full: Config, fi
     tagged = scoring_rows(spark, full, files, salt, stats)
     ident = F.col(names[cfg.id_column]).cast("string") if cfg.id_column else F.col(ROW_HASH)
     raw_schema = tagged.schema[RAW].dataType
-    # the raw values travel as one JSON string (the struct is dropped): one copy per row, not two
-    raw_json, key = F.to_json(F.col(RAW)), content_key(RAW, raw_schema, SOURCE)
-    # the input batch alone (not the windows over it and the history: coalescing has no shuffle
-    # of its own, so it would also squeeze those)
-    parts = sized_partitions(spark, files, full.input.format)
+    raw_json, key = F.to_json(F.col(RAW)), content_key(RAW, raw_schema, SOURCE)  # one copy of the raw values
+    parts = sized_partitions(spark, files, full.input.format)  # the batch alone: coalescing has no shuffle
     wide = tagged.withColumns({"__id": ident, _RAW_JSON: raw_json, _KEY: key}).drop(RAW, ROW_HASH) \
         .coalesce(parts).withColumn(_RID, F.monotonically_increasing_id())
     # The persisted batch keeps the raw values and the file only where the quarantine needs them for sure
-    # (the rejected rows; the same blanking as prepare's): on every row they were most of its bytes, and
-    # every pass over the batch (the hot-key count, the windows, drift, the roll-forward) read them. A row
-    # the model fails on takes them from ``wide``, recomputed from the files and matched by content
-    # (``_failed_rows``): one more read of the input, only in a run with such rows. The JSON is written
-    # under the condition itself: blanked in a projection of its own (``clean.raw_only_for_quarantine``),
-    # it was computed for every row, as Spark does not inline it there (the reason it tests is read twice).
+    # (the rejected rows), which every pass over the batch would read. A row the model fails on takes them
+    # from ``wide`` by content (``_failed_rows``). The JSON stands under the condition: blanked afterwards,
+    # in a projection Spark does not inline (it reads the reason twice), it was computed for every row.
     rejected = F.col(REASON).isNotNull()
     tagged = stage.persist(tagged.withColumns({"__id": ident, _RAW_JSON: F.when(rejected, raw_json), _KEY: key,
                                                SOURCE: F.when(rejected, F.col(SOURCE))}).drop(RAW, ROW_HASH)
