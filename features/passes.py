@@ -17,6 +17,7 @@ from pyspark.sql import Column, DataFrame, Row, Window
 from pyspark.sql import functions as F
 
 from downpour.logs import timed
+from downpour.spark import aggregation_fields, codegen_fields
 
 
 @dataclass(frozen=True)
@@ -69,12 +70,14 @@ class Passes:
         """One action for the aggregations (if any), one for the value counts (if any)."""
         row = None
         if self._aggs:
-            agg = df.withColumns(self._columns).agg(*self._aggs)
+            wide = df.withColumns(self._columns)
+            agg = wide.agg(*self._aggs)
             names = agg.columns
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:  # a Row would answer the first of two fields of one name: two fits' results mixed up
                 raise ValueError(f"passes: two aggregations are named {dup[0]!r}")
-            with timed(f"train passes: one aggregation of {len(self._aggs)} values"):
+            with (timed(f"train passes: one aggregation of {len(self._aggs)} values"),
+                  codegen_fields(df.sparkSession, aggregation_fields(wide, len(self._aggs)))):
                 row = agg.first()
         return Counted(row, _top_values(df, list(self._tops.values())))
 
