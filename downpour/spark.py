@@ -12,7 +12,8 @@ from typing import Any
 from py4j.java_gateway import java_import
 from py4j.protocol import Py4JError
 from pyspark import SparkConf, SparkContext, StorageLevel
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, Row, SparkSession
+from pyspark.sql import types as T
 
 from downpour.config import Config
 from downpour.errors import ConfigError
@@ -333,17 +334,19 @@ def session_conf(spark: SparkSession, settings: dict[str, str]) -> Iterator[None
                 spark.conf.set(k, v)
 
 
-
 @contextmanager
 def codegen_fields(spark: SparkSession, fields: int) -> Iterator[None]:
     """Whole-stage code generation for the actions in the block, over schemas of up to ``fields`` fields.
 
-    Why: Spark compiles no operator whose input or output has more fields than
-    ``spark.sql.codegen.maxFields`` (100 by default) into whole-stage code. A global aggregation's output
-    holds one field per value and its partial buffers one to four, so the fits' shared passes (103 values
-    for conf/fraud.yaml) and drift's profile at scoring (about 200) ran on the interpreted path
-    (benchmarks/README.md, "Investigation: the feature fit against a scan of its rows"). The limit is
-    raised for the block only, and the session's own setting comes back after it; a higher one stays."""
+    Why: Spark compiles no operator whose input or output has more (nested) fields than
+    ``spark.sql.codegen.maxFields`` (100 by default) into whole-stage code, and says nothing. A global
+    aggregation's output holds a field per value and its partial buffers one to a few per value, so the
+    fits' shared passes (103 values for conf/fraud.yaml) ran on the interpreted path, several seconds
+    slower at 2,000,000 rows (benchmarks/README.md, "Investigation: the feature fit against a scan of its
+    rows"). The limit is raised for the block only; the session's own setting comes back after it, and a
+    higher one is left alone. Like ``session_conf``, the setting is the session's: a query another thread
+    runs on it meanwhile sees the raised limit, and where two such blocks overlap on one session, the one
+    that ends first restores the limit under the other's action, which may then run uncompiled."""
     current = spark.conf.get(CODEGEN_FIELDS_KEY, None)
     if current is not None and int(current) >= fields:
         yield
@@ -353,6 +356,24 @@ def codegen_fields(spark: SparkSession, fields: int) -> Iterator[None]:
 
 
 def aggregation_fields(df: DataFrame, values: int) -> int:
-    """A bound on the fields of any operator of a global aggregation of ``values`` over ``df``: its columns,
-    and at most four buffer fields per value (count, sum, min, max: one; avg: two)."""
-    return len(df.columns) + 4 * values
+    """A bound on the fields of each operator of a global aggregation of ``values`` over ``df``: the frame's
+    fields, counted as Spark counts them (the leaves of structs, arrays and maps), and four per value, the
+    most a partial buffer of ours holds (count, sum of integers, min, max: one; avg: two; stddev: three).
+    A decimal sum holds two, so the bound stays above it too."""
+    return _leaf_fields(df.schema) + 4 * values
+
+
+def aggregate_row(df: DataFrame, aggs: Sequence[Column]) -> Row:
+    """The one row of the global aggregation ``aggs`` over ``df``, run inside :func:`codegen_fields`."""
+    with codegen_fields(df.sparkSession, aggregation_fields(df, len(aggs))):
+        return df.agg(*aggs).first()
+
+
+def _leaf_fields(dtype: T.DataType) -> int:
+    if isinstance(dtype, T.StructType):
+        return sum(_leaf_fields(f.dataType) for f in dtype.fields)
+    if isinstance(dtype, T.ArrayType):
+        return _leaf_fields(dtype.elementType)
+    if isinstance(dtype, T.MapType):
+        return _leaf_fields(dtype.keyType) + _leaf_fields(dtype.valueType)
+    return 1

@@ -24,7 +24,7 @@ from pyspark.sql import functions as F
 
 from downpour.features import exact
 from downpour.features.passes import Counted, Passes, TopValues
-from downpour.spark import aggregation_fields, codegen_fields
+from downpour.spark import aggregate_row
 
 BINS = 10
 MAX_VALUES = 1000
@@ -153,8 +153,7 @@ def profile(df: DataFrame, ref: dict[str, Any], names: dict[str, str], score: Co
         col = F.col(names[c]).cast("string")
         aggs.append(F.sum(F.when(col.isNotNull() & ~col.isin(values), 1).otherwise(0)).alias(f"u:{c}"))
         aggs.append(F.sum(F.when(col.isNotNull(), 1).otherwise(0)).alias(f"k:{c}"))
-    with codegen_fields(df.sparkSession, aggregation_fields(binned, len(aggs))):
-        row = binned.agg(*aggs).first()
+    row = aggregate_row(binned, aggs)
     total = int(row["__n"])
     out: dict[str, Any] = {"rows": total, "features": {}, "score": None, "unseen": {}}
     for key, (_, edges) in specs.items():

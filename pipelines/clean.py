@@ -42,6 +42,7 @@ from downpour.pipelines.ingest import (
     STAGE,
     lowercase_columns,
 )
+from downpour.spark import aggregate_row
 
 STATUS = "_dp_status"
 DUP = "_dp_dup"
@@ -216,11 +217,11 @@ def null_statistics(train: DataFrame, cfg: Config) -> dict[str, Any]:
         medians = [c for c, s in numeric.items() if s == "median"]
         qs = exact.quantiles(train, {c: finite[c] for c in medians}, [0.5]) if medians else {}
         means = [c for c, s in numeric.items() if s == "mean"]
-        largest = train.agg(*[F.max(F.abs(finite[c])).alias(names[c]) for c in means]).first() if means else None
+        largest = aggregate_row(train, [F.max(F.abs(finite[c])).alias(names[c]) for c in means]) if means else None
         means = {c: exact.scale_bits(largest[names[c]]) for c in means if largest[names[c]] is not None}
         if means:
-            row = train.agg(*[p for c, bits in means.items() for p in exact.sum_parts(finite[c], bits, names[c])],
-                            *[F.count(finite[c]).alias(f"{names[c]}_n") for c in means]).first()
+            sums = [p for c, bits in means.items() for p in exact.sum_parts(finite[c], bits, names[c])]
+            row = aggregate_row(train, [*sums, *[F.count(finite[c]).alias(f"{names[c]}_n") for c in means]])
             for c, bits in means.items():
                 stats[c] = float(exact.fixed_sum(row, names[c], bits) / int(row[f"{names[c]}_n"]))
         for c in medians:
