@@ -341,14 +341,13 @@ def codegen_fields(spark: SparkSession, fields: int) -> Iterator[None]:
     Why: Spark compiles no operator whose input or output has more (nested) fields than
     ``spark.sql.codegen.maxFields`` (100 by default) into whole-stage code, and says nothing. A global
     aggregation's output holds a field per value and its partial buffers one to a few per value, so the
-    fits' shared passes (103 values for conf/fraud.yaml) ran on the interpreted path, several seconds
-    slower at 2,000,000 rows (benchmarks/README.md, "Investigation: the feature fit against a scan of its
+    fits' shared passes (103 values for conf/fraud.yaml) ran on the interpreted path, 0.7-3.9 s slower
+    once warm at 2,000,000 rows (benchmarks/README.md, "Investigation: the feature fit against a scan of its
     rows"). The limit is raised for the block only; the session's own setting comes back after it, and a
     higher one is left alone. Like ``session_conf``, the setting is the session's: a query another thread
     runs on it meanwhile sees the raised limit, and where two such blocks overlap on one session, the one
     that ends first restores the limit under the other's action, which may then run uncompiled."""
-    current = spark.conf.get(CODEGEN_FIELDS_KEY, None)
-    if current is not None and int(current) >= fields:
+    if int(spark.conf.get(CODEGEN_FIELDS_KEY)) >= fields:  # the effective limit: Spark's default if unset
         yield
         return
     with session_conf(spark, {CODEGEN_FIELDS_KEY: str(fields)}):
@@ -370,6 +369,8 @@ def aggregate_row(df: DataFrame, aggs: Sequence[Column]) -> Row:
 
 
 def _leaf_fields(dtype: T.DataType) -> int:
+    if isinstance(dtype, T.UserDefinedType):
+        return _leaf_fields(dtype.sqlType())
     if isinstance(dtype, T.StructType):
         return sum(_leaf_fields(f.dataType) for f in dtype.fields)
     if isinstance(dtype, T.ArrayType):

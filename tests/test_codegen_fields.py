@@ -15,6 +15,7 @@ import uuid
 
 import numpy as np
 import pandas as pd
+import pytest
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -22,6 +23,13 @@ from pyspark.sql import types as T
 from downpour.spark import CODEGEN_FIELDS_KEY, aggregation_fields, codegen_fields
 
 ROWS = 500
+
+
+@pytest.fixture(autouse=True)
+def _no_job_description_left(spark):
+    """The tests tag their actions; a failing one must not leave its tag on the session's later jobs."""
+    yield
+    spark.sparkContext.setJobDescription(None)
 
 
 def _frame(spark: SparkSession, numeric: int = 8, categorical: int = 0) -> DataFrame:
@@ -85,6 +93,8 @@ def test_a_wide_aggregation_runs_compiled_only_with_the_raised_limit(spark):
     assert _compiled(_aggregates(spark, tag)), _aggregates(spark, tag)
     assert spark.conf.get(CODEGEN_FIELDS_KEY, None) is None, "the session's own setting comes back"
     assert fast == plain
+    with codegen_fields(spark, 30):  # below Spark's default: never lowered
+        assert spark.conf.get(CODEGEN_FIELDS_KEY, None) is None
     spark.conf.set(CODEGEN_FIELDS_KEY, "100000")  # a higher setting of the session's stays
     try:
         with codegen_fields(spark, 500):
