@@ -31,17 +31,27 @@ _INF = 1 << 62
 _SPLIT = 26  # a fixed-point integer m = hi * 2^26 + lo, 0 <= lo < 2^26
 
 
-def _bin(x: Column) -> Column:
-    """An integer that orders like ``x`` (a non-NaN double) up to its leading ``_BITS`` mantissa bits."""
+def _binned(values: DataFrame) -> DataFrame:
+    """``values`` (``i``, ``x``: non-NaN doubles) plus ``b``: an integer that orders like ``x`` up to its
+    leading ``_BITS`` mantissa bits.
+
+    Computed in three projections, each column once per value: a bin written as one expression would repeat
+    the exponent's ``log2`` and ``pow`` in every branch that reads it (Spark eliminates no common
+    subexpression inside a ``CASE`` branch), and those were most of the first pass's CPU. Spark does not
+    merge a projection into the next when that repeats a costly column, so each stays computed once."""
+    x = F.col("x")
     a = F.abs(x)
-    e1 = F.floor(F.log2(a))
-    r = a / F.pow(F.lit(2.0), e1)
-    e = F.when(r >= 2, e1 + 1).when(r < 1, e1 - 1).otherwise(e1)  # log2 may round across a power of two
-    frac = a / F.pow(F.lit(2.0), e) - F.lit(1.0)  # [0, 1), exact: a power-of-two division
+    # log2 may round across a power of two: e1 is the exponent give or take one, r = |x| / 2^e1 is exact
+    with_e1 = values.select("i", "x", F.floor(F.log2(a)).alias("e1"))
+    with_r = with_e1.select("i", "x", "e1", (a / F.pow(F.lit(2.0), F.col("e1"))).alias("r"))
+    r = F.col("r")
+    e = F.when(r >= 2, F.col("e1") + 1).when(r < 1, F.col("e1") - 1).otherwise(F.col("e1"))
+    frac = F.when(r >= 2, r * 0.5).when(r < 1, r * 2.0).otherwise(r) - F.lit(1.0)  # |x| / 2^e - 1, exact: [0, 1)
     mag = (e.cast("long") + F.lit(1075)) * F.lit(1 << _BITS) + F.floor(frac * F.lit(float(1 << _BITS))).cast("long") + 1
-    return (F.when(x == 0, F.lit(0).cast("long"))
-            .when(x == float("inf"), F.lit(_INF)).when(x == float("-inf"), F.lit(-_INF))
-            .when(x > 0, mag).otherwise(-mag))
+    b = (F.when(x == 0, F.lit(0).cast("long"))
+         .when(x == float("inf"), F.lit(_INF)).when(x == float("-inf"), F.lit(-_INF))
+         .when(x > 0, mag).otherwise(-mag))
+    return with_r.select("i", "x", b.alias("b"))
 
 
 def _rank(p: float, n: Column) -> Column:
@@ -68,22 +78,22 @@ def quantiles(df: DataFrame, columns: Mapping[str, Column], probs: Sequence[floa
     Pass 1 counts the values per (column, bin of 8 mantissa bits) with each bin's min and max, and keeps,
     with a window over each column's bins, only the bins that hold a wanted rank: where that rank is the
     bin's first or last value, or the bin holds one value, its min or max is the answer. Pass 2, only for
-    the other wanted bins, counts the values between that bin's min and max one by one the same way. Only
-    the wanted rows reach the driver."""
+    the other wanted bins, counts those bins' values one by one the same way. Only the wanted rows reach the
+    driver."""
     keys = list(columns)
     if not keys:
         return {}
     exprs = list(columns.values())
-    groups = (_values(df, exprs, range(len(exprs))).withColumn("b", _bin(F.col("x"))).groupBy("i", "b")
+    groups = (_binned(_values(df, exprs, range(len(exprs)))).groupBy("i", "b")
               .agg(F.count(F.lit(1)).alias("n"), F.min("x").alias("lo"), F.max("x").alias("hi")))
     groups = groups.withColumn("total", F.sum("n").over(Window.partitionBy("i")))
     wanted_ranks = F.explode(F.array(*[F.struct(F.lit(j).alias("t"), _rank(p, F.col("total")).alias("k"))
                                        for j, p in enumerate(probs)])).alias("w")
     ranked = _cumulative(groups, ["i"], "b").select("*", wanted_ranks).select("*", "w.t", "w.k")
-    hits = _holding(ranked).select("i", "n", "lo", "hi", "cum", "total", "t", "k").collect()
+    hits = _holding(ranked).select("i", "b", "n", "lo", "hi", "cum", "total", "t", "k").collect()
     found: dict[tuple[int, int], float] = {}
     counts: dict[int, int] = {}
-    deeper: list[tuple[int, float, float, int, int]] = []  # (column, bin's min, max, target, rank within)
+    deeper: list[tuple[int, int, int, int]] = []  # (column, bin, target, rank within the bin)
     for r in hits:
         i, t = int(r["i"]), int(r["t"])
         counts[i] = int(r["total"])
@@ -93,11 +103,13 @@ def quantiles(df: DataFrame, columns: Mapping[str, Column], probs: Sequence[floa
         elif local == int(r["n"]):
             found[(i, t)] = float(r["hi"])
         else:
-            deeper.append((i, float(r["lo"]), float(r["hi"]), t, local))
+            deeper.append((i, int(r["b"]), t, local))
     if deeper:
-        wanted = df.sparkSession.createDataFrame(deeper, "i int, lo double, hi double, t int, k long")
-        inside = (_values(df, exprs, sorted({d[0] for d in deeper}))
-                  .join(F.broadcast(wanted), "i").where(F.col("x").between(F.col("lo"), F.col("hi")))
+        wanted = df.sparkSession.createDataFrame(deeper, "i int, b long, t int, k long")
+        # an equi-join on the bin: each value meets only the targets of its own bin (no value of another bin
+        # can lie between a bin's min and max, the bins order like the values)
+        inside = (_binned(_values(df, exprs, sorted({d[0] for d in deeper})))
+                  .join(F.broadcast(wanted), ["i", "b"])
                   .groupBy("i", "t", "k", "x").agg(F.count(F.lit(1)).alias("n")))
         for r in _holding(_cumulative(inside, ["i", "t"], "x")).collect():
             found[(int(r["i"]), int(r["t"]))] = float(r["x"])

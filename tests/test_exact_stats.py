@@ -82,3 +82,39 @@ def test_a_zero_quantile_is_always_positive_zero(spark):
         df = spark.createDataFrame([(v,) for v in ([-0.0, 0.0] * 50)[::order]], "x double").repartition(3)
         got = exact.quantiles(df, {"x": F.col("x")}, [0.0, 0.5, 1.0])["x"]
         assert [math.copysign(1.0, v) for v in got] == [1.0, 1.0, 1.0]
+
+
+def _plan_text(df) -> str:
+    """The executed plan of a frame not yet run, every field written out."""
+    return str(df._jdf.queryExecution().executedPlan().treeString(True, False, 100_000, False)).upper()
+
+
+def test_the_bin_s_logarithm_and_power_stand_once_in_the_plan(spark):
+    """The first pass bins every value of every column: its ``log2`` and ``pow`` are computed once per
+    value (``exact._binned``), not once per branch of the bin's ``CASE`` that reads them."""
+    df = spark.createDataFrame([(1.0, -3.5), (0.0, 7e-300)], "a double, b double")
+    binned = exact._binned(exact._values(df, [F.col("a"), F.col("b")], range(2)))
+    plan = _plan_text(binned)
+    assert plan.count("LOG2(") == 1 and plan.count("POWER(") == 1, plan
+    assert sorted(r["b"] for r in binned.collect()) == sorted(
+        r["b"] for r in _one_expression_bins(df).collect())  # the same bins
+
+
+def _one_expression_bins(df):
+    """The bin as one expression, the way the first pass used to write it."""
+    x = exact._values(df, [F.col("a"), F.col("b")], range(2))
+    a = F.abs(F.col("x"))
+    e1 = F.floor(F.log2(a))
+    r = a / F.pow(F.lit(2.0), e1)
+    e = F.when(r >= 2, e1 + 1).when(r < 1, e1 - 1).otherwise(e1)
+    frac = a / F.pow(F.lit(2.0), e) - F.lit(1.0)
+    mag = (e.cast("long") + F.lit(1075)) * F.lit(256) + F.floor(frac * F.lit(256.0)).cast("long") + 1
+    return x.select((F.when(F.col("x") == 0, F.lit(0).cast("long")).when(F.col("x") > 0, mag)
+                     .otherwise(-mag)).alias("b"))
+
+
+def test_the_plan_count_sees_a_logarithm_written_into_every_branch(spark):
+    """Companion: the bin as one expression puts several copies of the logarithm in the plan, which the
+    count above would report."""
+    df = spark.createDataFrame([(1.0, -3.5)], "a double, b double")
+    assert _plan_text(_one_expression_bins(df)).count("LOG2(") > 1
