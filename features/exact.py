@@ -38,11 +38,15 @@ def _binned(values: DataFrame) -> DataFrame:
     Computed in three projections, each column once per value: a bin written as one expression would repeat
     the exponent's ``log2`` and ``pow`` in every branch that reads it (Spark eliminates no common
     subexpression inside a ``CASE`` branch), and those were most of the first pass's CPU. Spark does not
-    merge a projection into the next when that repeats a costly column, so each stays computed once."""
+    merge a projection into the next when that repeats a costly column, so each stays computed once. ``b``
+    is declared non-null (it is never null for a non-NaN ``x``): a join on it would otherwise get an
+    inferred null check pushed below the projections, with the whole expression written into it."""
     x = F.col("x")
     a = F.abs(x)
-    # log2 may round across a power of two: e1 is the exponent give or take one, r = |x| / 2^e1 is exact
-    with_e1 = values.select("i", "x", F.floor(F.log2(a)).alias("e1"))
+    # log2 may round across a power of two: e1 is the exponent give or take one (capped at 1023, where
+    # log2 of the largest doubles rounds to 1024 and 2^1024 is no double), and r = |x| / 2^e1 is exact
+    e1 = F.least(F.greatest(F.floor(F.log2(a)), F.lit(-1074)), F.lit(1023))
+    with_e1 = values.select("i", "x", e1.alias("e1"))
     with_r = with_e1.select("i", "x", "e1", (a / F.pow(F.lit(2.0), F.col("e1"))).alias("r"))
     r = F.col("r")
     e = F.when(r >= 2, F.col("e1") + 1).when(r < 1, F.col("e1") - 1).otherwise(F.col("e1"))
@@ -51,7 +55,7 @@ def _binned(values: DataFrame) -> DataFrame:
     b = (F.when(x == 0, F.lit(0).cast("long"))
          .when(x == float("inf"), F.lit(_INF)).when(x == float("-inf"), F.lit(-_INF))
          .when(x > 0, mag).otherwise(-mag))
-    return with_r.select("i", "x", b.alias("b"))
+    return with_r.select("i", "x", F.coalesce(b, F.lit(0).cast("long")).alias("b"))
 
 
 def _rank(p: float, n: Column) -> Column:
@@ -105,16 +109,20 @@ def quantiles(df: DataFrame, columns: Mapping[str, Column], probs: Sequence[floa
         else:
             deeper.append((i, int(r["b"]), t, local))
     if deeper:
-        wanted = df.sparkSession.createDataFrame(deeper, "i int, b long, t int, k long")
-        # an equi-join on the bin: each value meets only the targets of its own bin (no value of another bin
-        # can lie between a bin's min and max, the bins order like the values)
-        inside = (_binned(_values(df, exprs, sorted({d[0] for d in deeper})))
-                  .join(F.broadcast(wanted), ["i", "b"])
-                  .groupBy("i", "t", "k", "x").agg(F.count(F.lit(1)).alias("n")))
-        for r in _holding(_cumulative(inside, ["i", "t"], "x")).collect():
+        for r in _holding(_cumulative(_inside(df, exprs, deeper), ["i", "t"], "x")).collect():
             found[(int(r["i"]), int(r["t"]))] = float(r["x"])
     return {key: [found[(i, j)] for j in range(len(probs))] if counts.get(i) else None
             for i, key in enumerate(keys)}
+
+
+def _inside(df: DataFrame, exprs: list[Column], deeper: list[tuple[int, int, int, int]]) -> DataFrame:
+    """Pass 2's counts: (i, t, k, x, n) for every distinct value ``x`` of the bins ``deeper`` names
+    ((column, bin, target, rank within the bin)), once per target in that bin. An equi-join on the bin: a
+    value meets only its own bin's targets (the bins order like the values)."""
+    wanted = df.sparkSession.createDataFrame(deeper, "i int, b long, t int, k long")
+    return (_binned(_values(df, exprs, sorted({d[0] for d in deeper})))
+            .join(F.broadcast(wanted), ["i", "b"])
+            .groupBy("i", "t", "k", "x").agg(F.count(F.lit(1)).alias("n")))
 
 
 Table = dict[str, dict[float, float] | None]  # {key: {p: the exact lower quantile}}, None: no value

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from fractions import Fraction
 
 import numpy as np
@@ -28,7 +29,13 @@ def _columns(rng: random.Random, n: int) -> dict[str, list[float | None]]:
     near = [1.0 + rng.randint(0, 3) * 2.0 ** -52 for _ in range(n)]  # neighbouring doubles: the last pass
     odd = [rng.choice([None, float("nan"), float("inf"), -float("inf"), -0.0, 5e-324, rng.random()])
            for _ in range(n)]
-    return {"cont": cont, "signed": signed, "discrete": discrete, "near": near, "odd": odd}
+    top = [rng.choice([1.0, -1.0]) * rng.choice(_TOP) for _ in range(n)]  # where log2 rounds up to 1024
+    return {"cont": cont, "signed": signed, "discrete": discrete, "near": near, "odd": odd, "top": top}
+
+
+_MAX = sys.float_info.max
+_TOP = [_MAX, math.nextafter(_MAX, 0), 1.7976931348621712e308, math.nextafter(1.7976931348621712e308, 0),
+        2.0 ** 1023, math.nextafter(2.0 ** 1023, 0), 4.5e307, 5e307, 2.0 ** -1022, 5e-324, 1e-320]
 
 
 def test_quantiles_are_the_exact_lower_quantiles(spark):
@@ -92,12 +99,18 @@ def _plan_text(df) -> str:
 def test_the_bin_s_logarithm_and_power_stand_once_in_the_plan(spark):
     """The first pass bins every value of every column: its ``log2`` and ``pow`` are computed once per
     value (``exact._binned``), not once per branch of the bin's ``CASE`` that reads them."""
-    df = spark.createDataFrame([(1.0, -3.5), (0.0, 7e-300)], "a double, b double")
+    values = [1.0, -3.5, 0.0, 7e-300, 3.0, 0.75] + _TOP + [-v for v in _TOP]
+    df = spark.createDataFrame([(v, -v) for v in values], "a double, b double")
     binned = exact._binned(exact._values(df, [F.col("a"), F.col("b")], range(2)))
     plan = _plan_text(binned)
     assert plan.count("LOG2(") == 1 and plan.count("POWER(") == 1, plan
-    assert sorted(r["b"] for r in binned.collect()) == sorted(
-        r["b"] for r in _one_expression_bins(df).collect())  # the same bins
+    got = {(r["i"], r["x"]): r["b"] for r in binned.collect()}
+    assert got == {(r["i"], r["x"]): r["b"] for r in _one_expression_bins(df).collect()}  # the same bins
+    by_value = sorted((x, b) for (_, x), b in got.items())
+    assert [b for _, b in by_value] == sorted(b for _, b in by_value)  # ordered like the values
+    # pass 2's join on the bin keeps one logarithm: no null check with the expression written into it
+    inside = exact._inside(df, [F.col("a"), F.col("b")], [(0, got[(0, 3.0)], 0, 1)])
+    assert _plan_text(inside).count("LOG2(") == 1
 
 
 def _one_expression_bins(df):
@@ -109,8 +122,8 @@ def _one_expression_bins(df):
     e = F.when(r >= 2, e1 + 1).when(r < 1, e1 - 1).otherwise(e1)
     frac = a / F.pow(F.lit(2.0), e) - F.lit(1.0)
     mag = (e.cast("long") + F.lit(1075)) * F.lit(256) + F.floor(frac * F.lit(256.0)).cast("long") + 1
-    return x.select((F.when(F.col("x") == 0, F.lit(0).cast("long")).when(F.col("x") > 0, mag)
-                     .otherwise(-mag)).alias("b"))
+    return x.select("i", "x", (F.when(F.col("x") == 0, F.lit(0).cast("long")).when(F.col("x") > 0, mag)
+                               .otherwise(-mag)).alias("b"))
 
 
 def test_the_plan_count_sees_a_logarithm_written_into_every_branch(spark):
