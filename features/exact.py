@@ -43,8 +43,9 @@ def _binned(values: DataFrame) -> DataFrame:
     inferred null check pushed below the projections, with the whole expression written into it."""
     x = F.col("x")
     a = F.abs(x)
-    # log2 may round across a power of two: e1 is the exponent give or take one (capped at 1023, where
-    # log2 of the largest doubles rounds to 1024 and 2^1024 is no double), and r = |x| / 2^e1 is exact
+    # log2 may round across a power of two: e1 is the exponent give or take one, kept within [-1074, 1023]
+    # (log2 of the largest doubles rounds to 1024, and 2^1024 and 2^-1075 are no doubles), so r = |x| / 2^e1
+    # is exact and never null
     e1 = F.least(F.greatest(F.floor(F.log2(a)), F.lit(-1074)), F.lit(1023))
     with_e1 = values.select("i", "x", e1.alias("e1"))
     with_r = with_e1.select("i", "x", "e1", (a / F.pow(F.lit(2.0), F.col("e1"))).alias("r"))
