@@ -39,6 +39,15 @@ def spark():
     session.stop()
 
 
+@pytest.fixture(scope="session")
+def plan_text():
+    """The executed plan of a frame not yet run, with every field written out (``toString`` abbreviates
+    long lists at ``spark.sql.debug.maxToStringFields``): for tests that count expressions in a plan."""
+    def text(df) -> str:
+        return str(df._jdf.queryExecution().executedPlan().treeString(True, False, 100_000, False))
+    return text
+
+
 @pytest.fixture
 def telco_path() -> Path:
     if not TELCO.exists():

@@ -91,18 +91,13 @@ def test_a_zero_quantile_is_always_positive_zero(spark):
         assert [math.copysign(1.0, v) for v in got] == [1.0, 1.0, 1.0]
 
 
-def _plan_text(df) -> str:
-    """The executed plan of a frame not yet run, every field written out."""
-    return str(df._jdf.queryExecution().executedPlan().treeString(True, False, 100_000, False)).upper()
-
-
-def test_the_bin_s_logarithm_and_power_stand_once_in_the_plan(spark):
+def test_the_bin_s_logarithm_and_power_stand_once_in_the_plan(spark, plan_text):
     """The first pass bins every value of every column: its ``log2`` and ``pow`` are computed once per
     value (``exact._binned``), not once per branch of the bin's ``CASE`` that reads them."""
     values = [1.0, -3.5, 0.0, 7e-300, 3.0, 0.75] + _TOP + [-v for v in _TOP]
     df = spark.createDataFrame([(v, -v) for v in values], "a double, b double")
     binned = exact._binned(exact._values(df, [F.col("a"), F.col("b")], range(2)))
-    plan = _plan_text(binned)
+    plan = plan_text(binned).upper()
     assert plan.count("LOG2(") == 1 and plan.count("POWER(") == 1, plan
     got = {(r["i"], r["x"]): r["b"] for r in binned.collect()}
     assert got == {(r["i"], r["x"]): r["b"] for r in _one_expression_bins(df).collect()}  # the same bins
@@ -110,7 +105,7 @@ def test_the_bin_s_logarithm_and_power_stand_once_in_the_plan(spark):
     assert [b for _, b in by_value] == sorted(b for _, b in by_value)  # ordered like the values
     # pass 2's join on the bin keeps one logarithm: no null check with the expression written into it
     inside = exact._inside(df, [F.col("a"), F.col("b")], [(0, got[(0, 3.0)], 0, 1)])
-    assert _plan_text(inside).count("LOG2(") == 1
+    assert plan_text(inside).upper().count("LOG2(") == 1
 
 
 def _one_expression_bins(df):
@@ -126,8 +121,8 @@ def _one_expression_bins(df):
                                .otherwise(-mag)).alias("b"))
 
 
-def test_the_plan_count_sees_a_logarithm_written_into_every_branch(spark):
+def test_the_plan_count_sees_a_logarithm_written_into_every_branch(spark, plan_text):
     """Companion: the bin as one expression puts several copies of the logarithm in the plan, which the
     count above would report."""
     df = spark.createDataFrame([(1.0, -3.5)], "a double, b double")
-    assert _plan_text(_one_expression_bins(df)).count("LOG2(") > 1
+    assert plan_text(_one_expression_bins(df)).upper().count("LOG2(") > 1

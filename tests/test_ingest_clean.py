@@ -597,40 +597,34 @@ def test_a_stage_looks_up_sparks_functions_by_their_own_import(spark, monkeypatc
         assert fresh.functions.col("id").toString() == "id"
 
 
-def _plan_text(df) -> str:
-    """The executed plan of a frame not yet run, with every field written out (``toString`` abbreviates
-    long lists at ``spark.sql.debug.maxToStringFields``)."""
-    return str(df._jdf.queryExecution().executedPlan().treeString(True, False, 100_000, False))
-
-
-def test_each_costly_value_of_a_row_is_computed_once(spark, tmp_path):
+def test_each_costly_value_of_a_row_is_computed_once(spark, tmp_path, plan_text):
     """The try-casts, the PII pseudonym and the policy rules stand once in the ingest's plan
     (``ingest.parse_columns``, ``clean.apply_policies``): Spark 3.5 evaluates a copy that sits in a
     conditional branch again for every row, and such copies made the parse a third slower."""
     src = write_csv(tmp_path / "in.csv", DIRTY[:3])
     cfg = make_cfg(src, tmp_path / "out")
-    plan = _plan_text(tagged_rows(spark, cfg, list_input_files(spark, str(src)), clean.resolve_salt(cfg)))
+    plan = plan_text(tagged_rows(spark, cfg, list_input_files(spark, str(src)), clean.resolve_salt(cfg)))
     assert plan.count("try_cast(") == sum(t != "string" for t in SCHEMA.values())  # event_ts, amount, label
     # an HMAC is two SHA-256: the hashed id's, and a malformed line's (a key for its line number)
     assert plan.count("sha2(") == 2 * (len(cfg.pii.hash) + 1)
     assert plan.count("> 1000.0)") == 1  # the amount's range rule, in the one chain of rules
 
 
-def test_the_plan_count_sees_a_value_written_twice(spark):
+def test_the_plan_count_sees_a_value_written_twice(spark, plan_text):
     """Companion: the way the ingest used to write a cast (the value, and again inside the chain of
     reasons) puts two copies in the plan, which the count above would report."""
     df = spark.createDataFrame([("1",), ("x",)], "v string")
     cast = F.expr("try_cast(v AS double)")
     twice = df.select(cast.alias("d"), F.when(F.col("v").isNull(), F.lit("null"))
                       .when(cast.isNull(), F.lit("cast_failed")).alias("reason"))
-    assert _plan_text(twice).count("try_cast(") == 2
+    assert plan_text(twice).count("try_cast(") == 2
     once = df.select(cast.alias("d"), "v")
     once = once.select("d", F.when(F.col("v").isNull(), F.lit("null")).when(F.col("d").isNull(), F.lit("cast_failed"))
                        .alias("reason"))
-    assert _plan_text(once).count("try_cast(") == 1
+    assert plan_text(once).count("try_cast(") == 1
 
 
-def test_scoring_writes_a_row_s_raw_values_as_json_only_where_the_quarantine_keeps_them(spark, tmp_path):
+def test_scoring_writes_a_row_s_raw_values_as_json_only_where_the_quarantine_keeps_them(spark, tmp_path, plan_text):
     """The persisted scoring batch turns a row's raw values into JSON under the condition that keeps
     them (a reason): blanked in a projection of their own, they were written for every row."""
     import re
@@ -649,6 +643,6 @@ def test_scoring_writes_a_row_s_raw_values_as_json_only_where_the_quarantine_kee
     batch = score._ingest(spark, keep, cfg, score._scoring_config(cfg, str(src), None),
                           list_input_files(spark, str(src)), clean.resolve_salt(cfg), {})
     assert batch.clean_n == {True: 3, False: 1}  # a3: cast_failed
-    plan = _plan_text(keep.df)
+    plan = plan_text(keep.df)
     assert plan.count("to_json(") == 1
     assert re.search(r"CASE WHEN isnotnull\(_dp_reason#\d+\) THEN to_json\(", plan)
