@@ -24,6 +24,7 @@ from pyspark.sql import functions as F
 
 from downpour.features import exact
 from downpour.features.passes import Counted, Passes, TopValues
+from downpour.logs import LOG, timed
 from downpour.spark import aggregate_row
 
 BINS = 10
@@ -179,3 +180,24 @@ def judge(prof: dict[str, Any], psi_threshold: float, unseen_threshold: float) -
                 if v > unseen_threshold]
     return {**prof, "thresholds": {"psi": psi_threshold, "unseen": unseen_threshold},
             "drift": bool(reasons), "reasons": reasons}
+
+
+def batch_drift(settings: Any, card: dict[str, Any], clean_rows: DataFrame, scored: DataFrame, score: Column,
+                names: dict[str, str]) -> dict[str, Any] | None:
+    """``score``'s drift figures (``scoring.drift`` as ``settings``): PSI per numeric feature over the
+    batch's clean rows and of ``score`` over its scored rows, unseen categorical values, judged against the
+    model card's reference; None when off or when the model carries no reference."""
+    ref = card.get("drift_reference")
+    if not settings.enabled:
+        return None
+    if not ref:
+        LOG.info("score: model %s carries no drift reference (trained before drift checks); no drift figures",
+                 card.get("model_version"))
+        return None
+    with timed("score: drift against the training data"):
+        prof = profile(clean_rows, ref, names)
+        prof["score"] = profile(scored, {}, names, score=score, score_ref=ref.get("score"))["score"]
+        out = judge(prof, settings.psi_threshold, settings.unseen_threshold)
+    if out["drift"]:
+        LOG.warning("score: the batch has drifted from the training data: %s", "; ".join(out["reasons"]))
+    return out

@@ -18,11 +18,15 @@ from downpour.artifact import DECISION_RESOLUTION, EXPLAIN_SIGNATURE, RAW_SIGNAT
 from downpour.config import Config
 from downpour.errors import DataContractError
 from downpour.features import history as H
+from downpour.features.drift import batch_drift
 from downpour.layout import RegisteredLayout, RunLayout
 from downpour.logs import LOG, timed
 from downpour.pipelines import clean
 from downpour.pipelines import score_history as SH
 from downpour.pipelines.ingest import (
+    BLANK_PREFIX,
+    CORRUPT,
+    EXTRA,
     LINE,
     LINE_NUMBER,
     RAW,
@@ -92,28 +96,6 @@ def _decision(rule: dict[str, Any] | None) -> Any:
     # the bucket comparison evaluate costed (training/decision.py), not a float comparison that could
     # disagree with it by one bucket
     return score_bucket(F.col(SCORE)) >= F.lit(round(float(threshold) * DECISION_RESOLUTION))
-
-
-def _drift(cfg: Config, card: dict[str, Any], clean_rows: DataFrame, scored: DataFrame) -> dict[str, Any] | None:
-    """The batch against the model's drift reference (features/drift.py): PSI per numeric feature (clean
-    rows) and of the score (scored rows), unseen categorical values; None when off or no reference."""
-    from downpour.features.drift import judge, profile
-
-    names = cfg.names
-    d, ref = cfg.scoring.drift, card.get("drift_reference")
-    if not d.enabled:
-        return None
-    if not ref:
-        LOG.info("score: model %s carries no drift reference (trained before drift checks); no drift figures",
-                 card.get("model_version"))
-        return None
-    with timed("score: drift against the training data"):
-        prof = profile(clean_rows, ref, names)
-        prof["score"] = profile(scored, {}, names, score=F.col(SCORE), score_ref=ref.get("score"))["score"]
-        out = judge(prof, d.psi_threshold, d.unseen_threshold)
-    if out["drift"]:
-        LOG.warning("score: the batch has drifted from the training data: %s", "; ".join(out["reasons"]))
-    return out
 
 
 def _reasons(cfg: Config, card: dict[str, Any]) -> Reasons | None:
@@ -264,9 +246,13 @@ def _ingest(spark: SparkSession, stage: Persisted, cfg: Config, full: Config, fi
     # (the rejected rows), which every pass over the batch would read. A row the model fails on takes them
     # from ``wide`` by content (``_failed_rows``). The JSON stands under the condition: blanked afterwards,
     # in a projection Spark does not inline (it reads the reason twice), it was computed for every row.
+    # Nor does it keep what only parsing and the policies read (the blank-cell flags, the malformed record's
+    # text, the extra-columns flag) or the placeholder label: every pass would read them for nothing.
     rejected = F.col(REASON).isNotNull()
+    unread = [c for c in tagged.columns if c.startswith(BLANK_PREFIX)] + [CORRUPT, EXTRA, names[cfg.label.column]]
     tagged = stage.persist(tagged.withColumns({"__id": ident, _RAW_JSON: F.when(rejected, raw_json), _KEY: key,
-                                               SOURCE: F.when(rejected, F.col(SOURCE))}).drop(RAW, ROW_HASH)
+                                               SOURCE: F.when(rejected, F.col(SOURCE))})
+                           .drop(RAW, ROW_HASH, *unread)
                            .coalesce(parts).withColumn(_RID, F.monotonically_increasing_id()))
     is_ok = F.col(REASON).isNull()
     with timed("score: ingest and clean"):
@@ -293,16 +279,30 @@ def _serving_rows(full: Config, model: _Model, batch: _Batch, past: Any,
     if H.needed(full):
         # counted already: the clean input rows and the history sources' rows bound the rows per key
         bound = None if past.rows is None else batch.clean_n.get(True, 0) + past.rows
-        events = SH.clean_events(ok, full)
+        events = _served_columns(SH.clean_events(ok, full), full, model)
         # the hot keys are counted over the input and the whole history, without the anti-join
-        ok = H.drop_context(add_window_features(H.with_context(events, past.frame), full, rows=bound,
-                                                count_over=H.with_every_event(events, past.frame))).drop(H.HID)
+        # the identity has done its work once the history rows that are input rows are left out
+        ok = H.drop_context(add_window_features(H.with_context(events, past.frame).drop(H.HID), full, rows=bound,
+                                                count_over=H.with_every_event(events, past.frame)))
     missing = [c for c in model.raw_inputs if c not in ok.columns]
     if missing:
         raise DataContractError(f"column {missing[0]!r}: the model {model.version} needs it; it is not produced "
                                 f"from the input {input_url} by this config")
     return serving_frame(clean.serving_nulls(ok, full), RawInputs(model.raw_inputs),
                          keep=("__id", _RID))
+
+
+def _served_columns(events: DataFrame, full: Config, model: _Model) -> DataFrame:
+    """Only the columns that reach the model or its windows: the ids, the history identity, what the
+    windows read, the model's raw inputs and the cleaning flags ``serving_nulls`` reads. Every window
+    shuffle and sort carries each column it is handed (a wide table has dozens nobody reads)."""
+    from downpour.features.windows import referenced_columns
+
+    names = full.names
+    flags = [c for col, flag in clean.flag_columns(full).items() for c in (names[col], flag)]
+    ts = [names[full.timestamp_column]] if full.timestamp_column else []
+    wanted = {"__id", _RID, H.HID, *ts, *referenced_columns(full), *model.raw_inputs, *flags}
+    return events.select(*[c for c in events.columns if c in wanted])
 
 
 @dataclass(frozen=True)
@@ -429,7 +429,8 @@ def run_scoring(spark: SparkSession, cfg: Config, input_url: str, output_url: st
             SH.check_gap(full, past, batch.t_min, input_url)
             scored = _serve(spark, stage, cfg, model, _serving_rows(full, model, batch, past, input_url))
             _write(spark, cfg, full, model, batch, scored, outputs, salt)
-            drift = _drift(cfg, model.card, batch.ok, scored.frame.where(F.col(ERROR).isNull()))
+            drift = batch_drift(cfg.scoring.drift, model.card, batch.ok, scored.frame.where(F.col(ERROR).isNull()),
+                                F.col(SCORE), cfg.names)
             records = count_input_records(spark, full, batch.files)  # independent of the parsing it checks
             counts = _accounted(records, batch.clean_n, scored.outcome)
             out_url = history_out or history_store  # rolled forward only once every row is accounted for

@@ -332,3 +332,62 @@ def test_scoring_scans_its_input_under_the_split_settings(spark, fraud, tmp_path
     _score(spark, cfg, late.head(200), tmp_path, "split", no_history=True)
     assert seen == ["1234567", "1234567"]
     assert spark.conf.get(MAX_SPLIT_KEY, None) == before
+
+
+def _columns_scoring_carries(spark, fraud, tmp_path, monkeypatch) -> tuple[set[str], set[str]]:
+    """Score 200 rows with history; (the persisted batch's columns, the columns handed to the windows)."""
+    from downpour.features import windows
+    from downpour.pipelines import score as score_mod
+
+    cfg, tmp, raw, early, late = fraud
+    seen: dict[str, set[str]] = {}
+    real_ingest, real_windows = score_mod._ingest, windows.add_window_features
+
+    def ingest(*a, **k):
+        batch = real_ingest(*a, **k)
+        seen["batch"] = set(batch.tagged.columns)
+        return batch
+
+    def add(df, *a, **k):
+        seen["windows"] = set(df.columns)
+        return real_windows(df, *a, **k)
+
+    monkeypatch.setattr(score_mod, "_ingest", ingest)
+    monkeypatch.setattr(windows, "add_window_features", add)
+    _score(spark, cfg, late.head(200), tmp_path, "narrow")
+    return seen["batch"], seen["windows"]
+
+
+def _read_by_windows_or_model(cfg, model_dir: Path) -> set[str]:
+    """What the windows and the model read, from the config and the model's own signature (not from the
+    code under test): the event time, the window entities and values, the serving inputs."""
+    from downpour.artifact import RAW_SIGNATURE
+    from downpour.pipelines.serving import signature_inputs
+
+    v = cfg.features.velocity
+    raw = [cfg.timestamp_column, *v.entities, v.amount_column, v.device_column, v.country_column]
+    return {cfg.names[c] for c in raw if c} | set(signature_inputs(str(model_dir / "saved_model"), RAW_SIGNATURE))
+
+
+def test_scoring_shuffles_only_the_columns_the_windows_and_the_model_read(spark, fraud, tmp_path, monkeypatch):
+    """The window shuffles and sorts carry each column they are handed: scoring hands them the ids, the
+    history marker and what the windows and the model read, and persists no blank-cell flag, malformed
+    record or placeholder label."""
+    from downpour.features.history import CONTEXT
+    from downpour.pipelines.ingest import BLANK_PREFIX, CORRUPT, EXTRA
+
+    cfg = fraud[0]
+    batch, windowed = _columns_scoring_carries(spark, fraud, tmp_path, monkeypatch)
+    assert not {c for c in batch if c.startswith(BLANK_PREFIX)} | ({CORRUPT, EXTRA, cfg.names["is_fraud"]} & batch)
+    assert windowed - _read_by_windows_or_model(cfg, Path(cfg.output.path) / "model") == {"__id", "_dp_rid", CONTEXT}
+
+
+def test_without_the_narrowing_the_windows_get_columns_nobody_reads(spark, fraud, tmp_path, monkeypatch):
+    """The companion: handing the windows every clean column is what the check above catches."""
+    from downpour.pipelines import score as score_mod
+
+    monkeypatch.setattr(score_mod, "_served_columns", lambda events, full, model: events)
+    cfg = fraud[0]
+    _, windowed = _columns_scoring_carries(spark, fraud, tmp_path, monkeypatch)
+    extra = windowed - _read_by_windows_or_model(cfg, Path(cfg.output.path) / "model")
+    assert {"_dp_reason", "_dp_stage", "_dp_line_hash"} <= extra
