@@ -247,12 +247,12 @@ def _ingest(spark: SparkSession, stage: Persisted, cfg: Config, full: Config, fi
     # from ``wide`` by content (``_failed_rows``). The JSON stands under the condition: blanked afterwards,
     # in a projection Spark does not inline (it reads the reason twice), it was computed for every row.
     # Nor does it keep what only parsing and the policies read (the blank-cell flags, the malformed record's
-    # text, the extra-columns flag) or the placeholder label: every pass would read them for nothing.
+    # text, the extra-columns flag), the placeholder label or a missing-flag made from it: no pass reads them.
     rejected = F.col(REASON).isNotNull()
     unread = [c for c in tagged.columns if c.startswith(BLANK_PREFIX)] + [CORRUPT, EXTRA, names[cfg.label.column]]
+    unread += [f for c, f in clean.flag_columns(full).items() if c == cfg.label.column]
     tagged = stage.persist(tagged.withColumns({"__id": ident, _RAW_JSON: F.when(rejected, raw_json), _KEY: key,
-                                               SOURCE: F.when(rejected, F.col(SOURCE))})
-                           .drop(RAW, ROW_HASH, *unread)
+                                               SOURCE: F.when(rejected, F.col(SOURCE))}).drop(RAW, ROW_HASH, *unread)
                            .coalesce(parts).withColumn(_RID, F.monotonically_increasing_id()))
     is_ok = F.col(REASON).isNull()
     with timed("score: ingest and clean"):

@@ -391,3 +391,16 @@ def test_without_the_narrowing_the_windows_get_columns_nobody_reads(spark, fraud
     _, windowed = _columns_scoring_carries(spark, fraud, tmp_path, monkeypatch)
     extra = windowed - _read_by_windows_or_model(cfg, Path(cfg.output.path) / "model")
     assert {"_dp_reason", "_dp_stage", "_dp_line_hash"} <= extra
+
+
+def test_a_missing_flag_on_the_label_does_not_stop_scoring(spark, fraud, tmp_path):
+    """Scoring reads no label: a null policy that flags the label's nulls makes a flag from the placeholder
+    label, which the scoring batch drops with the label; the scores are those of the plain config."""
+    from downpour.config import NullPolicy
+
+    cfg, tmp, raw, early, late = fraud
+    nulls = {**cfg.cleaning.nulls, "is_fraud": NullPolicy(action="impute", value=0, flag=True)}
+    flagged = cfg.model_copy(update={"cleaning": cfg.cleaning.model_copy(update={"nulls": nulls})})
+    rows = late.head(200)
+    _close(_score(spark, flagged, rows, tmp_path, "label_flag"), _score(spark, cfg, rows, tmp_path, "plain"),
+           "transaction_id")
