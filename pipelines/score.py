@@ -24,9 +24,6 @@ from downpour.logs import LOG, timed
 from downpour.pipelines import clean
 from downpour.pipelines import score_history as SH
 from downpour.pipelines.ingest import (
-    BLANK_PREFIX,
-    CORRUPT,
-    EXTRA,
     LINE,
     LINE_NUMBER,
     RAW,
@@ -246,13 +243,9 @@ def _ingest(spark: SparkSession, stage: Persisted, cfg: Config, full: Config, fi
     # (the rejected rows), which every pass over the batch would read. A row the model fails on takes them
     # from ``wide`` by content (``_failed_rows``). The JSON stands under the condition: blanked afterwards,
     # in a projection Spark does not inline (it reads the reason twice), it was computed for every row.
-    # Nor does it keep what only parsing and the policies read (the blank-cell flags, the malformed record's
-    # text, the extra-columns flag), the placeholder label or a missing-flag made from it: no pass reads them.
     rejected = F.col(REASON).isNotNull()
-    unread = [c for c in tagged.columns if c.startswith(BLANK_PREFIX)] + [CORRUPT, EXTRA, names[cfg.label.column]]
-    unread += [f for c, f in clean.flag_columns(full).items() if c == cfg.label.column]
     tagged = stage.persist(tagged.withColumns({"__id": ident, _RAW_JSON: F.when(rejected, raw_json), _KEY: key,
-                                               SOURCE: F.when(rejected, F.col(SOURCE))}).drop(RAW, ROW_HASH, *unread)
+                                               SOURCE: F.when(rejected, F.col(SOURCE))}).drop(RAW, ROW_HASH)
                            .coalesce(parts).withColumn(_RID, F.monotonically_increasing_id()))
     is_ok = F.col(REASON).isNull()
     with timed("score: ingest and clean"):

@@ -334,28 +334,21 @@ def test_scoring_scans_its_input_under_the_split_settings(spark, fraud, tmp_path
     assert spark.conf.get(MAX_SPLIT_KEY, None) == before
 
 
-def _columns_scoring_carries(spark, fraud, tmp_path, monkeypatch) -> tuple[set[str], set[str]]:
-    """Score 200 rows with history; (the persisted batch's columns, the columns handed to the windows)."""
+def _columns_scoring_carries(spark, fraud, tmp_path, monkeypatch) -> set[str]:
+    """Score 200 rows with history; the columns handed to the windows."""
     from downpour.features import windows
-    from downpour.pipelines import score as score_mod
 
     cfg, tmp, raw, early, late = fraud
     seen: dict[str, set[str]] = {}
-    real_ingest, real_windows = score_mod._ingest, windows.add_window_features
-
-    def ingest(*a, **k):
-        batch = real_ingest(*a, **k)
-        seen["batch"] = set(batch.tagged.columns)
-        return batch
+    real_windows = windows.add_window_features
 
     def add(df, *a, **k):
         seen["windows"] = set(df.columns)
         return real_windows(df, *a, **k)
 
-    monkeypatch.setattr(score_mod, "_ingest", ingest)
     monkeypatch.setattr(windows, "add_window_features", add)
     _score(spark, cfg, late.head(200), tmp_path, "narrow")
-    return seen["batch"], seen["windows"]
+    return seen["windows"]
 
 
 def _read_by_windows_or_model(cfg, model_dir: Path) -> set[str]:
@@ -371,14 +364,11 @@ def _read_by_windows_or_model(cfg, model_dir: Path) -> set[str]:
 
 def test_scoring_shuffles_only_the_columns_the_windows_and_the_model_read(spark, fraud, tmp_path, monkeypatch):
     """The window shuffles and sorts carry each column they are handed: scoring hands them the ids, the
-    history marker and what the windows and the model read, and persists no blank-cell flag, malformed
-    record or placeholder label."""
+    history marker and what the windows and the model read."""
     from downpour.features.history import CONTEXT
-    from downpour.pipelines.ingest import BLANK_PREFIX, CORRUPT, EXTRA
 
     cfg = fraud[0]
-    batch, windowed = _columns_scoring_carries(spark, fraud, tmp_path, monkeypatch)
-    assert not {c for c in batch if c.startswith(BLANK_PREFIX)} | ({CORRUPT, EXTRA, cfg.names["is_fraud"]} & batch)
+    windowed = _columns_scoring_carries(spark, fraud, tmp_path, monkeypatch)
     assert windowed - _read_by_windows_or_model(cfg, Path(cfg.output.path) / "model") == {"__id", "_dp_rid", CONTEXT}
 
 
@@ -388,14 +378,14 @@ def test_without_the_narrowing_the_windows_get_columns_nobody_reads(spark, fraud
 
     monkeypatch.setattr(score_mod, "_served_columns", lambda events, full, model: events)
     cfg = fraud[0]
-    _, windowed = _columns_scoring_carries(spark, fraud, tmp_path, monkeypatch)
+    windowed = _columns_scoring_carries(spark, fraud, tmp_path, monkeypatch)
     extra = windowed - _read_by_windows_or_model(cfg, Path(cfg.output.path) / "model")
     assert {"_dp_reason", "_dp_stage", "_dp_line_hash"} <= extra
 
 
 def test_a_missing_flag_on_the_label_does_not_stop_scoring(spark, fraud, tmp_path):
     """Scoring reads no label: a null policy that flags the label's nulls makes a flag from the placeholder
-    label, which the scoring batch drops with the label; the scores are those of the plain config."""
+    label, which the narrowed rows leave out; the scores are those of the plain config."""
     from downpour.config import NullPolicy
 
     cfg, tmp, raw, early, late = fraud
