@@ -385,7 +385,8 @@ def test_without_the_narrowing_the_windows_get_columns_nobody_reads(spark, fraud
 
 def test_a_missing_flag_on_the_label_does_not_stop_scoring(spark, fraud, tmp_path):
     """Scoring reads no label: a null policy that flags the label's nulls makes a flag from the placeholder
-    label, which the narrowed rows leave out; the scores are those of the plain config."""
+    label, and the narrowed rows must keep the label beside that flag (``serving_nulls`` reads both); the
+    scores are those of the plain config."""
     from downpour.config import NullPolicy
 
     cfg, tmp, raw, early, late = fraud
